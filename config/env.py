@@ -1,0 +1,145 @@
+"""Environment variables: the only module that reads `os.environ`.
+
+`VERL_*` variables override config values (command line > environment > YAML). A bad value
+stops the run with one line naming the variable and what it accepts. The process-group and
+tracker variables are read here too and handed to the code that needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from config.schema import ConfigError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError
+
+
+def _parse_positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _parse_unit_interval(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError
+    return value
+
+
+def _parse_count(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < minimum:
+            raise ValueError
+        return value
+
+    return parse
+
+
+@dataclass(frozen=True)
+class EnvOverride:
+    variable: str
+    key: str  # dotted config key it overrides
+    parse: Callable[[str], object]
+    accepts: str  # shown when the value is bad
+
+
+ENV_OVERRIDES: tuple[EnvOverride, ...] = (
+    EnvOverride("VERL_GENERATION_TEMPERATURE", "generation.temperature", _parse_positive_float, "a number > 0"),
+    EnvOverride("VERL_GENERATION_TOP_K", "generation.top_k", _parse_count(0), "an integer >= 0 (0 turns top-k off)"),
+    EnvOverride("VERL_GENERATION_TOP_P", "generation.top_p", _parse_unit_interval, "a number in (0, 1]"),
+    EnvOverride("VERL_GENERATION_DO_SAMPLE", "generation.do_sample", _parse_bool, "true/false (also 1/0, yes/no, on/off)"),
+    EnvOverride("VERL_GENERATION_MAX_NEW_TOKENS", "generation.max_new_tokens", _parse_count(1), "an integer >= 1"),
+    EnvOverride("VERL_MAX_VAL_SAMPLES", "trainer.max_val_samples", _parse_count(0), "an integer >= 0"),
+)
+
+LOG_LEVEL_VARIABLE = "VERL_SFT_LOGGING_LEVEL"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def environ() -> Mapping[str, str]:
+    return os.environ
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
+    """Parsed `VERL_*` overrides: {dotted key: (value, variable name)}. Raises ConfigError."""
+    found: dict[str, tuple[object, str]] = {}
+    for spec in ENV_OVERRIDES:
+        raw = env.get(spec.variable)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            value = spec.parse(raw)
+        except ValueError:
+            raise ConfigError(f"{spec.variable}={raw!r} is not valid: expected {spec.accepts}") from None
+        found[spec.key] = (value, spec.variable)
+    return found
+
+
+def log_level(env: Mapping[str, str]) -> int:
+    raw = env.get(LOG_LEVEL_VARIABLE, "").strip().upper()
+    if not raw:
+        return logging.INFO
+    if raw not in _LOG_LEVELS:
+        raise ConfigError(f"{LOG_LEVEL_VARIABLE}={raw!r} is not valid: expected one of {', '.join(_LOG_LEVELS)}")
+    return getattr(logging, raw)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    launched: bool  # under torchrun (or another env:// launcher)
+
+
+def dist_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
+    env = os.environ if env is None else env
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    return DistEnv(
+        rank=int(env.get("RANK", 0)),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        world_size=int(env.get("WORLD_SIZE", 1)),
+        launched=launched,
+    )
+
+
+@dataclass(frozen=True)
+class TrackerEnv:
+    """What the trackers need to know about their environment variables."""
+
+    mlflow_tracking_uri: Optional[str]
+    swanlab_mode: Optional[str]
+    wandb_mode: Optional[str]
+
+
+def tracker_env(env: Optional[Mapping[str, str]] = None) -> TrackerEnv:
+    env = os.environ if env is None else env
+    return TrackerEnv(
+        mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+        swanlab_mode=env.get("SWANLAB_MODE") or None,
+        wandb_mode=env.get("WANDB_MODE") or None,
+    )
+
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(marker in upper for marker in SECRET_MARKERS)

@@ -1,0 +1,129 @@
+"""From a composed Hydra config to a checked, typed config.
+
+`resolve(cfg, cli_overrides, env, schema, world_size)` applies `VERL_*` environment overrides
+to the keys the command line did not set, merges onto the typed schema (unknown keys and
+wrong types fail naming the key), runs the value checks, and reports where values came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from config import env as env_module
+from config.schema import ConfigError
+
+T = TypeVar("T")
+
+DEMO_ASSETS = Path(__file__).resolve().parent / "demo_assets"
+
+
+def _demo_asset(name: str) -> str:
+    return str(DEMO_ASSETS / name)
+
+
+def register_resolvers() -> None:
+    """`${demo_asset:name}` points at a file bundled with the project (the offline demo)."""
+    if not OmegaConf.has_resolver("demo_asset"):
+        OmegaConf.register_new_resolver("demo_asset", _demo_asset)
+
+
+register_resolvers()
+
+
+@dataclass
+class Resolved:
+    config: Any
+    from_env: dict[str, str] = field(default_factory=dict)  # dotted key -> variable name
+    ignored_env: dict[str, str] = field(default_factory=dict)  # env set, but the command line won
+
+
+def override_keys(overrides: Iterable[str]) -> set[str]:
+    """Dotted keys set by Hydra command-line overrides (`a.b=1`, `+a.b=1`, `++a.b=1`, `~a.b`)."""
+    keys = set()
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~").strip()
+        keys.add(key.split("@", 1)[0])
+    return keys
+
+
+def _set_by_cli(key: str, cli_keys: set[str]) -> bool:
+    # `generation.top_k=5` sets the key; `generation=other` replaces the whole group.
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in cli_keys for i in range(1, len(parts) + 1))
+
+
+def _merge_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    if isinstance(err, ConfigKeyError):
+        return ConfigError(f"{key}: unknown key (check the spelling; `+{key}=...` cannot add keys the schema lacks)")
+    if isinstance(err, ValidationError):
+        value = getattr(err, "value", None)
+        expected = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"{key}: wrong type ({msg})" if value is None else f"{key}: {value!r} is the wrong type ({msg})")
+    return ConfigError(f"{key}: {str(err).splitlines()[0]}")
+
+
+def resolve(
+    cfg: DictConfig | Mapping,
+    schema: Type[T],
+    cli_overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    world_size: int = 1,
+) -> Resolved:
+    env = env_module.environ() if env is None else env
+    raw = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg))
+    raw.pop("hydra", None)
+
+    cli_keys = override_keys(cli_overrides)
+    resolved = Resolved(config=None)
+    for key, (value, variable) in env_module.env_overrides(env).items():
+        if _set_by_cli(key, cli_keys):
+            resolved.ignored_env[key] = variable
+            continue
+        OmegaConf.update(raw, key, value, force_add=True)
+        resolved.from_env[key] = variable
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _merge_error(err) from None
+    typed.check(world_size)
+    resolved.config = typed
+    return resolved
+
+
+def to_dict(typed: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """A copy with every value whose key names a secret (KEY, TOKEN, SECRET, PASSWORD) removed."""
+    if isinstance(value, Mapping):
+        return {k: ("<redacted>" if env_module.is_secret_name(str(k)) else redact(v, str(k))) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, name) for v in value]
+    return value
+
+
+def format_config(typed: Any, from_env: Mapping[str, str]) -> str:
+    """The resolved config as YAML, each environment-set value marked with its variable."""
+    lines = OmegaConf.to_yaml(OmegaConf.create(redact(to_dict(typed)))).splitlines()
+    out, path = [], []
+    for line in lines:
+        stripped = line.lstrip(" ")
+        depth = (len(line) - len(stripped)) // 2
+        key = stripped.split(":", 1)[0] if ":" in stripped and not stripped.startswith("- ") else None
+        if key is not None:
+            path = path[:depth] + [key]
+            dotted = ".".join(path)
+            if dotted in from_env:
+                line = f"{line}  # from {from_env[dotted]}"
+        out.append(line)
+    return "\n".join(out)

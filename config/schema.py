@@ -1,0 +1,247 @@
+"""The typed schema of every configuration this project reads.
+
+Hydra composes YAML; `config.loading` merges the result onto these dataclasses, so an unknown
+key or a value of the wrong type fails with the key's dotted name before anything heavy runs.
+Each dataclass owns its section; `check()` methods hold the value rules that types cannot say.
+Batch sizes say what they count: see `DataConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message is one line naming the key or variable."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
+
+
+def doc(text: str, default: Any = None, factory: Any = None) -> Any:
+    """A dataclass field with its help text (rendered into the README's key table)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+# ----------------------------------------------------------------------------- SFT data
+@dataclass
+class MultiturnConfig:
+    enable: bool = doc("Train on a column of chat messages; loss on assistant turns only.", False)
+    messages_key: str = doc("Column holding the list of {role, content} messages.", "messages")
+
+
+@dataclass
+class DataConfig:
+    train_files: Any = doc("Parquet or JSONL file, or a list of them.", None)
+    val_files: Any = doc("Parquet or JSONL file(s) for validation loss and samples.", None)
+    prompt_key: str = doc("Column holding the prompt.", "prompt")
+    response_key: str = doc("Column holding the response.", "response")
+    prompt_dict_keys: Optional[List[str]] = doc("Keys to reach into a dict prompt column, in order.", None)
+    response_dict_keys: Optional[List[str]] = doc("Keys to reach into a dict response column, in order.", None)
+    multiturn: MultiturnConfig = doc("Multi-turn chat data.", factory=MultiturnConfig)
+    max_length: int = doc("Most tokens in one example (prompt + response).", 1024)
+    truncation: str = doc("Over-long example: `error` (names file and row), `left` or `right`.", "error")
+    train_batch_size: int = doc(
+        "Sequences per optimizer step, summed over all ranks (the global batch).", 256
+    )
+    micro_batch_size_per_gpu: int = doc(
+        "Sequences per forward/backward on one rank; gradient accumulation makes up the rest.", 4
+    )
+    max_token_len_per_gpu: Optional[int] = doc(
+        "Token budget of one forward on one rank. When set, micro-batches are built by tokens "
+        "from length-sorted sequences instead of `micro_batch_size_per_gpu` sequences.",
+        None,
+    )
+    shuffle: bool = doc("Shuffle training examples each epoch (seeded, resumable).", True)
+
+    def check(self) -> None:
+        _require(self.train_files not in (None, "", []), "data.train_files", "is required")
+        _require(self.max_length > 1, "data.max_length", f"must be > 1, got {self.max_length}")
+        _one_of(self.truncation, "data.truncation", ("error", "left", "right"))
+        _require(self.train_batch_size > 0, "data.train_batch_size", "must be > 0")
+        _require(self.micro_batch_size_per_gpu > 0, "data.micro_batch_size_per_gpu", "must be > 0")
+        if self.max_token_len_per_gpu is not None:
+            _require(
+                self.max_token_len_per_gpu >= self.max_length,
+                "data.max_token_len_per_gpu",
+                f"must be >= data.max_length ({self.max_length}) so every example fits",
+            )
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class FSDPConfig:
+    param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", "auto")
+    reduce_dtype: str = doc("Gradient reduction dtype: `auto` (fp32), fp32, bf16.", "auto")
+    cpu_offload: bool = doc("Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).", False)
+    reshard_after_forward: bool = doc("Free gathered parameters after forward (saves memory, costs an all-gather in backward).", True)
+
+    def check(self) -> None:
+        _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16", "fp16"))
+        _one_of(self.reduce_dtype, "model.fsdp_config.reduce_dtype", ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class ModelConfig:
+    partial_pretrain: str = doc("Local directory or hub id of a Hugging Face causal LM.", "")
+    trust_remote_code: bool = doc("Allow custom model code from the model directory.", False)
+    enable_gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    attn_implementation: str = doc("`sdpa`, `eager` or `flash_attention_2`.", "sdpa")
+    compile: bool = doc("Wrap each decoder layer in torch.compile.", False)
+    fsdp_config: FSDPConfig = doc("FSDP2 sharding.", factory=FSDPConfig)
+
+    def check(self) -> None:
+        _require(bool(self.partial_pretrain), "model.partial_pretrain", "is required")
+        _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        self.fsdp_config.check()
+
+
+# ----------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    lr: float = doc("Peak learning rate.", 1e-5)
+    betas: List[float] = doc("AdamW betas.", factory=lambda: [0.9, 0.95])
+    weight_decay: float = doc("AdamW weight decay.", 0.01)
+    lr_warmup_steps_ratio: float = doc("Share of total steps spent warming up linearly from 0.", 0.0)
+    clip_grad: float = doc("Clip the global gradient norm to this value.", 1.0)
+    lr_scheduler: str = doc("After warmup: `cosine`, `constant` or `wsd` (warmup-stable-decay).", "cosine")
+    min_lr_ratio: float = doc("Floor of the cosine/wsd decay as a share of `lr`.", 0.0)
+    wsd_decay_ratio: float = doc("Share of total steps the wsd schedule spends decaying at the end.", 0.1)
+
+    def check(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "must be two numbers in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(0 <= self.lr_warmup_steps_ratio < 1, "optim.lr_warmup_steps_ratio", "must be in [0, 1)")
+        _require(self.clip_grad > 0, "optim.clip_grad", "must be > 0")
+        _one_of(self.lr_scheduler, "optim.lr_scheduler", ("cosine", "constant", "wsd"))
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(0 < self.wsd_decay_ratio <= 1, "optim.wsd_decay_ratio", "must be in (0, 1]")
+
+
+# ----------------------------------------------------------------------------- generation
+@dataclass
+class GenerationConfig:
+    temperature: float = doc("Sampling temperature (> 0).", 1.0)
+    top_k: int = doc("Keep the k most likely tokens (0 turns it off).", 50)
+    top_p: float = doc("Nucleus sampling threshold in (0, 1].", 0.7)
+    do_sample: bool = doc("Sample; `false` means greedy decoding.", True)
+    max_new_tokens: int = doc("Most tokens generated per sample.", 100)
+    gather_device: str = doc(
+        "Where rank 0 keeps its full copy of the model for samples: `auto` (the training GPU "
+        "when it has room, else CPU), `cpu`, `cuda`.",
+        "auto",
+    )
+    gather_dtype: str = doc("dtype of that copy: `auto` (training dtype), fp32, bf16, fp16.", "auto")
+    max_print_chars: int = doc("Console cut-off per prompt/generation; trackers get the full text.", 400)
+
+    def check(self, prefix: str = "generation") -> None:
+        _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.top_k >= 0, f"{prefix}.top_k", f"must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _one_of(self.gather_device, f"{prefix}.gather_device", ("auto", "cpu", "cuda"))
+        _one_of(self.gather_dtype, f"{prefix}.gather_dtype", ("auto", "fp32", "bf16", "fp16"))
+        _require(self.max_print_chars > 0, f"{prefix}.max_print_chars", "must be > 0")
+
+
+# ----------------------------------------------------------------------------- sample history
+@dataclass
+class AlertConfig:
+    repetition_threshold: float = doc("Degeneration: share of repeated 3-grams in a generation above this.", 0.5)
+    limit_hit_share: float = doc("Degeneration: share of samples hitting max_new_tokens above this.", 0.5)
+    collapse_similarity: float = doc("Collapse: mean similarity between different prompts' generations above this.", 0.9)
+    metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
+    length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
+    min_history: int = doc("Events seen before drop/length rules may fire.", 1)
+
+    def check(self) -> None:
+        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity"):
+            value = getattr(self, name)
+            _require(0 < value <= 1, f"samples.alerts.{name}", f"must be in (0, 1], got {value}")
+        _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")
+        _require(self.length_change_ratio > 1, "samples.alerts.length_change_ratio", "must be > 1")
+        _require(self.min_history >= 1, "samples.alerts.min_history", "must be >= 1")
+
+
+@dataclass
+class SamplesConfig:
+    history: bool = doc("Append every sample to samples.jsonl in the run directory.", True)
+    report: bool = doc("Write report.html into the run directory at the end of the run.", True)
+    alerts: AlertConfig = doc("Thresholds of the sample alert rules.", factory=AlertConfig)
+
+    def check(self) -> None:
+        self.alerts.check()
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    default_local_dir: str = doc("Run directory: checkpoints, metrics, samples, report, exported model.", "checkpoints/run")
+    project_name: str = doc("Project name for the trackers.", "sft")
+    experiment_name: str = doc("Run name for the trackers.", "run")
+    total_epochs: int = doc("Epochs over the training files.", 1)
+    total_training_steps: Optional[int] = doc("Stop (validate, save) after this many optimizer steps.", None)
+    logger: List[str] = doc("Trackers: any of console, file, mlflow, swanlab, wandb, tensorboard.", factory=lambda: ["console", "file"])
+    seed: int = doc("Seed for init, shuffling and sampling.", 1)
+    save_freq: int = doc("Save a checkpoint every N steps (-1: only at the end).", -1)
+    test_freq: int = doc("Validate every N steps (-1: each epoch end and at the end only).", -1)
+    max_ckpt_to_keep: Optional[int] = doc("Keep only the newest N checkpoints (null: all).", None)
+    resume_mode: str = doc("`auto` (latest in the run directory), `disable`, or `resume_path`.", "auto")
+    resume_from_path: Optional[str] = doc("Checkpoint directory to resume from with resume_mode=resume_path.", None)
+    device: str = doc("`auto` (cuda if available), `cuda` or `cpu`; picks nccl or gloo.", "auto")
+    max_val_samples: int = doc("Validation samples generated per validation (0 turns generation off).", 5)
+    log_freq: int = doc("Send train metrics to the trackers every N steps.", 1)
+    export_hf_model: bool = doc("Save the final model in Hugging Face format under <run>/hf_model.", True)
+
+    def check(self) -> None:
+        _require(self.total_epochs > 0, "trainer.total_epochs", "must be > 0")
+        if self.total_training_steps is not None:
+            _require(self.total_training_steps > 0, "trainer.total_training_steps", "must be > 0 or null")
+        _require(self.save_freq == -1 or self.save_freq > 0, "trainer.save_freq", "must be > 0 or -1")
+        _require(self.test_freq == -1 or self.test_freq > 0, "trainer.test_freq", "must be > 0 or -1")
+        if self.max_ckpt_to_keep is not None:
+            _require(self.max_ckpt_to_keep > 0, "trainer.max_ckpt_to_keep", "must be > 0 or null")
+        _one_of(self.resume_mode, "trainer.resume_mode", ("auto", "disable", "resume_path"))
+        if self.resume_mode == "resume_path":
+            _require(bool(self.resume_from_path), "trainer.resume_from_path", "is required when resume_mode=resume_path")
+        _one_of(self.device, "trainer.device", ("auto", "cuda", "cpu"))
+        _require(self.max_val_samples >= 0, "trainer.max_val_samples", f"must be >= 0, got {self.max_val_samples}")
+        _require(self.log_freq > 0, "trainer.log_freq", "must be > 0")
+        known = ("console", "file", "mlflow", "swanlab", "wandb", "tensorboard")
+        for name in self.logger:
+            _one_of(name, "trainer.logger", known)
+
+
+@dataclass
+class SFTConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+
+    def check(self, world_size: int) -> None:
+        self.data.check()
+        self.model.check()
+        self.optim.check()
+        self.generation.check()
+        self.trainer.check()
+        self.samples.check()
+        per_step = self.data.micro_batch_size_per_gpu * world_size
+        _require(
+            self.data.train_batch_size % per_step == 0,
+            "data.train_batch_size",
+            f"{self.data.train_batch_size} is not divisible by micro_batch_size_per_gpu × world_size "
+            f"= {self.data.micro_batch_size_per_gpu} × {world_size}",
+        )

@@ -1,0 +1,122 @@
+"""The SFT trainer under torchrun with 2 processes (gloo): learning, split invariance, exact resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import ROOT, read_metrics, run_module
+
+pytestmark = pytest.mark.distributed
+MODULE = "trainer.fsdp_sft_trainer"
+
+
+def args(model, data, run_dir, *extra):
+    return [
+        f"model.partial_pretrain={model}",
+        f"data.train_files={data['train']}",
+        f"data.val_files={data['val']}",
+        f"trainer.default_local_dir={run_dir}",
+        "trainer.logger=[console,file]",
+        "trainer.log_freq=1",
+        "data.max_length=24",
+        *extra,
+    ]
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    return {step: m[key] for step, m in read_metrics(run_dir).items() if key in m}
+
+
+def test_two_process_run_learns_exports_and_leaves_no_litter(tiny_model, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_module(MODULE, args(tiny_model, tiny_data, run_dir, "trainer.total_epochs=4", "data.train_batch_size=16",
+                                   "data.micro_batch_size_per_gpu=4", "optim.lr=3e-3", "trainer.max_val_samples=2",
+                                   "generation.max_new_tokens=4"), nproc=2, cwd=cwd)
+    train = losses(run_dir)
+    val = losses(run_dir, "val/loss")
+    assert len(train) == 16 and max(train) == 16
+    assert train[16] < 0.8 * train[1], train
+    assert sorted(val) == [4, 8, 12, 16] and val[16] < val[4]
+    assert list(cwd.iterdir()) == []  # no Hydra outputs/ litter
+    assert "=== Validation Samples (Step 16) ===" in proc.stdout
+    # The export loads with plain transformers and generates.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf_model")
+    ids = tok.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert (run_dir / "hf_model" / "model.safetensors").is_file()
+
+
+def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, tmp_path):
+    common = ["trainer.total_training_steps=3", "data.train_batch_size=8", "trainer.test_freq=-1", "trainer.max_val_samples=0",
+              "trainer.export_hf_model=false", "optim.lr_scheduler=constant"]
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    run_module(MODULE, args(tiny_model, tiny_data, one, *common, "data.micro_batch_size_per_gpu=2"), nproc=1)  # 1 × 4 micro
+    run_module(MODULE, args(tiny_model, tiny_data, two, *common, "data.micro_batch_size_per_gpu=2"), nproc=2)  # 2 × 2 micro
+    a, b = read_metrics(one), read_metrics(two)
+    for step in (1, 2, 3):
+        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5)
+        assert a[step]["train/grad_norm"] == pytest.approx(b[step]["train/grad_norm"], rel=1e-4)
+
+
+def test_resume_from_an_epoch_boundary_continues_with_the_next_epoch(tiny_model, tiny_data, tmp_path):
+    # 64 examples / 16 per step = 4 steps per epoch; checkpoints at 4 (an epoch boundary) and 8.
+    common = ["trainer.total_epochs=2", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=4", "trainer.save_freq=4",
+              "trainer.max_val_samples=0", "trainer.export_hf_model=false"]
+    full = tmp_path / "full"
+    run_module(MODULE, args(tiny_model, tiny_data, full, *common), nproc=2)
+    state = json.loads((full / "global_step_4" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)
+    resumed = tmp_path / "resumed"
+    run_module(MODULE, args(tiny_model, tiny_data, resumed, *common, "trainer.resume_mode=resume_path",
+                            f"trainer.resume_from_path={full / 'global_step_4'}"), nproc=2)
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
+    # Step 5 is the first batch of the second epoch (0-based epoch 1), not a replay of epoch 0.
+    assert read_metrics(resumed)[5]["train/epoch"] == read_metrics(full)[5]["train/epoch"] == 1.0
+
+
+def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path):
+    common = ["trainer.total_epochs=30", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=4", "trainer.save_freq=10",
+              "trainer.max_val_samples=0", "trainer.test_freq=-1", "trainer.export_hf_model=false", "trainer.max_ckpt_to_keep=2"]
+    reference = tmp_path / "reference"
+    run_module(MODULE, args(tiny_model, tiny_data, reference, *common), nproc=2)
+
+    crashed = tmp_path / "crashed"
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", MODULE,
+           *args(tiny_model, tiny_data, crashed, *common)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (crashed / "latest_checkpointed_iteration.txt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = max(losses(crashed))
+    assert done_before < 120, "the run finished before it could be killed"
+    checkpoint = int((crashed / "latest_checkpointed_iteration.txt").read_text())
+
+    run_module(MODULE, args(tiny_model, tiny_data, crashed, *common), nproc=2)  # resume_mode=auto
+    want, got = losses(reference), losses(crashed)
+    assert max(got) == max(want) == 120
+    for step in range(checkpoint + 1, 121):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    assert not list(crashed.glob("*.tmp"))
+    assert len(list(crashed.glob("global_step_*"))) == 2  # max_ckpt_to_keep

@@ -1,0 +1,83 @@
+"""Tiny models and data for tests: built from a config, never downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "config" / "demo_assets" / "model"
+
+
+def make_tiny_model(out: Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0, tie: bool = True) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def addition_rows(n: int, seed: int = 0, max_operand: int = 99) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": f"{a}+{b}=", "response": str(a + b)})
+    return rows
+
+
+def write_parquet(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,
+               timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m module` (nproc=1, no torchrun) or `torchrun --standalone --nproc_per_node=N -m module`."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    full_env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    full_env.update(env or {})
+    if nproc == 0:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    from trainer.tracking.file import read_metrics as _read
+
+    return _read(run_dir)

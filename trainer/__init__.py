@@ -1,0 +1,1 @@
+"""Drivers: the SFT and RL training loops, data, validation samples, tracking, checkpoints."""

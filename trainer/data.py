@@ -1,0 +1,322 @@
+"""SFT data: read parquet/JSONL, tokenize with the loss on response tokens only, batch.
+
+Every example is tokenized up front, so a bad row (missing column, wrong type, too long with
+`truncation=error`) stops the run naming file, row and column before any model is built, and
+lengths are known for token-balanced batching.
+
+Loss convention: `labels[i]` is the token id when token i is a training target and -100
+otherwise; the model's logits at i-1 predict token i.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import pyarrow.parquet as pq
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from config.schema import DataConfig
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the row and the column."""
+
+
+# ----------------------------------------------------------------------------- reading
+def as_file_list(files: Any, key: str) -> list[str]:
+    if files is None:
+        return []
+    if isinstance(files, (str, Path)):
+        return [str(files)]
+    if isinstance(files, Iterable):
+        return [str(f) for f in files]
+    raise DataError(f"{key}: expected a file path or a list of paths, got {type(files).__name__}")
+
+
+@dataclass
+class Row:
+    file: str
+    index: int  # 0-based row number within the file
+    values: dict
+
+
+def read_rows(path: str, columns: Sequence[str], key: str) -> list[Row]:
+    """Rows of one parquet or JSONL file, keeping only `columns` (which must all exist)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{key}: file not found: {path}")
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        schema_names = pq.read_schema(file).names
+        missing = [c for c in columns if c not in schema_names]
+        if missing:
+            raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
+        table = pq.read_table(file, columns=list(columns))
+        return [Row(path, i, values) for i, values in enumerate(table.to_pylist())]
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(file, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: row {line_no}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}: row {line_no}: expected a JSON object, got {type(record).__name__}")
+                for c in columns:
+                    if c not in record:
+                        raise DataError(f"{path}: row {line_no}: column {c!r} not found")
+                rows.append(Row(path, line_no, {c: record[c] for c in columns}))
+        return rows
+    raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
+
+
+def dig(row: Row, column: str, dict_keys: Optional[Sequence[str]]) -> Any:
+    value = row.values[column]
+    path = column
+    for k in dict_keys or ():
+        if not isinstance(value, dict):
+            raise DataError(f"{row.file}: row {row.index}: column {path!r} is {type(value).__name__}, not a dict with key {k!r}")
+        if k not in value:
+            raise DataError(f"{row.file}: row {row.index}: column {path!r} has no key {k!r}")
+        value = value[k]
+        path = f"{path}.{k}"
+    return value
+
+
+def text_field(row: Row, column: str, dict_keys: Optional[Sequence[str]]) -> str:
+    value = dig(row, column, dict_keys)
+    shown = ".".join([column, *(dict_keys or [])])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{row.file}: row {row.index}: column {shown!r} is {type(value).__name__}, expected text")
+    return value
+
+
+# ----------------------------------------------------------------------------- tokenizing
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int]  # what generation starts from (templated, ends with the assistant prefix)
+    prompt_text: str  # what a person reads as the prompt
+    reference: str  # the response the data set holds for it
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def _truncate(ids: list[int], labels: list[int], cfg: DataConfig, row: Row) -> tuple[list[int], list[int]]:
+    if len(ids) <= cfg.max_length:
+        return ids, labels
+    if cfg.truncation == "error":
+        raise DataError(
+            f"{row.file}: row {row.index}: {len(ids)} tokens exceed data.max_length={cfg.max_length} "
+            "(raise it or set data.truncation=left|right)"
+        )
+    if cfg.truncation == "left":
+        return ids[-cfg.max_length:], labels[-cfg.max_length:]
+    return ids[: cfg.max_length], labels[: cfg.max_length]
+
+
+def _chat_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+def tokenize_single_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+    prompts = [text_field(r, cfg.prompt_key, cfg.prompt_dict_keys) for r in rows]
+    responses = [text_field(r, cfg.response_key, cfg.response_dict_keys) for r in rows]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if has_template:
+        prompt_ids = tokenizer([_chat_prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    eos = tokenizer.eos_token_id
+    examples = []
+    for row, prompt, response, p_ids, r_ids in zip(rows, prompts, responses, prompt_ids, response_ids):
+        r_ids = list(r_ids) + [eos]  # the model learns to stop
+        ids = list(p_ids) + r_ids
+        labels = [IGNORE] * len(p_ids) + r_ids
+        ids, labels = _truncate(ids, labels, cfg, row)
+        prompt_for_generation = list(p_ids)[-cfg.max_length:]
+        examples.append(Example(ids, labels, prompt_for_generation, prompt, response))
+    return examples
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+    """Loss on every assistant turn's tokens (content and end-of-turn), none elsewhere.
+
+    Each message's span is the text its rendering adds to the rendering of the messages before
+    it, so the template must render conversations prefix by prefix (all common templates do).
+    """
+    key = cfg.multiturn.messages_key
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data.multiturn.enable=true needs a tokenizer with a chat_template")
+    examples = []
+    for row in rows:
+        messages = row.values[key]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{row.file}: row {row.index}: column {key!r} must be a non-empty list of messages")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{row.file}: row {row.index}: column {key!r} message {j} needs text 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{row.file}: row {row.index}: column {key!r} has no assistant message to learn from")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        last_assistant = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt_text_so_far = ""
+        for j, m in enumerate(msgs):
+            pieces: list[tuple[str, bool]] = []
+            if m["role"] == "assistant":
+                with_prefix = _render(tokenizer, msgs[:j], add_generation_prompt=True)
+                pieces.append((with_prefix[len(rendered):], False))
+                if j == last_assistant:
+                    prompt_text_so_far = with_prefix
+                full = _render(tokenizer, msgs[: j + 1], add_generation_prompt=False)
+                pieces.append((full[len(with_prefix):], True))
+                if not full.startswith(with_prefix):
+                    raise DataError(f"{row.file}: row {row.index}: the chat template does not render turns as prefixes")
+            else:
+                full = _render(tokenizer, msgs[: j + 1], add_generation_prompt=False)
+                pieces.append((full[len(rendered):], False))
+            if not full.startswith(rendered):
+                raise DataError(f"{row.file}: row {row.index}: the chat template does not render turns as prefixes")
+            for text, trained in pieces:
+                if not text:
+                    continue
+                piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids.extend(piece_ids)
+                labels.extend(piece_ids if trained else [IGNORE] * len(piece_ids))
+            rendered = full
+        prompt_ids = tokenizer(prompt_text_so_far, add_special_tokens=False)["input_ids"][-cfg.max_length:]
+        ids, labels = _truncate(ids, labels, cfg, row)
+        user_turns = [m["content"] for m in msgs[:last_assistant] if m["role"] == "user"]
+        examples.append(Example(ids, labels, list(prompt_ids), user_turns[-1] if user_turns else "", msgs[last_assistant]["content"]))
+    return examples
+
+
+def load_sft_examples(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+    paths = as_file_list(files, key)
+    if cfg.multiturn.enable:
+        columns = [cfg.multiturn.messages_key]
+    else:
+        columns = list(dict.fromkeys([cfg.prompt_key, cfg.response_key]))
+    examples: list[Example] = []
+    for path in paths:
+        rows = read_rows(path, columns, key)
+        if not rows:
+            raise DataError(f"{path}: no rows ({key})")
+        tokenize = tokenize_multi_turn if cfg.multiturn.enable else tokenize_single_turn
+        examples.extend(tokenize(rows, tokenizer, cfg))
+    if not examples:
+        raise DataError(f"{key}: no examples")
+    return examples
+
+
+# ----------------------------------------------------------------------------- batching
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [B, L] right-padded
+    attention_mask: torch.Tensor  # [B, L]
+    labels: torch.Tensor  # [B, L], IGNORE on prompt and padding
+    examples: list[Example] = field(default_factory=list)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(e.num_loss_tokens for e in self.examples)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(
+            self.input_ids.to(device, non_blocking=True),
+            self.attention_mask.to(device, non_blocking=True),
+            self.labels.to(device, non_blocking=True),
+            self.examples,
+        )
+
+
+def collate(examples: Sequence[Example], pad_id: int, zero_loss: bool = False) -> MicroBatch:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        if not zero_loss:
+            labels[i, :n] = torch.tensor(e.labels)
+    return MicroBatch(ids, mask, labels, [] if zero_loss else list(examples))
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(num_examples))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=g).tolist()
+
+
+class SFTBatches:
+    """The global batches of an epoch, and one rank's micro-batches of each.
+
+    A global batch is `train_batch_size` examples (the last incomplete one is dropped). It is
+    split across ranks, then into micro-batches. Batches are a pure function of (seed, epoch,
+    index), so resuming at any batch needs no iteration over the data.
+    """
+
+    def __init__(self, examples: list[Example], cfg: DataConfig, seed: int, rank: int, world_size: int, pad_id: int):
+        self.examples = examples
+        self.cfg = cfg
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_id = pad_id
+        self.steps_per_epoch = len(examples) // cfg.train_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"data.train_batch_size={cfg.train_batch_size} is larger than the training set ({len(examples)} examples)"
+            )
+
+    def global_batch(self, epoch: int, index: int) -> list[int]:
+        order = epoch_order(len(self.examples), self.seed, epoch, self.cfg.shuffle)
+        size = self.cfg.train_batch_size
+        return order[index * size : (index + 1) * size]
+
+    def rank_share(self, batch: list[int]) -> list[int]:
+        per_rank = len(batch) // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def micro_batches(self, epoch: int, index: int) -> list[MicroBatch]:
+        mine = [self.examples[i] for i in self.rank_share(self.global_batch(epoch, index))]
+        size = self.cfg.micro_batch_size_per_gpu
+        return [collate(mine[i : i + size], self.pad_id) for i in range(0, len(mine), size)]
+
+
+def validation_micro_batches(examples: list[Example], micro_batch_size: int, rank: int, world_size: int, pad_id: int) -> list[MicroBatch]:
+    """This rank's share of the validation set, padded with zero-loss batches so that every rank
+    runs the same number of forwards (each is a collective under FSDP)."""
+    mine = examples[rank::world_size]
+    per_rank_max = math.ceil(len(examples) / world_size)
+    count = math.ceil(per_rank_max / micro_batch_size)
+    batches = [collate(mine[i : i + micro_batch_size], pad_id) for i in range(0, len(mine), micro_batch_size)]
+    while len(batches) < count:
+        batches.append(collate(examples[:1], pad_id, zero_loss=True))
+    return batches

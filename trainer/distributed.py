@@ -1,0 +1,67 @@
+"""Process group set-up for one process or torchrun: nccl on CUDA, gloo on CPU."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from config.env import DistEnv
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but CUDA is not available (use trainer.device=cpu or auto)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, device_setting: str, timeout_minutes: int = 30) -> DistContext:
+    """Always runs a process group (world size 1 without torchrun), so one code path serves all.
+
+    Without torchrun a single-process group is made on a free local port.
+    """
+    device = pick_device(device_setting, env.local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if env.launched:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+        else:
+            store = dist.HashStore()
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return DistContext(dist.get_rank(), dist.get_world_size(), env.local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        # Without a barrier first, gloo runs often abort at exit while a peer is still sending.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

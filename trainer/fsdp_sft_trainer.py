@@ -1,0 +1,381 @@
+"""Supervised fine-tuning of a Hugging Face causal LM with FSDP2.
+
+    python -m trainer.fsdp_sft_trainer [--config-name NAME] [key=value ...]
+    torchrun --nproc_per_node=N -m trainer.fsdp_sft_trainer [...]
+
+With no arguments it trains the bundled offline demo. During each validation, rank 0 generates
+samples from a gathered full copy of the model and logs them to the console and the trackers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from config import env as env_config
+from config.loading import format_config, redact, resolve, to_dict
+from config.schema import ConfigError, SFTConfig
+from trainer.checkpoint import Checkpointer
+from trainer.data import DataError, MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
+from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.history import SampleHistory
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.report import write_report
+from trainer.samples import SampleLogger, prompt_id, sample_seed
+from trainer.tracking import TrackerContext, TrackerUnavailable, Tracking, check_available
+from workers.fsdp import (
+    ShardingSpec,
+    device_mesh,
+    full_grad_norm,
+    gather_full_state_dict,
+    load_full_state_dict,
+    param_count,
+    resolve_dtypes,
+    shard_model,
+)
+from workers.generation import Generated, GenerationSettings, generate
+from workers.model import ModelLoadError, build_from_config, load_config, load_pretrained, load_tokenizer, save_hf
+from workers.replica import ModelReplica
+
+log = logging.getLogger("trainer.sft")
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, FileNotFoundError)
+
+
+def token_loss_sum(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+class FSDPSFTTrainer:
+    """setup (in __init__) → fit() → finish(). Each periodic action decides itself whether this
+    step is its step, so the loop in `fit` stays short."""
+
+    def __init__(self, cfg: SFTConfig, dist_ctx: DistContext, from_env: Optional[dict[str, str]] = None):
+        self.cfg = cfg
+        self.dist = dist_ctx
+        self.device = dist_ctx.device
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+        self.from_env = from_env or {}
+
+        # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
+        check_available(cfg.trainer.logger)
+        self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        train = load_sft_examples(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
+        self.val_examples = (
+            load_sft_examples(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data) if cfg.data.val_files else []
+        )
+        self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, dist_ctx.rank, dist_ctx.world_size, self.tokenizer.pad_token_id)
+        self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
+        if cfg.trainer.total_training_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.trainer.total_training_steps)
+
+        torch.manual_seed(cfg.trainer.seed)
+        self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
+        self.model = self._build_model(ShardingSpec(
+            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward
+        ))
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+
+        self.checkpointer = Checkpointer(self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size)
+        self.step, self.epoch, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
+        self.checkpointer.clean_partial()
+        self._resume()
+
+        self.tracking = Tracking(
+            cfg.trainer.logger,
+            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env(), cfg.generation.max_print_chars),
+            is_primary=dist_ctx.is_primary,
+        )
+        history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
+        self.sample_logger = SampleLogger(self.tracking, history)
+        self.replica = ModelReplica(
+            self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
+            cfg.model.attn_implementation, cfg.model.trust_remote_code,
+        )
+        self.sample_batches = self._sample_batches()
+        self._last_validated = -1
+
+    # ------------------------------------------------------------------ setup
+    def _build_model(self, spec: ShardingSpec) -> torch.nn.Module:
+        cfg = self.cfg.model
+        if self.dist.is_primary:
+            model = load_pretrained(cfg.partial_pretrain, torch.float32, cfg.trust_remote_code, cfg.attn_implementation)
+            full_state = model.state_dict()
+        else:
+            model = build_from_config(self.model_config, torch.float32, "meta", cfg.trust_remote_code, cfg.attn_implementation)
+            full_state = {}
+        if cfg.enable_gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        shard_model(model, device_mesh(self.device, self.dist.world_size), spec)
+        load_full_state_dict(model, full_state, self.device)
+        if cfg.compile:
+            for layer in model.modules():
+                if type(layer).__name__ in set(getattr(model, "_no_split_modules", []) or []):
+                    layer.compile()
+        log.info("model: %s, %.2fM parameters, sharded over %d rank(s), compute %s", type(model).__name__,
+                 param_count(model) / 1e6, self.dist.world_size, self.param_dtype)
+        return model
+
+    def _resume(self) -> None:
+        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
+
+    def _sample_batches(self) -> list[MicroBatch]:
+        """The first validation examples, the same ones at every validation (like with like)."""
+        n = self.cfg.trainer.max_val_samples
+        if n == 0 or not self.val_examples:
+            return []
+        chosen = self.val_examples[:n]
+        size = self.cfg.data.micro_batch_size_per_gpu
+        from trainer.data import collate
+
+        return [collate(chosen[i : i + size], self.tokenizer.pad_token_id) for i in range(0, len(chosen), size)]
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        if self.dist.is_primary:
+            self.tracking.log_config(redact(to_dict(self.cfg)))
+        steps_per_epoch = self.batches.steps_per_epoch
+        # In a log file (no terminal) a bar redrawn every step would bury the samples.
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc="train",
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        while self.step < self.total_steps:
+            metrics = self.train_step(self.batches.micro_batches(self.epoch, self.batch_in_epoch))
+            self.step += 1
+            epoch_end = self.batch_in_epoch + 1 == steps_per_epoch
+            self.epoch, self.batch_in_epoch = (self.epoch + 1, 0) if epoch_end else (self.epoch, self.batch_in_epoch + 1)
+            last = self.step == self.total_steps
+            bar.update(1)
+            if self.step % self.cfg.trainer.log_freq == 0 or last:
+                metrics = {k: float(v) for k, v in metrics.items()}
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                self.tracking.log_metrics(metrics, self.step)
+            if self.should_validate(epoch_end, last):
+                self.validate()
+            if self.checkpointer.should_save(self.step, last):
+                self.save_checkpoint()
+        bar.close()
+        self.finish()
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.model.train()
+        local = torch.tensor(
+            [sum(mb.num_loss_tokens for mb in micro_batches), sum(int(mb.attention_mask.sum()) for mb in micro_batches)],
+            dtype=torch.float64, device=self.device,
+        )
+        # One collective: every rank divides by the same global token count, so the loss (and
+        # gradient) of a global batch does not depend on how it is split over ranks and micro-batches.
+        loss_tokens, real_tokens = all_reduce_sum(local).tolist()
+        loss_total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            loss = token_loss_sum(self.model, mb.to(self.device)) / max(loss_tokens, 1.0)
+            # FSDP averages gradients over ranks; the loss is already a global mean.
+            (loss * self.dist.world_size).backward()
+            loss_total += loss.detach()
+        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # the norm is global, so every rank skips alike
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite gradient norm; update skipped (%d so far)", self.step + 1, self.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(loss_total)
+        return {
+            "train/loss": loss_total,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_second": real_tokens / (time.perf_counter() - start),
+            "train/skipped_steps": self.skipped_steps,
+            "train/epoch": self.epoch,
+        }
+
+    # ------------------------------------------------------------------ validation
+    def should_validate(self, epoch_end: bool, last: bool) -> bool:
+        if not self.val_examples:
+            return False
+        freq = self.cfg.trainer.test_freq
+        return epoch_end or last or (freq > 0 and self.step % freq == 0)
+
+    def validate(self) -> dict[str, float]:
+        if self._last_validated == self.step:
+            return {}
+        self._last_validated = self.step
+        metrics = {"val/loss": self.validation_loss()}
+        self.tracking.log_metrics(metrics, self.step)
+        if self.sample_batches:
+            self.log_validation_samples()
+        return metrics
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        batches = validation_micro_batches(
+            self.val_examples, self.cfg.data.micro_batch_size_per_gpu, self.dist.rank, self.dist.world_size, self.tokenizer.pad_token_id
+        )
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for mb in batches:
+            totals[0] += token_loss_sum(self.model, mb.to(self.device)).double()
+            totals[1] += mb.num_loss_tokens
+        all_reduce_sum(totals)
+        self.model.train()
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def generation_settings(self) -> GenerationSettings:
+        g = self.cfg.generation
+        return GenerationSettings(g.max_new_tokens, g.do_sample, g.temperature, g.top_k, g.top_p)
+
+    def generate_samples(self, batch: MicroBatch, model: Optional[torch.nn.Module] = None) -> dict[str, list]:
+        """Generate from the prompt part of each example (never its reference response).
+
+        Runs on the primary rank with the gathered full model (`model`, refreshed by the caller);
+        one batched `generate` call per validation batch.
+        """
+        model = model if model is not None else self.replica.model
+        prompt_ids = [e.prompt_ids for e in batch.examples]
+        seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
+        generated = generate(model, self.tokenizer, prompt_ids, self.generation_settings(), seeds)
+        return {
+            "prompts": [e.prompt_text for e in batch.examples],
+            "generations": [g.text for g in generated],
+            "references": [e.reference for e in batch.examples],
+            "generated": generated,
+        }
+
+    def log_validation_samples(self) -> None:
+        """All ranks take part in the gather; rank 0 alone generates; the others wait."""
+        try:
+            start = time.perf_counter()
+            model = self.replica.refresh(self.model)
+            if self.dist.is_primary:
+                gather_s = time.perf_counter() - start
+                prompts: list[str] = []
+                generated: list[Generated] = []
+                references: list[Optional[str]] = []
+                for batch in self.sample_batches:
+                    out = self.generate_samples(batch, model)
+                    prompts += out["prompts"]
+                    generated += out["generated"]
+                    references += out["references"]
+                generation_s = time.perf_counter() - start - gather_s
+                settings = self.generation_settings()
+                log.debug("validation samples: gather %.3fs, generation %.3fs, %s", gather_s, generation_s, settings.describe())
+                self.sample_logger.log(
+                    self.step, "validation", "val", "validation", prompts, generated, references, settings, generation_s
+                )
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("validation sample generation failed at step %d: %s: %s", self.step, type(err).__name__, err)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints and the end
+    def save_checkpoint(self) -> None:
+        state = {
+            "global_step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        log.info("saved checkpoint %s", path)
+
+    def export_hf_model(self) -> Optional[Path]:
+        """Collective. The final model in Hugging Face format (safetensors + tokenizer)."""
+        state = gather_full_state_dict(self.model)
+        if not self.dist.is_primary:
+            return None
+        dtype = getattr(self.model_config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        export = build_from_config(self.model_config, dtype, "cpu", self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
+        export.load_state_dict(state, strict=False)
+        export.tie_weights()
+        out = self.run_dir / "hf_model"
+        tmp = self.run_dir / "hf_model.tmp"
+        save_hf(export, self.tokenizer, tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        tmp.rename(out)
+        log.info("exported the final model to %s", out)
+        return out
+
+    def finish(self) -> None:
+        if self.cfg.trainer.export_hf_model:
+            self.export_hf_model()
+        if self.dist.is_primary and self.cfg.samples.report:
+            try:
+                path = write_report(self.run_dir)
+                self.tracking.log_artifact(path)
+                log.info("report: %s", path)
+            except Exception as err:  # noqa: BLE001
+                log.warning("report failed: %s: %s", type(err).__name__, err)
+        self.tracking.close()
+
+
+# ---------------------------------------------------------------------- entry point
+def setup_logging(level: int, rank: int) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format=fmt, stream=sys.stderr, force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "alembic", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
+    denv = env_config.dist_env()
+    try:
+        setup_logging(env_config.log_level(env_config.environ()), denv.rank)
+        resolved = resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), denv.world_size)
+        if denv.rank == 0:
+            log.info("resolved config:\n%s", format_config(resolved.config, resolved.from_env))
+            for key, variable in resolved.from_env.items():
+                log.info("%s set from environment variable %s", key, variable)
+            for key, variable in resolved.ignored_env.items():
+                log.info("%s: environment variable %s ignored, the command line sets it", key, variable)
+        ctx = init_distributed(denv, resolved.config.trainer.device)
+        trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
+    except USER_ERRORS as err:
+        if denv.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    trainer.fit()
+    teardown()
+
+
+@hydra.main(config_path="pkg://config", config_name="sft_trainer", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, HydraConfig.get().overrides.task)
+
+
+if __name__ == "__main__":
+    main()

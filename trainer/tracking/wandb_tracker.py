@@ -1,0 +1,126 @@
+"""Weights & Biases backend: metrics, config, sample texts and tables, offline by default.
+
+Mode: `TrackerEnv.wandb_mode` (`WANDB_MODE`) when set, otherwise "offline": no account and no
+network; `wandb sync <run_dir>/wandb/offline-run-...` uploads it later. Files go to
+`<run_dir>/wandb/` (`offline-run-<time>-<id>/run-<id>.wandb` is the record log, media and tables
+are under `files/`). Project = `project_name`, run name = `experiment_name`.
+
+Keys (all logged with the step they belong to; W&B drops data logged at a step lower than one
+already logged, so the trainer logs in step order):
+
+    <metric name>                     history scalars
+    <prefix>/sample_<i>_prompt        plain strings
+    <prefix>/sample_<i>_generation
+    <prefix>/sample_<i>_reference     only when the sample has a reference
+    <prefix>/samples                  wandb.Table of this event (SampleEvent.table_rows())
+    <prefix>/samples_all              wandb.Table of every event so far (rows kept in memory,
+                                      a new table each event)
+    report                            an HTML file passed to log_artifact (wandb.Html)
+
+Settings and clean-up, and why:
+- `console="off"`, `silent=True`: W&B neither captures nor decorates our terminal output. (Importing
+  wandb still wraps `sys.stdout.write`/`sys.stderr.write` for good with a pass-through; printing
+  is unaffected.)
+- `reinit="create_new"`: the run is independent of `wandb.run` and of any other run.
+- wandb.setup(mode=...) before init: W&B 0.31 records client telemetry (OpenTelemetry) against
+  the process-wide settings, not the run's, so an offline run would still post to W&B's servers
+  when the process exits unless the process-wide mode is offline too.
+- init starts the `wandb-core` service process; close() finishes the run and, when no other W&B
+  run is active in this process, calls wandb.teardown() to stop it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import wandb
+
+from trainer.tracking.base import SampleEvent, Tracker, TrackerContext, register_tracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODE = "offline"
+
+
+def make_table(rows: list[dict[str, Any]]) -> "wandb.Table":
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+def _no_other_run_active() -> bool:
+    try:
+        from wandb.sdk import wandb_setup
+
+        return wandb_setup.singleton().most_recent_active_run() is None
+    except Exception:  # noqa: BLE001 - internals moved: leave the service to wandb's atexit hook
+        return False
+
+
+@register_tracker("wandb")
+class WandbTracker(Tracker):
+    def __init__(self, ctx: TrackerContext):
+        super().__init__(ctx)
+        self.mode = ctx.env.wandb_mode or DEFAULT_MODE
+        wandb.setup(settings=wandb.Settings(mode=self.mode))
+        settings = wandb.Settings(console="off", silent=True, reinit="create_new")
+        self._run = wandb.init(
+            project=ctx.project_name,
+            name=ctx.experiment_name,
+            dir=str(Path(ctx.run_dir).resolve()),
+            mode=self.mode,
+            settings=settings,
+        )
+        self._all_rows: dict[str, list[dict[str, Any]]] = {}
+        self._last_step: int | None = None
+        self._closed = False
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's directory (where the .wandb record log is)."""
+        return Path(self._run.dir).parent  # run.dir is <run dir>/files
+
+    def _log(self, data: dict[str, Any], step: int | None) -> None:
+        self._run.log(data, step=step)
+        if step is not None:
+            self._last_step = step if self._last_step is None else max(self._last_step, step)
+
+    def log_config(self, config: dict) -> None:
+        self._run.config.update(config, allow_val_change=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._log({k: float(v) for k, v in metrics.items()}, step)
+
+    def log_samples(self, event: SampleEvent) -> None:
+        data: dict[str, Any] = {}
+        for s in event.samples:
+            key = f"{event.prefix}/sample_{s.index}"
+            data[f"{key}_prompt"] = s.prompt
+            data[f"{key}_generation"] = s.generation
+            if s.reference is not None:
+                data[f"{key}_reference"] = s.reference
+        rows = event.table_rows()
+        if rows:
+            all_rows = self._all_rows.setdefault(event.prefix, [])
+            all_rows.extend(rows)
+            data[f"{event.prefix}/samples"] = make_table(rows)
+            data[f"{event.prefix}/samples_all"] = make_table(all_rows)
+        self._log(data, event.step)
+
+    def log_artifact(self, path: Path) -> None:
+        path = Path(path)
+        if path.suffix.lower() in (".html", ".htm"):
+            self._log({"report": wandb.Html(path.read_text(encoding="utf-8"))}, self._last_step)
+        else:
+            self._run.save(str(path), base_path=str(path.parent), policy="now")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._run.finish()
+        if _no_other_run_active():
+            wandb.teardown()

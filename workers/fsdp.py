@@ -1,0 +1,101 @@
+"""The one place a model becomes FSDP2, and the full-model gather used by generation and export.
+
+`shard_model` shards every decoder layer, then the root (torchtitan's pattern). `gather_full_state_dict`
+is a collective: every rank must call it; rank 0 receives the full tensors on CPU, others `{}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from workers.model import DTYPES, decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardingSpec:
+    param_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+
+def resolve_dtypes(param_dtype: str, reduce_dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """`auto` means bf16 compute on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    param = DTYPES.get(param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    reduce = DTYPES.get(reduce_dtype) or torch.float32
+    return param, reduce
+
+
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, spec: ShardingSpec) -> torch.nn.Module:
+    mp = MixedPrecisionPolicy(param_dtype=spec.param_dtype, reduce_dtype=spec.reduce_dtype)
+    offload = CPUOffloadPolicy() if spec.cpu_offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    if not layers:
+        log.warning("no decoder layers found on %s: sharding the whole model as one unit", type(model).__name__)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=spec.reshard_after_forward)
+    # The root (embeddings, final norm, LM head) is used right after the last layer: keep it gathered.
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    return model
+
+
+def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective. Full (unsharded) tensors on CPU on rank 0; `{}` elsewhere."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Collective. Fill a sharded model (real on rank 0, meta elsewhere) from rank 0's full state.
+
+    Only rank 0 reads the checkpoint from disk, so host memory stays at one full copy per node
+    instead of one per rank. Buffers that are not in the state dict (rotary tables) are broadcast.
+    """
+    rank = dist.get_rank()
+    if rank != 0:
+        model.to_empty(device=device)
+    else:
+        model.to(device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data if not hasattr(buffer, "full_tensor") else buffer, src=0)
+
+
+def full_grad_norm(total_norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor for sharded parameters: the same global value on every rank."""
+    return total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
+
+
+def param_count(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() if not hasattr(p, "full_tensor") else p.shape.numel()
+    return total
+
+
+def device_mesh(device: torch.device, world_size: int) -> DeviceMesh:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+
+
+def optional_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return DTYPES.get(name) if name else None

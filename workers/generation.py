@@ -1,0 +1,146 @@
+"""The one sample generator: batched, left-padded `generate` with the KV cache.
+
+Used by SFT validation samples and RL sample logging (and RL rollouts). Each row can carry its
+own sampling seed, so two generations for the same prompt differ only when the model changed,
+whatever else is in the batch and whatever the global RNG did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 100
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+
+    def describe(self) -> str:
+        if not self.do_sample:
+            return f"greedy, max_new_tokens={self.max_new_tokens}"
+        return (
+            f"sampling, temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
+            f"max_new_tokens={self.max_new_tokens}"
+        )
+
+
+@dataclass
+class Generated:
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated tokens, up to and including EOS when it came
+    text: str
+    stopped_at_eos: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples each row with its own generator and returns a one-hot score row.
+
+    `generate` then runs in greedy mode and picks exactly the sampled token, which keeps the
+    library's batching, caching and stopping while making every row reproducible on its own.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks, 0.0)
+
+
+def _processors(settings: GenerationSettings, seeds: Sequence[int], device: torch.device) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if not settings.do_sample:
+        return processors
+    if settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k > 0:
+        processors.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        processors.append(TopPLogitsWarper(settings.top_p))
+    processors.append(SeededSampler(seeds, device))
+    return processors
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    seeds: Optional[Sequence[int]] = None,
+    synced_gpus: bool = False,
+) -> list[Generated]:
+    """One `generate` call for the whole batch of prompts (token ids, already templated)."""
+    if not prompt_ids:
+        return []
+    device = next(model.parameters()).device
+    seeds = list(seeds) if seeds is not None else list(range(len(prompt_ids)))
+    input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,  # sampling happens in SeededSampler, row by row
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=_processors(settings, seeds, device),
+            synced_gpus=synced_gpus,
+        )
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    results = []
+    for prompt, row in zip(prompt_ids, new_tokens):
+        stopped = tokenizer.eos_token_id in row
+        tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        results.append(Generated(list(prompt), tokens, text, stopped))
+    return results
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """User prompts as model input: through the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]

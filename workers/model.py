@@ -1,0 +1,91 @@
+"""Loading Hugging Face causal LMs and tokenizers (local directory or hub id)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message names the path."""
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - re-raised with the path named
+        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token without changing what EOS is.
+
+    Reusing EOS as pad is the usual fix, and it is safe here because padding is always masked
+    out of the loss and attention by `attention_mask`, never by token id.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError("tokenizer has neither a pad token nor an EOS token; add one to the tokenizer")
+    tokenizer.pad_token = tokenizer.eos_token
+    log.info("tokenizer has no pad token: padding with EOS (%r); EOS itself is unchanged", tokenizer.eos_token)
+
+
+def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a model config ({type(err).__name__}: {err})") from err
+
+
+def load_pretrained(
+    path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str = "sdpa"
+) -> torch.nn.Module:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        )
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load the model ({type(err).__name__}: {err})") from err
+    return model
+
+
+def build_from_config(
+    config: PretrainedConfig,
+    dtype: torch.dtype,
+    device: Optional[torch.device | str] = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:
+    """An uninitialised model of the same architecture (on `meta` when device is "meta")."""
+    with torch.device(device or "cpu"):
+        return AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        )
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found the way HF marks them (`_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        # Fall back to the common `model.layers` ModuleList.
+        inner = getattr(model, "model", None)
+        layers = list(getattr(inner, "layers", []) or [])
+    return layers
+
+
+def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
