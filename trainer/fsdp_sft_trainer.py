@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
 
 from config import env as env_config
 from config.loading import format_config, redact, resolve, to_dict
 from config.schema import ConfigError, SFTConfig
 from trainer.checkpoint import Checkpointer
+from trainer.cli import normalize_config_path
 from trainer.data import DataError, MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
@@ -349,6 +351,7 @@ def setup_logging(level: int, rank: int) -> None:
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format=fmt, stream=sys.stderr, force=True)
     for noisy in ("httpx", "urllib3", "filelock", "alembic", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
 
 
 def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
@@ -373,8 +376,13 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
 
 
 @hydra.main(config_path="pkg://config", config_name="sft_trainer", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run(cfg, HydraConfig.get().overrides.task)
+
+
+def main() -> None:
+    sys.argv = normalize_config_path(sys.argv, Path.cwd())
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import mlflow  # noqa: F401 - first, so a missing package is reported as 'mlflow'
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import tensorboard  # noqa: F401 - first, so a missing package is reported as 'tensorboard'
 from torch.utils.tensorboard import SummaryWriter
 
 from trainer.tracking.base import SampleEvent, Tracker, TrackerContext, register_tracker

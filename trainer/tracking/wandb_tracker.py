@@ -15,7 +15,7 @@ already logged, so the trainer logs in step order):
     <prefix>/samples                  wandb.Table of this event (SampleEvent.table_rows())
     <prefix>/samples_all              wandb.Table of every event so far (rows kept in memory,
                                       a new table each event)
-    report                            an HTML file passed to log_artifact (wandb.Html)
+    report                            an HTML file passed to log_artifact (wandb.Html, as is)
 
 Settings and clean-up, and why:
 - `console="off"`, `silent=True`: W&B neither captures nor decorates our terminal output. (Importing
@@ -25,13 +25,15 @@ Settings and clean-up, and why:
 - wandb.setup(mode=...) before init: W&B 0.31 records client telemetry (OpenTelemetry) against
   the process-wide settings, not the run's, so an offline run would still post to W&B's servers
   when the process exits unless the process-wide mode is offline too.
-- init starts the `wandb-core` service process; close() finishes the run and, when no other W&B
-  run is active in this process, calls wandb.teardown() to stop it.
+- init starts the `wandb-core` service process and wraps `sys.excepthook` and `sys.exit`;
+  close() finishes the run and, when no other W&B run is active in this process, calls
+  wandb.teardown() to stop the service and puts the two hooks back.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def _no_other_run_active() -> bool:
     try:
         from wandb.sdk import wandb_setup
 
-        return wandb_setup.singleton().most_recent_active_run() is None
+        return wandb_setup.singleton().most_recent_active_run is None
     except Exception:  # noqa: BLE001 - internals moved: leave the service to wandb's atexit hook
         return False
 
@@ -65,6 +67,7 @@ class WandbTracker(Tracker):
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
         self.mode = ctx.env.wandb_mode or DEFAULT_MODE
+        saved_hooks = (sys.excepthook, sys.exit)
         wandb.setup(settings=wandb.Settings(mode=self.mode))
         settings = wandb.Settings(console="off", silent=True, reinit="create_new")
         self._run = wandb.init(
@@ -74,6 +77,8 @@ class WandbTracker(Tracker):
             mode=self.mode,
             settings=settings,
         )
+        # (hook before, hook wandb put in its place) for sys.excepthook and sys.exit
+        self._hooks = list(zip(saved_hooks, (sys.excepthook, sys.exit)))
         self._all_rows: dict[str, list[dict[str, Any]]] = {}
         self._last_step: int | None = None
         self._closed = False
@@ -113,7 +118,7 @@ class WandbTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         path = Path(path)
         if path.suffix.lower() in (".html", ".htm"):
-            self._log({"report": wandb.Html(path.read_text(encoding="utf-8"))}, self._last_step)
+            self._log({"report": wandb.Html(path.read_text(encoding="utf-8"), inject=False)}, self._last_step)
         else:
             self._run.save(str(path), base_path=str(path.parent), policy="now")
 
@@ -124,3 +129,13 @@ class WandbTracker(Tracker):
         self._run.finish()
         if _no_other_run_active():
             wandb.teardown()
+            self._restore_hooks()
+
+    def _restore_hooks(self) -> None:
+        # Starting the service wraps sys.excepthook and sys.exit (to pass the exit code to it);
+        # teardown leaves them, and every later start would wrap them again.
+        (hook_before, hook_wandb), (exit_before, exit_wandb) = self._hooks
+        if hook_wandb is not hook_before and sys.excepthook is hook_wandb:
+            sys.excepthook = hook_before
+        if exit_wandb is not exit_before and sys.exit is exit_wandb:
+            sys.exit = exit_before

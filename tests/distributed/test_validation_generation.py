@@ -1,0 +1,77 @@
+"""Validation samples under torchrun (2 ranks): the seed document's examples, end to end."""
+
+import re
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import read_metrics, run_module
+from workers.generation import GenerationSettings, encode_prompts, generate
+
+pytestmark = pytest.mark.distributed
+MODULE = "trainer.fsdp_sft_trainer"
+BLOCK = re.compile(r"=== Validation Samples \(Step (\d+)\) ===\n((?:Prompt \d+: .*\nGeneration \d+: .*\n-{50}\n)+)")
+
+
+def blocks(stdout: str) -> dict[int, list[tuple[str, str]]]:
+    found = {}
+    for step, body in BLOCK.findall(stdout):
+        pairs = re.findall(r"Prompt (\d+): (.*)\nGeneration \1: (.*)\n", body)
+        found[int(step)] = [(p, g) for _, p, g in pairs]
+    return found
+
+
+def base_args(model, data, run_dir):
+    return [
+        "--config-name", "sft_trainer_with_generation",
+        f"model.partial_pretrain={model}", f"data.train_files={data['train']}", f"data.val_files={data['val']}",
+        f"trainer.default_local_dir={run_dir}", "data.max_length=24", "data.train_batch_size=16",
+        "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3", "trainer.test_freq=2", "optim.lr=3e-3",
+    ]
+
+
+def test_env_variables_of_the_document_with_precedence(tiny_model, tiny_data, tmp_path):
+    env = {
+        "VERL_GENERATION_TEMPERATURE": "0.9",
+        "VERL_GENERATION_TOP_K": "40",
+        "VERL_GENERATION_TOP_P": "0.8",
+        "VERL_GENERATION_DO_SAMPLE": "true",
+        "VERL_GENERATION_MAX_NEW_TOKENS": "2",
+        "VERL_MAX_VAL_SAMPLES": "3",
+        "VERL_SFT_LOGGING_LEVEL": "DEBUG",
+    }
+    run_dir = tmp_path / "run"
+    proc = run_module(MODULE, [*base_args(tiny_model, tiny_data, run_dir), "generation.top_k=7"], nproc=2, env=env)
+    found = blocks(proc.stdout)
+    # Each validation (step 2 by test_freq) and the early exit at total_training_steps (3).
+    assert sorted(found) == [2, 3]
+    assert all(len(samples) == 3 for samples in found.values())  # VERL_MAX_VAL_SAMPLES
+    # The same prompts every time, and never the reference answer in them.
+    assert [p for p, _ in found[2]] == [p for p, _ in found[3]]
+    assert all(p.endswith("=") for p, _ in found[2])
+    # Settings in force: env over YAML, command line (top_k=7) over env.
+    assert "sampling, temperature=0.9, top_k=7, top_p=0.8, max_new_tokens=2" in proc.stderr
+    assert "generation.temperature set from environment variable VERL_GENERATION_TEMPERATURE" in proc.stderr
+    assert "generation.top_k: environment variable VERL_GENERATION_TOP_K ignored, the command line sets it" in proc.stderr
+    assert re.search(r"validation samples: gather [\d.]+s, generation [\d.]+s", proc.stderr)
+    metrics = read_metrics(run_dir)
+    assert metrics[3]["val/samples_generated"] == 3.0
+    assert metrics[3]["val/mean_generation_tokens"] <= 2.0  # max_new_tokens holds
+    assert "val/generation_time_s" in metrics[3]
+
+
+def test_greedy_samples_from_the_gathered_copy_equal_the_exported_model(tiny_model, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {"VERL_GENERATION_DO_SAMPLE": "false", "VERL_GENERATION_MAX_NEW_TOKENS": "6", "VERL_MAX_VAL_SAMPLES": "4"}
+    proc = run_module(MODULE, base_args(tiny_model, tiny_data, run_dir), nproc=2, env=env)
+    final = blocks(proc.stdout)[3]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "hf_model")
+    prompts = [p for p, _ in final]
+    out = generate(model, tok, encode_prompts(tok, prompts), GenerationSettings(max_new_tokens=6, do_sample=False))
+    assert [g for _, g in final] == [o.text for o in out]
+    # And the same as plain transformers greedy decoding, prompt by prompt.
+    for prompt, (_, shown) in zip(prompts, final):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        plain = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert tok.decode(plain[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == shown

@@ -1,0 +1,40 @@
+"""Bad input stops the run with one line naming the culprit, before any model is built."""
+
+import pytest
+
+from helpers import run_module, write_parquet
+
+
+def first_error_line(proc):
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, env, expected",
+    [
+        (["data.max_length=long"], {}, "error: data.max_length: 'long' is the wrong type"),
+        (["+trainer.epochs=3"], {}, "error: trainer.epochs: unknown key"),
+        ([], {"VERL_GENERATION_TEMPERATURE": "hot"}, "error: VERL_GENERATION_TEMPERATURE='hot' is not valid: expected a number > 0"),
+        ([], {"VERL_GENERATION_TOP_P": "1.5"}, "error: VERL_GENERATION_TOP_P='1.5' is not valid: expected a number in (0, 1]"),
+        ([], {"VERL_GENERATION_DO_SAMPLE": "maybe"}, "error: VERL_GENERATION_DO_SAMPLE='maybe' is not valid"),
+        ([], {"VERL_MAX_VAL_SAMPLES": "-2"}, "error: VERL_MAX_VAL_SAMPLES='-2' is not valid: expected an integer >= 0"),
+        (["model.partial_pretrain=/nonexistent/model"], {}, "error: model.partial_pretrain='/nonexistent/model': cannot load a tokenizer"),
+        (["trainer.logger=[console,nosuch]"], {}, "error: trainer.logger: got 'nosuch'"),
+    ],
+)
+def test_one_line_errors(overrides, env, expected, tmp_path):
+    proc = run_module("trainer.fsdp_sft_trainer", [f"trainer.default_local_dir={tmp_path}/run", *overrides], nproc=0, env=env, check=False)
+    assert proc.returncode == 2
+    assert first_error_line(proc).startswith(expected)
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_row_is_named_before_the_model_is_built(tmp_path):
+    bad = write_parquet([{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": None}], tmp_path / "bad.parquet")
+    proc = run_module("trainer.fsdp_sft_trainer", [f"data.train_files={bad}", f"trainer.default_local_dir={tmp_path}/run"], nproc=0, check=False)
+    assert proc.returncode == 2
+    assert first_error_line(proc) == f"error: {bad}: row 1: column 'response' is NoneType, expected text"
+    assert "trainer.sft: model: " not in proc.stderr  # the model was never loaded

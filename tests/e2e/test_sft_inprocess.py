@@ -1,0 +1,72 @@
+"""The SFT trainer in this process (one rank): failure handling that needs code injected."""
+
+import logging
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import trainer.fsdp_sft_trainer as sft
+from config.env import DistEnv
+from config.loading import resolve
+from config.schema import SFTConfig
+from helpers import read_metrics
+from trainer.distributed import init_distributed
+
+
+def make_trainer(tiny_model, tiny_data, run_dir, *overrides):
+    overrides = [
+        f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}", f"data.val_files={tiny_data['val']}",
+        f"trainer.default_local_dir={run_dir}", "trainer.logger=[console,file]", "trainer.log_freq=1", "data.max_length=24",
+        "data.train_batch_size=16", "data.micro_batch_size_per_gpu=8", "generation.max_new_tokens=4", *overrides,
+    ]
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        cfg = compose("sft_trainer", overrides=overrides)
+    typed = resolve(cfg, SFTConfig, overrides, {}).config
+    ctx = init_distributed(DistEnv(0, 0, 1, False), "cpu")
+    return sft.FSDPSFTTrainer(typed, ctx)
+
+
+def test_generation_failure_warns_and_training_finishes(tiny_model, tiny_data, tmp_path, monkeypatch, caplog):
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected generation failure")
+
+    monkeypatch.setattr(sft, "generate", boom)
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=2", "trainer.save_freq=2")
+    with caplog.at_level(logging.WARNING):
+        trainer.fit()
+    warnings = [r.getMessage() for r in caplog.records if "sample generation failed" in r.getMessage()]
+    assert warnings == [
+        "validation sample generation failed at step 2: RuntimeError: injected generation failure",
+        "validation sample generation failed at step 4: RuntimeError: injected generation failure",
+    ]
+    assert (run_dir / "global_step_2").is_dir() and (run_dir / "global_step_4").is_dir()
+    assert (run_dir / "hf_model" / "config.json").is_file()
+    assert sorted(s for s, m in read_metrics(run_dir).items() if "val/loss" in m) == [2, 4]
+
+
+def test_non_finite_gradient_skips_the_update_and_the_schedule(tiny_model, tiny_data, tmp_path, monkeypatch):
+    real = sft.token_loss_sum
+    calls = {"n": 0}
+
+    def nan_on_step_two(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] in (3, 4) else loss  # both micro-batches of step 2
+
+    monkeypatch.setattr(sft, "token_loss_sum", nan_on_step_two)
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.max_val_samples=0",
+                           "optim.lr_warmup_steps_ratio=0.5", "trainer.export_hf_model=false", "trainer.test_freq=-1")
+    trainer.train_step(trainer.batches.micro_batches(0, 0))
+    after_one = {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
+    lr_after_one = trainer.scheduler.get_last_lr()[0]
+    metrics = trainer.train_step(trainer.batches.micro_batches(0, 1))
+    assert not torch.isfinite(metrics["train/grad_norm"]) and metrics["train/skipped_steps"] == 1
+    assert trainer.scheduler.get_last_lr()[0] == lr_after_one  # the schedule did not move
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v.full_tensor(), after_one[k]), k  # the parameters did not move
+    trainer.train_step(trainer.batches.micro_batches(0, 2))
+    assert trainer.scheduler.get_last_lr()[0] > lr_after_one
+    assert any(not torch.equal(v.full_tensor(), after_one[k]) for k, v in trainer.model.state_dict().items())
