@@ -105,7 +105,8 @@ class FSDPSFTTrainer:
         self._resume()
 
         self.tracking = Tracking(
-            cfg.trainer.logger,
+            # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
+            [*cfg.trainer.logger, "file"],
             TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env(), cfg.generation.max_print_chars),
             is_primary=dist_ctx.is_primary,
         )
@@ -271,6 +272,7 @@ class FSDPSFTTrainer:
             "generations": [g.text for g in generated],
             "references": [e.reference for e in batch.examples],
             "generated": generated,
+            "seeds": seeds,
         }
 
     def log_validation_samples(self) -> None:
@@ -283,16 +285,18 @@ class FSDPSFTTrainer:
                 prompts: list[str] = []
                 generated: list[Generated] = []
                 references: list[Optional[str]] = []
+                seeds: list[int] = []
                 for batch in self.sample_batches:
                     out = self.generate_samples(batch, model)
                     prompts += out["prompts"]
                     generated += out["generated"]
                     references += out["references"]
+                    seeds += out["seeds"]
                 generation_s = time.perf_counter() - start - gather_s
                 settings = self.generation_settings()
                 log.debug("validation samples: gather %.3fs, generation %.3fs, %s", gather_s, generation_s, settings.describe())
                 self.sample_logger.log(
-                    self.step, "validation", "val", "validation", prompts, generated, references, settings, generation_s
+                    self.step, "validation", "val", "validation", prompts, generated, references, settings, seeds, generation_s
                 )
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("validation sample generation failed at step %d: %s: %s", self.step, type(err).__name__, err)

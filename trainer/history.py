@@ -1,25 +1,224 @@
-"""Sample history: every sample of every event, appended to samples.jsonl in the run directory."""
+"""Sample history: every sample of every event in `samples.jsonl`, its signals, and alert rules.
+
+The point of logging samples is to see a regression before the loss shows it. Each sample gets
+signals (length, hit-the-limit, repetition, exact match, similarity to the same prompt's previous
+generation); each event is checked against alert rules (degeneration, collapse, a drop in exact
+match or reward against the run's best, a sudden length change). An alert is a log warning
+naming the rule, the prompt and the step, a tracker metric, and a record the report shows.
+
+The file is append-only, one JSON object per line, written per event with a flush and fsync.
+On start, records after the resumed step are dropped (they are about to be generated again) and
+a torn last line from a crash is discarded, so the history never holds duplicates or garbage.
+"""
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from config.schema import AlertConfig
 from trainer.tracking import SampleEvent
 from workers.generation import Generated, GenerationSettings
 
+log = logging.getLogger(__name__)
+
 HISTORY_FILE = "samples.jsonl"
+REPETITION_NGRAM = 3
+
+
+# ----------------------------------------------------------------------------- signals
+def repetition(token_ids: Sequence[int], n: int = REPETITION_NGRAM) -> float:
+    """Share of the generation's n-grams that repeat an earlier one (0: none, near 1: a loop)."""
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def exact_match(generation: str, reference: Optional[str]) -> Optional[float]:
+    if reference is None:
+        return None
+    return float(generation.strip() == reference.strip())
+
+
+@dataclass
+class Alert:
+    rule: str
+    message: str
+    prompt_id: Optional[str] = None  # None: about the whole event
+
+
+@dataclass
+class _Series:
+    """What the rules remember about one stream of events (SFT validation, RL samples)."""
+
+    events: int = 0
+    previous_generation: dict[str, str] = field(default_factory=dict)
+    best_exact_match: Optional[float] = None
+    best_reward: dict[str, float] = field(default_factory=dict)
+    previous_mean_length: Optional[float] = None
+
+
+# ----------------------------------------------------------------------------- file
+def read_records(path: Path) -> list[dict]:
+    """Every complete record; a torn or corrupt line is skipped, never fatal."""
+    records = []
+    if not path.exists():
+        return records
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break  # torn last line from a crash
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 class SampleHistory:
     def __init__(self, run_dir: Path, alerts: AlertConfig, resume_step: int = 0):
         self.path = Path(run_dir) / HISTORY_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.alerts = alerts
+        self.rules = alerts
+        self.series: dict[str, _Series] = {}
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._replay(kept)
 
-    def record(self, event: SampleEvent, generations: list[Generated], settings: GenerationSettings) -> dict[str, float]:
+    def _replay(self, records: list[dict]) -> None:
+        """Rebuild the rules' memory from the kept history, so a resumed run alerts as before."""
+        samples = [r for r in records if r.get("kind") == "sample"]
+        for (prefix, step), group in itertools.groupby(samples, key=lambda r: (r["prefix"], r["step"])):
+            group = list(group)
+            series = self.series.setdefault(prefix, _Series())
+            self._remember(series, [r["prompt_id"] for r in group], [r["generation"] for r in group],
+                           [r["signals"].get("exact_match") for r in group], [r.get("rewards", {}) for r in group],
+                           [r["generated_tokens"] for r in group])
+
+    @staticmethod
+    def _remember(series: _Series, pids, generations, matches, rewards, lengths) -> None:
+        series.events += 1
+        series.previous_generation.update(zip(pids, generations))
+        matches = [m for m in matches if m is not None]
+        if matches:
+            mean = sum(matches) / len(matches)
+            series.best_exact_match = mean if series.best_exact_match is None else max(series.best_exact_match, mean)
+        for name in (rewards[0] if rewards else {}):
+            mean = sum(r[name] for r in rewards) / len(rewards)
+            series.best_reward[name] = max(series.best_reward.get(name, mean), mean)
+        series.previous_mean_length = sum(lengths) / max(1, len(lengths))
+
+    # ------------------------------------------------------------------ one event
+    def record(
+        self, event: SampleEvent, generations: Sequence[Generated], settings: GenerationSettings, seeds: Sequence[int]
+    ) -> dict[str, float]:
+        """Add signals to the event's samples, run the rules, append to the file; returns metrics."""
+        series = self.series.setdefault(event.prefix, _Series())
+        for s, g in zip(event.samples, generations):
+            previous = series.previous_generation.get(s.prompt_id)
+            s.signals = {
+                "length_tokens": g.num_tokens,
+                "hit_limit": not g.stopped_at_eos,
+                "repetition": round(repetition(g.token_ids), 4),
+                "exact_match": exact_match(g.text, s.reference),
+                "similarity_to_previous": None if previous is None else round(similarity(previous, g.text), 4),
+            }
+        alerts = self._check(event, series)
+        event.alerts = [f"{a.rule}: {a.message}" for a in alerts]
+        self._append(event, generations, settings, seeds, alerts)
+        for a in alerts:
+            where = f"prompt {a.prompt_id}" if a.prompt_id else "all prompts"
+            log.warning("sample alert [%s] at step %d (%s, %s): %s", a.rule, event.step, event.stage, where, a.message)
+
+        self._remember(series, [s.prompt_id for s in event.samples], [s.generation for s in event.samples],
+                       [s.signals["exact_match"] for s in event.samples], [s.rewards for s in event.samples],
+                       [g.num_tokens for g in generations])
+        n = max(1, len(event.samples))
+        sims = [s.signals["similarity_to_previous"] for s in event.samples if s.signals["similarity_to_previous"] is not None]
+        metrics = {
+            f"{event.prefix}/repetition_mean": sum(s.signals["repetition"] for s in event.samples) / n,
+            f"{event.prefix}/hit_limit_share": sum(s.signals["hit_limit"] for s in event.samples) / n,
+            f"{event.prefix}/alerts": float(len(alerts)),
+        }
+        if sims:
+            metrics[f"{event.prefix}/similarity_to_previous_mean"] = sum(sims) / len(sims)
+        for rule in sorted({a.rule for a in alerts}):
+            metrics[f"{event.prefix}/alert/{rule}"] = float(sum(a.rule == rule for a in alerts))
+        return metrics
+
+    def _check(self, event: SampleEvent, series: _Series) -> list[Alert]:
+        r = self.rules
+        samples = event.samples
+        alerts: list[Alert] = []
+        for s in samples:
+            if s.signals["repetition"] > r.repetition_threshold:
+                alerts.append(Alert("degeneration", f"sample {s.index} repeats itself ({s.signals['repetition']:.0%} of 3-grams)", s.prompt_id))
+        if samples:
+            share = sum(s.signals["hit_limit"] for s in samples) / len(samples)
+            if share > r.limit_hit_share:
+                alerts.append(Alert("degeneration", f"{share:.0%} of samples ran to max_new_tokens without stopping"))
+        if len(samples) >= 2:
+            pairs = list(itertools.combinations([s.generation for s in samples], 2))
+            mean_sim = sum(similarity(a, b) for a, b in pairs) / len(pairs)
+            if mean_sim > r.collapse_similarity:
+                alerts.append(Alert("collapse", f"different prompts get near-identical generations (mean similarity {mean_sim:.2f})"))
+        if series.events >= r.min_history:
+            matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
+            if matches and series.best_exact_match is not None:
+                mean = sum(matches) / len(matches)
+                if mean < series.best_exact_match - r.metric_drop:
+                    alerts.append(Alert("exact_match_drop", f"exact match {mean:.2f}, best so far {series.best_exact_match:.2f}"))
+            for name, best in series.best_reward.items():
+                values = [s.rewards[name] for s in samples if name in s.rewards]
+                if values and sum(values) / len(values) < best - r.metric_drop:
+                    alerts.append(Alert("reward_drop", f"reward {name} {sum(values) / len(values):.3f}, best so far {best:.3f}"))
+            if series.previous_mean_length is not None and samples:
+                mean_len = sum(s.signals["length_tokens"] for s in samples) / len(samples)
+                ratio = (mean_len + 1) / (series.previous_mean_length + 1)
+                if ratio > r.length_change_ratio or ratio < 1 / r.length_change_ratio:
+                    alerts.append(Alert("length_change", f"mean length {series.previous_mean_length:.1f} -> {mean_len:.1f} tokens"))
+        return alerts
+
+    def _append(self, event: SampleEvent, generations, settings: GenerationSettings, seeds, alerts: list[Alert]) -> None:
+        now = time.time()
+        base_settings = {
+            "do_sample": settings.do_sample, "temperature": settings.temperature, "top_k": settings.top_k,
+            "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
+        }
+        lines = []
+        for s, g, seed in zip(event.samples, generations, seeds):
+            lines.append({
+                "kind": "sample", "step": event.step, "stage": event.stage, "prefix": event.prefix, "index": s.index,
+                "prompt_id": s.prompt_id, "prompt": s.prompt, "reference": s.reference, "generation": s.generation,
+                "settings": {**base_settings, "seed": int(seed)}, "prompt_tokens": len(g.prompt_ids),
+                "generated_tokens": g.num_tokens, "stopped_at_eos": g.stopped_at_eos, "rewards": s.rewards,
+                "signals": s.signals, "alerts": [a.message for a in alerts if a.prompt_id == s.prompt_id], "time": now,
+            })
+        for a in alerts:
+            lines.append({"kind": "alert", "step": event.step, "stage": event.stage, "prefix": event.prefix, "rule": a.rule,
+                          "prompt_id": a.prompt_id, "message": a.message, "time": now})
+        payload = "".join(json.dumps(line, default=_json_default) + "\n" for line in lines)
         with open(self.path, "a", encoding="utf-8") as handle:
-            for s, g in zip(event.samples, generations):
-                handle.write(json.dumps({"step": event.step, "stage": event.stage, "prompt": s.prompt, "generation": s.generation}) + "\n")
-        return {}
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

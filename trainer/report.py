@@ -1,7 +1,799 @@
-"""HTML report of a run (work in progress)."""
+"""HTML report of a run: loss and reward charts plus one timeline per prompt.
 
+Reads a run directory (`metrics.jsonl` and `samples.jsonl`) and writes ONE self-contained HTML
+file (default `<run_dir>/report.html`, written atomically) that opens from disk with no server:
+inline CSS, inline SVG charts drawn here in Python, and a little inline vanilla JS for the
+controls. Nothing is loaded from the network.
+
+    python -m trainer.report RUN_DIR [--out FILE]
+
+prints the path of the report; exit code 2 with one `error: ...` line when RUN_DIR holds neither
+`metrics.jsonl` nor `samples.jsonl`. From Python: `write_report(run_dir, out=None) -> Path`.
+
+What the report shows, top to bottom:
+  * a header (run name, steps, sample events, alerts with a link to the first one);
+  * the train/val loss chart (alert steps drawn as red vertical lines that link to the alert) and
+    the reward chart (every metric containing "/reward/" plus "val/exact_match");
+  * the list of alerts, each linking to its row;
+  * controls: filter prompts by text, expand / collapse all, only prompts with alerts, diff on/off;
+  * one collapsed `<details class="timeline">` per prompt (in order of first appearance) with one
+    row per event: the generation with the words changed since the previous event of the same
+    prompt (and the same prefix, so greedy validations are not compared with sampled RL
+    generations) marked `<ins>` / `<del>`, its signals and rewards, and its alerts in place.
+
+All text from the run is escaped with `html.escape`; the page embeds no data in scripts.
+The inline JS sets `document.body.dataset.ready = "1"` once initialised; a handler installed in
+`<head>` writes any uncaught error into `<div id="js-errors">` (the browser test checks both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import html
+import json
+import math
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from trainer.tracking.file import METRICS_FILE, read_metrics
+
+SAMPLES_FILE = "samples.jsonl"
+REPORT_FILE = "report.html"
+MAX_POINTS = 500  # per chart series
+PREVIEW_CHARS = 110
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
-def write_report(run_dir: Path) -> Path:
-    raise NotImplementedError("report")
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading samples.jsonl
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def read_samples(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(samples, alerts) from `<run_dir>/samples.jsonl`.
+
+    Broken lines (a torn last line after a crash) are skipped. After a resume the same
+    (step, stage, prompt_id) sample, or the same (step, stage, prompt_id, rule) alert, can appear
+    twice: the last one wins. Samples are sorted by step then index, alerts by step (stable).
+    """
+    path = Path(run_dir) / SAMPLES_FILE
+    samples: dict[tuple, dict] = {}
+    alerts: dict[tuple, dict] = {}
+    if not path.exists():
+        return [], []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or "step" not in record:
+                continue
+            try:
+                record["step"] = int(record["step"])
+            except (TypeError, ValueError):
+                continue
+            stage = str(record.get("stage", ""))
+            kind = record.get("kind", "sample" if "generation" in record else None)
+            if kind == "sample":
+                record["index"] = _int(record.get("index"), 0)
+                pid = record.get("prompt_id") or f"#{record.get('prefix', '')}:{record['index']}"
+                record["prompt_id"] = str(pid)
+                key = (record["step"], stage, record["prompt_id"])
+                samples.pop(key, None)  # keep the position of the last copy too
+                samples[key] = record
+            elif kind == "alert":
+                pid = record.get("prompt_id")
+                record["prompt_id"] = None if pid is None else str(pid)
+                key = (record["step"], stage, record["prompt_id"], str(record.get("rule", "")))
+                alerts.pop(key, None)
+                alerts[key] = record
+    sample_list = sorted(samples.values(), key=lambda r: (r["step"], r["index"]))
+    alert_list = sorted(alerts.values(), key=lambda r: r["step"])
+    return sample_list, alert_list
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        if float(value).is_integer() and abs(value) < 1e9:
+            return str(int(value))
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    if value is None:
+        return "–"
+    return str(value)
+
+
+def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Word diff
+
+_WORD = re.compile(r"(\S+)(\s*)")
+
+
+def word_diff(previous: Optional[str], current: str) -> str:
+    """`current` as escaped HTML with the words changed since `previous` in <ins>/<del>.
+
+    Whitespace-split tokens are compared with difflib.SequenceMatcher; the whitespace of the
+    current text (newlines included) is kept. With no previous text, the plain escaped text.
+    """
+    current = current or ""
+    leading = current[: len(current) - len(current.lstrip())]
+    cur = _WORD.findall(current)  # [(word, following whitespace)]
+    if previous is None:
+        return esc(current)
+    prev_words = (previous or "").split()
+    cur_words = [w for w, _ in cur]
+    matcher = difflib.SequenceMatcher(None, prev_words, cur_words, autojunk=False)
+    out = [esc(leading)]
+
+    def span(i1: int, i2: int) -> str:
+        return "".join(esc(w) + esc(s) for w, s in cur[i1:i2])
+
+    def split_trailing(i1: int, i2: int) -> tuple[str, str]:
+        # keep the whitespace after the last changed word outside the <ins>
+        text = "".join(esc(w) + (esc(s) if k < i2 - 1 else "") for k, (w, s) in enumerate(cur[i1:i2], start=i1))
+        return text, esc(cur[i2 - 1][1])
+
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            out.append(span(j1, j2))
+            continue
+        if tag in ("delete", "replace"):
+            at_end = j1 == len(cur)
+            out.append((" " if at_end and j1 > 0 else "") + "<del>" + esc(" ".join(prev_words[i1:i2])) + "</del>")
+            out.append(" " if tag == "replace" or not at_end else "")
+        if tag in ("insert", "replace"):
+            text, trailing = split_trailing(j1, j2)
+            out.append("<ins>" + text + "</ins>" + trailing)
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# SVG charts
+
+
+def _downsample(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """At most `limit` points: per bucket its min and max (in step order), so spikes survive."""
+    if len(points) <= limit:
+        return points
+    buckets = max(1, limit // 2)
+    n = len(points)
+    out: list[tuple[float, float]] = []
+    for b in range(buckets):
+        chunk = points[b * n // buckets : (b + 1) * n // buckets]
+        if not chunk:
+            continue
+        lo = min(range(len(chunk)), key=lambda i: chunk[i][1])
+        hi = max(range(len(chunk)), key=lambda i: chunk[i][1])
+        for i in sorted({lo, hi}):
+            out.append(chunk[i])
+    return out[:limit]
+
+
+def _nice_ticks(lo: float, hi: float, target: int = 6, integer: bool = False) -> tuple[float, float, list[float]]:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    span = hi - lo
+    raw = span / max(1, target)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = mag
+    for m in ((1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)):
+        step = m * mag
+        if span / step <= target:
+            break
+    if integer:
+        step = max(1.0, round(step))
+    start = math.floor(lo / step + 1e-9) * step
+    end = math.ceil(hi / step - 1e-9) * step
+    count = int(round((end - start) / step))
+    ticks = [start + i * step for i in range(count + 1)]
+    return start, end, ticks
+
+
+def _tick_label(value: float) -> str:
+    value = round(value, 10)
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.3g}"
+    return f"{value:g}"
+
+
+def svg_chart(
+    chart_id: str,
+    title: str,
+    series: Sequence[tuple[str, list[tuple[float, float]]]],
+    markers: Sequence[tuple[int, str, str]] = (),
+    y_label: str = "",
+) -> str:
+    """An inline SVG line chart. `series`: (name, [(step, value)]); `markers`: (step, tooltip, href)."""
+    width, plot_h = 960, 260
+    left, right, top = 68, 20, 30
+    plot_w = width - left - right
+    # legend layout: wrap items over rows
+    items = [(name, PALETTE[i % len(PALETTE)], "line") for i, (name, _) in enumerate(series)]
+    if markers:
+        items.append(("alert", "#d62728", "marker"))
+    rows, x, row = [[]], 0, 0
+    for item in items:
+        w = 34 + 7 * len(item[0])
+        if x + w > plot_w and rows[-1]:
+            rows.append([])
+            x = 0
+        rows[-1].append((x, item))
+        x += w + 14
+    legend_top = top + plot_h + 44
+    height = legend_top + 18 * len(rows) + 6
+
+    steps = [p[0] for _, pts in series for p in pts] + [m[0] for m in markers]
+    values = [p[1] for _, pts in series for p in pts]
+    x0, x1, xticks = _nice_ticks(min(steps), max(steps), target=8, integer=True)
+    y0, y1, yticks = _nice_ticks(min(values), max(values), target=6)
+
+    def px(step: float) -> float:
+        return round(left + (step - x0) / (x1 - x0) * plot_w, 1)
+
+    def py(value: float) -> float:
+        return round(top + (1 - (value - y0) / (y1 - y0)) * plot_h, 1)
+
+    out = [
+        f'<svg class="chart" id="{esc(chart_id)}-svg" data-chart="{esc(chart_id)}" xmlns="http://www.w3.org/2000/svg" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" aria-label="{esc(title)}">',
+        f'<text class="chart-title" x="{left}" y="{top - 12}">{esc(title)}</text>',
+        '<g class="grid">',
+    ]
+    for t in yticks:
+        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t)}" y2="{py(t)}"/>')
+    out.append("</g>")
+    out.append(f'<g class="axis y-axis"><line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}"/>')
+    for t in yticks:
+        out.append(f'<line x1="{left - 5}" x2="{left}" y1="{py(t)}" y2="{py(t)}"/>'
+                   f'<text class="tick" x="{left - 8}" y="{py(t) + 4}" text-anchor="end">{_tick_label(t)}</text>')
+    if y_label:
+        out.append(f'<text class="axis-label" transform="translate(16 {top + plot_h / 2}) rotate(-90)" text-anchor="middle">{esc(y_label)}</text>')
+    out.append("</g>")
+    out.append(f'<g class="axis x-axis"><line x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" y2="{top + plot_h}"/>')
+    for t in xticks:
+        out.append(f'<line x1="{px(t)}" x2="{px(t)}" y1="{top + plot_h}" y2="{top + plot_h + 5}"/>'
+                   f'<text class="tick" x="{px(t)}" y="{top + plot_h + 18}" text-anchor="middle">{_tick_label(t)}</text>')
+    out.append(f'<text class="axis-label" x="{left + plot_w / 2}" y="{top + plot_h + 36}" text-anchor="middle">step</text></g>')
+
+    if markers:
+        out.append('<g class="alert-markers">')
+        for step, tip, href in markers:
+            out.append(f'<a href="{esc(href)}" class="alert-link"><line class="alert-marker" data-step="{int(step)}" '
+                       f'x1="{px(step)}" x2="{px(step)}" y1="{top}" y2="{top + plot_h}"/><title>{esc(tip)}</title></a>')
+        out.append("</g>")
+
+    for i, (name, pts) in enumerate(series):
+        color = PALETTE[i % len(PALETTE)]
+        pts = _downsample(pts)
+        coords = " ".join(f"{px(s)},{py(v)}" for s, v in pts)
+        out.append(f'<g class="series" data-series="{esc(name)}" data-points="{len(pts)}" style="color:{color}">'
+                   f'<polyline class="series-line" points="{coords}"><title>{esc(name)}</title></polyline>')
+        if len(pts) <= 60:
+            for s, v in pts:
+                out.append(f'<circle cx="{px(s)}" cy="{py(v)}" r="3"><title>{esc(name)} @ step {_tick_label(s)}: {esc(_num(v, 4))}</title></circle>')
+        out.append("</g>")
+
+    out.append('<g class="legend">')
+    for r, row_items in enumerate(rows):
+        y = legend_top + 18 * r
+        for x, (name, color, kind) in row_items:
+            lx = left + x
+            cls = "legend-item alert-legend" if kind == "marker" else "legend-item"
+            attr = "" if kind == "marker" else f' data-series="{esc(name)}"'
+            dash = ' stroke-dasharray="4 3"' if kind == "marker" else ""
+            out.append(f'<g class="{cls}"{attr}><line x1="{lx}" x2="{lx + 24}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"{dash}/>'
+                       f'<text x="{lx + 30}" y="{y + 4}">{esc(name)}</text></g>')
+    out.append("</g></svg>")
+    return "".join(out)
+
+
+def _series(metrics: dict[int, dict[str, float]], name: str) -> list[tuple[float, float]]:
+    return [(step, float(m[name])) for step, m in metrics.items() if _finite(m.get(name))]
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+
+
+CSS = """
+*{box-sizing:border-box}
+[hidden]{display:none!important}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1240px;margin:0 auto;padding:16px 20px 80px}
+h1{font-size:22px;margin:4px 0 8px;word-break:break-all}
+h2{font-size:17px;margin:22px 0 8px}
+code,pre,.gen{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+#header .stats{display:flex;flex-wrap:wrap;gap:8px 18px;list-style:none;padding:0;margin:0}
+#header .stats li{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:4px 10px}
+.chart-box{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px;margin:10px 0;overflow-x:auto}
+svg.chart{max-width:100%;height:auto;display:block}
+svg.chart text{font-size:12px;fill:#444}
+svg.chart .chart-title{font-size:14px;font-weight:600;fill:#1d2330}
+svg.chart .grid line{stroke:#eceef2}
+svg.chart .axis line{stroke:#888}
+svg.chart .series-line{fill:none;stroke:currentColor;stroke-width:1.6;stroke-linejoin:round}
+svg.chart .series circle{fill:currentColor}
+svg.chart .series.off{display:none}
+svg.chart .legend-item{cursor:pointer}
+svg.chart .legend-item.off{opacity:.35}
+svg.chart .alert-marker{stroke:#d62728;stroke-width:1.4;stroke-dasharray:4 3;opacity:.75}
+svg.chart a:hover .alert-marker{stroke-width:3;opacity:1}
+.chart-empty{color:#777;font-style:italic;margin:6px 0}
+#alerts-box{background:#fff5f5;border:1px solid #f0c4c4;border-radius:8px;padding:6px 12px;margin:12px 0}
+#alerts-box summary{font-weight:600;cursor:pointer}
+#alert-list{margin:6px 0;padding-left:22px;max-height:320px;overflow:auto}
+#alert-list li{margin:2px 0}
+.rule{font-weight:600;color:#b3261e}
+#controls{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;background:#f6f7f9ee;padding:8px 0;border-bottom:1px solid #dde1e7;margin-bottom:8px}
+#prompt-filter{min-width:280px;padding:5px 8px;border:1px solid #bbc;border-radius:5px}
+#controls button{padding:4px 10px;border:1px solid #bbc;background:#fff;border-radius:5px;cursor:pointer}
+#visible-count{color:#666}
+details.timeline,details.event-alerts{background:#fff;border:1px solid #dde1e7;border-radius:8px;margin:6px 0}
+details.has-alerts{border-left:4px solid #d62728}
+details>summary{cursor:pointer;padding:7px 10px;display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}
+details[open]>summary{border-bottom:1px solid #eceef2}
+.pnum{color:#888;font-variant-numeric:tabular-nums}
+.prompt-preview{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;flex:1 1 420px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.meta{color:#555;font-size:12.5px}
+.badge{background:#d62728;color:#fff;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600}
+.timeline-body{padding:8px 12px 12px}
+.prompt-full{display:grid;grid-template-columns:90px 1fr;gap:4px 10px;margin-bottom:8px}
+.prompt-full pre{margin:0;white-space:pre-wrap;word-break:break-word;background:#f3f4f7;padding:6px 8px;border-radius:5px;max-height:240px;overflow:auto}
+.label{color:#666;font-weight:600}
+table.events{border-collapse:collapse;width:100%;table-layout:fixed}
+table.events th{text-align:left;font-size:12px;color:#666;border-bottom:1px solid #dde1e7;padding:4px 6px}
+table.events td{vertical-align:top;border-bottom:1px solid #eceef2;padding:5px 6px}
+col.c-step{width:64px}col.c-stage{width:120px}col.c-signals{width:190px}col.c-rewards{width:150px}
+.stage small{display:block;color:#777}
+.gen{white-space:pre-wrap;word-break:break-word;max-height:260px;overflow:auto}
+ins{background:#d8f5d8;color:#0b5d0b;text-decoration:none;border-radius:2px}
+del{background:#fbdcdc;color:#9b1c1c;border-radius:2px}
+body.no-diff del{display:none}
+body.no-diff ins{background:none;color:inherit}
+.signals,.rewards{font-size:12px;color:#333}
+.signals span,.rewards span{display:inline-block;margin-right:8px}
+.warn{color:#b3261e;font-weight:600}
+tr.has-alert>td{background:#fff8f8}
+tr.alert-row>td{background:#fde7e7;color:#7c1212;font-size:13px}
+tr.alert-row:target>td,tr.flash>td{outline:2px solid #d62728;background:#fbcaca}
+.tag{display:inline-block;background:#f3d0d0;color:#7c1212;border-radius:4px;padding:0 5px;margin:1px 3px 1px 0;font-size:11.5px}
+#js-errors{position:fixed;bottom:0;left:0;right:0;background:#b3261e;color:#fff;padding:6px 12px;white-space:pre-wrap;font-family:monospace;z-index:10}
+"""
+
+# Installed first (in <head>) so errors of later scripts, syntax errors included, are recorded.
+JS_ERRORS = """
+window.__reportErrors = [];
+window.addEventListener("error", function (e) {
+  var msg = (e && e.message ? e.message : String(e)) + (e && e.lineno ? " (line " + e.lineno + ")" : "");
+  window.__reportErrors.push(msg);
+  var box = document.getElementById("js-errors");
+  if (box) { box.hidden = false; box.textContent += msg + "\\n"; }
+});
+window.addEventListener("unhandledrejection", function (e) {
+  window.__reportErrors.push("unhandled rejection: " + (e && e.reason));
+});
+"""
+
+JS_MAIN = """
+(function () {
+  "use strict";
+  var body = document.body;
+  var box = document.getElementById("js-errors");
+  if (box && window.__reportErrors && window.__reportErrors.length) {
+    box.hidden = false; box.textContent = window.__reportErrors.join("\\n") + "\\n";
+  }
+  var timelines = Array.prototype.slice.call(document.querySelectorAll("details.timeline"));
+  var texts = timelines.map(function (d) {
+    var p = d.querySelector(".prompt-text"), r = d.querySelector(".reference-text");
+    return ((p ? p.textContent : "") + "\\n" + (r ? r.textContent : "") + "\\n" + (d.getAttribute("data-prompt-id") || "")).toLowerCase();
+  });
+  var filter = document.getElementById("prompt-filter");
+  var onlyAlerts = document.getElementById("only-alerts");
+  var count = document.getElementById("visible-count");
+
+  function apply() {
+    var q = filter.value.trim().toLowerCase(), only = onlyAlerts.checked, shown = 0;
+    timelines.forEach(function (d, i) {
+      var ok = (!q || texts[i].indexOf(q) !== -1) && (!only || Number(d.getAttribute("data-alerts")) > 0);
+      d.hidden = !ok;
+      if (ok) shown++;
+    });
+    count.textContent = shown + " of " + timelines.length + " prompts shown";
+  }
+  filter.addEventListener("input", apply);
+  onlyAlerts.addEventListener("change", apply);
+  document.getElementById("expand-all").addEventListener("click", function () {
+    timelines.forEach(function (d) { if (!d.hidden) d.open = true; });
+  });
+  document.getElementById("collapse-all").addEventListener("click", function () {
+    timelines.forEach(function (d) { d.open = false; });
+  });
+  var diff = document.getElementById("show-diff");
+  diff.addEventListener("change", function () { body.classList.toggle("no-diff", !diff.checked); });
+
+  // Open everything around an anchor (its <details>, un-hiding a filtered timeline) and flash it.
+  function reveal(id) {
+    var el = id && document.getElementById(id);
+    if (!el) return false;
+    var t = el.closest("details.timeline");
+    if (t && t.hidden) { filter.value = ""; onlyAlerts.checked = false; apply(); }
+    for (var p = el.parentElement; p; p = p.parentElement) {
+      if (p.tagName === "DETAILS") p.open = true;
+    }
+    var old = document.querySelectorAll(".flash");
+    for (var i = 0; i < old.length; i++) old[i].classList.remove("flash");
+    el.classList.add("flash");
+    return el;
+  }
+  document.addEventListener("click", function (e) {
+    var a = e.target && e.target.closest ? e.target.closest("a") : null;
+    if (!a) return;
+    var href = a.getAttribute("href") || "";
+    if (href.charAt(0) !== "#" || href.length < 2) return;
+    var el = reveal(decodeURIComponent(href.slice(1)));
+    // native fragment navigation then scrolls to the (now visible) row; do it too when the
+    // hash already points there and the browser would not scroll again
+    if (el && location.hash === href) { e.preventDefault(); el.scrollIntoView({block: "center"}); }
+  });
+  window.addEventListener("hashchange", function () {
+    var el = reveal(decodeURIComponent(location.hash.slice(1)));
+    if (el) el.scrollIntoView({block: "center"});
+  });
+  if (location.hash.length > 1) {
+    var first = reveal(decodeURIComponent(location.hash.slice(1)));
+    if (first) first.scrollIntoView({block: "center"});
+  }
+
+  // Chart legends: click to hide / show a series.
+  Array.prototype.forEach.call(document.querySelectorAll("svg.chart .legend-item[data-series]"), function (item) {
+    item.addEventListener("click", function () {
+      var name = item.getAttribute("data-series"), svg = item.closest("svg");
+      var off = !item.classList.contains("off");
+      item.classList.toggle("off", off);
+      Array.prototype.forEach.call(svg.querySelectorAll("g.series"), function (g) {
+        if (g.getAttribute("data-series") === name) g.classList.toggle("off", off);
+      });
+    });
+  });
+
+  apply();
+  body.dataset.ready = "1";
+})();
+"""
+
+
+def _alert_label(alert: dict, prompt_numbers: dict[str, int]) -> str:
+    pid = alert.get("prompt_id")
+    where = "all prompts" if pid is None else (f"prompt #{prompt_numbers[pid]}" if pid in prompt_numbers else f"prompt {pid}")
+    return f"step {alert['step']} · {alert.get('stage', '')} · {alert.get('rule', '')} · {where}"
+
+
+def _alert_row(alert: dict, colspan: int = 5) -> str:
+    synthetic = ' <span class="meta">(from the sample record)</span>' if alert.get("synthetic") else ""
+    return (
+        f'<tr class="alert-row rule-{esc(re.sub(r"[^A-Za-z0-9_-]", "_", str(alert.get("rule", ""))))}" id="{alert["anchor"]}">'
+        f'<td colspan="{colspan}">⚠ <span class="rule">{esc(alert.get("rule", ""))}</span> '
+        f'<span class="meta">step {alert["step"]} · {esc(alert.get("stage", ""))}</span> — '
+        f'<span class="alert-message">{esc(alert.get("message", ""))}</span>{synthetic}</td></tr>'
+    )
+
+
+def _settings_text(settings: Any) -> str:
+    if not isinstance(settings, dict) or not settings:
+        return ""
+    if settings.get("do_sample") is False:
+        mode = "greedy"
+    else:
+        mode = f"T={_num(settings.get('temperature'))} top_p={_num(settings.get('top_p'))} top_k={_num(settings.get('top_k'))}"
+    return f"{mode} · max {_num(settings.get('max_new_tokens'))} · seed {_num(settings.get('seed'))}"
+
+
+def _signals_html(sample: dict) -> str:
+    sig = sample.get("signals") if isinstance(sample.get("signals"), dict) else {}
+    parts = []
+    length = sig.get("length_tokens", sample.get("generated_tokens"))
+    parts.append(f"<span>len {esc(_num(length))}</span>")
+    hit = sig.get("hit_limit", None if "stopped_at_eos" not in sample else not sample.get("stopped_at_eos"))
+    if hit:
+        parts.append('<span class="warn">hit limit</span>')
+    rep = sig.get("repetition")
+    rep_cls = ' class="warn"' if _finite(rep) and rep >= 0.5 else ""
+    parts.append(f"<span{rep_cls}>rep {esc(_num(rep, 2))}</span>")
+    em = sig.get("exact_match")
+    if _finite(em):
+        parts.append(f'<span class="{"em-ok" if em >= 1 else "warn"}">EM {esc(_num(em))}</span>')
+    else:
+        parts.append("<span>EM –</span>")
+    parts.append(f"<span>sim {esc(_num(sig.get('similarity_to_previous'), 2))}</span>")
+    tags = sample.get("alerts") or []
+    if isinstance(tags, list) and tags:
+        parts.append("<br>" + "".join(f'<span class="tag">{esc(t)}</span>' for t in tags))
+    return "".join(parts)
+
+
+def _rewards_html(rewards: Any) -> str:
+    if not isinstance(rewards, dict) or not rewards:
+        return '<span class="meta">–</span>'
+    return "".join(f"<span>{esc(k)} {esc(_num(v))}</span>" for k, v in rewards.items())
+
+
+def _latest_text(sample: dict) -> str:
+    sig = sample.get("signals") if isinstance(sample.get("signals"), dict) else {}
+    bits = []
+    em = sig.get("exact_match")
+    if _finite(em):
+        bits.append(f"EM {_num(em)}")
+    rewards = sample.get("rewards") if isinstance(sample.get("rewards"), dict) else {}
+    bits += [f"{k} {_num(v)}" for k, v in rewards.items()]
+    return " · ".join(esc(b) for b in bits)
+
+
+def _prepare_alerts(samples: list[dict], alerts: list[dict]) -> list[dict]:
+    """Alert records plus in-sample alert strings no record covers, numbered in step order."""
+    by_event: dict[tuple, list[dict]] = {}
+    for a in alerts:
+        by_event.setdefault((a["step"], str(a.get("stage", "")), a.get("prompt_id")), []).append(a)
+    extra = []
+    for s in samples:
+        tags = s.get("alerts")
+        if not isinstance(tags, list):
+            continue
+        recs = by_event.get((s["step"], str(s.get("stage", "")), s["prompt_id"]), [])
+        for tag in tags:
+            tag = str(tag)
+            if any(tag in (str(r.get("rule")), str(r.get("message"))) or str(r.get("rule")) in tag for r in recs):
+                continue
+            extra.append({"kind": "alert", "step": s["step"], "stage": s.get("stage", ""), "rule": tag,
+                          "prompt_id": s["prompt_id"], "message": tag, "synthetic": True})
+    merged = sorted([dict(a) for a in alerts] + extra, key=lambda a: a["step"])
+    for n, a in enumerate(merged, start=1):
+        a["anchor"] = f"alert-{n}"
+    return merged
+
+
+def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], alerts: list[dict]) -> str:
+    """The whole page as a string (pure: no file access)."""
+    alerts = _prepare_alerts(samples, alerts)
+
+    # prompts in order of first appearance
+    prompts: dict[str, list[dict]] = {}
+    for s in samples:
+        prompts.setdefault(s["prompt_id"], []).append(s)
+    prompt_numbers = {pid: n for n, pid in enumerate(prompts, start=1)}
+    alerts_by_prompt: dict[str, list[dict]] = {}
+    event_wide: list[dict] = []
+    for a in alerts:
+        pid = a.get("prompt_id")
+        if pid is not None and pid in prompts:
+            alerts_by_prompt.setdefault(pid, []).append(a)
+        else:
+            event_wide.append(a)
+
+    events = {(s["step"], str(s.get("stage", "")), str(s.get("prefix", ""))) for s in samples}
+    steps = sorted(set(metrics) | {s["step"] for s in samples})
+    parts: list[str] = []
+    w = parts.append
+
+    # ---- header
+    w('<header id="header">')
+    w(f'<h1>Run report: <span id="run-name">{esc(run_name)}</span></h1><ul class="stats">')
+    last = f" (last {steps[-1]})" if steps else ""
+    w(f'<li id="stat-steps" data-value="{len(steps)}"><b>{len(steps)}</b> steps{last}</li>')
+    w(f'<li id="stat-events" data-value="{len(events)}"><b>{len(events)}</b> sample events · {len(prompts)} prompts</li>')
+    first = f' — <a id="first-alert-link" class="alert-link" href="#{alerts[0]["anchor"]}">jump to first alert</a>' if alerts else ""
+    w(f'<li id="stat-alerts" data-value="{len(alerts)}"><b>{len(alerts)}</b> alerts{first}</li>')
+    w("</ul></header>")
+
+    # ---- charts
+    w('<section id="charts"><h2>Curves</h2>')
+    loss_series = [(name, _series(metrics, name)) for name in ("train/loss", "val/loss")]
+    loss_series = [(n, p) for n, p in loss_series if p]
+    markers = []
+    seen_steps: dict[int, list[dict]] = {}
+    for a in alerts:
+        seen_steps.setdefault(a["step"], []).append(a)
+    for step, group in seen_steps.items():
+        tip = "\n".join(f"step {a['step']} {a.get('rule', '')}: {_preview(a.get('message', ''), 120)}" for a in group[:8])
+        if len(group) > 8:
+            tip += f"\n… {len(group) - 8} more"
+        markers.append((step, tip, "#" + group[0]["anchor"]))
+    if loss_series:
+        w(f'<div class="chart-box" id="chart-loss">{svg_chart("chart-loss", "Loss (train / val)", loss_series, markers, "loss")}</div>')
+    else:
+        w('<p class="chart-empty" id="chart-loss-empty">No loss chart: no train/loss or val/loss in metrics.jsonl.</p>')
+    names = sorted({k for m in metrics.values() for k in m if "/reward/" in k})
+    if any("val/exact_match" in m for m in metrics.values()):
+        names.append("val/exact_match")
+    reward_series = [(n, p) for n, p in ((n, _series(metrics, n)) for n in names) if p]
+    if reward_series:
+        w(f'<div class="chart-box" id="chart-rewards">{svg_chart("chart-rewards", "Rewards and exact match", reward_series, (), "value")}</div>')
+    else:
+        w('<p class="chart-empty" id="chart-rewards-empty">No reward chart: no */reward/* or val/exact_match metric.</p>')
+    w("</section>")
+
+    # ---- alert list
+    if alerts:
+        open_attr = " open" if len(alerts) <= 50 else ""
+        w(f'<details id="alerts-box"{open_attr}><summary>Alerts ({len(alerts)})</summary><ol id="alert-list">')
+        for a in alerts:
+            w(f'<li class="alert-item"><a class="alert-link" href="#{a["anchor"]}">{esc(_alert_label(a, prompt_numbers))}</a> — '
+              f'{esc(_preview(a.get("message", ""), 200))}</li>')
+        w("</ol></details>")
+    else:
+        w('<p id="no-alerts" class="meta">No alerts.</p>')
+
+    # ---- controls
+    w('<section id="controls">'
+      '<input id="prompt-filter" type="search" placeholder="Filter prompts…" aria-label="Filter prompts">'
+      '<button id="expand-all" type="button">Expand all</button>'
+      '<button id="collapse-all" type="button">Collapse all</button>'
+      '<label><input id="only-alerts" type="checkbox"> only prompts with alerts</label>'
+      '<label><input id="show-diff" type="checkbox" checked> word diff</label>'
+      f'<span id="visible-count">{len(prompts)} prompts</span></section>')
+
+    # ---- timelines
+    w(f'<section id="timelines"><h2>Prompts ({len(prompts)})</h2>')
+    if event_wide:
+        w(f'<details class="event-alerts" id="event-alerts"><summary><b>Event-wide alerts</b> '
+          f'<span class="badge">{len(event_wide)}</span></summary><div class="timeline-body"><table class="events"><tbody>')
+        for a in event_wide:
+            w(_alert_row(a, colspan=1))
+        w("</tbody></table></div></details>")
+    if not prompts:
+        w('<p class="meta" id="no-samples">No samples in samples.jsonl.</p>')
+    for pid, rows in prompts.items():
+        num = prompt_numbers[pid]
+        p_alerts = alerts_by_prompt.get(pid, [])
+        by_event: dict[tuple, list[dict]] = {}
+        for a in p_alerts:
+            by_event.setdefault((a["step"], str(a.get("stage", ""))), []).append(a)
+        latest = rows[-1]
+        prompt_text = str(latest.get("prompt", ""))
+        reference = latest.get("reference")
+        cls = "timeline has-alerts" if p_alerts else "timeline"
+        w(f'<details class="{cls}" id="prompt-{num}" data-prompt-id="{esc(pid)}" data-alerts="{len(p_alerts)}" data-events="{len(rows)}">')
+        badge = f'<span class="badge alert-badge" title="alerts for this prompt">{len(p_alerts)}</span>' if p_alerts else ""
+        latest_bits = _latest_text(latest)
+        w(f'<summary><span class="pnum">#{num}</span><span class="prompt-preview">{esc(_preview(prompt_text))}</span>'
+          f'<span class="meta">{len(rows)} events{" · latest " + latest_bits if latest_bits else ""}</span>{badge}</summary>')
+        w('<div class="timeline-body"><div class="prompt-full">'
+          f'<span class="label">Prompt</span><pre class="prompt-text">{esc(prompt_text)}</pre>'
+          f'<span class="label">Reference</span><pre class="reference-text">{esc(reference) if reference is not None else "–"}</pre>'
+          f'<span class="label">Prompt id</span><code>{esc(pid)}</code></div>')
+        w('<table class="events"><colgroup><col class="c-step"><col class="c-stage"><col class="c-gen"><col class="c-signals"><col class="c-rewards"></colgroup>'
+          "<thead><tr><th>Step</th><th>Stage</th><th>Generation (changes since the previous event)</th><th>Signals</th><th>Rewards</th></tr></thead><tbody>")
+        previous: dict[str, str] = {}  # prefix -> previous generation
+        placed: set[tuple] = set()
+        pending = sorted(by_event)  # alert events, to place alerts with no sample row at their step
+        for k, s in enumerate(rows, start=1):
+            key = (s["step"], str(s.get("stage", "")))
+            while pending and pending[0][0] < s["step"]:
+                orphan = pending.pop(0)
+                if orphan not in placed:
+                    for a in by_event[orphan]:
+                        w(_alert_row(a))
+                    placed.add(orphan)
+            ev_alerts = by_event.get(key, [])
+            has_alert = bool(ev_alerts) or bool(s.get("alerts"))
+            prefix = str(s.get("prefix", ""))
+            gen = str(s.get("generation", "") or "")
+            diff = word_diff(previous.get(prefix), gen)
+            previous[prefix] = gen
+            settings = _settings_text(s.get("settings"))
+            tokens = f"{_num(s.get('prompt_tokens'))} → {_num(s.get('generated_tokens'))} tok"
+            w(f'<tr class="event{" has-alert" if has_alert else ""}" id="p{num}-e{k}" data-step="{s["step"]}">'
+              f'<td class="step">{s["step"]}</td>'
+              f'<td class="stage">{esc(s.get("stage", ""))}<small>{esc(prefix)} #{esc(_num(s.get("index")))}</small>'
+              f'<small title="{esc(settings)}">{esc(tokens)}</small></td>'
+              f'<td><div class="gen">{diff}</div></td>'
+              f'<td class="signals">{_signals_html(s)}</td><td class="rewards">{_rewards_html(s.get("rewards"))}</td></tr>')
+            if key not in placed:
+                for a in ev_alerts:
+                    w(_alert_row(a))
+                placed.add(key)
+        for key in pending:
+            if key not in placed:
+                for a in by_event[key]:
+                    w(_alert_row(a))
+        w("</tbody></table></div></details>")
+    w("</section>")
+
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>Run report — {esc(run_name)}</title><style>{CSS}</style>"
+        f"<script>{JS_ERRORS}</script></head>\n<body><main>"
+        + "\n".join(parts)
+        + '</main><div id="js-errors" hidden></div>'
+        f"<script>{JS_MAIN}</script></body></html>\n"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
+    """Write the HTML report of `run_dir` to `out` (default `<run_dir>/report.html`); returns its path."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / REPORT_FILE
+    metrics = read_metrics(run_dir)
+    metrics = {step: {k: v for k, v in m.items() if _finite(v)} for step, m in metrics.items()}
+    samples, alerts = read_samples(run_dir)
+    name = run_dir.resolve().name or str(run_dir)
+    _atomic_write(out, render_report(name, metrics, samples, alerts))
+    return out
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.report", description="Write the self-contained HTML report of a run directory.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory with metrics.jsonl and/or samples.jsonl")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="where to write the report (default: RUN_DIR/report.html)")
+    args = parser.parse_args(None if argv is None else list(argv))
+    run_dir: Path = args.run_dir
+    if not ((run_dir / METRICS_FILE).is_file() or (run_dir / SAMPLES_FILE).is_file()):
+        print(f"error: {run_dir}: no {METRICS_FILE} or {SAMPLES_FILE} (not a run directory?)", file=sys.stderr)
+        return 2
+    try:
+        path = write_report(run_dir, args.out)
+    except OSError as exc:
+        print(f"error: cannot write the report: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from trainer.history import SampleHistory, exact_match
 from trainer.tracking import SampleEvent, SampleRecord, Tracking
 from workers.generation import Generated, GenerationSettings
 
@@ -27,16 +28,10 @@ def sample_seed(run_seed: int, pid: str) -> int:
     return int(hashlib.sha1(f"{run_seed}:{pid}".encode()).hexdigest()[:8], 16)
 
 
-def exact_match(generation: str, reference: Optional[str]) -> Optional[float]:
-    if reference is None:
-        return None
-    return float(generation.strip() == reference.strip())
-
-
 @dataclass
 class SampleLogger:
     tracking: Tracking
-    history: Optional[object] = None  # trainer.history.SampleHistory when sample history is on
+    history: Optional[SampleHistory] = None
 
     def log(
         self,
@@ -48,6 +43,7 @@ class SampleLogger:
         generations: Sequence[Generated],
         references: Sequence[Optional[str]],
         settings: GenerationSettings,
+        seeds: Sequence[int],
         generation_time_s: float,
         rewards: Optional[Sequence[dict[str, float]]] = None,
     ) -> dict[str, float]:
@@ -62,7 +58,6 @@ class SampleLogger:
                     reference=ref,
                     rewards=dict(rewards[i - 1]) if rewards else {},
                     prompt_id=prompt_id(gen.prompt_ids),
-                    signals={"num_tokens": gen.num_tokens, "hit_limit": not gen.stopped_at_eos},
                 )
             )
         event = SampleEvent(step=step, stage=stage, prefix=prefix, style=style, samples=records)
@@ -78,7 +73,7 @@ class SampleLogger:
             for name in rewards[0]:
                 metrics[f"{prefix}/reward/{name}"] = sum(r[name] for r in rewards) / len(rewards)
         if self.history is not None:
-            metrics.update(self.history.record(event, generations, settings))
+            metrics.update(self.history.record(event, generations, settings, seeds))
         self.tracking.log_samples(event)
         self.tracking.log_metrics(metrics, step)
         return metrics

@@ -48,7 +48,9 @@ def generation(step: int, i: int) -> str:
 
 
 def sample_event(step: int) -> SampleEvent:
-    samples = [SampleRecord(index=i, prompt=prompt(i), generation=generation(step, i), reference=str(2 + i)) for i in (1, 2)]
+    samples = [
+        SampleRecord(index=i, prompt=prompt(i), generation=generation(step, i), reference=str(2 + i)) for i in (1, 2)
+    ]
     return SampleEvent(step=step, stage="validation", prefix="val", style="validation", samples=samples)
 
 
@@ -164,7 +166,8 @@ def test_tensorboard_round_trip(tmp_path, caplog):
 
     def texts(tag: str) -> dict[int, str]:
         # PyTorch's add_text stores a string tensor under "<tag>/text_summary" (text plugin).
-        return {e.step: tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors(f"{tag}/text_summary")}
+        events = acc.Tensors(f"{tag}/text_summary")
+        return {e.step: tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in events}
 
     assert texts("val/sample_1_prompt") == {1: prompt(1), 2: prompt(1)}
     assert texts("val/sample_1_generation") == {1: generation(1, 1), 2: generation(2, 1)}
@@ -285,10 +288,13 @@ def test_wandb_offline_round_trip(tmp_path, caplog, monkeypatch):
     assert [(r["step"], r["sample"], r["generation"]) for r in rows_of(step_table)] == [
         (2, i, generation(2, i)) for i in (1, 2)
     ]
-    all_table = json.loads((files / history[2]["val/samples_all.path"]).read_text())
-    assert [(r["step"], r["sample"], r["prompt"]) for r in rows_of(all_table)] == [
+    # The cumulative table is incremental: each step's log holds only that step's new rows,
+    # and together they are every event so far.
+    increments = [json.loads((files / history[step]["val/samples_all.path"]).read_text()) for step in (1, 2)]
+    assert [(r["step"], r["sample"], r["prompt"]) for t in increments for r in rows_of(t)] == [
         (step, i, prompt(i)) for step in (1, 2) for i in (1, 2)
     ]
+    assert history[2]["val/samples_all._type"] == "incremental-table-file"
     assert history[2]["report._type"] == "html-file"
     assert (files / history[2]["report.path"]).read_text() == REPORT_HTML
 

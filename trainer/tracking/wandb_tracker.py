@@ -13,8 +13,8 @@ already logged, so the trainer logs in step order):
     <prefix>/sample_<i>_generation
     <prefix>/sample_<i>_reference     only when the sample has a reference
     <prefix>/samples                  wandb.Table of this event (SampleEvent.table_rows())
-    <prefix>/samples_all              wandb.Table of every event so far (rows kept in memory,
-                                      a new table each event)
+    <prefix>/samples_all              incremental wandb.Table of every event so far (each log
+                                      adds only the new rows)
     report                            an HTML file passed to log_artifact (wandb.Html, as is)
 
 Settings and clean-up, and why:
@@ -32,7 +32,6 @@ Settings and clean-up, and why:
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,6 @@ import wandb
 
 from trainer.tracking.base import SampleEvent, Tracker, TrackerContext, register_tracker
 
-log = logging.getLogger(__name__)
-
 DEFAULT_MODE = "offline"
 
 
@@ -50,7 +47,8 @@ def make_table(rows: list[dict[str, Any]]) -> "wandb.Table":
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    data = [[row.get(c) for c in columns] for row in rows]
+    return wandb.Table(columns=columns, data=data, allow_mixed_types=True)  # a cell type must not stop logging
 
 
 def _no_other_run_active() -> bool:
@@ -79,7 +77,7 @@ class WandbTracker(Tracker):
         )
         # (hook before, hook wandb put in its place) for sys.excepthook and sys.exit
         self._hooks = list(zip(saved_hooks, (sys.excepthook, sys.exit)))
-        self._all_rows: dict[str, list[dict[str, Any]]] = {}
+        self._cumulative: dict[str, "wandb.Table"] = {}
         self._last_step: int | None = None
         self._closed = False
 
@@ -109,10 +107,18 @@ class WandbTracker(Tracker):
                 data[f"{key}_reference"] = s.reference
         rows = event.table_rows()
         if rows:
-            all_rows = self._all_rows.setdefault(event.prefix, [])
-            all_rows.extend(rows)
             data[f"{event.prefix}/samples"] = make_table(rows)
-            data[f"{event.prefix}/samples_all"] = make_table(all_rows)
+            # An incremental table uploads only the new rows each time; re-logging the whole
+            # history as a new immutable table would grow quadratically over a run.
+            cumulative = self._cumulative.get(event.prefix)
+            if cumulative is None:
+                columns = list(dict.fromkeys(k for row in rows for k in row))
+                cumulative = self._cumulative[event.prefix] = wandb.Table(
+                    columns=columns, allow_mixed_types=True, log_mode="INCREMENTAL"
+                )
+            for row in rows:
+                cumulative.add_data(*[row.get(c) for c in cumulative.columns])
+            data[f"{event.prefix}/samples_all"] = cumulative
         self._log(data, event.step)
 
     def log_artifact(self, path: Path) -> None:

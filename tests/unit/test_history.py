@@ -1,0 +1,91 @@
+"""Sample history: signals, alert rules, and a file that survives crashes and resumes."""
+
+import json
+import logging
+
+import pytest
+
+from config.schema import AlertConfig
+from trainer.history import HISTORY_FILE, SampleHistory, read_records, repetition
+from trainer.tracking import SampleEvent, SampleRecord
+from workers.generation import Generated, GenerationSettings
+
+SETTINGS = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+
+
+def event(step, texts, references=None, rewards=None, token_ids=None, stopped=None, prefix="val"):
+    references = references or [None] * len(texts)
+    samples = [
+        SampleRecord(index=i + 1, prompt=f"p{i}", generation=t, reference=references[i], prompt_id=f"id{i}",
+                     rewards=(rewards[i] if rewards else {}))
+        for i, t in enumerate(texts)
+    ]
+    gens = [
+        Generated([1, 2], (token_ids[i] if token_ids else list(range(len(t) + 1))), t, True if stopped is None else stopped[i])
+        for i, t in enumerate(texts)
+    ]
+    return SampleEvent(step, "validation", prefix, "validation", samples), gens
+
+
+def record(history, step, texts, **kw):
+    ev, gens = event(step, texts, **kw)
+    return ev, history.record(ev, gens, SETTINGS, seeds=list(range(len(texts))))
+
+
+def test_repetition_share_of_repeated_trigrams():
+    assert repetition([1, 2, 3, 4, 5]) == 0.0
+    assert repetition([7, 7, 7, 7, 7, 7]) == pytest.approx(1 - 1 / 4)
+    assert repetition([1, 2]) == 0.0
+
+
+def test_records_carry_signals_and_similarity_to_the_previous_generation(tmp_path):
+    history = SampleHistory(tmp_path, AlertConfig())
+    record(history, 10, ["12", "hello world"], references=["12", "x"])
+    ev, metrics = record(history, 20, ["13", "hello world"], references=["12", "x"])
+    rows = [r for r in read_records(tmp_path / HISTORY_FILE) if r["kind"] == "sample"]
+    assert [(r["step"], r["index"]) for r in rows] == [(10, 1), (10, 2), (20, 1), (20, 2)]
+    assert rows[0]["signals"]["exact_match"] == 1.0 and rows[2]["signals"]["exact_match"] == 0.0
+    assert rows[0]["signals"]["similarity_to_previous"] is None
+    assert rows[3]["signals"]["similarity_to_previous"] == 1.0
+    assert rows[2]["signals"]["similarity_to_previous"] == pytest.approx(0.5)
+    assert rows[2]["settings"]["seed"] == 0 and rows[2]["settings"]["max_new_tokens"] == 8
+    assert metrics["val/similarity_to_previous_mean"] == pytest.approx(0.75)
+    assert metrics["val/alerts"] == 1.0  # exact match fell from 0.5 to 0.0
+    assert [r["rule"] for r in read_records(tmp_path / HISTORY_FILE) if r["kind"] == "alert"] == ["exact_match_drop"]
+
+
+def test_degeneration_and_collapse_rules(tmp_path, caplog):
+    history = SampleHistory(tmp_path, AlertConfig())
+    with caplog.at_level(logging.WARNING):
+        ev, metrics = record(history, 5, ["a b a b a b a b", "the the the the"], token_ids=[[1, 2] * 6, [3] * 8], stopped=[False, False])
+    rules = sorted(a.split(":")[0] for a in ev.alerts)
+    assert rules == ["degeneration", "degeneration", "degeneration"]  # two loops and all hit the limit
+    assert metrics["val/alert/degeneration"] == 3.0 and metrics["val/hit_limit_share"] == 1.0
+    assert "sample alert [degeneration] at step 5 (validation, prompt id0)" in caplog.text
+    ev, _ = record(history, 6, ["same answer", "same answer", "same answer"])
+    assert any(a.startswith("collapse:") for a in ev.alerts)
+
+
+def test_reward_drop_and_length_change(tmp_path):
+    history = SampleHistory(tmp_path, AlertConfig(metric_drop=0.2, length_change_ratio=2.0))
+    record(history, 1, ["abc", "abd"], rewards=[{"r": 1.0}, {"r": 0.8}], prefix="samples")
+    ev, _ = record(history, 2, ["abcabcabcabcabcabc", "x" * 20], rewards=[{"r": 0.5}, {"r": 0.4}], prefix="samples")
+    rules = {a.split(":")[0] for a in ev.alerts}
+    assert {"reward_drop", "length_change"} <= rules
+
+
+def test_resume_drops_later_records_and_a_torn_line_and_remembers_the_past(tmp_path):
+    history = SampleHistory(tmp_path, AlertConfig())
+    record(history, 10, ["12"], references=["12"])
+    record(history, 20, ["12"], references=["12"])
+    with open(tmp_path / HISTORY_FILE, "a") as f:
+        f.write('{"kind": "sample", "step": 30, "pro')  # crash mid-write
+    assert [r["step"] for r in read_records(tmp_path / HISTORY_FILE)] == [10, 20]  # the reader survives
+
+    resumed = SampleHistory(tmp_path, AlertConfig(), resume_step=10)
+    assert [r["step"] for r in read_records(tmp_path / HISTORY_FILE)] == [10]
+    ev, metrics = record(resumed, 20, ["13"], references=["12"])
+    assert ev.samples[0].signals["similarity_to_previous"] == pytest.approx(0.5)  # vs step 10's "12"
+    assert any(a.startswith("exact_match_drop") for a in ev.alerts)  # best so far came from before the resume
+    lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
+    assert all(json.loads(l) for l in lines) and [json.loads(l)["step"] for l in lines if '"sample"' in l] == [10, 20]
