@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Type, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Type, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -18,6 +18,7 @@ from config import env as env_module
 from config.schema import ConfigError
 
 T = TypeVar("T")
+_MISSING = object()
 
 DEMO_ASSETS = Path(__file__).resolve().parent / "demo_assets"
 
@@ -75,14 +76,19 @@ def resolve(
     cli_overrides: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
     world_size: int = 1,
+    preprocess: Callable[[dict], dict] | None = None,
 ) -> Resolved:
     env = env_module.environ() if env is None else env
-    raw = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg))
-    raw.pop("hydra", None)
+    container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    container.pop("hydra", None)
+    raw = OmegaConf.create(preprocess(container) if preprocess else container)
+    defaults = OmegaConf.structured(schema)
 
     cli_keys = override_keys(cli_overrides)
     resolved = Resolved(config=None)
     for key, (value, variable) in env_module.env_overrides(env).items():
+        if OmegaConf.select(defaults, key, default=_MISSING) is _MISSING:
+            continue  # this trainer has no such setting (e.g. generation.* in RL)
         if _set_by_cli(key, cli_keys):
             resolved.ignored_env[key] = variable
             continue
@@ -90,7 +96,7 @@ def resolve(
         resolved.from_env[key] = variable
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        merged = OmegaConf.merge(defaults, raw)
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _merge_error(err) from None

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import addition_rows, make_tiny_model, write_parquet  # noqa: E402
+from helpers import addition_rows, make_tiny_model, rl_rows, write_parquet  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,4 +24,14 @@ def tiny_data(tmp_path_factory) -> dict:
     return {
         "train": write_parquet(addition_rows(64, seed=1), root / "train.parquet"),
         "val": write_parquet(addition_rows(12, seed=2), root / "val.parquet"),
+    }
+
+
+@pytest.fixture(scope="session")
+def rl_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rl_data")
+    return {
+        "dir": root,
+        "train": write_parquet(rl_rows(32, seed=3), root / "rl_train.parquet"),
+        "val": write_parquet(rl_rows(6, seed=4), root / "rl_val.parquet"),
     }

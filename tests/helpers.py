@@ -73,7 +73,10 @@ def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
     proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+        # torchrun's own report fills the tail of stderr: show the children's errors first.
+        errors = [l for l in proc.stderr.splitlines() if ("Error" in l or "error:" in l) and "elastic" not in l]
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\nERRORS:\n" + "\n".join(errors[:20])
+                             + f"\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
 
 
@@ -81,3 +84,17 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     from trainer.tracking.file import read_metrics as _read
 
     return _read(run_dir)
+
+
+def rl_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompts in verl's RL layout (as its GSM8K preprocessing writes them)."""
+    return [
+        {
+            "data_source": "arithmetic",
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": r["response"]},
+            "extra_info": {"index": i},
+        }
+        for i, r in enumerate(addition_rows(n, seed))
+    ]

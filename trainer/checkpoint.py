@@ -30,6 +30,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from workers.fsdp import gather_full_state_dict
+from workers.model import build_from_config, save_hf
+
 log = logging.getLogger(__name__)
 
 POINTER = "latest_checkpointed_iteration.txt"
@@ -175,3 +178,33 @@ class Checkpointer:
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint")
             return path
         return self.latest()
+
+
+def export_hf_model(
+    model: torch.nn.Module,
+    model_config,
+    tokenizer,
+    out_dir: Path,
+    is_primary: bool,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> Optional[Path]:
+    """Collective. The model in Hugging Face format (safetensors + tokenizer), in the dtype the
+    original checkpoint declared; written beside `out_dir` and renamed into place."""
+    state = gather_full_state_dict(model)
+    if not is_primary:
+        return None
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    export = build_from_config(model_config, dtype, "cpu", trust_remote_code, attn_implementation)
+    export.load_state_dict(state, strict=False)
+    export.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(export, tokenizer, tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("exported the model in Hugging Face format to %s", out_dir)
+    return out_dir

@@ -1,9 +1,27 @@
-"""Command-line glue shared by the trainers' Hydra entry points."""
+"""Command-line glue shared by the trainers' entry points: config paths, logging set-up,
+one-line user errors, and the end of a run (report, trackers)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
+from transformers.utils import logging as transformers_logging
+
+from config.loading import Resolved, format_config
+from config.schema import ConfigError
+from trainer.data import DataError
+from trainer.tracking import TrackerUnavailable, Tracking
+from workers.model import ModelLoadError
+from workers.rewards import RewardError
+
+log = logging.getLogger("trainer")
+
+# Mistakes in what the user gave us: reported as one line, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, RewardError, FileNotFoundError)
 
 BUNDLED = "pkg://config"
 
@@ -33,3 +51,50 @@ def _resolve(path: str, cwd: Path) -> str:
     if Path(path).parts == ("config",):
         return BUNDLED
     return str(candidate)
+
+
+def setup_logging(level: int, rank: int) -> None:
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    logging.basicConfig(
+        level=level if rank == 0 else max(level, logging.WARNING),
+        format=prefix + "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "alembic", "git", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def user_errors_exit(rank: int) -> Iterator[None]:
+    try:
+        yield
+    except USER_ERRORS as err:
+        if rank == 0:  # every rank hits the same error; say it once
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def announce_config(resolved: Resolved, rank: int) -> None:
+    if rank != 0:
+        return
+    log.info("resolved config:\n%s", format_config(resolved.config, resolved.from_env))
+    for key, variable in resolved.from_env.items():
+        log.info("%s set from environment variable %s", key, variable)
+    for key, variable in resolved.ignored_env.items():
+        log.info("%s: environment variable %s ignored, the command line sets it", key, variable)
+
+
+def finish_run(run_dir: Path, tracking: Tracking, write_report_file: bool, is_primary: bool) -> None:
+    """The report (primary rank), handed to the trackers that can show it; then close them."""
+    if is_primary and write_report_file:
+        from trainer.report import write_report
+
+        try:
+            path = write_report(run_dir)
+            tracking.log_artifact(path)
+            log.info("report: %s", path)
+        except Exception as err:  # noqa: BLE001 - the report is optional; the run is done
+            log.warning("report failed: %s: %s", type(err).__name__, err)
+    tracking.close()

@@ -23,38 +23,32 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
 from config import env as env_config
-from config.loading import format_config, redact, resolve, to_dict
-from config.schema import ConfigError, SFTConfig
-from trainer.checkpoint import Checkpointer
-from trainer.cli import normalize_config_path
-from trainer.data import DataError, MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
+from config.loading import redact, resolve, to_dict
+from config.schema import SFTConfig
+from trainer.checkpoint import Checkpointer, export_hf_model
+from trainer.cli import announce_config, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.data import MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.report import write_report
 from trainer.samples import SampleLogger, prompt_id, sample_seed
-from trainer.tracking import TrackerContext, TrackerUnavailable, Tracking, check_available
+from trainer.tracking import TrackerContext, Tracking, check_available
 from workers.fsdp import (
     ShardingSpec,
-    device_mesh,
+    build_sharded_model,
+    compile_layers,
     full_grad_norm,
     gather_full_state_dict,
-    load_full_state_dict,
     param_count,
     resolve_dtypes,
-    shard_model,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers.model import ModelLoadError, build_from_config, load_config, load_pretrained, load_tokenizer, save_hf
+from workers.model import load_config, load_tokenizer
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
-
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, FileNotFoundError)
-
 
 def token_loss_sum(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
@@ -122,21 +116,12 @@ class FSDPSFTTrainer:
     # ------------------------------------------------------------------ setup
     def _build_model(self, spec: ShardingSpec) -> torch.nn.Module:
         cfg = self.cfg.model
-        if self.dist.is_primary:
-            model = load_pretrained(cfg.partial_pretrain, torch.float32, cfg.trust_remote_code, cfg.attn_implementation)
-            full_state = model.state_dict()
-        else:
-            model = build_from_config(self.model_config, torch.float32, "meta", cfg.trust_remote_code, cfg.attn_implementation)
-            full_state = {}
-        if cfg.enable_gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        shard_model(model, device_mesh(self.device, self.dist.world_size), spec)
-        load_full_state_dict(model, full_state, self.device)
+        model = build_sharded_model(
+            cfg.partial_pretrain, self.model_config, spec, self.device, self.dist.world_size,
+            cfg.trust_remote_code, cfg.attn_implementation, cfg.enable_gradient_checkpointing,
+        )
         if cfg.compile:
-            for layer in model.modules():
-                if type(layer).__name__ in set(getattr(model, "_no_split_modules", []) or []):
-                    layer.compile()
+            compile_layers(model)
         log.info("model: %s, %.2fM parameters, sharded over %d rank(s), compute %s", type(model).__name__,
                  param_count(model) / 1e6, self.dist.world_size, self.param_dtype)
         return model
@@ -314,67 +299,22 @@ class FSDPSFTTrainer:
         path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
         log.info("saved checkpoint %s", path)
 
-    def export_hf_model(self) -> Optional[Path]:
-        """Collective. The final model in Hugging Face format (safetensors + tokenizer)."""
-        state = gather_full_state_dict(self.model)
-        if not self.dist.is_primary:
-            return None
-        dtype = getattr(self.model_config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        export = build_from_config(self.model_config, dtype, "cpu", self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
-        export.load_state_dict(state, strict=False)
-        export.tie_weights()
-        out = self.run_dir / "hf_model"
-        tmp = self.run_dir / "hf_model.tmp"
-        save_hf(export, self.tokenizer, tmp)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        tmp.rename(out)
-        log.info("exported the final model to %s", out)
-        return out
-
     def finish(self) -> None:
         if self.cfg.trainer.export_hf_model:
-            self.export_hf_model()
-        if self.dist.is_primary and self.cfg.samples.report:
-            try:
-                path = write_report(self.run_dir)
-                self.tracking.log_artifact(path)
-                log.info("report: %s", path)
-            except Exception as err:  # noqa: BLE001
-                log.warning("report failed: %s: %s", type(err).__name__, err)
-        self.tracking.close()
+            export_hf_model(self.model, self.model_config, self.tokenizer, self.run_dir / "hf_model", self.dist.is_primary,
+                            self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
+        finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
 
 
 # ---------------------------------------------------------------------- entry point
-def setup_logging(level: int, rank: int) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING), format=fmt, stream=sys.stderr, force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "alembic", "git"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
-
-
 def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
     denv = env_config.dist_env()
-    try:
+    with user_errors_exit(denv.rank):
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
         resolved = resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), denv.world_size)
-        if denv.rank == 0:
-            log.info("resolved config:\n%s", format_config(resolved.config, resolved.from_env))
-            for key, variable in resolved.from_env.items():
-                log.info("%s set from environment variable %s", key, variable)
-            for key, variable in resolved.ignored_env.items():
-                log.info("%s: environment variable %s ignored, the command line sets it", key, variable)
+        announce_config(resolved, denv.rank)
         ctx = init_distributed(denv, resolved.config.trainer.device)
         trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
-    except USER_ERRORS as err:
-        if denv.rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     trainer.fit()
     teardown()
 

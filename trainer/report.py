@@ -257,7 +257,7 @@ def svg_chart(
             x = 0
         rows[-1].append((x, item))
         x += w + 14
-    legend_top = top + plot_h + 44
+    legend_top = top + plot_h + 56
     height = legend_top + 18 * len(rows) + 6
 
     steps = [p[0] for _, pts in series for p in pts] + [m[0] for m in markers]
@@ -291,7 +291,7 @@ def svg_chart(
     for t in xticks:
         out.append(f'<line x1="{px(t)}" x2="{px(t)}" y1="{top + plot_h}" y2="{top + plot_h + 5}"/>'
                    f'<text class="tick" x="{px(t)}" y="{top + plot_h + 18}" text-anchor="middle">{_tick_label(t)}</text>')
-    out.append(f'<text class="axis-label" x="{left + plot_w / 2}" y="{top + plot_h + 36}" text-anchor="middle">step</text></g>')
+    out.append(f'<text class="axis-label" x="{left + plot_w / 2}" y="{top + plot_h + 38}" text-anchor="middle">step</text></g>')
 
     if markers:
         out.append('<g class="alert-markers">')
@@ -344,7 +344,7 @@ code,pre,.gen{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;f
 #header .stats{display:flex;flex-wrap:wrap;gap:8px 18px;list-style:none;padding:0;margin:0}
 #header .stats li{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:4px 10px}
 .chart-box{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px;margin:10px 0;overflow-x:auto}
-svg.chart{max-width:100%;height:auto;display:block}
+svg.chart{width:100%;height:auto;display:block}
 svg.chart text{font-size:12px;fill:#444}
 svg.chart .chart-title{font-size:14px;font-weight:600;fill:#1d2330}
 svg.chart .grid line{stroke:#eceef2}
@@ -449,6 +449,10 @@ JS_MAIN = """
   var diff = document.getElementById("show-diff");
   diff.addEventListener("change", function () { body.classList.toggle("no-diff", !diff.checked); });
 
+  function fragment(hash) {
+    try { return decodeURIComponent(hash.slice(1)); } catch (err) { return hash.slice(1); }
+  }
+
   // Open everything around an anchor (its <details>, un-hiding a filtered timeline) and flash it.
   function reveal(id) {
     var el = id && document.getElementById(id);
@@ -468,17 +472,17 @@ JS_MAIN = """
     if (!a) return;
     var href = a.getAttribute("href") || "";
     if (href.charAt(0) !== "#" || href.length < 2) return;
-    var el = reveal(decodeURIComponent(href.slice(1)));
+    var el = reveal(fragment(href));
     // native fragment navigation then scrolls to the (now visible) row; do it too when the
     // hash already points there and the browser would not scroll again
     if (el && location.hash === href) { e.preventDefault(); el.scrollIntoView({block: "center"}); }
   });
   window.addEventListener("hashchange", function () {
-    var el = reveal(decodeURIComponent(location.hash.slice(1)));
+    var el = reveal(fragment(location.hash));
     if (el) el.scrollIntoView({block: "center"});
   });
   if (location.hash.length > 1) {
-    var first = reveal(decodeURIComponent(location.hash.slice(1)));
+    var first = reveal(fragment(location.hash));
     if (first) first.scrollIntoView({block: "center"});
   }
 
@@ -522,7 +526,7 @@ def _settings_text(settings: Any) -> str:
     if settings.get("do_sample") is False:
         mode = "greedy"
     else:
-        mode = f"T={_num(settings.get('temperature'))} top_p={_num(settings.get('top_p'))} top_k={_num(settings.get('top_k'))}"
+        mode = f"T={_num(settings.get('temperature'))} p={_num(settings.get('top_p'))} k={_num(settings.get('top_k'))}"
     return f"{mode} · max {_num(settings.get('max_new_tokens'))} · seed {_num(settings.get('seed'))}"
 
 
@@ -579,7 +583,7 @@ def _prepare_alerts(samples: list[dict], alerts: list[dict]) -> list[dict]:
         recs = by_event.get((s["step"], str(s.get("stage", "")), s["prompt_id"]), [])
         for tag in tags:
             tag = str(tag)
-            if any(tag in (str(r.get("rule")), str(r.get("message"))) or str(r.get("rule")) in tag for r in recs):
+            if any(tag in (str(r.get("rule")), str(r.get("message"))) or (r.get("rule") and str(r["rule"]) in tag) for r in recs):
                 continue
             extra.append({"kind": "alert", "step": s["step"], "stage": s.get("stage", ""), "rule": tag,
                           "prompt_id": s["prompt_id"], "message": tag, "synthetic": True})
@@ -718,11 +722,11 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
             diff = word_diff(previous.get(prefix), gen)
             previous[prefix] = gen
             settings = _settings_text(s.get("settings"))
-            tokens = f"{_num(s.get('prompt_tokens'))} → {_num(s.get('generated_tokens'))} tok"
+            tokens = f"in {_num(s.get('prompt_tokens'))} · out {_num(s.get('generated_tokens'))} tok"
             w(f'<tr class="event{" has-alert" if has_alert else ""}" id="p{num}-e{k}" data-step="{s["step"]}">'
               f'<td class="step">{s["step"]}</td>'
-              f'<td class="stage">{esc(s.get("stage", ""))}<small>{esc(prefix)} #{esc(_num(s.get("index")))}</small>'
-              f'<small title="{esc(settings)}">{esc(tokens)}</small></td>'
+              f'<td class="stage" title="{esc(settings)}">{esc(s.get("stage", ""))}<small>{esc(prefix)} #{esc(_num(s.get("index")))}'
+              f'{" · " + esc(settings.split(" · ")[0]) if settings else ""}</small><small>{esc(tokens)}</small></td>'
               f'<td><div class="gen">{diff}</div></td>'
               f'<td class="signals">{_signals_html(s)}</td><td class="rewards">{_rewards_html(s.get("rewards"))}</td></tr>')
             if key not in placed:
@@ -768,6 +772,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
     """Write the HTML report of `run_dir` to `out` (default `<run_dir>/report.html`); returns its path."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a directory")
     out = Path(out) if out is not None else run_dir / REPORT_FILE
     metrics = read_metrics(run_dir)
     metrics = {step: {k: v for k, v in m.items() if _finite(v)} for step, m in metrics.items()}

@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from workers.model import DTYPES, decoder_layers
+from workers.model import DTYPES, build_from_config, decoder_layers, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,62 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, spec: ShardingSpec) ->
     return model
 
 
+def build_sharded_model(
+    path: str,
+    model_config,
+    spec: ShardingSpec,
+    device: torch.device,
+    world_size: int,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    auto_class=None,
+    **model_kwargs,
+) -> torch.nn.Module:
+    """Collective. Load a pretrained model on rank 0 only, shard it over all ranks, fill every
+    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype."""
+    if dist.get_rank() == 0:
+        model = load_pretrained(path, torch.float32, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
+        full_state = model.state_dict()
+    else:
+        model = build_from_config(model_config, torch.float32, "meta", trust_remote_code, attn_implementation, auto_class, **model_kwargs)
+        full_state = {}
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    shard_model(model, device_mesh(device, world_size), spec)
+    load_full_state_dict(model, full_state, device)
+    return model
+
+
+class unsharded:
+    """Context: every rank holds the full parameters, and forwards issue no collectives.
+
+    Rollouts use it so that each rank generates for its own prompts at its own pace (lengths
+    may differ, no `synced_gpus` needed) without one all-gather per token. Memory: one full
+    copy of the parameters (compute dtype) per rank for the duration; freed on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ShardingSpec):
+        self.modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.root = model
+        self.spec = spec
+
+    def __enter__(self):
+        for m in self.modules:
+            m.set_reshard_after_forward(False)
+        for m in self.modules:
+            m.unshard()
+        return self.root
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.reshard()
+            m.set_reshard_after_forward(False if m is self.root else self.spec.reshard_after_forward)
+        return False
+
+
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective. Full (unsharded) tensors on CPU on rank 0; `{}` elsewhere."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -74,6 +130,11 @@ def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Ten
     set_model_state_dict(model, full_state, options=options)
     for buffer in model.buffers():
         dist.broadcast(buffer.data if not hasattr(buffer, "full_tensor") else buffer, src=0)
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    for layer in decoder_layers(model):
+        layer.compile()
 
 
 def full_grad_norm(total_norm: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Optional
@@ -49,11 +50,13 @@ def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
 
 
 def load_pretrained(
-    path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str = "sdpa"
+    path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str = "sdpa", auto_class=None,
+    **model_kwargs,
 ) -> torch.nn.Module:
+    auto_class = auto_class or AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+        model = auto_class.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **model_kwargs
         )
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load the model ({type(err).__name__}: {err})") from err
@@ -66,10 +69,17 @@ def build_from_config(
     device: Optional[torch.device | str] = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    auto_class=None,
+    **model_kwargs,
 ) -> torch.nn.Module:
     """An uninitialised model of the same architecture (on `meta` when device is "meta")."""
+    auto_class = auto_class or AutoModelForCausalLM
+    if model_kwargs:  # e.g. num_labels=1 for a value head
+        config = copy.deepcopy(config)
+        for key, value in model_kwargs.items():
+            setattr(config, key, value)
     with torch.device(device or "cpu"):
-        return AutoModelForCausalLM.from_config(
+        return auto_class.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
         )
 

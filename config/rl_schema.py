@@ -1,0 +1,238 @@
+"""The typed schema of the RL trainers (PPO, GRPO, GSPO).
+
+Shares the model, optimizer, generation-free trainer and sample-history sections with SFT.
+Batch sizes say what they count: `data.prompts_per_step` prompts per optimizer step over all
+ranks, `rollout.responses_per_prompt` responses per prompt, `actor.micro_batch_size_per_gpu`
+sequences (prompt + one response) per forward on one rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
+
+from config.schema import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    SamplesConfig,
+    TrainerConfig,
+    _one_of,
+    _require,
+    doc,
+)
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "Summarize the core idea of reinforcement learning in two sentences.",
+    "Explain the difference between supervised fine-tuning and RLHF.",
+    "Write a short checklist for debugging an unstable training run.",
+)
+
+
+@dataclass
+class SampleLoggingConfig:
+    """Qualitative samples during RL training (the `logging.sample_logging` section)."""
+
+    enabled: bool = doc("Master switch for qualitative samples.", False)
+    prompts: List[str] = doc("Prompts to generate from; empty means the built-in trio.", factory=list)
+    interval_steps: Optional[int] = doc("Log every N optimizer steps.", None)
+    percent_of_max_steps: Optional[float] = doc("Log at each multiple of this share of the total steps (e.g. 0.25).", None)
+    num_samples: int = doc("How many prompts to use (capped at the number of prompts).", 3)
+    max_new_tokens: int = doc("Most tokens per response.", 80)
+    temperature: float = doc("Sampling temperature.", 0.7)
+    top_p: float = doc("Nucleus sampling threshold in (0, 1].", 0.9)
+    do_sample: bool = doc("Sample (true) or decode greedily (false).", True)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, prefix: str = "logging.sample_logging") -> None:
+        if self.interval_steps is not None:
+            _require(self.interval_steps > 0, f"{prefix}.interval_steps", f"must be > 0, got {self.interval_steps}")
+        if self.percent_of_max_steps is not None:
+            _require(0 < self.percent_of_max_steps <= 1, f"{prefix}.percent_of_max_steps",
+                     f"must be in (0, 1], got {self.percent_of_max_steps}")
+        _require(self.num_samples > 0, f"{prefix}.num_samples", f"must be > 0, got {self.num_samples}")
+        _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        for i, p in enumerate(self.prompts):
+            _require(isinstance(p, str) and bool(p.strip()), f"{prefix}.prompts[{i}]", "must be non-empty text")
+
+    @property
+    def effective_prompts(self) -> list[str]:
+        return list(self.prompts) if self.prompts else list(DEFAULT_SAMPLE_PROMPTS)
+
+    @property
+    def effective_num_samples(self) -> int:
+        return min(self.num_samples, len(self.effective_prompts))
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: Optional[str] = doc("Run directory; overrides trainer.default_local_dir when set.", None)
+    loggers: Optional[List[str]] = doc("Trackers; overrides trainer.logger when set.", None)
+    sample_logging: SampleLoggingConfig = doc("Qualitative samples during training.", factory=SampleLoggingConfig)
+
+
+@dataclass
+class RLDataConfig:
+    train_files: Any = doc("Parquet or JSONL prompts (verl's RL layout by default).", None)
+    val_files: Any = doc("Held-out prompts for the validation reward.", None)
+    prompt_key: str = doc("Column with the prompt: a list of chat messages (verl) or text.", "prompt")
+    answer_key: str = doc("Column (dotted for dict columns) with the answer the rewards check.", "reward_model.ground_truth")
+    max_prompt_length: int = doc("Most prompt tokens; longer prompts follow `truncation`.", 512)
+    truncation: str = doc("Over-long prompt: `error`, `left` or `right`.", "error")
+    prompts_per_step: int = doc("Prompts per optimizer step, summed over all ranks.", 16)
+    max_val_prompts: Optional[int] = doc("Use at most this many validation prompts (null: all).", None)
+    shuffle: bool = doc("Shuffle prompts each epoch (seeded, resumable).", True)
+
+    def check(self, world_size: int) -> None:
+        _require(self.train_files not in (None, "", []), "data.train_files", "is required")
+        _require(self.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+        _one_of(self.truncation, "data.truncation", ("error", "left", "right"))
+        _require(self.prompts_per_step > 0, "data.prompts_per_step", "must be > 0")
+        _require(self.prompts_per_step % world_size == 0, "data.prompts_per_step",
+                 f"{self.prompts_per_step} is not divisible by the world size {world_size} (each rank holds whole prompt groups)")
+
+
+@dataclass
+class RolloutConfig:
+    responses_per_prompt: int = doc("Responses sampled per prompt (GRPO's group size; PPO usually 1).", 8)
+    max_new_tokens: int = doc("Most tokens per response.", 16)
+    temperature: float = doc("Sampling temperature of rollouts.", 1.0)
+    top_k: int = doc("Top-k of rollouts (0: off).", 0)
+    top_p: float = doc("Top-p of rollouts.", 1.0)
+    val_do_sample: bool = doc("Sample validation responses (false: greedy).", False)
+
+    def check(self) -> None:
+        _require(self.responses_per_prompt > 0, "rollout.responses_per_prompt", "must be > 0")
+        _require(self.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+        _require(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = doc("ppo, grpo or gspo (sets the defaults of the next keys in its YAML).", "grpo")
+    adv_estimator: str = doc("Advantage estimator from the registry: grpo, gae, reinforce_plus_plus.", "grpo")
+    policy_loss: str = doc("Policy loss from the registry: vanilla (PPO/GRPO clip) or gspo.", "vanilla")
+    clip_ratio_low: float = doc("Lower clip range of the importance ratio (1 - low).", 0.2)
+    clip_ratio_high: float = doc("Upper clip range of the importance ratio (1 + high).", 0.28)
+    clip_ratio_c: float = doc("Dual-clip bound for negative advantages.", 3.0)
+    loss_agg_mode: str = doc("token-mean, seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm.", "token-mean")
+    kl_coef: float = doc("Weight of the KL loss to a frozen reference (0: no reference model).", 0.0)
+    kl_estimator: str = doc("KL estimator: k1, k2, k3 (low_var_kl).", "k3")
+    gamma: float = doc("Discount (GAE).", 1.0)
+    lam: float = doc("GAE lambda.", 0.95)
+    norm_adv_by_std_in_grpo: bool = doc("Divide GRPO advantages by the group std (false: Dr. GRPO).", True)
+
+    def check(self) -> None:
+        # Registry names (adv_estimator, policy_loss, loss_agg_mode, kl_estimator) are checked by
+        # the RL trainer against the registries in workers.core_algos, before any model loads.
+        _one_of(self.name, "algorithm.name", ("ppo", "grpo", "gspo"))
+        _require(self.clip_ratio_low > 0 and self.clip_ratio_high > 0, "algorithm.clip_ratio_low", "clip ranges must be > 0")
+        _require(self.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1")
+        _require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "algorithm.gamma", "gamma and lam must be in [0, 1]")
+
+
+@dataclass
+class ActorConfig:
+    micro_batch_size_per_gpu: int = doc("Sequences (prompt + one response) per forward/backward on one rank.", 32)
+    ppo_epochs: int = doc("Passes over each rollout batch.", 1)
+    mini_batches_per_step: int = doc("Optimizer steps per pass (1: one update per rollout, fully on-policy).", 1)
+
+    def check(self) -> None:
+        _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
+        _require(self.ppo_epochs > 0, "actor.ppo_epochs", "must be > 0")
+        _require(self.mini_batches_per_step > 0, "actor.mini_batches_per_step", "must be > 0")
+
+
+@dataclass
+class CriticConfig:
+    lr: float = doc("Critic learning rate (PPO with gae).", 1e-4)
+    cliprange_value: float = doc("PPO value clipping range.", 0.5)
+    warmup_steps: int = doc("Steps that train only the critic before the actor starts.", 0)
+
+    def check(self) -> None:
+        _require(self.lr > 0, "critic.lr", "must be > 0")
+        _require(self.cliprange_value > 0, "critic.cliprange_value", "must be > 0")
+        _require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class RewardFunctionConfig:
+    name: str = doc("Name shown in logs and trackers.", "")
+    fn: str = doc("A registered reward name, or `module:function`.", "")
+    weight: float = doc("Weight in the training reward (0: logged, not trained on).", 1.0)
+    kwargs: dict = doc("Extra keyword arguments for the function.", factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    functions: List[RewardFunctionConfig] = doc(
+        "Reward functions; the training reward is their weighted sum.",
+        factory=lambda: [RewardFunctionConfig(name="arithmetic_exact_match", fn="arithmetic_exact_match")],
+    )
+
+    def check(self) -> None:
+        _require(bool(self.functions), "reward.functions", "needs at least one reward function")
+        names = [f.name or f.fn for f in self.functions]
+        _require(len(set(names)) == len(names), "reward.functions", f"names must be unique, got {names}")
+        for i, f in enumerate(self.functions):
+            _require(bool(f.fn), f"reward.functions[{i}].fn", "is required")
+
+
+@dataclass
+class RLConfig:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+
+    def check(self, world_size: int) -> None:
+        for section in (self.algorithm, self.rollout, self.actor, self.critic, self.reward, self.model, self.optim, self.trainer, self.samples):
+            section.check()
+        self.data.check(world_size)
+        self.logging.sample_logging.check()
+        if self.algorithm.adv_estimator == "gae" and self.algorithm.name != "ppo":
+            raise ConfigError("algorithm.adv_estimator: gae needs a critic, which only algorithm.name=ppo trains")
+        if self.algorithm.adv_estimator == "grpo":
+            _require(self.rollout.responses_per_prompt > 1, "rollout.responses_per_prompt",
+                     "GRPO normalises within a group: needs at least 2 responses per prompt")
+        # The documented `logging` section wins over the trainer keys it duplicates.
+        if self.logging.output_dir:
+            self.trainer.default_local_dir = self.logging.output_dir
+        if self.logging.loggers is not None:
+            self.trainer.logger = list(self.logging.loggers)
+            self.trainer.check()
+
+
+def lift_flat_sample_logging(raw: dict) -> dict:
+    """Accept `logging:` with the sample-logging fields directly under it.
+
+    The sample-logging document prints its YAML example with that nesting lost (the fields
+    sit beside `sample_logging:`); read that way it means the same thing, so it is moved
+    under `sample_logging` instead of failing as unknown keys.
+    """
+    logging_section = raw.get("logging")
+    if not isinstance(logging_section, dict):
+        return raw
+    flat = {k: logging_section.pop(k) for k in list(logging_section) if k in SampleLoggingConfig.field_names()}
+    if flat:
+        nested = logging_section.get("sample_logging") or {}
+        logging_section["sample_logging"] = {**flat, **nested}
+    return raw

@@ -1,0 +1,202 @@
+"""The HTML report in a real browser: headless Chromium (Debian package `chromium`).
+
+No browser driver, no extra Python package: Chromium runs with `--dump-dom` (the DOM after the
+page's scripts ran) and `--screenshot`. JS errors are caught two ways:
+  * the report installs a `window` "error" handler in <head> that writes every uncaught error
+    into `<div id="js-errors">`, and its main script sets `<body data-ready="1">` when it has
+    initialised: the dumped DOM must have the marker and an empty #js-errors;
+  * Chromium's stderr (`--enable-logging=stderr`) has one `:CONSOLE...] "message", source: URL`
+    line per console message; there must be none whose source is the report (it logs nothing).
+A broken copy of the page proves both detectors fire, and a probe copy (the report plus a test
+script that uses the controls) proves the filter, toggles and alert links work.
+Locally the test skips when chromium is missing; with CI=true it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from report_fixtures import build_small_run
+from trainer.report import write_report
+
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0",
+]
+
+PROBE = r"""
+<script>
+(function () {
+  var r = {};
+  function visible() {
+    return Array.prototype.filter.call(document.querySelectorAll("details.timeline"), function (d) { return !d.hidden; }).length;
+  }
+  function openCount() { return document.querySelectorAll("details.timeline[open]").length; }
+  function type(text) { var f = document.getElementById("prompt-filter"); f.value = text; f.dispatchEvent(new Event("input")); }
+  r.total = document.querySelectorAll("details.timeline").length;
+  r.openAtStart = openCount();
+  type("__FILTER__");
+  r.filtered = visible();
+  r.filteredIds = Array.prototype.filter.call(document.querySelectorAll("details.timeline"), function (d) { return !d.hidden; })
+    .map(function (d) { return d.getAttribute("data-prompt-id"); });
+  r.countText = document.getElementById("visible-count").textContent;
+  type("");
+  r.unfiltered = visible();
+  var only = document.getElementById("only-alerts");
+  only.click(); r.onlyAlerts = visible(); only.click(); r.afterToggle = visible();
+  document.getElementById("expand-all").click(); r.expanded = openCount();
+  document.getElementById("collapse-all").click(); r.collapsed = openCount();
+  // hide every timeline, then follow the first link of the alert list: it must come back open
+  type("no prompt matches this");
+  r.hiddenBeforeLink = visible();
+  var link = document.querySelector("#alert-list a.alert-link");
+  var id = link.getAttribute("href").slice(1);
+  link.click();
+  var row = document.getElementById(id), holder = row.closest("details");
+  r.linkTarget = id;
+  r.linkPrompt = holder && holder.getAttribute("data-prompt-id");
+  r.linkOpened = !!(holder && holder.open && !holder.hidden);
+  r.linkFlash = row.classList.contains("flash");
+  r.filterCleared = document.getElementById("prompt-filter").value === "";
+  // chart legend toggles its series
+  var item = document.querySelector('#chart-loss-svg .legend-item[data-series="val/loss"]');
+  item.dispatchEvent(new MouseEvent("click", {bubbles: true}));
+  r.seriesHidden = document.querySelector('#chart-loss-svg g.series[data-series="val/loss"]').classList.contains("off");
+  // the word-diff toggle
+  document.getElementById("show-diff").click();
+  r.noDiff = document.body.classList.contains("no-diff");
+  var out = document.createElement("pre"); out.id = "probe-result"; out.textContent = JSON.stringify(r);
+  document.body.appendChild(out);
+})();
+</script>
+"""
+
+
+def chromium_binary() -> str:
+    path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    if path is None:
+        message = "chromium not installed (Debian package 'chromium'); CI installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " — and CI must never skip this test")
+        pytest.skip(message)
+    return path
+
+
+class Browser:
+    def __init__(self, binary: str, tmp: Path):
+        self.binary, self.tmp, self.runs = binary, tmp, 0
+
+    def run(self, page: Path, *args: str, fragment: str = "") -> subprocess.CompletedProcess:
+        self.runs += 1
+        profile = self.tmp / f"profile-{self.runs}"
+        cmd = [self.binary, *FLAGS, f"--user-data-dir={profile}", *args, page.resolve().as_uri() + fragment]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    def dump_dom(self, page: Path) -> tuple[str, list[str]]:
+        proc = self.run(page, "--dump-dom")
+        return proc.stdout, console_lines(proc.stderr, page)
+
+    def screenshot(self, page: Path, png: Path, fragment: str = "", height: int = 2000) -> list[str]:
+        proc = self.run(page, f"--screenshot={png}", f"--window-size=1280,{height}", "--hide-scrollbars", fragment=fragment)
+        return console_lines(proc.stderr, page)
+
+
+def console_lines(stderr: str, page: Path) -> list[str]:
+    """Console messages (errors, uncaught exceptions, logs) whose source is `page`."""
+    uri = page.resolve().as_uri()
+    return [l for l in stderr.splitlines() if re.search(r":CONSOLE[(:]", l) and uri in l]
+
+
+def js_errors(dom: str) -> str:
+    m = re.search(r'<div id="js-errors"[^>]*>(.*?)</div>', dom, re.S)
+    assert m, "no #js-errors element in the DOM"
+    return m.group(1).strip()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    browser = Browser(chromium_binary(), tmp_path_factory.mktemp("chromium"))
+    run = tmp_path_factory.mktemp("browser") / "run-browser"
+    facts = build_small_run(run)
+    report = write_report(run)
+    return browser, run, facts, report
+
+
+def test_report_renders_and_js_runs_without_errors(setup):
+    browser, _, facts, report = setup
+    dom, console = browser.dump_dom(report)
+    assert console == [], "console messages from the report:\n" + "\n".join(console)
+    assert re.search(r'<body[^>]*\bdata-ready="1"', dom), "the report's script did not finish initialising"
+    assert js_errors(dom) == ""
+    assert 'id="chart-loss-svg"' in dom and 'id="chart-rewards-svg"' in dom
+    for series in ("train/loss", "val/loss", *facts["reward_series"]):
+        assert f'data-series="{series}"' in dom
+    found = re.findall(r'<details class="timeline[^"]*" id="prompt-\d+" data-prompt-id="([^"]+)"', dom)
+    assert found == facts["prompt_ids"]
+    # set by the script: "N of N prompts shown"
+    n = len(facts["prompt_ids"])
+    assert f'<span id="visible-count">{n} of {n} prompts shown</span>' in dom
+    # the script tag in a generation stayed text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_controls_work(setup, tmp_path):
+    browser, _, facts, report = setup
+    html = report.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", PROBE.replace("__FILTER__", facts["filter_word"]) + "</body>"), encoding="utf-8")
+    dom, console = browser.dump_dom(probe)
+    assert console == [], "\n".join(console)
+    assert js_errors(dom) == ""
+    m = re.search(r'<pre id="probe-result">(.*?)</pre>', dom, re.S)
+    assert m, "the probe script did not run"
+    r = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    n = len(facts["prompt_ids"])
+    with_alerts = len({pid for _, _, pid in facts["alerts"] if pid})
+    assert r["total"] == n and r["openAtStart"] == 0
+    assert r["filtered"] == 1 and r["filteredIds"] == ["pc3"] and r["countText"] == f"1 of {n} prompts shown"
+    assert r["unfiltered"] == n
+    assert r["onlyAlerts"] == with_alerts and r["afterToggle"] == n
+    assert r["expanded"] == n and r["collapsed"] == 0
+    assert r["hiddenBeforeLink"] == 0
+    assert r["linkTarget"] == "alert-1" and r["linkPrompt"] == facts["alerts"][0][2]
+    assert r["linkOpened"] and r["linkFlash"] and r["filterCleared"]
+    assert r["seriesHidden"] and r["noDiff"]
+
+
+def test_error_detection_catches_a_broken_page(setup, tmp_path):
+    """The two detectors are not vacuous: an exception in the page shows up in both."""
+    browser, _, _, report = setup
+    broken = tmp_path / "broken.html"
+    html = report.read_text(encoding="utf-8")
+    broken.write_text(html.replace("</main>", "</main><script>reportProbeUndefinedFunction();</script>", 1), encoding="utf-8")
+    dom, console = browser.dump_dom(broken)
+    assert "reportProbeUndefinedFunction" in js_errors(dom)
+    assert any("Uncaught" in l and "reportProbeUndefinedFunction" in l for l in console), console
+    assert re.search(r'<body[^>]*\bdata-ready="1"', dom)  # later scripts still ran
+
+
+def test_screenshot(setup, tmp_path_factory):
+    browser, _, _, report = setup
+    out = tmp_path_factory.mktemp("screenshots")
+    started = time.perf_counter()
+    top, alert = out / "report.png", out / "report-first-alert.png"
+    assert browser.screenshot(report, top) == []
+    # opens the prompt holding alert 1 (a window tall enough for the page, so nothing scrolls)
+    assert browser.screenshot(report, alert, fragment="#alert-1", height=3000) == []
+    for png in (top, alert):
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size > 10_000, png.stat().st_size
+        print(f"screenshot: {png} ({png.stat().st_size // 1024} kB)")
+    print(f"screenshots took {time.perf_counter() - started:.1f} s")

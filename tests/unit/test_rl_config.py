@@ -1,0 +1,132 @@
+"""RL configuration: SampleLoggingConfig, its triggers, the YAML forms, rewards, the Python API's checks."""
+
+import pytest
+from hydra import compose, initialize_config_dir, initialize_config_module
+
+from config.loading import resolve
+from config.rl_schema import DEFAULT_SAMPLE_PROMPTS, RLConfig, SampleLoggingConfig, lift_flat_sample_logging
+from config.schema import ConfigError
+from trainer.api import create_rl_trainer
+from trainer.rl_trainer import SampleSchedule, check_registries
+from workers.rewards import RewardError, build_reward_set
+
+
+def test_sample_logging_defaults_match_the_document():
+    c = SampleLoggingConfig()
+    assert (c.enabled, c.interval_steps, c.percent_of_max_steps, c.num_samples, c.max_new_tokens, c.temperature, c.top_p) == (
+        False, None, None, 3, 80, 0.7, 0.9)
+    assert c.effective_prompts == list(DEFAULT_SAMPLE_PROMPTS) and len(DEFAULT_SAMPLE_PROMPTS) == 3
+    assert SampleLoggingConfig(prompts=["a", "b"], num_samples=5).effective_num_samples == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"interval_steps": 0}, "interval_steps"),
+        ({"percent_of_max_steps": 1.5}, "percent_of_max_steps"),
+        ({"percent_of_max_steps": 0.0}, "percent_of_max_steps"),
+        ({"num_samples": -1}, "num_samples"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": 0}, "temperature"),
+        ({"top_p": 1.2}, "top_p"),
+    ],
+)
+def test_sample_logging_validation_names_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"^logging.sample_logging.{field}: "):
+        SampleLoggingConfig(**kwargs)
+
+
+def test_triggers_interval_percentages_and_not_the_last_step():
+    s = SampleSchedule(SampleLoggingConfig(enabled=True, interval_steps=200), max_steps=1000)
+    assert [step for step in range(1, 1001) if s.stage(step)] == [200, 400, 600, 800]
+    assert s.stage(400) == "step_400"
+    s = SampleSchedule(SampleLoggingConfig(enabled=True, percent_of_max_steps=0.25), max_steps=10)
+    assert {step: s.stage(step) for step in range(1, 11) if s.stage(step)} == {3: "25%", 5: "50%", 8: "75%"}
+    s = SampleSchedule(SampleLoggingConfig(enabled=True, percent_of_max_steps=0.5, interval_steps=3), max_steps=8)
+    assert {step: s.stage(step) for step in range(1, 9) if s.stage(step)} == {3: "step_3", 4: "50%", 6: "step_6"}
+    assert not any(SampleSchedule(SampleLoggingConfig(enabled=False, interval_steps=1), 5).stage(i) for i in range(1, 6))
+
+
+def compose_rl(name, overrides=()):
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name, estimator, loss", [("grpo_trainer", "grpo", "vanilla"), ("gspo_trainer", "grpo", "gspo"), ("ppo_trainer", "gae", "vanilla")])
+def test_algorithm_configs_pick_registered_functions(name, estimator, loss):
+    cfg = resolve(compose_rl(name), RLConfig, [], {}, 1, preprocess=lift_flat_sample_logging).config
+    assert (cfg.algorithm.adv_estimator, cfg.algorithm.policy_loss) == (estimator, loss)
+    check_registries(cfg)
+
+
+def test_unknown_algorithm_names_list_the_registry():
+    cfg = resolve(compose_rl("grpo_trainer", ["algorithm.policy_loss=sapo"]), RLConfig, [], {}, 1).config
+    with pytest.raises(ConfigError, match=r"^algorithm.policy_loss: got 'sapo', expected one of gspo, vanilla"):
+        check_registries(cfg)
+
+
+def test_documents_yaml_form_both_nested_and_as_printed(tmp_path):
+    nested = (
+        "defaults:\n  - ppo_trainer\n  - _self_\n"
+        "logging:\n  output_dir: ./output/ppo_run\n  loggers: [tensorboard]\n  sample_logging:\n    enabled: true\n"
+        "    prompts:\n      - \"Summarize the core idea of reinforcement learning in two sentences.\"\n"
+        "      - \"Write a concise plan for debugging PPO training instabilities.\"\n"
+        "    interval_steps: 200\n    num_samples: 2\n    max_new_tokens: 96\n    temperature: 0.6\n    top_p: 0.95\n"
+    )
+    # The document prints the same example with the nesting under sample_logging lost.
+    flat = (
+        "defaults:\n - ppo_trainer\n - _self_\n"
+        "logging:\n output_dir: ./output/ppo_run\n loggers: [tensorboard]\n sample_logging:\n enabled: true\n prompts:\n"
+        " - \"Summarize the core idea of reinforcement learning in two sentences.\"\n"
+        " - \"Write a concise plan for debugging PPO training instabilities.\"\n"
+        " interval_steps: 200\n num_samples: 2\n max_new_tokens: 96\n temperature: 0.6\n top_p: 0.95\n"
+    )
+    for name, text in (("nested", nested), ("flat", flat)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+            cfg = compose(name)
+        typed = resolve(cfg, RLConfig, [], {}, 1, preprocess=lift_flat_sample_logging).config
+        sl = typed.logging.sample_logging
+        assert (sl.enabled, sl.interval_steps, sl.num_samples, sl.max_new_tokens, sl.temperature, sl.top_p) == (True, 200, 2, 96, 0.6, 0.95)
+        assert sl.prompts[1] == "Write a concise plan for debugging PPO training instabilities."
+        assert typed.trainer.default_local_dir == "./output/ppo_run" and typed.trainer.logger == ["tensorboard"]
+        assert typed.algorithm.name == "ppo"
+
+
+def test_reward_registry_and_user_functions():
+    rewards = build_reward_set([
+        {"name": "exact", "fn": "arithmetic_exact_match"},
+        {"name": "fmt", "fn": "format_regex", "weight": 0.5, "kwargs": {"pattern": r"\d+"}},
+        {"name": "len", "fn": "workers.rewards:length_penalty", "kwargs": {"max_chars": 2}},
+    ])
+    scores = rewards.score("12+30=", "42", "42")
+    assert scores == {"exact": 1.0, "fmt": 1.0, "len": 0.0}
+    assert rewards.total(scores) == 1.5
+    assert rewards.score("12+30=", "4242", None)["len"] == -1.0
+    assert build_reward_set(["arithmetic_exact_match"]).score("hello", "x", None) == {}  # not an a+b= prompt
+    assert build_reward_set(["arithmetic_exact_match"]).score("2+2=", "4", None) == {"arithmetic_exact_match": 1.0}
+    assert build_reward_set([lambda p, r, g: 0.81, lambda p, r, g: 0.42]).names == ["reward_0", "reward_1"]
+    assert build_reward_set(["exact_match"]).score("q", "a", None) == {}  # no ground truth: not applicable
+    with pytest.raises(RewardError, match="unknown reward function 'nope'"):
+        build_reward_set([{"name": "x", "fn": "nope"}])
+    with pytest.raises(RewardError, match=r"'no_such_module:f' cannot be imported"):
+        build_reward_set([{"name": "x", "fn": "no_such_module:f"}])
+
+
+def test_api_rejects_unknown_backend_listing_what_exists(tiny_model, rl_data):
+    with pytest.raises(ConfigError, match=r"^backend='unsloth' is not available; backends: fsdp .*; auto "):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", backend="unsloth")
+    with pytest.raises(ConfigError, match=r"^algorithm='dpo' is not available"):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="dpo")
+    with pytest.raises(ConfigError, match=r"^logging.sample_logging.percent_of_max_steps: must be in \(0, 1\]"):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), sample_logging={"percent_of_max_steps": 2})
+    with pytest.raises(ConfigError, match=r"^rollout.nonsense: unknown key"):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), rollout__nonsense=1)
+
+
+def test_api_finds_train_and_validation_files_in_a_folder(tiny_model, rl_data):
+    run = create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="gspo", batch_size=4,
+                            **{"rollout.max_new_tokens": 3})
+    c = run.config
+    assert c.data.train_files == [str(rl_data["train"])] and c.data.val_files == [str(rl_data["val"])]
+    assert (c.data.prompts_per_step, c.rollout.max_new_tokens, c.algorithm.policy_loss) == (4, 3, "gspo")

@@ -1,0 +1,357 @@
+"""RL fine-tuning (GRPO, GSPO, PPO) of a Hugging Face causal LM on FSDP2 workers.
+
+    python -m trainer.rl_trainer --config-name grpo_trainer|gspo_trainer|ppo_trainer [key=value ...]
+    torchrun --nproc_per_node=N -m trainer.rl_trainer --config-name grpo_trainer [...]
+
+One step: each rank takes its share of the step's prompts (whole groups), generates
+`responses_per_prompt` responses per prompt, scores them with every reward function, computes
+advantages with the configured estimator and updates the policy (and the PPO critic).
+
+Rollouts run on every rank at once on its own prompts, with the actor's parameters unsharded
+for the rollout (`workers.fsdp.unsharded`): no collective per generated token and no
+`synced_gpus`, so ranks that finish early do not wait token by token. Memory is one full copy
+of the parameters per rank during the rollout, freed afterwards; a gathered copy on rank 0
+instead would leave the other ranks idle and serialise all generation on one device.
+
+Qualitative samples (`logging.sample_logging`) come from rank 0's gathered copy, as in SFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm import tqdm
+from transformers import AutoModelForTokenClassification
+
+from config import env as env_config
+from config.loading import redact, resolve, to_dict
+from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
+from config.schema import ConfigError
+from trainer.checkpoint import Checkpointer, export_hf_model
+from trainer.cli import announce_config, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.history import SampleHistory
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
+from trainer.samples import SampleLogger, prompt_id, sample_seed
+from trainer.tracking import TrackerContext, Tracking, check_available
+from workers import core_algos
+from workers.actor import (
+    RolloutBatch,
+    UpdateSettings,
+    build_rollout_batch,
+    forward_in_micro_batches,
+    response_log_probs,
+    response_values,
+    update_critic,
+    update_policy,
+)
+from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
+from workers.generation import GenerationSettings, encode_prompts, generate
+from workers.model import load_config, load_tokenizer
+from workers.replica import ModelReplica
+from workers.rewards import RewardSet, build_reward_set
+
+log = logging.getLogger("trainer.rl")
+
+
+def check_registries(cfg: RLConfig) -> None:
+    """Algorithm names are checked against the registries that own them, before any model."""
+    a = cfg.algorithm
+    for key, value, names in (
+        ("algorithm.adv_estimator", a.adv_estimator, core_algos.ADV_ESTIMATORS),
+        ("algorithm.policy_loss", a.policy_loss, core_algos.POLICY_LOSSES),
+        ("algorithm.loss_agg_mode", a.loss_agg_mode, core_algos.LOSS_AGG_MODES),
+        ("algorithm.kl_estimator", a.kl_estimator, core_algos.KL_PENALTY_KINDS),
+    ):
+        if value not in names:
+            raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(sorted(names))}")
+
+
+class SampleSchedule:
+    """When qualitative samples are due: every `interval_steps`, at each multiple of
+    `percent_of_max_steps` of the run, and (separately) once after training."""
+
+    def __init__(self, cfg: SampleLoggingConfig, max_steps: int):
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.percent_steps: dict[int, str] = {}
+        if cfg.enabled and cfg.percent_of_max_steps:
+            for k in range(1, int(math.floor(1 / cfg.percent_of_max_steps + 1e-9)) + 1):
+                share = k * cfg.percent_of_max_steps
+                self.percent_steps.setdefault(max(1, math.ceil(share * max_steps - 1e-9)), f"{share * 100:g}%")
+
+    def stage(self, step: int) -> Optional[str]:
+        """The stage label when samples are due at `step` (the last step is left to post-train)."""
+        if not self.cfg.enabled or step >= self.max_steps:
+            return None
+        if step in self.percent_steps:
+            return self.percent_steps[step]
+        if self.cfg.interval_steps and step % self.cfg.interval_steps == 0:
+            return f"step_{step}"
+        return None
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig, dist_ctx: DistContext, rewards: Optional[RewardSet] = None):
+        self.cfg = cfg
+        self.dist = dist_ctx
+        self.device = dist_ctx.device
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+        check_registries(cfg)
+        check_available(cfg.trainer.logger)
+        self.rewards = rewards or build_reward_set(cfg.reward.functions)
+
+        self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
+        self.val_prompts = (
+            load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data)[: cfg.data.max_val_prompts]
+            if cfg.data.val_files else []
+        )
+        self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
+                                     dist_ctx.rank, dist_ctx.world_size)
+        self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
+        if cfg.trainer.total_training_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.trainer.total_training_steps)
+
+        torch.manual_seed(cfg.trainer.seed)
+        fsdp = cfg.model.fsdp_config
+        self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
+        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward)
+        self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing)
+        self.optimizer = build_optimizer(self.actor, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)
+        self.reference = None
+        if cfg.algorithm.kl_coef > 0:
+            self.reference = self._build().eval().requires_grad_(False)
+        self.critic = self.critic_optimizer = None
+        if cfg.algorithm.adv_estimator == "gae":
+            self.critic = self._build(auto_class=AutoModelForTokenClassification, num_labels=1)
+            self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
+            for group in self.critic_optimizer.param_groups:
+                group["lr"] = cfg.critic.lr
+        log.info("%s: actor %.2fM parameters over %d rank(s)%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
+                 dist_ctx.world_size, ", frozen reference" if self.reference else "", ", critic" if self.critic else "")
+
+        self.checkpointer = Checkpointer(self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.checkpointer.clean_partial()
+        self._resume()
+
+        self.tracking = Tracking(
+            [*cfg.trainer.logger, "file"],
+            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env()),
+            is_primary=dist_ctx.is_primary,
+        )
+        history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
+        self.sample_logger = SampleLogger(self.tracking, history)
+        self.schedule = SampleSchedule(cfg.logging.sample_logging, self.total_steps)
+        self.replica = ModelReplica(self.model_config, "auto", "auto", self.device, self.param_dtype,
+                                    cfg.model.attn_implementation, cfg.model.trust_remote_code)
+
+    def _build(self, gradient_checkpointing: bool = False, auto_class=None, **kwargs) -> torch.nn.Module:
+        m = self.cfg.model
+        return build_sharded_model(m.partial_pretrain, self.model_config, self.spec, self.device, self.dist.world_size,
+                                   m.trust_remote_code, m.attn_implementation, gradient_checkpointing, auto_class, **kwargs)
+
+    def _extra(self) -> dict:
+        return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
+
+    def _resume(self) -> None:
+        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.actor, self.optimizer, self._extra())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
+        log.info("resumed from %s: step %d", path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        if self.dist.is_primary:
+            self.tracking.log_config(redact(to_dict(self.cfg)))
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc=self.cfg.algorithm.name,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        if self.step == 0 and self.val_prompts:
+            self.validate()  # the starting point, to compare against
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            self.step += 1
+            epoch_end = self.batch_in_epoch + 1 == self.batches.steps_per_epoch
+            self.epoch, self.batch_in_epoch = (self.epoch + 1, 0) if epoch_end else (self.epoch, self.batch_in_epoch + 1)
+            last = self.step == self.total_steps
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
+            if self.step % self.cfg.trainer.log_freq == 0 or last:
+                self.tracking.log_metrics(metrics, self.step)
+            if self.val_prompts and (last or epoch_end or (self.cfg.trainer.test_freq > 0 and self.step % self.cfg.trainer.test_freq == 0)):
+                self.validate()
+            stage = self.schedule.stage(self.step)
+            if stage:
+                self.log_samples(stage)
+            if self.checkpointer.should_save(self.step, last):
+                self.save_checkpoint()
+        bar.close()
+        if self.cfg.logging.sample_logging.enabled:
+            self.log_samples("post-train")
+        self.finish()
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        cfg = self.cfg
+        indices, prompts = self.batches.rank_prompts(self.epoch, self.batch_in_epoch)
+        batch, scores = self.rollout(indices, prompts)
+        rollout_s = time.perf_counter() - start
+        batch = batch.to(self.device)
+        mbs = cfg.actor.micro_batch_size_per_gpu
+        batch.old_log_prob = forward_in_micro_batches(response_log_probs, self.actor, batch, mbs)
+        if self.reference is not None:
+            batch.ref_log_prob = forward_in_micro_batches(response_log_probs, self.reference, batch, mbs)
+        if self.critic is not None:
+            batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
+        a = cfg.algorithm
+        batch.advantages, batch.returns = core_algos.get_adv_estimator(a.adv_estimator)(
+            core_algos.AdvantageInputs(batch.token_level_rewards, batch.response_mask, batch.group_index, batch.values),
+            core_algos.AdvantageConfig(a.gamma, a.lam, a.norm_adv_by_std_in_grpo),
+        )
+        settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
+                                  self.dist.world_size, cfg.trainer.seed)
+        metrics: dict[str, float] = {}
+        if self.critic is not None:
+            metrics.update(update_critic(self.critic, self.critic_optimizer, batch, cfg.critic.cliprange_value,
+                                         a.loss_agg_mode, settings, self.step))
+        if self.critic is None or self.step >= cfg.critic.warmup_steps:
+            loss_cfg = core_algos.PolicyLossConfig(a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode,
+                                                   cfg.rollout.max_new_tokens)
+            metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
+                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step))
+        metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
+        metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
+                        "train/step_s": time.perf_counter() - start, "train/epoch": float(self.epoch)})
+        return metrics
+
+    def rollout(self, indices: Sequence[int], prompts: Sequence[RLPrompt]) -> tuple[RolloutBatch, list[dict[str, float]]]:
+        n = self.cfg.rollout.responses_per_prompt
+        r = self.cfg.rollout
+        settings = GenerationSettings(r.max_new_tokens, True, r.temperature, r.top_k, r.top_p)
+        prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
+        seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
+        with unsharded(self.actor, self.spec) as model:
+            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+        batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
+        scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
+        # The outcome reward sits on the last generated token.
+        rewards = torch.zeros_like(batch.response_mask)
+        for i, (g, s) in enumerate(zip(generated, scores)):
+            rewards[i, max(g.num_tokens - 1, 0)] = self.rewards.total(s)
+        batch.token_level_rewards = rewards
+        return batch, scores
+
+    def _reward_metrics(self, prefix: str, scores: list[dict[str, float]], lengths: list[float]) -> dict[str, float]:
+        """Means over all ranks: one all-reduce of [sums and counts per reward, total, length]."""
+        names = self.rewards.names
+        local = []
+        for name in names:
+            values = [s[name] for s in scores if name in s]
+            local += [sum(values), len(values)]
+        local += [sum(self.rewards.total(s) for s in scores), len(scores), sum(lengths)]
+        totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        out = {}
+        for k, name in enumerate(names):
+            if totals[2 * k + 1] > 0:
+                out[f"{prefix}/reward/{name}"] = totals[2 * k] / totals[2 * k + 1]
+        count = max(totals[-2], 1.0)
+        out[f"{prefix}/reward_mean"] = totals[-3] / count
+        out[f"{prefix}/response_length"] = totals[-1] / count
+        return out
+
+    # ------------------------------------------------------------------ validation and samples
+    def validate(self) -> dict[str, float]:
+        """Every rank answers its share of the held-out prompts (greedy by default)."""
+        r = self.cfg.rollout
+        mine = self.val_prompts[self.dist.rank :: self.dist.world_size]
+        settings = GenerationSettings(r.max_new_tokens, r.val_do_sample, r.temperature, r.top_k, r.top_p)
+        seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
+        with unsharded(self.actor, self.spec) as model:
+            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds)
+        scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
+        metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
+        self.tracking.log_metrics(metrics, self.step)
+        if self.dist.is_primary:
+            shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if "/reward/" in k)
+            log.info("validation at step %d on %d held-out prompts: %s", self.step, len(self.val_prompts), shown)
+        return metrics
+
+    def log_samples(self, stage: str) -> None:
+        """All ranks take part in the gather; rank 0 generates from its copy; the others wait."""
+        sl = self.cfg.logging.sample_logging
+        try:
+            start = time.perf_counter()
+            model = self.replica.refresh(self.actor)
+            if self.dist.is_primary:
+                texts = sl.effective_prompts[: sl.effective_num_samples]
+                prompt_ids = encode_prompts(self.tokenizer, texts)
+                settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
+                seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
+                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+                rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
+                self.sample_logger.log(self.step, stage, "samples", "qualitative", texts, generated, [None] * len(texts),
+                                       settings, seeds, time.perf_counter() - start, rewards)
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("qualitative samples (%s) failed at step %d: %s: %s", stage, self.step, type(err).__name__, err)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ checkpoints and the end
+    def save_checkpoint(self) -> None:
+        state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "scheduler": self.scheduler.state_dict()}
+        path = self.checkpointer.save(self.step, self.actor, self.optimizer, state, self._extra())
+        log.info("saved checkpoint %s", path)
+
+    def finish(self) -> None:
+        if self.cfg.trainer.export_hf_model:
+            export_hf_model(self.actor, self.model_config, self.tokenizer, self.run_dir / "hf_model", self.dist.is_primary,
+                            self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
+        finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
+
+
+# ---------------------------------------------------------------------- entry point
+def resolve_rl(cfg: DictConfig, cli_overrides: Sequence[str], world_size: int):
+    return resolve(cfg, RLConfig, cli_overrides, env_config.environ(), world_size, preprocess=lift_flat_sample_logging)
+
+
+def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
+    denv = env_config.dist_env()
+    with user_errors_exit(denv.rank):
+        setup_logging(env_config.log_level(env_config.environ()), denv.rank)
+        resolved = resolve_rl(cfg, cli_overrides, denv.world_size)
+        announce_config(resolved, denv.rank)
+        ctx = init_distributed(denv, resolved.config.trainer.device)
+        trainer = RLTrainer(resolved.config, ctx)
+    trainer.fit()
+    teardown()
+
+
+@hydra.main(config_path="pkg://config", config_name="grpo_trainer", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg, HydraConfig.get().overrides.task)
+
+
+def main() -> None:
+    sys.argv = normalize_config_path(sys.argv, Path.cwd())
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The RL actor and critic on FSDP shards: rollout batches, log-probs, values, and updates.
+
+Every forward here runs on a sharded model and is a collective, so every rank runs the same
+number of them: each rank holds the same number of sequences (whole prompt groups) and splits
+them into the same number of micro- and mini-batches.
+
+Losses are normalised by a global count (tokens or sequences of the mini-batch, summed over
+ranks once), so the update does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from workers import core_algos
+from workers.fsdp import full_grad_norm
+from workers.generation import Generated
+
+
+@dataclass
+class RolloutBatch:
+    """One rank's sequences: left-padded prompts (width P) then right-padded responses (width R)."""
+
+    input_ids: torch.Tensor  # [N, P + R]
+    attention_mask: torch.Tensor  # [N, P + R]
+    position_ids: torch.Tensor  # [N, P + R]
+    response_mask: torch.Tensor  # [N, R] float: 1 on generated tokens (EOS included)
+    group_index: torch.Tensor  # [N] which prompt each response answers
+    prompt_width: int
+    old_log_prob: Optional[torch.Tensor] = None  # [N, R]
+    ref_log_prob: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    token_level_rewards: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
+        tensors = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **tensors)
+
+    def to(self, device: torch.device) -> "RolloutBatch":
+        tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors)
+
+
+def build_rollout_batch(generated: Sequence[Generated], group_index: Sequence[int], pad_id: int) -> RolloutBatch:
+    prompt_width = max(len(g.prompt_ids) for g in generated)
+    response_width = max(1, max(g.num_tokens for g in generated))
+    n = len(generated)
+    ids = torch.full((n, prompt_width + response_width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    response_mask = torch.zeros((n, response_width), dtype=torch.float32)
+    for i, g in enumerate(generated):
+        p = len(g.prompt_ids)
+        ids[i, prompt_width - p : prompt_width] = torch.tensor(g.prompt_ids)
+        mask[i, prompt_width - p : prompt_width] = 1
+        if g.token_ids:
+            ids[i, prompt_width : prompt_width + g.num_tokens] = torch.tensor(g.token_ids)
+            mask[i, prompt_width : prompt_width + g.num_tokens] = 1
+            response_mask[i, : g.num_tokens] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return RolloutBatch(ids, mask, position_ids, response_mask, torch.tensor(list(group_index)), prompt_width)
+
+
+def _response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    width = batch.response_mask.shape[1]
+    # Position t predicts token t + 1: the response tokens are predicted from P - 1 .. P + R - 2.
+    return out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width]
+
+
+def response_log_probs(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    logits = _response_logits(model, batch).float()
+    targets = batch.input_ids[:, batch.prompt_width :]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def response_values(critic: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """A token-classification model with one label: the value of the state before each token."""
+    return _response_logits(critic, batch).float().squeeze(-1)
+
+
+@torch.no_grad()
+def forward_in_micro_batches(fn: Callable, model: torch.nn.Module, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    outs = [fn(model, batch.select(slice(i, i + micro_batch_size))) for i in range(0, len(batch), micro_batch_size)]
+    model.train(was_training)
+    return torch.cat(outs)
+
+
+def _global_count(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def loss_denominator(mode: str, mask: torch.Tensor, device: torch.device) -> float:
+    """Global tokens (token-mean) or global sequences (seq-mean-*) of a mini-batch."""
+    local = float(mask.sum()) if mode == "token-mean" else float(mask.shape[0])
+    return _global_count(local, device)
+
+
+@dataclass
+class UpdateSettings:
+    micro_batch_size: int
+    ppo_epochs: int
+    mini_batches: int
+    clip_grad: float
+    world_size: int
+    seed: int  # shuffles mini-batches reproducibly
+
+
+def _mini_batches(n: int, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if count > 1 else torch.arange(n)
+    return [chunk for chunk in order.chunk(count) if len(chunk)]
+
+
+def _optimizer_step(model, optimizer, scheduler, clip_grad: float) -> tuple[torch.Tensor, bool]:
+    grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
+    finite = bool(torch.isfinite(grad_norm))  # the norm is global: every rank decides alike
+    if finite:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def update_policy(
+    actor: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batch: RolloutBatch,
+    policy_loss: Callable,
+    loss_cfg: core_algos.PolicyLossConfig,
+    kl_coef: float,
+    kl_estimator: str,
+    settings: UpdateSettings,
+    step: int,
+) -> dict[str, float]:
+    device = batch.input_ids.device
+    generator = torch.Generator().manual_seed(settings.seed * 7919 + step)
+    sums: dict[str, float] = {}
+    counts = 0
+    skipped = 0
+    actor.train()
+    for _ in range(settings.ppo_epochs):
+        for index in _mini_batches(len(batch), settings.mini_batches, generator):
+            mini = batch.select(index)
+            denominator = loss_denominator(loss_cfg.loss_agg_mode, mini.response_mask, device)
+            for i in range(0, len(mini), settings.micro_batch_size):
+                micro = mini.select(slice(i, i + settings.micro_batch_size))
+                log_prob = response_log_probs(actor, micro)
+                pg_loss, metrics = policy_loss(micro.old_log_prob, log_prob, micro.advantages, micro.response_mask, loss_cfg, denominator)
+                loss = pg_loss
+                if kl_coef > 0:
+                    kl = core_algos.kl_penalty(log_prob, micro.ref_log_prob, kl_estimator)
+                    kl_loss = core_algos.agg_loss(kl, micro.response_mask, loss_cfg.loss_agg_mode, denominator,
+                                                  max_response_length=loss_cfg.max_response_length)
+                    loss = loss + kl_coef * kl_loss
+                    metrics["kl_loss"] = kl_loss.detach()
+                # FSDP averages gradients over ranks; the loss is already a global mean.
+                (loss * settings.world_size).backward()
+                metrics["pg_loss"] = pg_loss.detach()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                counts += 1
+            grad_norm, finite = _optimizer_step(actor, optimizer, scheduler, settings.clip_grad)
+            skipped += not finite
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+    steps = settings.ppo_epochs * settings.mini_batches
+    out = {f"actor/{k}": v / counts for k, v in sums.items() if k != "grad_norm"}
+    # pg_loss was summed over micro-batches of a mini-batch (each a share of its loss).
+    out["actor/pg_loss"] = sums.get("pg_loss", 0.0) / steps
+    out["actor/grad_norm"] = sums.get("grad_norm", 0.0) / steps
+    out["actor/skipped_updates"] = float(skipped)
+    return out
+
+
+def update_critic(
+    critic: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: RolloutBatch,
+    cliprange_value: float,
+    loss_agg_mode: str,
+    settings: UpdateSettings,
+    step: int,
+) -> dict[str, float]:
+    device = batch.input_ids.device
+    generator = torch.Generator().manual_seed(settings.seed * 104729 + step)
+    loss_sum, clipfrac_sum, counts, grad_norm_sum = 0.0, 0.0, 0, 0.0
+    critic.train()
+    for _ in range(settings.ppo_epochs):
+        for index in _mini_batches(len(batch), settings.mini_batches, generator):
+            mini = batch.select(index)
+            denominator = loss_denominator(loss_agg_mode, mini.response_mask, device)
+            for i in range(0, len(mini), settings.micro_batch_size):
+                micro = mini.select(slice(i, i + settings.micro_batch_size))
+                values = response_values(critic, micro)
+                loss, metrics = core_algos.value_loss(values, micro.returns, micro.values, micro.response_mask,
+                                                      cliprange_value, loss_agg_mode, denominator,
+                                                      max_response_length=micro.response_mask.shape[1])
+                (loss * settings.world_size).backward()
+                loss_sum += float(loss)
+                clipfrac_sum += float(metrics["vf_clipfrac"])
+                counts += 1
+            grad_norm, _ = _optimizer_step(critic, optimizer, None, settings.clip_grad)
+            grad_norm_sum += float(grad_norm)
+    steps = settings.ppo_epochs * settings.mini_batches
+    return {"critic/vf_loss": loss_sum / steps, "critic/vf_clipfrac": clipfrac_sum / counts, "critic/grad_norm": grad_norm_sum / steps}
