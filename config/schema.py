@@ -61,6 +61,11 @@ class DataConfig:
         "from length-sorted sequences instead of `micro_batch_size_per_gpu` sequences.",
         None,
     )
+    group_by_length: bool = doc(
+        "Fill each global batch with examples of similar length (shuffled mega-batches, as HF "
+        "Trainer's group_by_length): almost no padding. Batches stay random across the epoch.",
+        True,
+    )
     shuffle: bool = doc("Shuffle training examples each epoch (seeded, resumable).", True)
 
     def check(self) -> None:
@@ -238,10 +243,17 @@ class SFTConfig:
         self.generation.check()
         self.trainer.check()
         self.samples.check()
-        per_step = self.data.micro_batch_size_per_gpu * world_size
-        _require(
-            self.data.train_batch_size % per_step == 0,
-            "data.train_batch_size",
-            f"{self.data.train_batch_size} is not divisible by micro_batch_size_per_gpu × world_size "
-            f"= {self.data.micro_batch_size_per_gpu} × {world_size}",
-        )
+        if self.data.max_token_len_per_gpu is None:
+            per_step = self.data.micro_batch_size_per_gpu * world_size
+            _require(
+                self.data.train_batch_size % per_step == 0,
+                "data.train_batch_size",
+                f"{self.data.train_batch_size} is not divisible by micro_batch_size_per_gpu × world_size "
+                f"= {self.data.micro_batch_size_per_gpu} × {world_size}",
+            )
+        else:  # micro-batches are cut by tokens; ranks still get equal numbers of sequences
+            _require(
+                self.data.train_batch_size % world_size == 0,
+                "data.train_batch_size",
+                f"{self.data.train_batch_size} is not divisible by the world size {world_size}",
+            )

@@ -244,6 +244,14 @@ class MicroBatch:
     def num_loss_tokens(self) -> int:
         return sum(e.num_loss_tokens for e in self.examples)
 
+    @property
+    def num_real_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def num_padded_tokens(self) -> int:
+        return self.input_ids.numel()
+
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(
             self.input_ids.to(device, non_blocking=True),
@@ -274,40 +282,124 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> list
     return torch.randperm(num_examples, generator=g).tolist()
 
 
+MEGABATCH_FACTOR = 50  # as HF Trainer's LengthGroupedSampler
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order in which each run of `batch_size` holds examples of similar length.
+
+    The data are shuffled, cut into mega-batches of 50 batches, each sorted by length and cut
+    into batches; then the batches are shuffled. Every epoch differs, every run with the same
+    seed is the same, and a global batch is almost free of padding.
+    """
+    order = epoch_order(len(lengths), seed, epoch, True)
+    mega = batch_size * MEGABATCH_FACTOR
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
+    return [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]]
+
+
+def balanced_shares(batch: Sequence[int], lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split a global batch over ranks with equal counts and near-equal token sums.
+
+    Longest first, each to the rank with the fewest tokens that still has room: every rank
+    then spends about the same time per step, whatever the length skew.
+    """
+    per_rank = len(batch) // world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    for i in sorted(batch, key=lambda i: (-lengths[i], i)):
+        open_ranks = [r for r in range(world_size) if len(shares[r]) < per_rank]
+        r = min(open_ranks, key=lambda r: (tokens[r], r))
+        shares[r].append(i)
+        tokens[r] += lengths[i]
+    return shares
+
+
+def token_budget_groups(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Length-sorted micro-batches whose padded size (longest × count) stays within `budget`."""
+    groups: list[list[int]] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(i)  # sorted longest first: the group's first member is its longest
+        else:
+            groups.append([i])
+    return groups
+
+
+def split_to_count(groups: list[list[int]], count: int) -> list[list[int]]:
+    """Split the largest groups until there are `count` (every rank runs as many forwards)."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        k = max(range(len(groups)), key=lambda k: (len(groups[k]), -k))
+        if len(groups[k]) < 2:
+            break
+        g = groups.pop(k)
+        groups[k:k] = [g[: len(g) // 2], g[len(g) // 2 :]]
+    return groups
+
+
 class SFTBatches:
     """The global batches of an epoch, and one rank's micro-batches of each.
 
     A global batch is `train_batch_size` examples (the last incomplete one is dropped). It is
-    split across ranks, then into micro-batches. Batches are a pure function of (seed, epoch,
-    index), so resuming at any batch needs no iteration over the data.
+    split over ranks balanced by tokens, then into micro-batches: `micro_batch_size_per_gpu`
+    sequences of similar length, or, with `max_token_len_per_gpu`, as many as fit the token
+    budget. Every rank computes every rank's plan (no communication) and all run the same
+    number of forwards. Batches are a pure function of (seed, epoch, index), so resuming at
+    any batch needs no iteration over the data. The loss is normalised by the global count of
+    target tokens, so none of this changes what is learned.
     """
 
     def __init__(self, examples: list[Example], cfg: DataConfig, seed: int, rank: int, world_size: int, pad_id: int):
         self.examples = examples
+        self.lengths = [len(e.input_ids) for e in examples]
         self.cfg = cfg
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.pad_id = pad_id
         self.steps_per_epoch = len(examples) // cfg.train_batch_size
+        self._order: tuple[int, list[int]] = (-1, [])
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"data.train_batch_size={cfg.train_batch_size} is larger than the training set ({len(examples)} examples)"
             )
 
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            if self.cfg.group_by_length and self.cfg.shuffle:
+                order = length_grouped_order(self.lengths, self.cfg.train_batch_size, self.seed, epoch)
+            else:
+                order = epoch_order(len(self.examples), self.seed, epoch, self.cfg.shuffle)
+            self._order = (epoch, order)
+        return self._order[1]
+
     def global_batch(self, epoch: int, index: int) -> list[int]:
-        order = epoch_order(len(self.examples), self.seed, epoch, self.cfg.shuffle)
         size = self.cfg.train_batch_size
-        return order[index * size : (index + 1) * size]
+        return self._epoch_order(epoch)[index * size : (index + 1) * size]
 
     def rank_share(self, batch: list[int]) -> list[int]:
-        per_rank = len(batch) // self.world_size
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return balanced_shares(batch, self.lengths, self.world_size)[self.rank]
+
+    def plan(self, epoch: int, index: int) -> list[list[int]]:
+        """This rank's micro-batches of step `index` of `epoch`, as example indices."""
+        shares = balanced_shares(self.global_batch(epoch, index), self.lengths, self.world_size)
+        budget = self.cfg.max_token_len_per_gpu
+        if budget is None:
+            size = self.cfg.micro_batch_size_per_gpu
+            mine = sorted(shares[self.rank], key=lambda i: (-self.lengths[i], i))
+            return [mine[i : i + size] for i in range(0, len(mine), size)]
+        per_rank = [token_budget_groups(share, self.lengths, budget) for share in shares]
+        count = max(len(groups) for groups in per_rank)
+        return split_to_count(per_rank[self.rank], count)
 
     def micro_batches(self, epoch: int, index: int) -> list[MicroBatch]:
-        mine = [self.examples[i] for i in self.rank_share(self.global_batch(epoch, index))]
-        size = self.cfg.micro_batch_size_per_gpu
-        return [collate(mine[i : i + size], self.pad_id) for i in range(0, len(mine), size)]
+        return [collate([self.examples[i] for i in group], self.pad_id) for group in self.plan(epoch, index)]
 
 
 def validation_micro_batches(examples: list[Example], micro_batch_size: int, rank: int, world_size: int, pad_id: int) -> list[MicroBatch]:

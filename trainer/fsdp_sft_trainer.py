@@ -10,7 +10,7 @@ samples from a gathered full copy of the model and logs them to the console and 
 from __future__ import annotations
 
 import logging
-import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -49,6 +49,13 @@ from workers.model import load_config, load_tokenizer
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
 
 def token_loss_sum(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
@@ -177,12 +184,13 @@ class FSDPSFTTrainer:
         start = time.perf_counter()
         self.model.train()
         local = torch.tensor(
-            [sum(mb.num_loss_tokens for mb in micro_batches), sum(int(mb.attention_mask.sum()) for mb in micro_batches)],
+            [sum(mb.num_loss_tokens for mb in micro_batches), sum(mb.num_real_tokens for mb in micro_batches),
+             sum(mb.num_padded_tokens for mb in micro_batches)],
             dtype=torch.float64, device=self.device,
         )
         # One collective: every rank divides by the same global token count, so the loss (and
         # gradient) of a global batch does not depend on how it is split over ranks and micro-batches.
-        loss_tokens, real_tokens = all_reduce_sum(local).tolist()
+        loss_tokens, real_tokens, padded_tokens = all_reduce_sum(local).tolist()
         loss_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
             loss = token_loss_sum(self.model, mb.to(self.device)) / max(loss_tokens, 1.0)
@@ -203,6 +211,8 @@ class FSDPSFTTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm,
             "train/tokens_per_second": real_tokens / (time.perf_counter() - start),
+            "train/padding_fraction": 1.0 - real_tokens / max(padded_tokens, 1.0),
+            "train/peak_memory_mb": peak_memory_mb(self.device),
             "train/skipped_steps": self.skipped_steps,
             "train/epoch": self.epoch,
         }

@@ -64,10 +64,13 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, t
     two = tmp_path / "two"
     run_module(MODULE, args(tiny_model, tiny_data, one, *common, "data.micro_batch_size_per_gpu=2"), nproc=1)  # 1 × 4 micro
     run_module(MODULE, args(tiny_model, tiny_data, two, *common, "data.micro_batch_size_per_gpu=2"), nproc=2)  # 2 × 2 micro
-    a, b = read_metrics(one), read_metrics(two)
+    budget = tmp_path / "budget"  # 2 ranks, micro-batches cut by a token budget instead of a count
+    run_module(MODULE, args(tiny_model, tiny_data, budget, *common, "data.max_token_len_per_gpu=48"), nproc=2)
+    a, b, c = read_metrics(one), read_metrics(two), read_metrics(budget)
     for step in (1, 2, 3):
-        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5)
-        assert a[step]["train/grad_norm"] == pytest.approx(b[step]["train/grad_norm"], rel=1e-4)
+        for other in (b, c):
+            assert a[step]["train/loss"] == pytest.approx(other[step]["train/loss"], rel=1e-5)
+            assert a[step]["train/grad_norm"] == pytest.approx(other[step]["train/grad_norm"], rel=1e-4)
 
 
 def test_resume_from_an_epoch_boundary_continues_with_the_next_epoch(tiny_model, tiny_data, tmp_path):
@@ -90,7 +93,7 @@ def test_resume_from_an_epoch_boundary_continues_with_the_next_epoch(tiny_model,
 
 
 def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path):
-    common = ["trainer.total_epochs=30", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=4", "trainer.save_freq=10",
+    common = ["trainer.total_epochs=30", "data.train_batch_size=16", "data.max_token_len_per_gpu=40", "trainer.save_freq=10",
               "trainer.max_val_samples=0", "trainer.test_freq=-1", "trainer.export_hf_model=false", "trainer.max_ckpt_to_keep=2"]
     reference = tmp_path / "reference"
     run_module(MODULE, args(tiny_model, tiny_data, reference, *common), nproc=2)
