@@ -167,10 +167,17 @@ class AlertConfig:
     collapse_similarity: float = doc("Collapse: mean similarity between different prompts' generations above this.", 0.9)
     metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
     length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
+    drift_share: float = doc(
+        "Drift: share of prompts whose generation changed since the previous event, right after an "
+        "event where at most `stable_share` changed (each prompt keeps its own seed, so only the "
+        "model can change an answer).",
+        0.4,
+    )
+    stable_share: float = doc("Drift: the previous event counts as stable when at most this share changed.", 0.2)
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
 
     def check(self) -> None:
-        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity"):
+        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share"):
             value = getattr(self, name)
             _require(0 < value <= 1, f"samples.alerts.{name}", f"must be in (0, 1], got {value}")
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")

@@ -2,8 +2,8 @@
 
 The point of logging samples is to see a regression before the loss shows it. Each sample gets
 signals (length, hit-the-limit, repetition, exact match, similarity to the same prompt's previous
-generation); each event is checked against alert rules (degeneration, collapse, a drop in exact
-match or reward against the run's best, a sudden length change). An alert is a log warning
+generation); each event is checked against alert rules (degeneration, collapse, drift of settled
+answers, a drop in exact match or reward against the run's best, a sudden length change). An alert is a log warning
 naming the rule, the prompt and the step, a tracker metric, and a record the report shows.
 
 The file is append-only, one JSON object per line, written per event with a flush and fsync.
@@ -68,6 +68,7 @@ class _Series:
     best_exact_match: Optional[float] = None
     best_reward: dict[str, float] = field(default_factory=dict)
     previous_mean_length: Optional[float] = None
+    previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
 
 
 # ----------------------------------------------------------------------------- file
@@ -85,6 +86,14 @@ def read_records(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def _change_share(series: _Series, pids, generations) -> Optional[float]:
+    """Share of prompts (seen before) whose generation differs from their previous one."""
+    seen = [(pid, g) for pid, g in zip(pids, generations) if pid in series.previous_generation]
+    if not seen:
+        return None
+    return sum(series.previous_generation[pid] != g for pid, g in seen) / len(seen)
 
 
 class SampleHistory:
@@ -112,6 +121,9 @@ class SampleHistory:
     @staticmethod
     def _remember(series: _Series, pids, generations, matches, rewards, lengths) -> None:
         series.events += 1
+        share = _change_share(series, pids, generations)
+        if share is not None:
+            series.previous_change_share = share
         series.previous_generation.update(zip(pids, generations))
         matches = [m for m in matches if m is not None]
         if matches:
@@ -176,6 +188,13 @@ class SampleHistory:
             mean_sim = sum(similarity(a, b) for a, b in pairs) / len(pairs)
             if mean_sim > r.collapse_similarity:
                 alerts.append(Alert("collapse", f"different prompts get near-identical generations (mean similarity {mean_sim:.2f})"))
+        share = _change_share(series, [s.prompt_id for s in samples], [s.generation for s in samples])
+        if share is not None and series.previous_change_share is not None:
+            # Each prompt keeps its seed, so a changed answer means a changed model. Answers that
+            # had settled and now move together are the earliest sign of a regression.
+            if series.previous_change_share <= r.stable_share and share >= r.drift_share:
+                alerts.append(Alert("drift", f"{share:.0%} of answers changed after a stable event "
+                                             f"({series.previous_change_share:.0%} changed before)"))
         if series.events >= r.min_history:
             matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
             if matches and series.best_exact_match is not None:

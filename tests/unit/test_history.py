@@ -89,3 +89,16 @@ def test_resume_drops_later_records_and_a_torn_line_and_remembers_the_past(tmp_p
     assert any(a.startswith("exact_match_drop") for a in ev.alerts)  # best so far came from before the resume
     lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
     assert all(json.loads(l) for l in lines) and [json.loads(l)["step"] for l in lines if '"sample"' in l] == [10, 20]
+
+
+def test_drift_fires_when_settled_answers_move_together(tmp_path):
+    history = SampleHistory(tmp_path, AlertConfig(drift_share=0.4, stable_share=0.2))
+    answers = ["1", "2", "3", "4", "5"]
+    record(history, 1, ["a", "b", "c", "d", "e"])
+    ev, _ = record(history, 2, answers)  # everything changes while learning: not stable yet
+    assert not [a for a in ev.alerts if a.startswith("drift")]
+    ev, _ = record(history, 3, answers)  # settled
+    assert not [a for a in ev.alerts if a.startswith("drift")]
+    ev, metrics = record(history, 4, ["1", "2", "x", "y", "5"])  # 40% moved at once
+    assert [a for a in ev.alerts if a.startswith("drift")] == ["drift: 40% of answers changed after a stable event (0% changed before)"]
+    assert metrics["val/alert/drift"] == 1.0
