@@ -64,7 +64,6 @@ def _merge_error(err: OmegaConfBaseException) -> ConfigError:
         return ConfigError(f"{key}: unknown key (check the spelling; `+{key}=...` cannot add keys the schema lacks)")
     if isinstance(err, ValidationError):
         value = getattr(err, "value", None)
-        expected = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
         msg = str(err).splitlines()[0]
         return ConfigError(f"{key}: wrong type ({msg})" if value is None else f"{key}: {value!r} is the wrong type ({msg})")
     return ConfigError(f"{key}: {str(err).splitlines()[0]}")

@@ -107,7 +107,7 @@ class RolloutConfig:
     temperature: float = doc("Sampling temperature of rollouts.", 1.0)
     top_k: int = doc("Top-k of rollouts (0: off).", 0)
     top_p: float = doc("Top-p of rollouts.", 1.0)
-    val_do_sample: bool = doc("Sample validation responses (false: greedy).", False)
+    val_do_sample: bool = doc("Sample validation responses at the rollout settings, one fixed seed per prompt (false: greedy).", False)
 
     def check(self) -> None:
         _require(self.responses_per_prompt > 0, "rollout.responses_per_prompt", "must be > 0")

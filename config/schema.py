@@ -56,9 +56,15 @@ class DataConfig:
     micro_batch_size_per_gpu: int = doc(
         "Sequences per forward/backward on one rank; gradient accumulation makes up the rest.", 4
     )
+    use_dynamic_bsz: bool = doc(
+        "Cut each rank's share of a step into micro-batches by tokens (as many length-sorted "
+        "sequences as fit `max_token_len_per_gpu`) instead of `micro_batch_size_per_gpu` "
+        "sequences: short examples share a forward, so fewer, fuller forwards (as verl).",
+        True,
+    )
     max_token_len_per_gpu: Optional[int] = doc(
-        "Token budget of one forward on one rank. When set, micro-batches are built by tokens "
-        "from length-sorted sequences instead of `micro_batch_size_per_gpu` sequences.",
+        "Token budget of one forward on one rank with `use_dynamic_bsz`. null: "
+        "`micro_batch_size_per_gpu × max_length`, the memory bound of a fixed micro-batch.",
         None,
     )
     group_by_length: bool = doc(
@@ -68,6 +74,12 @@ class DataConfig:
     )
     shuffle: bool = doc("Shuffle training examples each epoch (seeded, resumable).", True)
 
+    def token_budget(self) -> Optional[int]:
+        """Tokens per forward on one rank, or None for fixed `micro_batch_size_per_gpu` micro-batches."""
+        if not self.use_dynamic_bsz:
+            return None
+        return self.max_token_len_per_gpu or self.micro_batch_size_per_gpu * self.max_length
+
     def check(self) -> None:
         _require(self.train_files not in (None, "", []), "data.train_files", "is required")
         _require(self.max_length > 1, "data.max_length", f"must be > 1, got {self.max_length}")
@@ -75,6 +87,11 @@ class DataConfig:
         _require(self.train_batch_size > 0, "data.train_batch_size", "must be > 0")
         _require(self.micro_batch_size_per_gpu > 0, "data.micro_batch_size_per_gpu", "must be > 0")
         if self.max_token_len_per_gpu is not None:
+            _require(
+                self.use_dynamic_bsz,
+                "data.max_token_len_per_gpu",
+                "is only used with data.use_dynamic_bsz=true (set it, or drop the budget)",
+            )
             _require(
                 self.max_token_len_per_gpu >= self.max_length,
                 "data.max_token_len_per_gpu",
@@ -168,12 +185,13 @@ class AlertConfig:
     metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
     length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
     drift_share: float = doc(
-        "Drift: share of prompts whose generation changed since the previous event, right after an "
-        "event where at most `stable_share` changed (each prompt keeps its own seed, so only the "
+        "Drift: share of prompts whose generation changed since the previous event, right after "
+        "`stable_events` events where at most `stable_share` changed (each prompt keeps its own seed, so only the "
         "model can change an answer).",
         0.4,
     )
-    stable_share: float = doc("Drift: the previous event counts as stable when at most this share changed.", 0.2)
+    stable_share: float = doc("Drift: an event counts as stable when at most this share of answers changed.", 0.2)
+    stable_events: int = doc("Drift: stable events in a row before a sudden change counts (fewer: false alarms while learning).", 2)
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
 
     def check(self) -> None:
@@ -183,6 +201,7 @@ class AlertConfig:
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")
         _require(self.length_change_ratio > 1, "samples.alerts.length_change_ratio", "must be > 1")
         _require(self.min_history >= 1, "samples.alerts.min_history", "must be >= 1")
+        _require(self.stable_events >= 1, "samples.alerts.stable_events", "must be >= 1")
 
 
 @dataclass
@@ -251,6 +270,7 @@ class SFTConfig:
         self.trainer.check()
         self.samples.check()
         if self.data.max_token_len_per_gpu is None:
+            # Also with use_dynamic_bsz: its default budget is defined by micro_batch_size_per_gpu.
             per_step = self.data.micro_batch_size_per_gpu * world_size
             _require(
                 self.data.train_batch_size % per_step == 0,

@@ -80,7 +80,7 @@ THIS = Path(__file__).resolve()
 PEER_INSTALL = "pip install 'sample-aware-trainer[bench]'"
 # The length-aware batching keys: passed only when the trainer's schema has them (older trainers
 # reject unknown keys), so the benchmark also runs against a trainer without them.
-NEW_DATA_KEYS = {"group_by_length": False, "max_token_len_per_gpu": None}  # each with its "off" value
+NEW_DATA_KEYS = {"group_by_length": False, "use_dynamic_bsz": False, "max_token_len_per_gpu": None}  # each with its "off" value
 
 
 # ----------------------------------------------------------------------------- settings
@@ -110,6 +110,7 @@ class Size:
     mem_steps: int
     mem_separate: bool  # False: the memory table reuses the throughput runs (tiny: keeps the test short)
     timeout_s: int
+    switch_rows: bool = True  # measure model.compile and activation checkpointing (tiny: skipped, they only add time)
 
 
 SIZES = {
@@ -123,7 +124,7 @@ SIZES = {
         num_pairs=64, max_length=64, batch=8, median_tokens=14, sigma=0.8, vocab=320,
         hidden=32, layers=2, heads=2, intermediate=64, warmup=1, steps=3, matmul_n=512, matmul_reps=3,
         mem_hidden=32, mem_layers=2, mem_heads=2, mem_intermediate=64, mem_max_length=64, mem_batch=8, mem_steps=4,
-        mem_separate=False, timeout_s=300,
+        mem_separate=False, timeout_s=300, switch_rows=False,
     ),
 }
 LR = 1e-3
@@ -406,17 +407,31 @@ def schema_new_keys() -> dict[str, Any]:
 
 def on_value(key: str, max_length: int) -> Any:
     # A budget of 4 full-length sequences: long examples get micro-batches of their own.
-    return True if key == "group_by_length" else 4 * max_length
+    return 4 * max_length if key == "max_token_len_per_gpu" else True
+
+
+def ours_micro(batch: int, nproc: int) -> int:
+    """The schema's default micro-batch when it divides the batch, else the whole rank share."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from config.schema import DataConfig
+
+    default = DataConfig.__dataclass_fields__["micro_batch_size_per_gpu"].default
+    return default if batch % (default * nproc) == 0 else batch // nproc
 
 
 def key_variants(defaults: dict[str, Any], max_length: int) -> list[tuple[str, dict[str, Any]]]:
     """Extra runs that show what the keys bring: all of them off (when a default turns one on),
-    and each key that is off by default turned on over the defaults."""
+    each key that is on by default turned off alone, and each key that is off by default
+    turned on over the defaults."""
     variants = []
-    if any(v != NEW_DATA_KEYS[k] for k, v in defaults.items()):
+    on_by_default = [k for k, v in defaults.items() if v != NEW_DATA_KEYS[k]]
+    if on_by_default:
         variants.append(("keys off", {k: NEW_DATA_KEYS[k] for k in defaults}))
+    if len(on_by_default) > 1:
+        variants += [(f"{k}={yaml_value(NEW_DATA_KEYS[k])}", {k: NEW_DATA_KEYS[k]}) for k in on_by_default]
     for k, v in defaults.items():
-        if v == NEW_DATA_KEYS[k]:
+        if v == NEW_DATA_KEYS[k] and not (k == "max_token_len_per_gpu" and defaults.get("use_dynamic_bsz")):
             variants.append((f"+ {k}", {k: on_value(k, max_length)}))
     return variants
 
@@ -460,7 +475,7 @@ def run_ours(work: Path, slug: str, model_dir: Path, data_file: Path, nproc: int
     overrides = [
         f"model.partial_pretrain={model_dir}", f"data.train_files={data_file}", "data.val_files=null",
         "data.prompt_key=prompt", "data.response_key=response", f"data.max_length={max_length}",
-        f"data.train_batch_size={batch}", f"data.micro_batch_size_per_gpu={micro or batch // nproc}",
+        f"data.train_batch_size={batch}", f"data.micro_batch_size_per_gpu={micro or ours_micro(batch, nproc)}",
         f"trainer.default_local_dir={run_dir}", "trainer.logger=[file]", "trainer.log_freq=1",
         "trainer.max_val_samples=0", "trainer.export_hf_model=false", "trainer.save_freq=-1",
         "trainer.resume_mode=disable", f"trainer.total_training_steps={total_steps}", "trainer.device=cpu",
@@ -551,7 +566,7 @@ def ours_row(name: str, run: OursRun, assets: Assets, data_values: dict[str, Any
     try:
         real, padded = replay_batches(assets.model_dir, assets.data_file,
                                       {"max_length": size.max_length, "train_batch_size": size.batch,
-                                       "micro_batch_size_per_gpu": size.batch // nproc, **data_values},
+                                       "micro_batch_size_per_gpu": ours_micro(size.batch, nproc), **data_values},
                                       nproc, measured)
     except Exception as err:  # noqa: BLE001 - the trainer's data API may change under us: fall back
         log(f"{name}: could not replay the trainer's batches ({type(err).__name__}: {err}); using its tokens/s")
@@ -783,12 +798,13 @@ def main() -> int:
         ours_runs: dict[str, OursRun] = {}
 
         def ours(name: str, slug: str, nproc: int, values: dict[str, Any], note: str) -> None:
+            # Bare names are data keys; dotted ones (model.compile, ...) are passed as they are.
             log(f"running {name} ...")
-            extra = [f"data.{k}={yaml_value(v)}" for k, v in values.items()]
+            extra = [f"{k if '.' in k else 'data.' + k}={yaml_value(v)}" for k, v in values.items()]
             run = run_ours(work, slug, assets.model_dir, assets.data_file, nproc, size.batch, size.max_length,
                            total_steps, extra, size.timeout_s)
             ours_runs[slug] = run
-            effective = {**new_keys, **values}
+            effective = {**new_keys, **{k: v for k, v in values.items() if "." not in k}}
             rows.append(ours_row(name, run, assets, effective, nproc, size, note))
             log(f"  done in {run.wall_s:.1f}s" + ("" if run.ok else f": {run.error}"))
 
@@ -797,6 +813,12 @@ def main() -> int:
         for i, (label, values) in enumerate(key_variants(new_keys, size.max_length)):
             ours(f"ours 1 proc x 2 threads, {label}", f"ours_1p_variant{i}", 1, values,
                  describe(values) + ("" if label == "keys off" else ", other keys at their defaults"))
+        # Switches that are measured, not assumed to help.
+        if size.switch_rows:
+            ours("ours 1 proc x 2 threads, + torch.compile", "ours_1p_compile", 1, {"model.compile": True},
+                 "model.compile=true, other keys at their defaults")
+            ours("ours 1 proc x 2 threads, + activation checkpointing", "ours_1p_ckpt", 1,
+                 {"model.enable_gradient_checkpointing": True}, "model.enable_gradient_checkpointing=true")
         ours("ours 2 proc x 1 thread (FSDP2, gloo)", "ours_2p", 2, {}, "config defaults; peak RSS of the larger rank")
 
         if peers["trl"] and peers["datasets"]:

@@ -2,8 +2,8 @@
 report at which step the first sample alert fired and at which step validation loss first rose
 10% above its best.
 
-    python scripts/regression_demo.py [--spike-step 600] [--spike-factor 30] [--ramp-steps 200]
-                                      [--steps 1000] [--test-freq 20] [--val-samples 16] [--out DIR]
+    python scripts/regression_demo.py [--spike-step 900] [--spike-factor 30] [--ramp-steps 100]
+                                      [--steps 1200] [--test-freq 20] [--val-samples 16] [--out DIR]
 
 The regression is a learning-rate spike: from `--spike-step` the learning rate ramps up to
 `--spike-factor` times its schedule over `--ramp-steps` steps (a mis-set warm restart, say).
@@ -55,10 +55,10 @@ def first_loss_rise(val_loss: dict[int, float], after: int, rise: float = 0.10) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spike-step", type=int, default=600)
+    parser.add_argument("--spike-step", type=int, default=900)
     parser.add_argument("--spike-factor", type=float, default=30.0)
-    parser.add_argument("--ramp-steps", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--ramp-steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--test-freq", type=int, default=20)
     parser.add_argument("--val-samples", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
@@ -68,7 +68,7 @@ def main() -> None:
     overrides = [
         f"trainer.default_local_dir={run_dir}", "trainer.resume_mode=disable", f"trainer.total_training_steps={args.steps}",
         f"trainer.test_freq={args.test_freq}", f"trainer.max_val_samples={args.val_samples}", "trainer.save_freq=-1",
-        "trainer.logger=[file]", "trainer.export_hf_model=false", "optim.lr_scheduler=constant", "optim.lr_warmup_steps_ratio=0.05",
+        "trainer.logger=[file]", "trainer.export_hf_model=false",
     ]
     with initialize_config_module(config_module="config", version_base="1.3"):
         cfg = compose("sft_trainer", overrides=overrides)
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"first sample alert:      step {first['step']}  [{first['rule']}] {first['message']}")
     else:
         print("first sample alert:      none")
-    print(f"first val-loss rise 10%: " + (f"step {loss_step}  (val/loss {val_loss[loss_step]:.4f}, best before {best:.4f})" if loss_step else "none"))
+    print("first val-loss rise 10%: " + (f"step {loss_step}  (val/loss {val_loss[loss_step]:.4f}, best before {best:.4f})" if loss_step else "none"))
     if after and loss_step:
         lead = validation_steps.index(loss_step) - validation_steps.index(after[0]["step"])
         verdict = "samples warned first" if lead > 0 else ("at the same validation" if lead == 0 else "the loss warned first")

@@ -348,8 +348,9 @@ class SFTBatches:
 
     A global batch is `train_batch_size` examples (the last incomplete one is dropped). It is
     split over ranks balanced by tokens, then into micro-batches: `micro_batch_size_per_gpu`
-    sequences of similar length, or, with `max_token_len_per_gpu`, as many as fit the token
-    budget. Every rank computes every rank's plan (no communication) and all run the same
+    sequences of similar length, or, with `use_dynamic_bsz` (the default), as many as fit the
+    token budget: fewer, fuller forwards (scripts/bench_sft.py measures the gain). Every rank
+    computes every rank's plan (no communication) and all run the same
     number of forwards. Batches are a pure function of (seed, epoch, index), so resuming at
     any batch needs no iteration over the data. The loss is normalised by the global count of
     target tokens, so none of this changes what is learned.
@@ -389,7 +390,7 @@ class SFTBatches:
     def plan(self, epoch: int, index: int) -> list[list[int]]:
         """This rank's micro-batches of step `index` of `epoch`, as example indices."""
         shares = balanced_shares(self.global_batch(epoch, index), self.lengths, self.world_size)
-        budget = self.cfg.max_token_len_per_gpu
+        budget = self.cfg.token_budget()
         if budget is None:
             size = self.cfg.micro_batch_size_per_gpu
             mine = sorted(shares[self.rank], key=lambda i: (-self.lengths[i], i))

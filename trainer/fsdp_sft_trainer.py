@@ -40,7 +40,6 @@ from workers.fsdp import (
     build_sharded_model,
     compile_layers,
     full_grad_norm,
-    gather_full_state_dict,
     param_count,
     resolve_dtypes,
 )

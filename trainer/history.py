@@ -69,6 +69,7 @@ class _Series:
     best_reward: dict[str, float] = field(default_factory=dict)
     previous_mean_length: Optional[float] = None
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
+    stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
 
 
 # ----------------------------------------------------------------------------- file
@@ -118,12 +119,12 @@ class SampleHistory:
                            [r["signals"].get("exact_match") for r in group], [r.get("rewards", {}) for r in group],
                            [r["generated_tokens"] for r in group])
 
-    @staticmethod
-    def _remember(series: _Series, pids, generations, matches, rewards, lengths) -> None:
+    def _remember(self, series: _Series, pids, generations, matches, rewards, lengths) -> None:
         series.events += 1
         share = _change_share(series, pids, generations)
         if share is not None:
             series.previous_change_share = share
+            series.stable_streak = series.stable_streak + 1 if share <= self.rules.stable_share else 0
         series.previous_generation.update(zip(pids, generations))
         matches = [m for m in matches if m is not None]
         if matches:
@@ -189,12 +190,11 @@ class SampleHistory:
             if mean_sim > r.collapse_similarity:
                 alerts.append(Alert("collapse", f"different prompts get near-identical generations (mean similarity {mean_sim:.2f})"))
         share = _change_share(series, [s.prompt_id for s in samples], [s.generation for s in samples])
-        if share is not None and series.previous_change_share is not None:
+        if share is not None and series.stable_streak >= r.stable_events and share >= r.drift_share:
             # Each prompt keeps its seed, so a changed answer means a changed model. Answers that
-            # had settled and now move together are the earliest sign of a regression.
-            if series.previous_change_share <= r.stable_share and share >= r.drift_share:
-                alerts.append(Alert("drift", f"{share:.0%} of answers changed after a stable event "
-                                             f"({series.previous_change_share:.0%} changed before)"))
+            # had settled for a while and now move together are the earliest sign of a regression.
+            alerts.append(Alert("drift", f"{share:.0%} of answers changed after {series.stable_streak} stable events "
+                                         f"({series.previous_change_share:.0%} changed last time)"))
         if series.events >= r.min_history:
             matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
             if matches and series.best_exact_match is not None:

@@ -249,7 +249,7 @@ def svg_chart(
     items = [(name, PALETTE[i % len(PALETTE)], "line") for i, (name, _) in enumerate(series)]
     if markers:
         items.append(("alert", "#d62728", "marker"))
-    rows, x, row = [[]], 0, 0
+    rows, x = [[]], 0
     for item in items:
         w = 34 + 7 * len(item[0])
         if x + w > plot_w and rows[-1]:

@@ -119,6 +119,7 @@ class RLTrainer:
             load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data)[: cfg.data.max_val_prompts]
             if cfg.data.val_files else []
         )
+        self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process
         self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
                                      dist_ctx.rank, dist_ctx.world_size)
         self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
@@ -291,7 +292,17 @@ class RLTrainer:
         if self.dist.is_primary:
             shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if "/reward/" in k)
             log.info("validation at step %d on %d held-out prompts: %s", self.step, len(self.val_prompts), shown)
+        self.validations.append((self.step, metrics))
         return metrics
+
+    def _log_val_change(self) -> None:
+        """One line with what training did to the held-out rewards, first validation to last."""
+        if len(self.validations) < 2 or not self.dist.is_primary:
+            return
+        (first_step, first), (last_step, last) = self.validations[0], self.validations[-1]
+        mode = "sampled" if self.cfg.rollout.val_do_sample else "greedy"
+        changes = ", ".join(f"{k.split('/')[-1]} {first[k]:.3f} -> {last[k]:.3f}" for k in first if "/reward/" in k and k in last)
+        log.info("held-out rewards (%s), step %d -> %d: %s", mode, first_step, last_step, changes)
 
     def log_samples(self, stage: str) -> None:
         """All ranks take part in the gather; rank 0 generates from its copy; the others wait."""
@@ -320,6 +331,7 @@ class RLTrainer:
         log.info("saved checkpoint %s", path)
 
     def finish(self) -> None:
+        self._log_val_change()
         if self.cfg.trainer.export_hf_model:
             export_hf_model(self.actor, self.model_config, self.tokenizer, self.run_dir / "hf_model", self.dist.is_primary,
                             self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)

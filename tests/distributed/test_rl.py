@@ -34,6 +34,7 @@ def check_run(proc, run_dir, first_actor_step=1):
     body = SAMPLE_BLOCK.search(proc.stdout).group(2)
     assert "[Sample 1/2] Prompt: 1+1=" in body and "[Sample 2/2] Prompt: 22+33=" in body
     assert re.search(r"\[Sample 1/2\] Rewards: \{'exact': [01]\.0, 'short': -?[\d.]+\}", body), body
+    assert re.search(r"held-out rewards \((greedy|sampled)\), step \d+ -> 6: exact [\d.]+ -> [\d.]+", proc.stdout + proc.stderr)
     metrics = read_metrics(run_dir)
     for step in range(1, 7):
         keys = ("train/reward_mean", "train/reward/short") + (("actor/pg_loss", "actor/grad_norm") if step >= first_actor_step else ())

@@ -2,7 +2,6 @@
 
 import logging
 
-import pytest
 import torch
 from hydra import compose, initialize_config_module
 

@@ -45,6 +45,7 @@ def test_with_generation_example_has_the_documented_values():
         ("trainer.resume_mode=sometimes", "trainer.resume_mode"),
         ("trainer.logger=[console,graphite]", "trainer.logger"),
         ("data.micro_batch_size_per_gpu=0", "data.micro_batch_size_per_gpu"),
+        ("data.max_token_len_per_gpu=16", "data.max_token_len_per_gpu"),  # below max_length 32
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -52,6 +53,15 @@ def test_bad_values_name_the_key(override, key):
         load([override])
     message = str(err.value)
     assert message.startswith(key) and "\n" not in message
+
+
+def test_token_budget_defaults_to_a_full_micro_batch_and_needs_dynamic_batching():
+    data = load().config.data
+    assert data.token_budget() == data.micro_batch_size_per_gpu * data.max_length
+    assert load(["data.max_token_len_per_gpu=100"]).config.data.token_budget() == 100
+    assert load(["data.use_dynamic_bsz=false"]).config.data.token_budget() is None
+    with pytest.raises(ConfigError, match=r"^data.max_token_len_per_gpu: is only used with data.use_dynamic_bsz=true"):
+        load(["data.use_dynamic_bsz=false", "data.max_token_len_per_gpu=100"])
 
 
 def test_batch_size_must_divide_over_ranks_and_micro_batches():

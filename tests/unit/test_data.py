@@ -106,7 +106,7 @@ def test_list_of_files_and_jsonl(tmp_path, tok):
 def test_batches_are_a_pure_function_of_seed_epoch_and_index(tmp_path, tok):
     rows = [{"prompt": f"{i}+0=", "response": str(i)} for i in range(20)]
     examples = load_sft_examples(str(write_parquet(rows, tmp_path / "d.parquet")), "k", tok, cfg())
-    c = cfg(train_batch_size=8, micro_batch_size_per_gpu=2)
+    c = cfg(train_batch_size=8, micro_batch_size_per_gpu=2, use_dynamic_bsz=False)
     batches = SFTBatches(examples, c, seed=3, rank=0, world_size=2, pad_id=tok.pad_token_id)
     assert batches.steps_per_epoch == 2
     assert batches.global_batch(0, 1) == SFTBatches(examples, c, 3, 1, 2, tok.pad_token_id).global_batch(0, 1)
@@ -114,6 +114,9 @@ def test_batches_are_a_pure_function_of_seed_epoch_and_index(tmp_path, tok):
     shares = [SFTBatches(examples, c, 3, r, 2, tok.pad_token_id).rank_share(batches.global_batch(0, 0)) for r in range(2)]
     assert sorted(shares[0] + shares[1]) == sorted(batches.global_batch(0, 0))
     assert [mb.input_ids.shape[0] for mb in batches.micro_batches(0, 0)] == [2, 2]
+    # The default token budget (2 × max_length) holds all 4 short sequences in one forward.
+    dynamic = SFTBatches(examples, cfg(train_batch_size=8, micro_batch_size_per_gpu=2), 3, 0, 2, tok.pad_token_id)
+    assert [mb.input_ids.shape[0] for mb in dynamic.micro_batches(0, 0)] == [4]
 
 
 def test_uneven_validation_gives_every_rank_the_same_number_of_batches(tmp_path, tok):

@@ -92,13 +92,17 @@ def test_resume_drops_later_records_and_a_torn_line_and_remembers_the_past(tmp_p
 
 
 def test_drift_fires_when_settled_answers_move_together(tmp_path):
-    history = SampleHistory(tmp_path, AlertConfig(drift_share=0.4, stable_share=0.2))
+    history = SampleHistory(tmp_path, AlertConfig(drift_share=0.4, stable_share=0.2, stable_events=2))
     answers = ["1", "2", "3", "4", "5"]
     record(history, 1, ["a", "b", "c", "d", "e"])
     ev, _ = record(history, 2, answers)  # everything changes while learning: not stable yet
     assert not [a for a in ev.alerts if a.startswith("drift")]
-    ev, _ = record(history, 3, answers)  # settled
+    record(history, 3, answers)  # one stable event
+    ev, _ = record(history, 4, ["1", "2", "x", "y", "5"])  # a move after a single stable event: still learning
     assert not [a for a in ev.alerts if a.startswith("drift")]
-    ev, metrics = record(history, 4, ["1", "2", "x", "y", "5"])  # 40% moved at once
-    assert [a for a in ev.alerts if a.startswith("drift")] == ["drift: 40% of answers changed after a stable event (0% changed before)"]
+    record(history, 5, ["1", "2", "x", "y", "5"])
+    record(history, 6, ["1", "2", "x", "y", "5"])  # settled for two events
+    ev, metrics = record(history, 7, ["1", "2", "3", "4", "5"])  # 40% moved at once
+    assert [a for a in ev.alerts if a.startswith("drift")] == [
+        "drift: 40% of answers changed after 2 stable events (0% changed last time)"]
     assert metrics["val/alert/drift"] == 1.0
