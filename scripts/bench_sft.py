@@ -880,7 +880,7 @@ def main() -> int:
         notes.append("Memory: 'peak RSS MB' with the default glibc malloc, which keeps freed buffers in its heap; "
                      "'mmap malloc' with MALLOC_MMAP_THRESHOLD_=65536, which returns allocations over 64 KiB on free, "
                      "so RSS follows live memory. RSS includes ~0.5 GB of Python, torch and transformers.")
-    if new_keys.get("max_token_len_per_gpu", 0) is None:
+    if any(label == "+ max_token_len_per_gpu" for label, _ in key_variants(new_keys, size.max_length)):
         notes.append(f"data.max_token_len_per_gpu={on_value('max_token_len_per_gpu', size.max_length)} is a budget of "
                      "4 full-length sequences per forward.")
     for pkg, version in peers.items():

@@ -61,8 +61,9 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, t
               "trainer.export_hf_model=false", "optim.lr_scheduler=constant"]
     one = tmp_path / "one"
     two = tmp_path / "two"
-    run_module(MODULE, args(tiny_model, tiny_data, one, *common, "data.micro_batch_size_per_gpu=2"), nproc=1)  # 1 × 4 micro
-    run_module(MODULE, args(tiny_model, tiny_data, two, *common, "data.micro_batch_size_per_gpu=2"), nproc=2)  # 2 × 2 micro
+    fixed = ["data.use_dynamic_bsz=false", "data.micro_batch_size_per_gpu=2"]
+    run_module(MODULE, args(tiny_model, tiny_data, one, *common, *fixed), nproc=1)  # 1 × 4 micro
+    run_module(MODULE, args(tiny_model, tiny_data, two, *common, *fixed), nproc=2)  # 2 × 2 micro
     budget = tmp_path / "budget"  # 2 ranks, micro-batches cut by a token budget instead of a count
     run_module(MODULE, args(tiny_model, tiny_data, budget, *common, "data.max_token_len_per_gpu=48"), nproc=2)
     a, b, c = read_metrics(one), read_metrics(two), read_metrics(budget)

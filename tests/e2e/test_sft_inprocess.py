@@ -47,21 +47,22 @@ def test_generation_failure_warns_and_training_finishes(tiny_model, tiny_data, t
 
 def test_non_finite_gradient_skips_the_update_and_the_schedule(tiny_model, tiny_data, tmp_path, monkeypatch):
     real = sft.token_loss_sum
-    calls = {"n": 0}
+    poison = {"on": False}
 
-    def nan_on_step_two(model, batch):
-        calls["n"] += 1
+    def nan_while_poisoned(model, batch):
         loss = real(model, batch)
-        return loss * float("nan") if calls["n"] in (3, 4) else loss  # both micro-batches of step 2
+        return loss * float("nan") if poison["on"] else loss  # every micro-batch of the poisoned step
 
-    monkeypatch.setattr(sft, "token_loss_sum", nan_on_step_two)
+    monkeypatch.setattr(sft, "token_loss_sum", nan_while_poisoned)
     run_dir = tmp_path / "run"
     trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.max_val_samples=0",
                            "optim.lr_warmup_steps_ratio=0.5", "trainer.export_hf_model=false", "trainer.test_freq=-1")
     trainer.train_step(trainer.batches.micro_batches(0, 0))
     after_one = {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
     lr_after_one = trainer.scheduler.get_last_lr()[0]
+    poison["on"] = True
     metrics = trainer.train_step(trainer.batches.micro_batches(0, 1))
+    poison["on"] = False
     assert not torch.isfinite(metrics["train/grad_norm"]) and metrics["train/skipped_steps"] == 1
     assert trainer.scheduler.get_last_lr()[0] == lr_after_one  # the schedule did not move
     for k, v in trainer.model.state_dict().items():
