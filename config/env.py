@@ -138,8 +138,16 @@ def tracker_env(env: Optional[Mapping[str, str]] = None) -> TrackerEnv:
 
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+# Our own keys that contain a marker but hold column names or counts. Anything else with a
+# marker in its name (a reward function's kwargs, an environment variable) is hidden.
+NOT_SECRETS = frozenset({
+    "prompt_key", "response_key", "answer_key", "messages_key", "prompt_dict_keys", "response_dict_keys",
+    "max_new_tokens", "max_token_len_per_gpu",
+})
 
 
 def is_secret_name(name: str) -> bool:
+    if name in NOT_SECRETS:
+        return False
     upper = name.upper()
     return any(marker in upper for marker in SECRET_MARKERS)

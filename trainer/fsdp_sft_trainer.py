@@ -107,11 +107,11 @@ class FSDPSFTTrainer:
         self.tracking = Tracking(
             # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
             [*cfg.trainer.logger, "file"],
-            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env(), cfg.generation.max_print_chars),
+            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env()),
             is_primary=dist_ctx.is_primary,
         )
         history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history)
+        self.sample_logger = SampleLogger(self.tracking, history, cfg.generation.max_print_chars)
         self.replica = ModelReplica(
             self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
             cfg.model.attn_implementation, cfg.model.trust_remote_code,

@@ -1,5 +1,5 @@
-"""Sample events: generations from the primary rank, turned into one event and sent to every
-tracker (console block included) and to the run's sample history.
+"""Sample events: generations from the primary rank, turned into one event, printed to stdout
+in the documented form, and sent to every tracker and to the run's sample history.
 
 SFT validation and RL sample logging both come through `SampleLogger.log`.
 """
@@ -11,8 +11,11 @@ import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from tqdm import tqdm
+
 from trainer.history import SampleHistory, exact_match
 from trainer.tracking import SampleEvent, SampleRecord, Tracking
+from trainer.tracking.console import format_samples
 from workers.generation import Generated, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ def sample_seed(run_seed: int, pid: str) -> int:
 class SampleLogger:
     tracking: Tracking
     history: Optional[SampleHistory] = None
+    max_print_chars: int = 400  # longer texts are cut in the printed block; trackers get them whole
 
     def log(
         self,
@@ -74,6 +78,7 @@ class SampleLogger:
                 metrics[f"{prefix}/reward/{name}"] = sum(r[name] for r in rewards) / len(rewards)
         if self.history is not None:
             metrics.update(self.history.record(event, generations, settings, seeds))
+        tqdm.write(format_samples(event, self.max_print_chars))  # stdout, whatever the trackers
         self.tracking.log_samples(event)
         self.tracking.log_metrics(metrics, step)
         return metrics

@@ -46,8 +46,10 @@ def test_callables_as_reward_functions_are_named_and_scored(tiny_model, rl_data,
         reward_functions=[short, always],
         sample_logging={"enabled": True, "prompts": ["1+1="], "max_new_tokens": 3},
         **{"trainer.default_local_dir": str(tmp_path / "run"), "trainer.total_training_steps": 2, "rollout.max_new_tokens": 3,
-           "rollout.responses_per_prompt": 2, "data.max_val_prompts": 2},
+           "rollout.responses_per_prompt": 2, "data.max_val_prompts": 2,
+           "logging.loggers": ["file"]},  # no console tracker: the sample blocks still reach stdout
     )
     run.train()
     out = capsys.readouterr().out
     assert "[Sample 1/1] Rewards: {'reward_0': " in out and "'reward_1': 0.81}" in out
+    assert "step 1: " not in out  # metric lines are the console tracker's, which is off

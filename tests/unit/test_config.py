@@ -1,12 +1,13 @@
 """Schema, VERL_* environment overrides and their precedence, Hydra composition."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 
 from config.env import env_overrides, log_level
-from config.loading import format_config, override_keys, redact, resolve
+from config.loading import format_config, override_keys, redact, resolve, to_dict
 from config.schema import ConfigError, SFTConfig
 
 
@@ -142,6 +143,25 @@ def test_users_own_yaml_extends_the_base(tmp_path):
     assert typed.trainer.max_val_samples == 10
     assert typed.trainer.default_local_dir == "checkpoints/my_sft_project/with_validation_generation"
     assert typed.optim.lr == 1e-3  # inherited from the base
+
+
+def test_our_own_keys_are_not_mistaken_for_secrets():
+    from config import env as env_module
+    from config.rl_schema import RLConfig
+
+    logged = redact(to_dict(load().config))
+    assert logged["data"]["prompt_key"] == "prompt" and logged["generation"]["max_new_tokens"] == 100
+    # Every schema field whose name looks like a secret must have been looked at and allowed.
+    for root in (SFTConfig, RLConfig):
+        for name in field_names(root):
+            if any(marker in name.upper() for marker in env_module.SECRET_MARKERS):
+                assert name in env_module.NOT_SECRETS, f"{name}: a secret, or add it to NOT_SECRETS"
+
+
+def field_names(cls):
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        yield from field_names(factory) if dataclasses.is_dataclass(factory) else [f.name]
 
 
 def test_secrets_are_redacted():

@@ -62,7 +62,6 @@ class TrackerContext:
     project_name: str
     experiment_name: str
     env: TrackerEnv
-    max_print_chars: int = 400
 
 
 class Tracker:

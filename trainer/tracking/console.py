@@ -1,4 +1,7 @@
-"""Console backend: metric lines and the sample blocks users read in their terminal."""
+"""Console backend: metric lines in the terminal, and the form of the sample blocks.
+
+The sample blocks themselves are printed by `trainer.samples.SampleLogger` on every run, with
+or without this backend: the documented form goes to stdout whatever the trackers are."""
 
 from __future__ import annotations
 
@@ -47,4 +50,4 @@ class ConsoleTracker(Tracker):
         tqdm.write(format_metrics(metrics, step))
 
     def log_samples(self, event: SampleEvent) -> None:
-        tqdm.write(format_samples(event, self.ctx.max_print_chars))
+        """Nothing: `SampleLogger` prints the block to stdout whichever trackers are on."""
