@@ -224,7 +224,7 @@ class RLTrainer:
         a = cfg.algorithm
         batch.advantages, batch.returns = core_algos.get_adv_estimator(a.adv_estimator)(
             core_algos.AdvantageInputs(batch.token_level_rewards, batch.response_mask, batch.group_index, batch.values),
-            core_algos.AdvantageConfig(a.gamma, a.lam, a.norm_adv_by_std_in_grpo),
+            core_algos.AdvantageConfig(a.gamma, a.lam, a.norm_adv_by_std_in_grpo, reduce=all_reduce_sum),
         )
         settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
                                   self.dist.world_size, cfg.trainer.seed)

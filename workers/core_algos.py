@@ -33,6 +33,9 @@ KL_PENALTY_KINDS = ("k1", "k2", "k3", "low_var_kl")
 
 # ----------------------------------------------------------------------------- helpers
 
+SumReduce = Callable[[Tensor], Tensor]  # sums a tensor over all ranks (identity on one rank)
+
+
 def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     """Mean of `x` over positions where `mask` is set; 0 (not NaN) where nothing is set."""
     mask = mask.to(x.dtype)
@@ -41,17 +44,20 @@ def masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
     return total / count.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Optional[SumReduce] = None) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the masked positions, as verl's `masked_whiten`.
 
     The variance is Bessel-corrected like verl's `masked_var(unbiased=True)`; with a
     single valid position the correction is skipped instead of dividing by zero.
     `shift_mean=False` adds the mean back (rescale only). Padded positions come out 0.
+    `reduce` sums a tensor over ranks: the statistics are then those of the global batch (as
+    verl's single driver computes them), not of this rank's share.
     """
+    reduce = reduce or (lambda t: t)
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+    total, n = reduce(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / n.clamp(min=1)
+    var = reduce((((x - mean) ** 2) * mask).sum().reshape(1))[0] / n.clamp(min=1)
     var = var * torch.where(n > 1, n / (n - 1).clamp(min=1), torch.ones_like(n))
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
@@ -133,6 +139,7 @@ class AdvantageConfig:
     lam: float = 1.0
     norm_adv_by_std_in_grpo: bool = True
     epsilon: float = 1e-6
+    reduce: Optional[SumReduce] = None  # batch-wide whitening (GAE, REINFORCE++) over all ranks
 
 
 AdvantageFn = Callable[[AdvantageInputs, AdvantageConfig], "tuple[Tensor, Tensor]"]
@@ -150,7 +157,7 @@ def get_adv_estimator(name: str) -> AdvantageFn:
 @torch.no_grad()
 def compute_gae(
     token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
-    gamma: float, lam: float, whiten: bool = True,
+    gamma: float, lam: float, whiten: bool = True, reduce: Optional[SumReduce] = None,
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over the response tokens.
 
@@ -175,7 +182,7 @@ def compute_gae(
     advantages = advantages * mask
     returns = (advantages + values) * mask
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
     return advantages, returns
 
 
@@ -183,7 +190,7 @@ def compute_gae(
 def compute_gae_advantage(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     if inputs.values is None:
         raise ValueError("advantage estimator 'gae' needs critic values (AdvantageInputs.values)")
-    return compute_gae(inputs.token_level_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam)
+    return compute_gae(inputs.token_level_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam, reduce=cfg.reduce)
 
 
 @register_adv_est("grpo")
@@ -229,7 +236,7 @@ def compute_reinforce_plus_plus_advantage(inputs: AdvantageInputs, cfg: Advantag
     """
     rewards = inputs.token_level_rewards
     returns, _ = compute_gae(rewards, torch.zeros_like(rewards), inputs.response_mask, cfg.gamma, 1.0, whiten=False)
-    return masked_whiten(returns, inputs.response_mask), returns
+    return masked_whiten(returns, inputs.response_mask, reduce=cfg.reduce), returns
 
 
 # ----------------------------------------------------------------------------- policy losses

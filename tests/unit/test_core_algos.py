@@ -330,3 +330,45 @@ def test_registry_errors_list_names():
     assert "dpo" in str(err.value) and "vanilla" in str(err.value) and "gspo" in str(err.value)
     with pytest.raises(ValueError, match="already registered"):
         register_adv_est("grpo")(lambda inputs, cfg: None)
+
+
+class ThreadAllReduce:
+    """Sums a tensor over `n` threads standing in for ranks, in lockstep like dist.all_reduce."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.barrier = threading.Barrier(n)
+        self.lock = threading.Lock()
+        self.total = None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.barrier.wait()
+        with self.lock:
+            self.total = t.clone() if self.total is None else self.total + t
+        self.barrier.wait()
+        out = self.total.clone()
+        self.barrier.wait()
+        self.total = None
+        return out
+
+
+def test_batch_whitening_over_ranks_equals_whitening_the_whole_batch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    rewards, values = torch.randn(6, 5), torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    whole, _ = get_adv_estimator("gae")(AdvantageInputs(rewards, mask, torch.arange(6), values), AdvantageConfig(gamma=0.9, lam=0.8))
+    reduce = ThreadAllReduce(2)
+
+    def rank(r):
+        rows = slice(3 * r, 3 * r + 3)
+        inputs = AdvantageInputs(rewards[rows], mask[rows], torch.arange(3), values[rows])
+        return get_adv_estimator("gae")(inputs, AdvantageConfig(gamma=0.9, lam=0.8, reduce=reduce))[0]
+
+    with ThreadPoolExecutor(2) as pool:
+        shards = list(pool.map(rank, range(2)))
+    assert torch.allclose(torch.cat(shards), whole, atol=1e-5)
+    alone = get_adv_estimator("gae")(AdvantageInputs(rewards[:3], mask[:3], torch.arange(3), values[:3]), AdvantageConfig(gamma=0.9, lam=0.8))[0]
+    assert not torch.allclose(alone, whole[:3], atol=1e-3)  # whitening one share alone would differ
