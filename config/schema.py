@@ -186,12 +186,14 @@ class AlertConfig:
     length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
     drift_share: float = doc(
         "Drift: share of prompts whose generation changed since the previous event, right after "
-        "`stable_events` events where at most `stable_share` changed (each prompt keeps its own seed, so only the "
-        "model can change an answer).",
+        "`stable_events` events where at most `stable_share` changed (each prompt keeps its own "
+        "seed, so only the model can change an answer).",
         0.4,
     )
     stable_share: float = doc("Drift: an event counts as stable when at most this share of answers changed.", 0.2)
-    stable_events: int = doc("Drift: stable events in a row before a sudden change counts (fewer: false alarms while learning).", 2)
+    stable_events: int = doc(
+        "Drift: stable events in a row before a sudden change counts (fewer: false alarms while learning).", 2
+    )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
 
     def check(self) -> None:

@@ -350,9 +350,9 @@ class SFTBatches:
     split over ranks balanced by tokens, then into micro-batches: `micro_batch_size_per_gpu`
     sequences of similar length, or, with `use_dynamic_bsz` (the default), as many as fit the
     token budget: fewer, fuller forwards (scripts/bench_sft.py measures the gain). Every rank
-    computes every rank's plan (no communication) and all run the same
-    number of forwards. Batches are a pure function of (seed, epoch, index), so resuming at
-    any batch needs no iteration over the data. The loss is normalised by the global count of
+    computes every rank's plan (no communication) and all run the same number of forwards.
+    Batches are a pure function of (seed, epoch, index), so resuming at any batch needs no
+    iteration over the data. The loss is normalised by the global count of
     target tokens, so none of this changes what is learned.
     """
 
