@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, however this is launched
-from bench_sft import ROOT, OtherLoad, busy_note, child_env, markdown_table, tail_errors
+from bench_sft import ROOT, OtherLoad, busy_note, child_env, markdown_table, metrics_records, tail_errors
 
 DEMO_MODEL = ROOT / "config" / "demo_assets" / "model"
 DEMO_VAL = ROOT / "config" / "demo_assets" / "arithmetic" / "val.parquet"
@@ -91,14 +91,7 @@ def run_demo(work: Path, max_val_samples: int, steps: int) -> DemoRun:
     except subprocess.TimeoutExpired:
         rc, err = -1, "timed out after 1800s"
     wall, other = time.perf_counter() - start, load.cores()
-    records = []
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    records = metrics_records(run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     train_time = {r["step"]: r["time"] for r in records if "train/loss" in r}
     last_time: dict[int, float] = {}

@@ -382,27 +382,27 @@ def tail_errors(text: str, n: int = 6) -> str:
 
 
 # ----------------------------------------------------------------------------- ours
-def schema_new_keys() -> dict[str, Any]:
-    """{key: effective default} for the new data keys the trainer's schema has (YAML wins over the dataclass)."""
-    import yaml
+def project_path() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
 
-    sys.path.insert(0, str(ROOT))
-    from config import schema
 
-    fields = {f.name: f for f in dataclasses.fields(schema.DataConfig)}
-    yaml_data = (yaml.safe_load((ROOT / "config" / "sft_trainer.yaml").read_text()) or {}).get("data") or {}
-    found = {}
-    for key in NEW_DATA_KEYS:
-        if key not in fields:
-            continue
-        f = fields[key]
-        if key in yaml_data:
-            found[key] = yaml_data[key]
-        elif f.default is not dataclasses.MISSING:
-            found[key] = f.default
-        else:
-            found[key] = f.default_factory()  # type: ignore[misc]
-    return found
+def data_key_defaults() -> dict[str, Any]:
+    """{key: value} of the length-aware data keys in the trainer's composed base config."""
+    project_path()
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        data = compose("sft_trainer").data
+    return {key: data[key] for key in NEW_DATA_KEYS}
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records, read by the project's own reader (a torn line is skipped)."""
+    project_path()
+    from trainer.history import read_records
+
+    return read_records(run_dir / "metrics.jsonl")
 
 
 def on_value(key: str, max_length: int) -> Any:
@@ -412,8 +412,7 @@ def on_value(key: str, max_length: int) -> Any:
 
 def ours_micro(batch: int, nproc: int) -> int:
     """The schema's default micro-batch when it divides the batch, else the whole rank share."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    project_path()
     from config.schema import DataConfig
 
     default = DataConfig.__dataclass_fields__["micro_batch_size_per_gpu"].default
@@ -497,17 +496,11 @@ def run_ours(work: Path, slug: str, model_dir: Path, data_file: Path, nproc: int
         rc, err = -1, f"timed out after {timeout}s"
     wall, other_cores = time.perf_counter() - start, load.cores()
     steps: dict[int, dict[str, float]] = {}
-    metrics_file = run_dir / "metrics.jsonl"
-    if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "train/loss" in record:
-                step = int(record.pop("step"))
-                steps.setdefault(step, {}).update({k: float(v) for k, v in record.items() if k != "time"})
-                steps[step]["_time"] = float(record["time"])
+    for record in metrics_records(run_dir):
+        if "train/loss" in record:
+            step = int(record.pop("step"))
+            steps.setdefault(step, {}).update({k: float(v) for k, v in record.items() if k != "time"})
+            steps[step]["_time"] = float(record["time"])
     rss = {}
     for f in rss_dir.glob("rank*.json"):
         data = json.loads(f.read_text())
@@ -525,7 +518,7 @@ def replay_batches(model_dir: Path, data_file: Path, data_values: dict[str, Any]
     """
     import yaml
 
-    sys.path.insert(0, str(ROOT))
+    project_path()
     from config.schema import DataConfig
     from trainer.data import SFTBatches, load_sft_examples
     from workers.model import load_tokenizer
@@ -780,9 +773,7 @@ def main() -> int:
     peers = peer_status()
     for pkg, version in peers.items():
         log(f"peer {pkg}: {version or 'NOT INSTALLED (' + PEER_INSTALL + ')'}")
-    new_keys = schema_new_keys()
-    missing_keys = [k for k in NEW_DATA_KEYS if k not in new_keys]
-    log(f"trainer schema: new data keys present {list(new_keys) or 'none'}; missing {missing_keys or 'none'}")
+    new_keys = data_key_defaults()
 
     work = Path(tempfile.mkdtemp(prefix=f"bench_sft_{args.size}_"))
     try:
@@ -873,9 +864,6 @@ def main() -> int:
         "real tok/s; attention QK^T/AV FLOPs and padding are left out.",
         "peak RSS: each process records its own ru_maxrss at exit (whole life: imports, load, training, final save).",
     ]
-    if missing_keys:
-        notes.append(f"The trainer's schema has no data.{', data.'.join(missing_keys)} yet: "
-                     + ("only the keys it has were varied." if new_keys else "plain path only (no keys-on/off rows)."))
     if size.mem_separate:
         notes.append("Memory: 'peak RSS MB' with the default glibc malloc, which keeps freed buffers in its heap; "
                      "'mmap malloc' with MALLOC_MMAP_THRESHOLD_=65536, which returns allocations over 64 KiB on free, "
