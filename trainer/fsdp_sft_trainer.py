@@ -29,7 +29,7 @@ from config.loading import redact, resolve, to_dict
 from config.schema import SFTConfig
 from trainer.checkpoint import Checkpointer, export_hf_model
 from trainer.cli import announce_config, finish_run, normalize_config_path, setup_logging, user_errors_exit
-from trainer.data import MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
+from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
@@ -44,7 +44,7 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers.model import load_config, load_tokenizer
+from workers.model import lm_head_rows, load_config, load_tokenizer
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
@@ -58,12 +58,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def token_loss_sum(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    targets = batch.labels[:, 1:]
+    keep = torch.zeros_like(batch.labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE
+    with lm_head_rows(model, keep) as only_targets:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    if only_targets and logits.dim() == 2:
+        return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        batch.labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
@@ -149,8 +152,6 @@ class FSDPSFTTrainer:
             return []
         chosen = self.val_examples[:n]
         size = self.cfg.data.micro_batch_size_per_gpu
-        from trainer.data import collate
-
         return [collate(chosen[i : i + size], self.tokenizer.pad_token_id) for i in range(0, len(chosen), size)]
 
     # ------------------------------------------------------------------ loop

@@ -22,7 +22,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -99,3 +100,25 @@ def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def lm_head_rows(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[bool]:
+    """Within the block, the model's LM head runs only on the hidden states where `keep` ([B, L]
+    bool) is True, so `.logits` comes out as [keep.sum(), vocab] in row-major order.
+
+    In SFT only the response positions have a target: the LM head and the softmax over the
+    vocabulary are a large share of a small model's step, and skipping the prompt and padding
+    saves that much without changing the loss or a gradient. It hooks the module the model
+    returns from `get_output_embeddings()`, so it works for any causal LM that calls its head
+    once on the final hidden states; yields False (and changes nothing) when there is none.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep], *args[1:]))
+    try:
+        yield True
+    finally:
+        handle.remove()

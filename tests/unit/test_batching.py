@@ -18,6 +18,7 @@ from trainer.data import (
     token_budget_groups,
 )
 from trainer.fsdp_sft_trainer import token_loss_sum
+from workers.model import lm_head_rows
 
 
 def skewed_examples(tmp_path, tokenizer, n=40, seed=0):
@@ -96,3 +97,39 @@ def test_dynamic_micro_batches_give_the_loss_and_gradients_of_one_by_one(tmp_pat
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lm_head_on_target_positions_only_gives_the_full_logits_loss_and_gradients(tmp_path, tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = skewed_examples(tmp_path, tok)[:6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    batch = collate(examples, tok.pad_token_id)
+    targets = batch.labels[:, 1:] != -100
+    keep = torch.zeros_like(batch.labels, dtype=torch.bool)
+    keep[:, :-1] = targets
+    with lm_head_rows(model, keep) as hooked:
+        rows = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert hooked and rows.shape == (int(targets.sum()), model.config.vocab_size)
+    assert targets.sum() < targets.numel() / 2  # the prompts and padding are most of the batch
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    def full_logits():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    loss_a, grads_a = loss_and_grads(lambda: token_loss_sum(model, batch))
+    loss_b, grads_b = loss_and_grads(full_logits)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # A micro-batch with no target (a rank's padding share) still runs forward and backward.
+    empty = collate(examples[:2], tok.pad_token_id, zero_loss=True)
+    loss_e, grads_e = loss_and_grads(lambda: token_loss_sum(model, empty))
+    assert loss_e == 0.0 and all(g.abs().sum() == 0 for g in grads_e)
