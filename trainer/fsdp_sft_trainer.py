@@ -190,10 +190,12 @@ class FSDPSFTTrainer:
         )
         # One collective: every rank divides by the same global token count, so the loss (and
         # gradient) of a global batch does not depend on how it is split over ranks and micro-batches.
-        loss_tokens, real_tokens, padded_tokens = all_reduce_sum(local).tolist()
+        # The counts stay on the device: no host synchronisation until metrics are logged.
+        loss_tokens, real_tokens, padded_tokens = all_reduce_sum(local)
+        loss_tokens = loss_tokens.clamp(min=1.0).float()
         loss_total = torch.zeros((), device=self.device)
         for mb in micro_batches:
-            loss = token_loss_sum(self.model, mb.to(self.device)) / max(loss_tokens, 1.0)
+            loss = token_loss_sum(self.model, mb.to(self.device)) / loss_tokens
             # FSDP averages gradients over ranks; the loss is already a global mean.
             (loss * self.dist.world_size).backward()
             loss_total += loss.detach()
@@ -211,7 +213,7 @@ class FSDPSFTTrainer:
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": grad_norm,
             "train/tokens_per_second": real_tokens / (time.perf_counter() - start),
-            "train/padding_fraction": 1.0 - real_tokens / max(padded_tokens, 1.0),
+            "train/padding_fraction": 1.0 - real_tokens / padded_tokens.clamp(min=1.0),
             "train/peak_memory_mb": peak_memory_mb(self.device),
             "train/skipped_steps": self.skipped_steps,
             "train/epoch": self.epoch,
