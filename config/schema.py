@@ -183,6 +183,12 @@ class AlertConfig:
     limit_hit_share: float = doc("Degeneration: share of samples hitting max_new_tokens above this.", 0.5)
     collapse_similarity: float = doc("Collapse: mean similarity between different prompts' generations above this.", 0.9)
     metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
+    noise_z: float = doc(
+        "A drop must also exceed this many standard errors of the difference between the event's mean and "
+        "the best event's mean (from the spread of their samples), so the noise of a few sampled answers "
+        "does not alert; 0 turns this off.",
+        2.0,
+    )
     length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
     drift_share: float = doc(
         "Drift: share of prompts whose generation changed since the previous event, right after "
@@ -201,6 +207,7 @@ class AlertConfig:
             value = getattr(self, name)
             _require(0 < value <= 1, f"samples.alerts.{name}", f"must be in (0, 1], got {value}")
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")
+        _require(self.noise_z >= 0, "samples.alerts.noise_z", "must be >= 0")
         _require(self.length_change_ratio > 1, "samples.alerts.length_change_ratio", "must be > 1")
         _require(self.min_history >= 1, "samples.alerts.min_history", "must be >= 1")
         _require(self.stable_events >= 1, "samples.alerts.stable_events", "must be >= 1")

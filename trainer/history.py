@@ -17,7 +17,9 @@ import difflib
 import itertools
 import json
 import logging
+import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,14 +61,32 @@ class Alert:
     prompt_id: Optional[str] = None  # None: about the whole event
 
 
+@dataclass(frozen=True)
+class _Mean:
+    """One event's mean of a per-sample metric, with the spread needed to tell a drop from noise."""
+
+    value: float
+    variance: float  # of the samples (population), 0 for a single sample
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "_Mean":
+        return cls(sum(values) / len(values), statistics.pvariance(values) if len(values) > 1 else 0.0, len(values))
+
+    def dropped_from(self, best: "_Mean", margin: float, z: float) -> bool:
+        """Below `best` by more than `margin` and, with z > 0, by more than z standard errors."""
+        stderr = math.sqrt(best.variance / best.count + self.variance / self.count)
+        return best.value - self.value > max(margin, z * stderr)
+
+
 @dataclass
 class _Series:
     """What the rules remember about one stream of events (SFT validation, RL samples)."""
 
     events: int = 0
     previous_generation: dict[str, str] = field(default_factory=dict)
-    best_exact_match: Optional[float] = None
-    best_reward: dict[str, float] = field(default_factory=dict)
+    best_exact_match: Optional[_Mean] = None
+    best_reward: dict[str, _Mean] = field(default_factory=dict)
     previous_mean_length: Optional[float] = None
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
@@ -128,11 +148,13 @@ class SampleHistory:
         series.previous_generation.update(zip(pids, generations))
         matches = [m for m in matches if m is not None]
         if matches:
-            mean = sum(matches) / len(matches)
-            series.best_exact_match = mean if series.best_exact_match is None else max(series.best_exact_match, mean)
+            mean = _Mean.of(matches)
+            if series.best_exact_match is None or mean.value > series.best_exact_match.value:
+                series.best_exact_match = mean
         for name in (rewards[0] if rewards else {}):
-            mean = sum(r[name] for r in rewards) / len(rewards)
-            series.best_reward[name] = max(series.best_reward.get(name, mean), mean)
+            mean = _Mean.of([r[name] for r in rewards])
+            if name not in series.best_reward or mean.value > series.best_reward[name].value:
+                series.best_reward[name] = mean
         series.previous_mean_length = sum(lengths) / max(1, len(lengths))
 
     # ------------------------------------------------------------------ one event
@@ -197,14 +219,13 @@ class SampleHistory:
                                          f"({series.previous_change_share:.0%} changed last time)"))
         if series.events >= r.min_history:
             matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
-            if matches and series.best_exact_match is not None:
-                mean = sum(matches) / len(matches)
-                if mean < series.best_exact_match - r.metric_drop:
-                    alerts.append(Alert("exact_match_drop", f"exact match {mean:.2f}, best so far {series.best_exact_match:.2f}"))
+            best = series.best_exact_match
+            if matches and best is not None and (mean := _Mean.of(matches)).dropped_from(best, r.metric_drop, r.noise_z):
+                alerts.append(Alert("exact_match_drop", f"exact match {mean.value:.2f}, best so far {best.value:.2f}"))
             for name, best in series.best_reward.items():
                 values = [s.rewards[name] for s in samples if name in s.rewards]
-                if values and sum(values) / len(values) < best - r.metric_drop:
-                    alerts.append(Alert("reward_drop", f"reward {name} {sum(values) / len(values):.3f}, best so far {best:.3f}"))
+                if values and (mean := _Mean.of(values)).dropped_from(best, r.metric_drop, r.noise_z):
+                    alerts.append(Alert("reward_drop", f"reward {name} {mean.value:.3f}, best so far {best.value:.3f}"))
             if series.previous_mean_length is not None and samples:
                 mean_len = sum(s.signals["length_tokens"] for s in samples) / len(samples)
                 ratio = (mean_len + 1) / (series.previous_mean_length + 1)

@@ -39,7 +39,7 @@ def test_repetition_share_of_repeated_trigrams():
 
 
 def test_records_carry_signals_and_similarity_to_the_previous_generation(tmp_path):
-    history = SampleHistory(tmp_path, AlertConfig())
+    history = SampleHistory(tmp_path, AlertConfig(noise_z=0))  # two samples: any drop counts
     record(history, 10, ["12", "hello world"], references=["12", "x"])
     ev, metrics = record(history, 20, ["13", "hello world"], references=["12", "x"])
     rows = [r for r in read_records(tmp_path / HISTORY_FILE) if r["kind"] == "sample"]
@@ -64,6 +64,20 @@ def test_degeneration_and_collapse_rules(tmp_path, caplog):
     assert "sample alert [degeneration] at step 5 (validation, prompt id0)" in caplog.text
     ev, _ = record(history, 6, ["same answer", "same answer", "same answer"])
     assert any(a.startswith("collapse:") for a in ev.alerts)
+
+
+def test_a_drop_within_the_noise_of_the_sampled_answers_does_not_alert(tmp_path):
+    def exact_match_alerts(config, right_after):
+        history = SampleHistory(tmp_path / f"{config.noise_z}_{right_after}", config)
+        refs = [str(i) for i in range(16)]
+        record(history, 1, [str(i) if i < 10 else "x" for i in range(16)], references=refs)  # 10 of 16 right
+        ev, _ = record(history, 2, [str(i) if i < right_after else "x" for i in range(16)], references=refs)
+        return [a for a in ev.alerts if a.startswith("exact_match_drop")]
+
+    # 10/16 -> 5/16 is a drop of 0.31 > metric_drop, but two standard errors of the difference are 0.34.
+    assert not exact_match_alerts(AlertConfig(), right_after=5)
+    assert exact_match_alerts(AlertConfig(), right_after=2)  # 0.5 below the best: beyond the noise
+    assert exact_match_alerts(AlertConfig(noise_z=0), right_after=5)  # the margin alone
 
 
 def test_reward_drop_and_length_change(tmp_path):
