@@ -185,8 +185,8 @@ class AlertConfig:
     metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
     noise_z: float = doc(
         "A drop must also exceed this many standard errors of the difference between the event's mean and "
-        "the best event's mean (from the spread of their samples), so the noise of a few sampled answers "
-        "does not alert; 0 turns this off.",
+        "the best event's mean (from the spread of their samples), and forgetting this many standard "
+        "deviations of chance flips, so the noise of a few sampled answers does not alert; 0 turns this off.",
         2.0,
     )
     length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
@@ -200,10 +200,17 @@ class AlertConfig:
     stable_events: int = doc(
         "Drift: stable events in a row before a sudden change counts (fewer: false alarms while learning).", 2
     )
+    forgotten_share: float = doc(
+        "Forgetting: share of the prompts once answered right (exact match) `stable_events` times in a row "
+        "that are now answered wrong (at least two, and `noise_z` standard deviations above the run's own "
+        "rate of such flips).",
+        0.4,
+    )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
 
     def check(self) -> None:
-        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share"):
+        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share",
+                     "forgotten_share"):
             value = getattr(self, name)
             _require(0 < value <= 1, f"samples.alerts.{name}", f"must be in (0, 1], got {value}")
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")

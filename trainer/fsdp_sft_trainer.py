@@ -146,11 +146,17 @@ class FSDPSFTTrainer:
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
 
     def _sample_batches(self) -> list[MicroBatch]:
-        """The first validation examples, the same ones at every validation (like with like)."""
+        """The first validation examples with distinct prompts, the same ones at every validation
+        (like with like). A repeated prompt would get the same seed, so the same sample again."""
         n = self.cfg.trainer.max_val_samples
         if n == 0 or not self.val_examples:
             return []
-        chosen = self.val_examples[:n]
+        distinct = {}
+        for e in self.val_examples:
+            distinct.setdefault(tuple(e.prompt_ids), e)
+            if len(distinct) == n:
+                break
+        chosen = list(distinct.values())
         size = self.cfg.data.micro_batch_size_per_gpu
         return [collate(chosen[i : i + size], self.tokenizer.pad_token_id) for i in range(0, len(chosen), size)]
 

@@ -3,7 +3,8 @@
 The point of logging samples is to see a regression before the loss shows it. Each sample gets
 signals (length, hit-the-limit, repetition, exact match, similarity to the same prompt's previous
 generation); each event is checked against alert rules (degeneration, collapse, drift of settled
-answers, a drop in exact match or reward against the run's best, a sudden length change). An alert is a log warning
+answers, right answers forgotten, a drop in exact match or reward against the run's best, a
+sudden length change). An alert is a log warning
 naming the rule, the prompt and the step, a tracker metric, and a record the report shows.
 
 The file is append-only, one JSON object per line, written per event with a flush and fsync.
@@ -90,6 +91,10 @@ class _Series:
     previous_mean_length: Optional[float] = None
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
+    right_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered right
+    mastered: set[str] = field(default_factory=set)  # prompts once answered right `stable_events` times in a row
+    mastered_seen: int = 0  # answers to mastered prompts met so far (prompt x event) ...
+    mastered_lost: int = 0  # ... and how many of them were wrong: the run's rate of chance flips
 
 
 # ----------------------------------------------------------------------------- file
@@ -146,6 +151,15 @@ class SampleHistory:
             series.previous_change_share = share
             series.stable_streak = series.stable_streak + 1 if share <= self.rules.stable_share else 0
         series.previous_generation.update(zip(pids, generations))
+        for pid, match in zip(pids, matches):
+            if match is None:
+                continue
+            if pid in series.mastered:
+                series.mastered_seen += 1
+                series.mastered_lost += match == 0.0
+            series.right_streak[pid] = series.right_streak.get(pid, 0) + 1 if match == 1.0 else 0
+            if series.right_streak[pid] >= self.rules.stable_events:
+                series.mastered.add(pid)
         matches = [m for m in matches if m is not None]
         if matches:
             mean = _Mean.of(matches)
@@ -217,6 +231,17 @@ class SampleHistory:
             # had settled for a while and now move together are the earliest sign of a regression.
             alerts.append(Alert("drift", f"{share:.0%} of answers changed after {series.stable_streak} stable events "
                                          f"({series.previous_change_share:.0%} changed last time)"))
+        mastered = [s for s in samples if s.prompt_id in series.mastered and s.signals["exact_match"] is not None]
+        forgotten = [s for s in mastered if s.signals["exact_match"] == 0.0]
+        # A sampled answer can flip by chance, more often while the model is unsure: the number
+        # forgotten must beat the run's own rate of such flips by `noise_z` standard deviations.
+        chance = (series.mastered_lost + 1) / (series.mastered_seen + 2)
+        expected, spread = len(mastered) * chance, math.sqrt(len(mastered) * chance * (1 - chance))
+        if (len(forgotten) >= 2 and len(forgotten) >= r.forgotten_share * len(mastered)
+                and len(forgotten) > expected + r.noise_z * spread):
+            alerts.append(Alert("forgetting", f"{len(forgotten)} of {len(mastered)} prompts once answered right "
+                                              f"{r.stable_events} times in a row are now wrong (sample "
+                                              f"{', '.join(str(s.index) for s in forgotten)})"))
         if series.events >= r.min_history:
             matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
             best = series.best_exact_match

@@ -2,6 +2,7 @@
 
 import logging
 
+import pyarrow.parquet as pq
 import torch
 from hydra import compose, initialize_config_module
 
@@ -9,7 +10,7 @@ import trainer.fsdp_sft_trainer as sft
 from config.env import DistEnv
 from config.loading import resolve
 from config.schema import SFTConfig
-from helpers import read_metrics
+from helpers import read_metrics, write_parquet
 from trainer.distributed import init_distributed
 
 
@@ -70,3 +71,13 @@ def test_non_finite_gradient_skips_the_update_and_the_schedule(tiny_model, tiny_
     trainer.train_step(trainer.batches.micro_batches(0, 2))
     assert trainer.scheduler.get_last_lr()[0] > lr_after_one
     assert any(not torch.equal(v.full_tensor(), after_one[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_sample_prompts_are_the_first_distinct_ones(tiny_model, tiny_data, tmp_path):
+    rows = pq.read_table(tiny_data["val"]).to_pylist()
+    doubled = [rows[0], rows[0], rows[1], rows[0], rows[2], rows[3]]  # the first prompt three times
+    val = write_parquet(doubled, tmp_path / "val_doubled.parquet")
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", f"data.val_files={val}", "trainer.max_val_samples=3",
+                           "trainer.total_training_steps=1")
+    chosen = [e.prompt_text for mb in trainer.sample_batches for e in mb.examples]
+    assert chosen == [rows[0]["prompt"], rows[1]["prompt"], rows[2]["prompt"]]

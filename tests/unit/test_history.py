@@ -80,6 +80,25 @@ def test_a_drop_within_the_noise_of_the_sampled_answers_does_not_alert(tmp_path)
     assert exact_match_alerts(AlertConfig(noise_z=0), right_after=5)  # the margin alone
 
 
+def test_forgetting_fires_when_answers_right_for_a_while_turn_wrong_together(tmp_path):
+    refs = ["1", "2", "3", "4", "5"]
+
+    def run(events, name, noise_z=2.0):
+        history = SampleHistory(tmp_path / name, AlertConfig(stable_events=2, forgotten_share=0.4, noise_z=noise_z))
+        return [[a for a in record(history, step, texts, references=refs)[0].alerts if a.startswith("forgetting")]
+                for step, texts in enumerate(events, start=1)]
+
+    right = list(refs)
+    alerts = run([right, right, right, right, ["x", "2", "3", "4", "5"], right, ["1", "x", "x", "4", "5"]], "steady")
+    assert not any(alerts[:-1])  # one settled answer wrong is chance
+    assert alerts[-1] and "2 of 5 prompts" in alerts[-1][0] and "sample 2, 3" in alerts[-1][0]
+    # A model whose settled answers keep flipping (sampling while it is unsure): two more flips are its usual noise.
+    unsure = [right, right, ["x", "2", "3", "4", "5"], ["1", "x", "3", "4", "5"], right, ["1", "2", "x", "x", "5"],
+              right, right, ["x", "x", "3", "4", "5"]]
+    assert not any(run(unsure, "unsure"))
+    assert run(unsure, "unsure_no_noise_rule", noise_z=0)[-1]
+
+
 def test_reward_drop_and_length_change(tmp_path):
     history = SampleHistory(tmp_path, AlertConfig(metric_drop=0.2, length_change_ratio=2.0))
     record(history, 1, ["abc", "abd"], rewards=[{"r": 1.0}, {"r": 0.8}], prefix="samples")
