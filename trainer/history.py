@@ -4,8 +4,8 @@ The point of logging samples is to see a regression before the loss shows it. Ea
 signals (length, hit-the-limit, repetition, exact match, similarity to the same prompt's previous
 generation); each event is checked against alert rules (degeneration, collapse, drift of settled
 answers, right answers forgotten, a drop in exact match or reward against the run's best, a
-sudden length change). An alert is a log warning
-naming the rule, the prompt and the step, a tracker metric, and a record the report shows.
+sudden length change). An alert is a log warning naming the rule, the prompt and the step, a
+tracker metric, and a record the report shows.
 
 The file is append-only, one JSON object per line, written per event with a flush and fsync.
 On start, records after the resumed step are dropped (they are about to be generated again) and
