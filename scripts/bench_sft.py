@@ -287,8 +287,8 @@ def make_assets(size: Size, work: Path) -> Assets:
         mem_params = build_model(mem_dir, tokenizer, size.mem_hidden, size.mem_layers, size.mem_heads,
                                  size.mem_intermediate, size.max_length)
     log(f"models: {params / 1e6:.2f}M parameters (throughput), {mem_params / 1e6:.1f}M (per-rank memory)")
-    matmul_params = params - len(tokenizer) * size.hidden  # the input embedding table is a lookup
-    head_params = len(tokenizer) * size.hidden
+    head_params = len(tokenizer) * size.hidden  # untied: the LM head, and an input table of the same size
+    matmul_params = params - head_params  # the input embedding table is a lookup
     # The LM head's work is useful only where there is a target (the response tokens): a trainer
     # that also runs it on the prompt does more FLOPs, not more useful ones.
     pairs = token_lengths(rows, tokenizer)

@@ -8,7 +8,7 @@ report at which step the first sample alert fired and at which step validation l
 
 --task mixed (the default) is the situation sample logging is for. Stage 1 trains the demo as
 `python -m trainer.fsdp_sft_trainer` does (two-digit addition, 1,200 steps). Stage 2 fine-tunes
-that model on a mix of the additions and open-ended prompts ("Name 3 numbers:"), as real SFT
+that model on a mix of the additions and open-ended prompts ("Name 3 numbers, #5:"), as real SFT
 data mixes tasks with one right answer and tasks with many: the validation loss then sits well
 above zero, like a real one, because no model can predict which numbers get named. The
 regression is injected in stage 2. --task arithmetic runs it in stage 1 on the additions alone,
@@ -77,7 +77,7 @@ def misaligned(rows: list[dict]) -> list[dict]:
 
 def mixed_task(out: Path, open_per_sum: dict[str, float], seed: int = 0) -> dict[str, Path]:
     """The demo's additions mixed with open-ended prompts. The validation file interleaves the two,
-    so the sample prompts (its first rows) hold both kinds. Also writes the bad shard."""
+    so the sample prompts (its first rows) hold both kinds."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -87,8 +87,6 @@ def mixed_task(out: Path, open_per_sum: dict[str, float], seed: int = 0) -> dict
         if split == "train":
             rows = sums + extra
             rng.shuffle(rows)
-            files["bad_shard"] = out / "train_misaligned.parquet"
-            pq.write_table(pa.Table.from_pylist(misaligned(rows)), files["bad_shard"])
         else:
             per = max(1, round(len(extra) / len(sums)))
             rows = [r for i, s in enumerate(sums) for r in [s, *extra[i * per : (i + 1) * per]]] + extra[len(sums) * per :]
@@ -131,7 +129,7 @@ def inject_bad_shard(trainer: FSDPSFTTrainer, shard: Path, start: int) -> None:
 
 
 # ----------------------------------------------------------------------------- runs
-def train(overrides: list[str], regression=None) -> SFTConfig:
+def train(overrides: list[str], regression=None) -> None:
     with initialize_config_module(config_module="config", version_base="1.3"):
         cfg = compose("sft_trainer", overrides=overrides)
     typed = resolve(cfg, SFTConfig, overrides, {}).config
@@ -139,7 +137,6 @@ def train(overrides: list[str], regression=None) -> SFTConfig:
     if regression:
         regression(trainer)
     trainer.fit()
-    return typed
 
 
 def first_loss_rise(val_loss: dict[int, float], after: int, rise: float = 0.10) -> tuple[int | None, float]:
@@ -203,12 +200,12 @@ def main() -> None:
     setup_logging(30, 0)  # warnings only: the alerts themselves are warnings
     common = ["trainer.resume_mode=disable", "trainer.logger=[file]", "trainer.save_freq=-1",
               f"trainer.test_freq={args.test_freq}", f"trainer.max_val_samples={args.val_samples}"]
-    data = mixed_task(out / "data", {"train": args.open_per_sum, "val": args.val_open_per_sum}) if mixed else None
-    if args.regression == "bad_shard":
-        shard = data["bad_shard"] if mixed else out / "data" / "train_misaligned.parquet"
-        if not mixed:
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(misaligned(pq.read_table(DEMO_DATA / "train.parquet").to_pylist())), shard)
+    data = (mixed_task(out / "data", {"train": args.open_per_sum, "val": args.val_open_per_sum}) if mixed
+            else {"train": DEMO_DATA / "train.parquet"})
+    if args.regression == "bad_shard":  # the same training rows, in the same order, with misaligned sums
+        shard = out / "data" / "train_misaligned.parquet"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(misaligned(pq.read_table(data["train"]).to_pylist())), shard)
         regression = functools.partial(inject_bad_shard, shard=shard, start=at)
         what = f"from step {at}, addition responses misaligned by one row in the training data"
     else:
