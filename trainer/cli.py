@@ -3,8 +3,10 @@ one-line user errors, and the end of a run (report, trackers)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -98,3 +100,17 @@ def finish_run(run_dir: Path, tracking: Tracking, write_report_file: bool, is_pr
         except Exception as err:  # noqa: BLE001 - the report is optional; the run is done
             log.warning("report failed: %s: %s", type(err).__name__, err)
     tracking.close()
+
+
+def exit_now() -> None:
+    """End a finished run's process here, after the process group is destroyed and the trackers
+    closed: exit hooks run as usual, interpreter finalisation does not.
+
+    Finalisation tears down C++ objects that gloo's worker threads may still reference; a rank
+    then occasionally aborts ("terminate called without an active exception", exit -6) after a
+    clean run, and torchrun reports the whole job failed (seen in fresh-venv test runs).
+    """
+    atexit._run_exitfuncs()  # trackers' and callers' exit hooks (also flushes logging)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

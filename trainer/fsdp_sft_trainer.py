@@ -28,7 +28,7 @@ from config import env as env_config
 from config.loading import redact, resolve, to_dict
 from config.schema import SFTConfig
 from trainer.checkpoint import Checkpointer, export_hf_model
-from trainer.cli import announce_config, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
@@ -345,6 +345,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     sys.argv = normalize_config_path(sys.argv, Path.cwd())
     _hydra_main()
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from config.loading import redact, resolve, to_dict
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
 from trainer.checkpoint import Checkpointer, export_hf_model
-from trainer.cli import announce_config, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
@@ -363,6 +363,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     sys.argv = normalize_config_path(sys.argv, Path.cwd())
     _hydra_main()
+    exit_now()
 
 
 if __name__ == "__main__":
