@@ -415,7 +415,7 @@ def data_key_defaults() -> dict[str, Any]:
 def metrics_records(run_dir: Path) -> list[dict]:
     """A run's metrics.jsonl records, read by the project's own reader (a torn line is skipped)."""
     project_path()
-    from trainer.history import read_records
+    from trainer.tracking.file import read_records
 
     return read_records(run_dir / "metrics.jsonl")
 

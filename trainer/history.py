@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 
 from config.schema import AlertConfig
 from trainer.tracking import SampleEvent
+from trainer.tracking.file import read_records
 from workers.generation import Generated, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -95,23 +96,6 @@ class _Series:
     mastered: set[str] = field(default_factory=set)  # prompts once answered right `stable_events` times in a row
     mastered_seen: int = 0  # answers to mastered prompts met so far (prompt x event) ...
     mastered_lost: int = 0  # ... and how many of them were wrong: the run's rate of chance flips
-
-
-# ----------------------------------------------------------------------------- file
-def read_records(path: Path) -> list[dict]:
-    """Every complete record; a torn or corrupt line is skipped, never fatal."""
-    records = []
-    if not path.exists():
-        return records
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break  # torn last line from a crash
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def _change_share(series: _Series, pids, generations) -> Optional[float]:

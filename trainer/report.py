@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import html
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from trainer.tracking.file import METRICS_FILE, read_metrics
+from trainer.tracking.file import METRICS_FILE, read_metrics, read_records
 
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
@@ -74,38 +73,28 @@ def read_samples(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / SAMPLES_FILE
     samples: dict[tuple, dict] = {}
     alerts: dict[tuple, dict] = {}
-    if not path.exists():
-        return [], []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or "step" not in record:
-                continue
-            try:
-                record["step"] = int(record["step"])
-            except (TypeError, ValueError):
-                continue
-            stage = str(record.get("stage", ""))
-            kind = record.get("kind", "sample" if "generation" in record else None)
-            if kind == "sample":
-                record["index"] = _int(record.get("index"), 0)
-                pid = record.get("prompt_id") or f"#{record.get('prefix', '')}:{record['index']}"
-                record["prompt_id"] = str(pid)
-                key = (record["step"], stage, record["prompt_id"])
-                samples.pop(key, None)  # keep the position of the last copy too
-                samples[key] = record
-            elif kind == "alert":
-                pid = record.get("prompt_id")
-                record["prompt_id"] = None if pid is None else str(pid)
-                key = (record["step"], stage, record["prompt_id"], str(record.get("rule", "")))
-                alerts.pop(key, None)
-                alerts[key] = record
+    for record in read_records(path):
+        if "step" not in record:
+            continue
+        try:
+            record["step"] = int(record["step"])
+        except (TypeError, ValueError):
+            continue
+        stage = str(record.get("stage", ""))
+        kind = record.get("kind", "sample" if "generation" in record else None)
+        if kind == "sample":
+            record["index"] = _int(record.get("index"), 0)
+            pid = record.get("prompt_id") or f"#{record.get('prefix', '')}:{record['index']}"
+            record["prompt_id"] = str(pid)
+            key = (record["step"], stage, record["prompt_id"])
+            samples.pop(key, None)  # keep the position of the last copy too
+            samples[key] = record
+        elif kind == "alert":
+            pid = record.get("prompt_id")
+            record["prompt_id"] = None if pid is None else str(pid)
+            key = (record["step"], stage, record["prompt_id"], str(record.get("rule", "")))
+            alerts.pop(key, None)
+            alerts[key] = record
     sample_list = sorted(samples.values(), key=lambda r: (r["step"], r["index"]))
     alert_list = sorted(alerts.values(), key=lambda r: r["step"])
     return sample_list, alert_list

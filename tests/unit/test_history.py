@@ -6,7 +6,8 @@ import logging
 import pytest
 
 from config.schema import AlertConfig
-from trainer.history import HISTORY_FILE, SampleHistory, read_records, repetition
+from trainer.history import HISTORY_FILE, SampleHistory, repetition
+from trainer.tracking.file import read_records
 from trainer.tracking import SampleEvent, SampleRecord
 from workers.generation import Generated, GenerationSettings
 

@@ -26,7 +26,7 @@ from trainer.tracking.base import (
     Tracking,
     check_available,
 )
-from trainer.tracking.file import read_metrics
+from trainer.tracking.file import read_metrics, read_records
 
 PROJECT = "unit_proj"
 EXPERIMENT = "unit_run"
@@ -378,3 +378,12 @@ def test_non_primary_rank_creates_no_backend_and_writes_nothing(tmp_path):
     tracking.log_artifact(tmp_path / "report.html")
     tracking.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_reader_keeps_every_complete_record_and_survives_any_broken_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    torn = '{"step": 3, "note": "caf\u00e9"}'.encode()[:-3]  # a crash cut the last line inside a character
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n[1, 2]\n{"step": 2, "lo\n{"step": 2, "loss": 0.5}\n' + torn)
+    assert read_records(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    assert read_metrics(tmp_path) == {1: {"loss": 1.0}, 2: {"loss": 0.5}}
+    assert read_records(tmp_path / "missing.jsonl") == []

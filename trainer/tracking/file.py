@@ -35,19 +35,30 @@ class FileTracker(Tracker):
         self._metrics.close()
 
 
-def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
-    """{step: merged metrics}; later records of the same step win; a torn last line is skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    merged: dict[int, dict[str, float]] = {}
-    if not path.exists():
-        return merged
-    with open(path, encoding="utf-8") as handle:
+def read_records(path: Path) -> list[dict]:
+    """Every complete record (a JSON object) of a JSON-lines file; a torn or corrupt line is
+    skipped, never fatal."""
+    records = []
+    if not Path(path).exists():
+        return records
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
+            if not line.endswith("\n"):
+                break  # torn last line from a crash
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            step = int(record.pop("step"))
-            record.pop("time", None)
-            merged.setdefault(step, {}).update(record)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: merged metrics}; later records of the same step win."""
+    merged: dict[int, dict[str, float]] = {}
+    for record in read_records(Path(run_dir) / METRICS_FILE):
+        step = int(record.pop("step"))
+        record.pop("time", None)
+        merged.setdefault(step, {}).update(record)
     return dict(sorted(merged.items()))
