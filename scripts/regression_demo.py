@@ -3,7 +3,7 @@ report at which step the first sample alert fired and at which step validation l
 10% above its best.
 
     python scripts/regression_demo.py [--task mixed|arithmetic] [--regression bad_shard|lr_spike]
-                                      [--at STEP] [--steps N] [--test-freq 20] [--val-samples 16]
+                                      [--at STEP] [--steps N] [--test-freq 20] [--val-samples 16] [--seed 1]
                                       [--out DIR] [key=value ...]
 
 --task mixed (the default) is the situation sample logging is for. Stage 1 trains the demo as
@@ -49,8 +49,8 @@ from trainer.cli import setup_logging  # noqa: E402
 from trainer.data import SFTBatches, load_sft_examples  # noqa: E402
 from trainer.distributed import init_distributed, teardown  # noqa: E402
 from trainer.fsdp_sft_trainer import FSDPSFTTrainer  # noqa: E402
-from trainer.history import HISTORY_FILE, read_records  # noqa: E402
-from trainer.tracking.file import read_metrics  # noqa: E402
+from trainer.history import HISTORY_FILE  # noqa: E402
+from trainer.tracking.file import read_metrics, read_records  # noqa: E402
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "config" / "demo_assets" / "arithmetic"
 
@@ -75,7 +75,7 @@ def misaligned(rows: list[dict]) -> list[dict]:
     return out
 
 
-def mixed_task(out: Path, open_per_sum: dict[str, float], seed: int = 0) -> dict[str, Path]:
+def mixed_task(out: Path, open_per_sum: dict[str, float], seed: int) -> dict[str, Path]:
     """The demo's additions mixed with open-ended prompts. The validation file interleaves the two,
     so the sample prompts (its first rows) hold both kinds."""
     rng = random.Random(seed)
@@ -148,7 +148,8 @@ def first_loss_rise(val_loss: dict[int, float], after: int, rise: float = 0.10) 
     return None, best
 
 
-def report(run_dir: Path, at: int, what: str, test_freq: int, samples: int) -> None:
+def report(run_dir: Path, at: int, what: str, test_freq: int, samples: int) -> str:
+    """Prints what happened in one run; returns it in one line."""
     val_loss = {s: m["val/loss"] for s, m in read_metrics(run_dir).items() if "val/loss" in m}
     alerts = [r for r in read_records(run_dir / HISTORY_FILE) if r["kind"] == "alert"]
     before = [a for a in alerts if a["step"] <= at]
@@ -167,13 +168,18 @@ def report(run_dir: Path, at: int, what: str, test_freq: int, samples: int) -> N
     else:
         print("first sample alert:      none")
     print("first val-loss rise 10%: " + (f"step {loss_step}  (val/loss {val_loss[loss_step]:.4f}, best before {best:.4f})" if loss_step else "none"))
+    summary = (f"first alert {'step ' + str(after[0]['step']) + ' [' + after[0]['rule'] + ']' if after else 'none'}, "
+               f"loss +10% {'step ' + str(loss_step) if loss_step else 'never'}, {len(before)} alerts before the regression")
     if after and loss_step:
         lead = validation_steps.index(loss_step) - validation_steps.index(after[0]["step"])
         verdict = "samples warned first" if lead > 0 else ("at the same validation" if lead == 0 else "the loss warned first")
         print(f"=> {verdict}: {abs(lead)} validation(s) ({loss_step - after[0]['step']} steps) apart")
+        summary += f" => {verdict} by {abs(lead)} validation(s)" if lead else f" => {verdict}"
     elif after:
         print(f"=> samples warned; the validation loss never rose 10% (last {val_loss[validation_steps[-1]]:.4f})")
+        summary += " => samples warned, the loss never rose 10%"
     print(f"report: {run_dir / 'report.html'}")
+    return summary
 
 
 def main() -> None:
@@ -189,6 +195,9 @@ def main() -> None:
     parser.add_argument("--val-samples", type=int, default=16)
     parser.add_argument("--open-per-sum", type=float, default=1.0, help="open-ended rows per addition, training data (mixed)")
     parser.add_argument("--val-open-per-sum", type=float, default=2.0, help="the same in the validation data (mixed)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[1],
+                        help="seed of the run with the regression and of the open-ended rows; several: one run each "
+                             "(stage 1 is trained once) and a summary")
     parser.add_argument("--init", type=Path, default=None, help="a model to start stage 2 from instead of training stage 1")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="more key=value config overrides for the run with the regression")
@@ -200,38 +209,45 @@ def main() -> None:
     setup_logging(30, 0)  # warnings only: the alerts themselves are warnings
     common = ["trainer.resume_mode=disable", "trainer.logger=[file]", "trainer.save_freq=-1",
               f"trainer.test_freq={args.test_freq}", f"trainer.max_val_samples={args.val_samples}"]
-    data = (mixed_task(out / "data", {"train": args.open_per_sum, "val": args.val_open_per_sum}) if mixed
-            else {"train": DEMO_DATA / "train.parquet"})
-    if args.regression == "bad_shard":  # the same training rows, in the same order, with misaligned sums
-        shard = out / "data" / "train_misaligned.parquet"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(misaligned(pq.read_table(data["train"]).to_pylist())), shard)
-        regression = functools.partial(inject_bad_shard, shard=shard, start=at)
+    if args.regression == "bad_shard":
         what = f"from step {at}, addition responses misaligned by one row in the training data"
     else:
-        regression = functools.partial(inject_lr_spike, start=at, factor=args.spike_factor, ramp=args.ramp_steps)
         what = f"learning rate ramping to x{args.spike_factor:g} from step {at} over {args.ramp_steps} steps"
 
+    summaries = {}
     try:
-        if not mixed:
-            run_dir = out / "run"
-            train([f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={steps}",
-                   "trainer.export_hf_model=false", *common, *args.overrides], regression)
-        else:
-            init = args.init
-            if init is None:  # stage 1: the demo, as the main command trains it
-                print("stage 1: training the demo (two-digit addition)", flush=True)
-                train([f"trainer.default_local_dir={out / 'demo'}", *common])
-                init = out / "demo" / "hf_model"
-            print("stage 2: the additions mixed with open-ended prompts, with the regression", flush=True)
-            run_dir = out / "mixed"
-            train([f"trainer.default_local_dir={run_dir}", f"model.partial_pretrain={init}",
-                   f"data.train_files={data['train']}", f"data.val_files={data['val']}", "data.max_length=40",
-                   f"trainer.total_training_steps={steps}", f"optim.lr={args.lr}", "trainer.export_hf_model=false",
-                   *common, *args.overrides], regression)
+        init = args.init
+        if mixed and init is None:  # stage 1: the demo, as the main command trains it
+            print("stage 1: training the demo (two-digit addition)", flush=True)
+            train([f"trainer.default_local_dir={out / 'demo'}", *common])
+            init = out / "demo" / "hf_model"
+        for seed in args.seed:
+            name = ("mixed" if mixed else "run") + (f"_seed{seed}" if len(args.seed) > 1 else "")
+            data_dir = out / "data" / (f"seed{seed}" if len(args.seed) > 1 else "")
+            data = (mixed_task(data_dir, {"train": args.open_per_sum, "val": args.val_open_per_sum}, seed) if mixed
+                    else {"train": DEMO_DATA / "train.parquet"})
+            if args.regression == "bad_shard":  # the same training rows, in the same order, with misaligned sums
+                shard = data_dir / "train_misaligned.parquet"
+                shard.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.Table.from_pylist(misaligned(pq.read_table(data["train"]).to_pylist())), shard)
+                regression = functools.partial(inject_bad_shard, shard=shard, start=at)
+            else:
+                regression = functools.partial(inject_lr_spike, start=at, factor=args.spike_factor, ramp=args.ramp_steps)
+            run_dir = out / name
+            run = [f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={steps}",
+                   f"trainer.seed={seed}", "trainer.export_hf_model=false", *common]
+            if mixed:
+                print(f"stage 2 (seed {seed}): the additions mixed with open-ended prompts, with the regression", flush=True)
+                run += [f"model.partial_pretrain={init}", f"data.train_files={data['train']}",
+                        f"data.val_files={data['val']}", "data.max_length=40", f"optim.lr={args.lr}"]
+            train([*run, *args.overrides], regression)
+            summaries[seed] = report(run_dir, at, what, args.test_freq, args.val_samples)
     finally:
         teardown()
-    report(run_dir, at, what, args.test_freq, args.val_samples)
+    if len(summaries) > 1:
+        print("\nsummary")
+        for seed, line in summaries.items():
+            print(f"seed {seed}: {line}")
 
 
 if __name__ == "__main__":
