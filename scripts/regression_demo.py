@@ -3,8 +3,11 @@ report at which step the first sample alert fired and at which step validation l
 10% above its best.
 
     python scripts/regression_demo.py [--task mixed|arithmetic] [--regression bad_shard|lr_spike]
-                                      [--at STEP] [--steps N] [--test-freq 20] [--val-samples 16] [--seed 1]
-                                      [--out DIR] [key=value ...]
+                                      [--at STEP] [--steps N] [--test-freq 20] [--val-samples 16]
+                                      [--out DIR] [key=value ...] [--seed 1 [2 ...]]
+
+With several seeds, stage 1 is trained once and stage 2 runs once per seed, then one summary line
+per seed shows how robust the lead is (config overrides go before --seed).
 
 --task mixed (the default) is the situation sample logging is for. Stage 1 trains the demo as
 `python -m trainer.fsdp_sft_trainer` does (two-digit addition, 1,200 steps). Stage 2 fine-tunes
@@ -168,16 +171,20 @@ def report(run_dir: Path, at: int, what: str, test_freq: int, samples: int) -> s
     else:
         print("first sample alert:      none")
     print("first val-loss rise 10%: " + (f"step {loss_step}  (val/loss {val_loss[loss_step]:.4f}, best before {best:.4f})" if loss_step else "none"))
-    summary = (f"first alert {'step ' + str(after[0]['step']) + ' [' + after[0]['rule'] + ']' if after else 'none'}, "
-               f"loss +10% {'step ' + str(loss_step) if loss_step else 'never'}, {len(before)} alerts before the regression")
     if after and loss_step:
         lead = validation_steps.index(loss_step) - validation_steps.index(after[0]["step"])
         verdict = "samples warned first" if lead > 0 else ("at the same validation" if lead == 0 else "the loss warned first")
         print(f"=> {verdict}: {abs(lead)} validation(s) ({loss_step - after[0]['step']} steps) apart")
-        summary += f" => {verdict} by {abs(lead)} validation(s)" if lead else f" => {verdict}"
+        verdict += f" by {abs(lead)} validation(s)" if lead else ""
     elif after:
         print(f"=> samples warned; the validation loss never rose 10% (last {val_loss[validation_steps[-1]]:.4f})")
-        summary += " => samples warned, the loss never rose 10%"
+        verdict = "samples warned, the loss never rose 10%"
+    else:
+        verdict = "no sample alert"
+    earlier = (f"earlier alerts: {', '.join(sorted({a['rule'] for a in before}))}, the last at step {before[-1]['step']}"
+               if before else "no earlier alert")
+    summary = (f"{verdict} (first alert {'step ' + str(after[0]['step']) + ' [' + after[0]['rule'] + ']' if after else 'none'}, "
+               f"loss +10% {'at step ' + str(loss_step) if loss_step else 'never'}; {earlier})")
     print(f"report: {run_dir / 'report.html'}")
     return summary
 
