@@ -348,7 +348,7 @@ svg.chart a:hover .alert-marker{stroke-width:3;opacity:1}
 .chart-empty{color:#777;font-style:italic;margin:6px 0}
 #alerts-box{background:#fff5f5;border:1px solid #f0c4c4;border-radius:8px;padding:6px 12px;margin:12px 0}
 #alerts-box summary{font-weight:600;cursor:pointer}
-#alert-list{margin:6px 0;padding-left:22px;max-height:320px;overflow:auto}
+#alert-list{margin:6px 0;padding-left:3.5em;max-height:320px;overflow:auto}
 #alert-list li{margin:2px 0}
 .rule{font-weight:600;color:#b3261e}
 #controls{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;background:#f6f7f9ee;padding:8px 0;border-bottom:1px solid #dde1e7;margin-bottom:8px}
