@@ -56,8 +56,12 @@ class SampleLoggingConfig:
         _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        first_at: dict[str, int] = {}
         for i, p in enumerate(self.prompts):
             _require(isinstance(p, str) and bool(p.strip()), f"{prefix}.prompts[{i}]", "must be non-empty text")
+            # A prompt's sampling seed comes from its text, so a repeat would only repeat a sample.
+            _require(p not in first_at, f"{prefix}.prompts[{i}]", f"repeats prompts[{first_at.get(p)}]")
+            first_at[p] = i
 
     @property
     def effective_prompts(self) -> list[str]:

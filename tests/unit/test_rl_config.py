@@ -29,11 +29,19 @@ def test_sample_logging_defaults_match_the_document():
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": 0}, "temperature"),
         ({"top_p": 1.2}, "top_p"),
+        ({"prompts": ["a", " "]}, r"prompts\[1\]"),
+        ({"prompts": ["a", "b", "a"]}, r"prompts\[2\]"),
     ],
 )
 def test_sample_logging_validation_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=rf"^logging.sample_logging.{field}: "):
         SampleLoggingConfig(**kwargs)
+
+
+def test_a_repeated_sample_prompt_names_its_first_place():
+    # Its seed comes from its text: a repeat would only repeat the first one's sample.
+    with pytest.raises(ConfigError, match=r"^logging.sample_logging.prompts\[2\]: repeats prompts\[0\]$"):
+        SampleLoggingConfig(prompts=["a", "b", "a"])
 
 
 def test_triggers_interval_percentages_and_not_the_last_step():
