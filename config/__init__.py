@@ -4,5 +4,7 @@ The YAML files next to this module are Hydra's config tree (`pkg://config`).
 """
 
 from config.loading import register_resolvers
+from config.verl import register_with_hydra
 
 register_resolvers()
+register_with_hydra()

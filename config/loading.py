@@ -41,6 +41,7 @@ class Resolved:
     config: Any
     from_env: dict[str, str] = field(default_factory=dict)  # dotted key -> variable name
     ignored_env: dict[str, str] = field(default_factory=dict)  # env set, but the command line won
+    notes: list[str] = field(default_factory=list)  # what verl keys did (config.verl), for the log
 
 
 def override_keys(overrides: Iterable[str]) -> set[str]:
@@ -77,14 +78,22 @@ def resolve(
     world_size: int = 1,
     preprocess: Callable[[dict], dict] | None = None,
 ) -> Resolved:
+    """verl's own keys are taken out of the composed config first (`config.verl`, by schema);
+    what they did is returned in `notes`, to be logged."""
+    from config.verl import translator
+
     env = env_module.environ() if env is None else env
     container = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
     container.pop("hydra", None)
-    raw = OmegaConf.create(preprocess(container) if preprocess else container)
-    defaults = OmegaConf.structured(schema)
-
     cli_keys = override_keys(cli_overrides)
     resolved = Resolved(config=None)
+    if preprocess:
+        container = preprocess(container)
+    verl_keys = translator(schema)
+    if verl_keys:
+        resolved.notes = verl_keys(container, world_size, cli_keys).notes
+    raw = OmegaConf.create(container)
+    defaults = OmegaConf.structured(schema)
     for key, (value, variable) in env_module.env_overrides(env).items():
         if OmegaConf.select(defaults, key, default=_MISSING) is _MISSING:
             continue  # this trainer has no such setting (e.g. generation.* in RL)

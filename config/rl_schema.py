@@ -20,6 +20,8 @@ from config.schema import (
     _one_of,
     _require,
     doc,
+    expand_paths,
+    missing_inputs,
 )
 
 DEFAULT_SAMPLE_PROMPTS = (
@@ -94,6 +96,12 @@ class RLDataConfig:
     prompts_per_step: int = doc("Prompts per optimizer step, summed over all ranks.", 16)
     max_val_prompts: Optional[int] = doc("Use at most this many validation prompts (null: all).", None)
     shuffle: bool = doc("Shuffle prompts each epoch (seeded, resumable).", True)
+    filter_overlong_prompts: bool = doc(
+        "Leave out prompts longer than `max_prompt_length` (logged with their count) instead of applying `truncation`.",
+        False,
+    )
+    apply_chat_template_kwargs: dict = doc("Extra keyword arguments for the chat template (e.g. {enable_thinking: false}).",
+                                           factory=dict)
 
     def check(self, world_size: int) -> None:
         _require(self.train_files not in (None, "", []), "data.train_files", "is required")
@@ -111,7 +119,13 @@ class RolloutConfig:
     temperature: float = doc("Sampling temperature of rollouts.", 1.0)
     top_k: int = doc("Top-k of rollouts (0: off).", 0)
     top_p: float = doc("Top-p of rollouts.", 1.0)
-    val_do_sample: bool = doc("Sample validation responses at the rollout settings, one fixed seed per prompt (false: greedy).", False)
+    val_do_sample: bool = doc("Sample validation responses, one fixed seed per prompt (false: greedy).", False)
+    val_temperature: Optional[float] = doc("Temperature of sampled validation responses (null: `temperature`).", None)
+    val_top_k: Optional[int] = doc("Top-k of sampled validation responses (null: `top_k`).", None)
+    val_top_p: Optional[float] = doc("Top-p of sampled validation responses (null: `top_p`).", None)
+    log_prob_micro_batch_size_per_gpu: Optional[int] = doc(
+        "Sequences per no-grad forward for the rollout's log-probs on one rank (null: actor.micro_batch_size_per_gpu).", None
+    )
 
     def check(self) -> None:
         _require(self.responses_per_prompt > 0, "rollout.responses_per_prompt", "must be > 0")
@@ -119,6 +133,13 @@ class RolloutConfig:
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
         _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        if self.val_do_sample:
+            _require(self.val_temperature is None or self.val_temperature > 0, "rollout.val_temperature",
+                     "must be > 0 when rollout.val_do_sample=true")
+        _require(self.val_top_k is None or self.val_top_k >= 0, "rollout.val_top_k", "must be >= 0")
+        _require(self.val_top_p is None or 0 < self.val_top_p <= 1, "rollout.val_top_p", "must be in (0, 1]")
+        _require(self.log_prob_micro_batch_size_per_gpu is None or self.log_prob_micro_batch_size_per_gpu > 0,
+                 "rollout.log_prob_micro_batch_size_per_gpu", "must be > 0")
 
 
 @dataclass
@@ -156,6 +177,25 @@ class ActorConfig:
         _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
         _require(self.ppo_epochs > 0, "actor.ppo_epochs", "must be > 0")
         _require(self.mini_batches_per_step > 0, "actor.mini_batches_per_step", "must be > 0")
+
+
+@dataclass
+class RefConfig:
+    """The frozen reference policy (built only when algorithm.kl_coef > 0)."""
+
+    cpu_offload: bool = doc("Keep the reference's shards on CPU between forwards (it has no gradients).", False)
+    log_prob_micro_batch_size_per_gpu: Optional[int] = doc(
+        "Sequences per forward for reference log-probs on one rank (null: actor.micro_batch_size_per_gpu).", None
+    )
+
+    def check(self) -> None:
+        _require(self.log_prob_micro_batch_size_per_gpu is None or self.log_prob_micro_batch_size_per_gpu > 0,
+                 "ref.log_prob_micro_batch_size_per_gpu", "must be > 0")
+
+
+@dataclass
+class RLTrainerConfig(TrainerConfig):
+    val_before_train: bool = doc("Validate on the held-out prompts before the first step (the starting point).", True)
 
 
 @dataclass
@@ -200,15 +240,19 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 
     def check(self, world_size: int) -> None:
-        for section in (self.algorithm, self.rollout, self.actor, self.critic, self.reward, self.model, self.optim, self.trainer, self.samples):
+        self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
+        self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
+        for section in (self.algorithm, self.rollout, self.actor, self.critic, self.ref, self.reward, self.model, self.optim,
+                        self.trainer, self.samples):
             section.check()
         self.data.check(world_size)
         self.logging.sample_logging.check()
@@ -223,6 +267,8 @@ class RLConfig:
         if self.logging.loggers is not None:
             self.trainer.logger = list(self.logging.loggers)
             self.trainer.check()
+        missing_inputs(self.model.partial_pretrain, self.data.train_files,
+                       "python -m trainer.fsdp_sft_trainer --config-name demo, then python -m trainer.rl_trainer --config-name grpo_demo")
 
 
 def lift_flat_sample_logging(raw: dict) -> dict:

@@ -8,6 +8,8 @@ Batch sizes say what they count: see `DataConfig`.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -25,6 +27,35 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
 
 
+def expand_paths(value: Any) -> Any:
+    """`~` in a path or a list of paths means the home directory (verl's defaults use it)."""
+    if isinstance(value, str):
+        return os.path.expanduser(value)
+    if isinstance(value, (list, tuple)):
+        return [expand_paths(v) for v in value]
+    return value
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing_inputs(model_path: str, data_files: Any, demo_command: str) -> None:
+    """One line naming whatever of the model and the training data is not there, and how to run
+    the offline demo instead: what a first run without arguments sees (verl's default paths)."""
+    missing = []
+    if model_path and not os.path.exists(model_path) and not _HUB_ID.match(model_path):
+        missing.append(f"model.partial_pretrain={model_path}")
+    files = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    absent = [f for f in files if not os.path.exists(f)]
+    if absent:
+        missing.append(f"data.train_files={absent[0]}")
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)}: not found; point them at your model (a local directory or a hub id) and "
+            f"parquet/JSONL files, or run the bundled offline demo: {demo_command}"
+        )
+
+
 def doc(text: str, default: Any = None, factory: Any = None) -> Any:
     """A dataclass field with its help text (rendered into the README's key table)."""
     if factory is not None:
@@ -37,6 +68,11 @@ def doc(text: str, default: Any = None, factory: Any = None) -> Any:
 class MultiturnConfig:
     enable: bool = doc("Train on a column of chat messages; loss on assistant turns only.", False)
     messages_key: str = doc("Column holding the list of {role, content} messages.", "messages")
+    tools_key: str = doc("Column with each conversation's tool list, passed to the chat template (used when the column exists).", "tools")
+    enable_thinking_key: str = doc(
+        "Column with each conversation's `enable_thinking` flag for the chat template (used when the column exists).",
+        "enable_thinking",
+    )
 
 
 @dataclass
@@ -73,6 +109,12 @@ class DataConfig:
         True,
     )
     shuffle: bool = doc("Shuffle training examples each epoch (seeded, resumable).", True)
+    train_max_samples: int = doc("Use only the first N training rows, over the files in order (-1: all).", -1)
+    val_max_samples: int = doc("Use only the first N validation rows (-1: all).", -1)
+    chat_template: Optional[str] = doc("A Jinja chat template replacing the tokenizer's (null: the tokenizer's own).", None)
+    apply_chat_template_kwargs: dict = doc(
+        "Extra keyword arguments for the chat template (e.g. {enable_thinking: false}).", factory=dict
+    )
 
     def token_budget(self) -> Optional[int]:
         """Tokens per forward on one rank, or None for fixed `micro_batch_size_per_gpu` micro-batches."""
@@ -86,6 +128,9 @@ class DataConfig:
         _one_of(self.truncation, "data.truncation", ("error", "left", "right"))
         _require(self.train_batch_size > 0, "data.train_batch_size", "must be > 0")
         _require(self.micro_batch_size_per_gpu > 0, "data.micro_batch_size_per_gpu", "must be > 0")
+        for key in ("train_max_samples", "val_max_samples"):
+            value = getattr(self, key)
+            _require(value == -1 or value > 0, f"data.{key}", f"must be > 0 or -1 (all), got {value}")
         if self.max_token_len_per_gpu is not None:
             _require(
                 self.use_dynamic_bsz,
@@ -119,6 +164,9 @@ class ModelConfig:
     enable_gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
     attn_implementation: str = doc("`sdpa`, `eager` or `flash_attention_2`.", "sdpa")
     compile: bool = doc("Wrap each decoder layer in torch.compile.", False)
+    external_lib: Optional[str] = doc(
+        "A Python module imported before the model is loaded (one that registers a custom architecture).", None
+    )
     fsdp_config: FSDPConfig = doc("FSDP2 sharding.", factory=FSDPConfig)
 
     def check(self) -> None:
@@ -134,10 +182,13 @@ class OptimConfig:
     betas: List[float] = doc("AdamW betas.", factory=lambda: [0.9, 0.95])
     weight_decay: float = doc("AdamW weight decay.", 0.01)
     lr_warmup_steps_ratio: float = doc("Share of total steps spent warming up linearly from 0.", 0.0)
+    lr_warmup_steps: int = doc("Warmup steps; when > 0 it wins over `lr_warmup_steps_ratio` (-1: use the ratio).", -1)
     clip_grad: float = doc("Clip the global gradient norm to this value.", 1.0)
     lr_scheduler: str = doc("After warmup: `cosine`, `constant` or `wsd` (warmup-stable-decay).", "cosine")
     min_lr_ratio: float = doc("Floor of the cosine/wsd decay as a share of `lr`.", 0.0)
+    num_cycles: float = doc("Cosine waves over the schedule (0.5: one half-wave from `lr` down to the floor).", 0.5)
     wsd_decay_ratio: float = doc("Share of total steps the wsd schedule spends decaying at the end.", 0.1)
+    override_optimizer_config: Optional[dict] = doc("Extra keyword arguments for AdamW (e.g. {eps: 1.0e-6}).", None)
 
     def check(self) -> None:
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -148,6 +199,14 @@ class OptimConfig:
         _one_of(self.lr_scheduler, "optim.lr_scheduler", ("cosine", "constant", "wsd"))
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
         _require(0 < self.wsd_decay_ratio <= 1, "optim.wsd_decay_ratio", "must be in (0, 1]")
+        _require(self.num_cycles > 0, "optim.num_cycles", "must be > 0")
+        _require(self.lr_warmup_steps == -1 or self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", "must be >= 0 or -1")
+        for name in (self.override_optimizer_config or {}):
+            _require(name not in ("lr", "betas", "weight_decay", "params"), f"optim.override_optimizer_config.{name}",
+                     f"set optim.{name} instead")
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return self.lr_warmup_steps if self.lr_warmup_steps > 0 else int(self.lr_warmup_steps_ratio * total_steps)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -237,17 +296,26 @@ class TrainerConfig:
     project_name: str = doc("Project name for the trackers.", "sft")
     experiment_name: str = doc("Run name for the trackers.", "run")
     total_epochs: int = doc("Epochs over the training files.", 1)
-    total_training_steps: Optional[int] = doc("Stop (validate, save) after this many optimizer steps.", None)
+    total_training_steps: Optional[int] = doc(
+        "Stop early (validate, save) after this many optimizer steps. SFT: the LR schedule still spans "
+        "`total_epochs` (verl's early exit); RL: the schedule spans these steps (as verl's PPO trainer).",
+        None,
+    )
     logger: List[str] = doc("Trackers: any of console, file, mlflow, swanlab, wandb, tensorboard.", factory=lambda: ["console", "file"])
     seed: int = doc("Seed for init, shuffling and sampling.", 1)
     save_freq: int = doc("Save a checkpoint every N steps (-1: only at the end).", -1)
     test_freq: int = doc("Validate every N steps (-1: each epoch end and at the end only).", -1)
     max_ckpt_to_keep: Optional[int] = doc("Keep only the newest N checkpoints (null: all).", None)
-    resume_mode: str = doc("`auto` (latest in the run directory), `disable`, or `resume_path`.", "auto")
-    resume_from_path: Optional[str] = doc("Checkpoint directory to resume from with resume_mode=resume_path.", None)
+    resume_mode: str = doc(
+        "`auto` (resume_from_path when set, else the latest checkpoint in the run directory), `disable`, or "
+        "`resume_path` (resume_from_path, required).",
+        "auto",
+    )
+    resume_from_path: Optional[str] = doc("A checkpoint directory (global_step_N) to resume from (modes auto and resume_path).", None)
     device: str = doc("`auto` (cuda if available), `cuda` or `cpu`; picks nccl or gloo.", "auto")
     max_val_samples: int = doc("Validation samples generated per validation (0 turns generation off).", 5)
     log_freq: int = doc("Send train metrics to the trackers every N steps.", 1)
+    collective_timeout_seconds: int = doc("How long a collective may wait for the other ranks before the run fails.", 1800)
     export_hf_model: bool = doc("Save the final model in Hugging Face format under <run>/hf_model.", True)
 
     def check(self) -> None:
@@ -264,6 +332,7 @@ class TrainerConfig:
         _one_of(self.device, "trainer.device", ("auto", "cuda", "cpu"))
         _require(self.max_val_samples >= 0, "trainer.max_val_samples", f"must be >= 0, got {self.max_val_samples}")
         _require(self.log_freq > 0, "trainer.log_freq", "must be > 0")
+        _require(self.collective_timeout_seconds > 0, "trainer.collective_timeout_seconds", "must be > 0")
         known = ("console", "file", "mlflow", "swanlab", "wandb", "tensorboard")
         for name in self.logger:
             _one_of(name, "trainer.logger", known)
@@ -279,6 +348,8 @@ class SFTConfig:
     samples: SamplesConfig = field(default_factory=SamplesConfig)
 
     def check(self, world_size: int) -> None:
+        self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
+        self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
         self.data.check()
         self.model.check()
         self.optim.check()
@@ -300,3 +371,5 @@ class SFTConfig:
                 "data.train_batch_size",
                 f"{self.data.train_batch_size} is not divisible by the world size {world_size}",
             )
+        # Last: a wrong value is worth saying even when the paths are still verl's placeholders.
+        missing_inputs(self.model.partial_pretrain, self.data.train_files, "python -m trainer.fsdp_sft_trainer --config-name demo")

@@ -4,7 +4,7 @@
 
 Two measurements, one after the other:
 
-1. The bundled demo (`python -m trainer.fsdp_sft_trainer`, its defaults) cut to 300 steps, run
+1. The bundled demo (`python -m trainer.fsdp_sft_trainer --config-name demo`) cut to 300 steps, run
    twice: with samples (`trainer.max_val_samples=5`, the default) and without
    (`trainer.max_val_samples=0`). The demo validates at each epoch end (153 steps) and at the
    last step, so 300 steps keep the default's density of one validation per ~150 steps. Both
@@ -82,7 +82,7 @@ class DemoRun:
 
 def run_demo(work: Path, max_val_samples: int, steps: int) -> DemoRun:
     run_dir = work / f"demo_samples_{max_val_samples}"
-    cmd = [sys.executable, "-m", "trainer.fsdp_sft_trainer", f"trainer.total_training_steps={steps}",
+    cmd = [sys.executable, "-m", "trainer.fsdp_sft_trainer", "--config-name", "demo", f"trainer.total_training_steps={steps}",
            f"trainer.default_local_dir={run_dir}", f"trainer.max_val_samples={max_val_samples}", "trainer.log_freq=1"]
     start, load = time.perf_counter(), OtherLoad()
     try:

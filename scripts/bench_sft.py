@@ -494,7 +494,9 @@ def run_ours(work: Path, slug: str, model_dir: Path, data_file: Path, nproc: int
         "trainer.max_val_samples=0", "trainer.export_hf_model=false", "trainer.save_freq=-1",
         "trainer.resume_mode=disable", f"trainer.total_training_steps={total_steps}", "trainer.device=cpu",
         f"trainer.seed={SEED}", "samples.report=false", "samples.history=false",
-        f"optim.lr={LR}", "optim.lr_scheduler=constant", "optim.lr_warmup_steps_ratio=0.0", *extra,
+        f"optim.lr={LR}", "optim.lr_scheduler=constant", "optim.lr_warmup_steps_ratio=0.0",
+        # verl's default turns activation checkpointing on; it has its own row (the switch rows).
+        "model.enable_gradient_checkpointing=false", *extra,
     ]
     # Each rank runs through this file's --_wrap so it can record its own peak RSS at exit.
     inner = [str(THIS), "--_wrap", str(rss_dir), "trainer.fsdp_sft_trainer", *overrides]
@@ -543,7 +545,7 @@ def replay_batches(model_dir: Path, data_file: Path, data_values: dict[str, Any]
     values = {k: v for k, v in yaml_data.items()
               if k in names and not isinstance(v, (dict, list)) and not (isinstance(v, str) and "${" in v)}
     values.update(data_values)
-    values.update(train_files=str(data_file), val_files=None)
+    values.update(train_files=str(data_file), val_files=None, prompt_key="prompt", response_key="response")
     cfg = DataConfig(**values)
     tokenizer = load_tokenizer(str(model_dir))
     examples = load_sft_examples(str(data_file), "data.train_files", tokenizer, cfg)

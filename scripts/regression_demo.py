@@ -10,7 +10,7 @@ With several seeds, stage 1 is trained once and stage 2 runs once per seed, then
 per seed shows how robust the lead is (config overrides go before --seed).
 
 --task mixed (the default) is the situation sample logging is for. Stage 1 trains the demo as
-`python -m trainer.fsdp_sft_trainer` does (two-digit addition, 1,200 steps). Stage 2 fine-tunes
+`python -m trainer.fsdp_sft_trainer --config-name demo` does (two-digit addition, 1,224 steps). Stage 2 fine-tunes
 that model on a mix of the additions and open-ended prompts ("Name 3 numbers, #5:"), as real SFT
 data mixes tasks with one right answer and tasks with many: the validation loss then sits well
 above zero, like a real one, because no model can predict which numbers get named. The
@@ -134,7 +134,7 @@ def inject_bad_shard(trainer: FSDPSFTTrainer, shard: Path, start: int) -> None:
 # ----------------------------------------------------------------------------- runs
 def train(overrides: list[str], regression=None) -> None:
     with initialize_config_module(config_module="config", version_base="1.3"):
-        cfg = compose("sft_trainer", overrides=overrides)
+        cfg = compose("demo", overrides=overrides)
     typed = resolve(cfg, SFTConfig, overrides, {}).config
     trainer = FSDPSFTTrainer(typed, init_distributed(DistEnv(0, 0, 1, False), "cpu"))
     if regression:

@@ -98,3 +98,31 @@ def rl_rows(n: int, seed: int = 0) -> list[dict]:
         }
         for i, r in enumerate(addition_rows(n, seed))
     ]
+
+
+def gsm8k_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows as verl's GSM8K preprocessing writes them (examples/data_preprocess/gsm8k.py): the SFT
+    scripts read `extra_info.question` / `extra_info.answer`, the RL ones `prompt` and
+    `reward_model.ground_truth`. The task is the tiny model's: sums."""
+    return [
+        {
+            "data_source": "openai/gsm8k",
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": r["response"]},
+            "extra_info": {"split": "train", "index": i, "question": r["prompt"], "answer": r["response"]},
+        }
+        for i, r in enumerate(addition_rows(n, seed))
+    ]
+
+
+def multiturn_rows(n: int, seed: int = 0) -> list[dict]:
+    """verl's multi-turn SFT layout: a `messages` column of {role, content} lists."""
+    rows = addition_rows(2 * n, seed)
+    return [
+        {"messages": [
+            {"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["response"]},
+            {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["response"]},
+        ]}
+        for a, b in zip(rows[::2], rows[1::2])
+    ]

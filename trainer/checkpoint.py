@@ -170,12 +170,14 @@ class Checkpointer:
         return trainer_state
 
     def resolve_resume(self, mode: str, resume_from_path: Optional[str]) -> Optional[Path]:
+        """verl's rule (`_determine_resume_path`): a `resume_from_path` wins in `auto` and
+        `resume_path` modes; `auto` without one takes the run directory's latest checkpoint."""
         if mode == "disable":
             return None
-        if mode == "resume_path":
-            path = Path(resume_from_path or "")
+        if resume_from_path:
+            path = Path(resume_from_path).expanduser()
             if not (path / STATE_FILE).exists():
-                raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint")
+                raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
             return path
         return self.latest()
 

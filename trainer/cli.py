@@ -82,6 +82,8 @@ def announce_config(resolved: Resolved, rank: int) -> None:
     if rank != 0:
         return
     log.info("resolved config:\n%s", format_config(resolved.config, resolved.from_env))
+    for note in resolved.notes:
+        log.info("%s", note)
     for key, variable in resolved.from_env.items():
         log.info("%s set from environment variable %s", key, variable)
     for key, variable in resolved.ignored_env.items():

@@ -34,9 +34,9 @@ def as_file_list(files: Any, key: str) -> list[str]:
     if files is None:
         return []
     if isinstance(files, (str, Path)):
-        return [str(files)]
+        return [str(Path(files).expanduser())]
     if isinstance(files, Iterable):
-        return [str(f) for f in files]
+        return [str(Path(f).expanduser()) for f in files]
     raise DataError(f"{key}: expected a file path or a list of paths, got {type(files).__name__}")
 
 
@@ -47,8 +47,9 @@ class Row:
     values: dict
 
 
-def read_rows(path: str, columns: Sequence[str], key: str) -> list[Row]:
-    """Rows of one parquet or JSONL file, keeping only `columns` (which must all exist)."""
+def read_rows(path: str, columns: Sequence[str], key: str, optional: Sequence[str] = ()) -> list[Row]:
+    """Rows of one parquet or JSONL file, keeping only `columns` (which must all exist) and the
+    `optional` columns the file has."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{key}: file not found: {path}")
@@ -58,7 +59,7 @@ def read_rows(path: str, columns: Sequence[str], key: str) -> list[Row]:
         missing = [c for c in columns if c not in schema_names]
         if missing:
             raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
-        table = pq.read_table(file, columns=list(columns))
+        table = pq.read_table(file, columns=list(columns) + [c for c in optional if c in schema_names and c not in columns])
         return [Row(path, i, values) for i, values in enumerate(table.to_pylist())]
     if suffix in (".jsonl", ".json"):
         rows = []
@@ -75,7 +76,7 @@ def read_rows(path: str, columns: Sequence[str], key: str) -> list[Row]:
                 for c in columns:
                     if c not in record:
                         raise DataError(f"{path}: row {line_no}: column {c!r} not found")
-                rows.append(Row(path, line_no, {c: record[c] for c in columns}))
+                rows.append(Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}))
         return rows
     raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
 
@@ -130,8 +131,10 @@ def _truncate(ids: list[int], labels: list[int], cfg: DataConfig, row: Row) -> t
     return ids[: cfg.max_length], labels[: cfg.max_length]
 
 
-def _chat_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+def _chat_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, template_kwargs: dict) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False, **template_kwargs
+    )
 
 
 def tokenize_single_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
@@ -139,7 +142,8 @@ def tokenize_single_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cf
     responses = [text_field(r, cfg.response_key, cfg.response_dict_keys) for r in rows]
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if has_template:
-        prompt_ids = tokenizer([_chat_prompt_text(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
+        texts = [_chat_prompt_text(tokenizer, p, cfg.apply_chat_template_kwargs) for p in prompts]
+        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
@@ -155,8 +159,27 @@ def tokenize_single_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cf
     return examples
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool, **template_kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **template_kwargs)
+
+
+def _template_kwargs(row: Row, cfg: DataConfig) -> dict:
+    """The chat template's arguments for one conversation: `apply_chat_template_kwargs`, plus the
+    row's tools and enable_thinking flag when the data have those columns (as verl's
+    MultiTurnSFTDataset)."""
+    kwargs = dict(cfg.apply_chat_template_kwargs)
+    tools = row.values.get(cfg.multiturn.tools_key)
+    if tools is not None:
+        if isinstance(tools, str):  # tools stored as a JSON string
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{row.file}: row {row.index}: column {cfg.multiturn.tools_key!r} is not valid JSON ({err.msg})") from None
+        kwargs["tools"] = tools
+    thinking = row.values.get(cfg.multiturn.enable_thinking_key)
+    if thinking is not None:
+        kwargs["enable_thinking"] = bool(thinking)
+    return kwargs
 
 
 def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
@@ -179,6 +202,7 @@ def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{row.file}: row {row.index}: column {key!r} has no assistant message to learn from")
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        template_kwargs = _template_kwargs(row, cfg)
         ids: list[int] = []
         labels: list[int] = []
         rendered = ""
@@ -187,16 +211,16 @@ def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg
         for j, m in enumerate(msgs):
             pieces: list[tuple[str, bool]] = []
             if m["role"] == "assistant":
-                with_prefix = _render(tokenizer, msgs[:j], add_generation_prompt=True)
+                with_prefix = _render(tokenizer, msgs[:j], True, **template_kwargs)
                 pieces.append((with_prefix[len(rendered):], False))
                 if j == last_assistant:
                     prompt_text_so_far = with_prefix
-                full = _render(tokenizer, msgs[: j + 1], add_generation_prompt=False)
+                full = _render(tokenizer, msgs[: j + 1], False, **template_kwargs)
                 pieces.append((full[len(with_prefix):], True))
                 if not full.startswith(with_prefix):
                     raise DataError(f"{row.file}: row {row.index}: the chat template does not render turns as prefixes")
             else:
-                full = _render(tokenizer, msgs[: j + 1], add_generation_prompt=False)
+                full = _render(tokenizer, msgs[: j + 1], False, **template_kwargs)
                 pieces.append((full[len(rendered):], False))
             if not full.startswith(rendered):
                 raise DataError(f"{row.file}: row {row.index}: the chat template does not render turns as prefixes")
@@ -214,17 +238,27 @@ def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg
     return examples
 
 
-def load_sft_examples(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
+def load_sft_examples(
+    files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, max_rows: int = -1
+) -> list[Example]:
+    """Every example of `files`, or the first `max_rows` rows over the files in order (verl's
+    `train_max_samples` / `val_max_samples` without data.shuffle)."""
     paths = as_file_list(files, key)
+    optional: list[str] = []
     if cfg.multiturn.enable:
         columns = [cfg.multiturn.messages_key]
+        optional = [cfg.multiturn.tools_key, cfg.multiturn.enable_thinking_key]
     else:
         columns = list(dict.fromkeys([cfg.prompt_key, cfg.response_key]))
     examples: list[Example] = []
     for path in paths:
-        rows = read_rows(path, columns, key)
+        if 0 < max_rows <= len(examples):
+            break
+        rows = read_rows(path, columns, key, optional)
         if not rows:
             raise DataError(f"{path}: no rows ({key})")
+        if max_rows > 0:
+            rows = rows[: max_rows - len(examples)]
         tokenize = tokenize_multi_turn if cfg.multiturn.enable else tokenize_single_turn
         examples.extend(tokenize(rows, tokenizer, cfg))
     if not examples:

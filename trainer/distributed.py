@@ -32,7 +32,7 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv, device_setting: str, timeout_minutes: int = 30) -> DistContext:
+def init_distributed(env: DistEnv, device_setting: str, timeout_seconds: int = 1800) -> DistContext:
     """Always runs a process group (world size 1 without torchrun), so one code path serves all.
 
     Without torchrun a single-process group is made on a free local port.
@@ -40,7 +40,7 @@ def init_distributed(env: DistEnv, device_setting: str, timeout_minutes: int = 3
     device = pick_device(device_setting, env.local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(seconds=timeout_seconds)
         if env.launched:
             dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
         else:

@@ -44,7 +44,7 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers.model import lm_head_rows, load_config, load_tokenizer
+from workers.model import import_external_lib, lm_head_rows, load_config, load_tokenizer
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
@@ -83,16 +83,18 @@ class FSDPSFTTrainer:
 
         # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
         check_available(cfg.trainer.logger)
-        self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        import_external_lib(cfg.model.external_lib)
+        self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.data.chat_template)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
-        train = load_sft_examples(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
+        d = cfg.data
+        train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples)
         self.val_examples = (
-            load_sft_examples(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data) if cfg.data.val_files else []
+            load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples) if d.val_files else []
         )
         self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, dist_ctx.rank, dist_ctx.world_size, self.tokenizer.pad_token_id)
-        self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
-        if cfg.trainer.total_training_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.trainer.total_training_steps)
+        # total_training_steps is an early exit (as in verl): the schedule still spans every epoch.
+        self.schedule_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
+        self.total_steps = min(self.schedule_steps, cfg.trainer.total_training_steps or self.schedule_steps)
 
         torch.manual_seed(cfg.trainer.seed)
         self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
@@ -100,7 +102,7 @@ class FSDPSFTTrainer:
             self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward
         ))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size)
         self.step, self.epoch, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
@@ -331,7 +333,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
         resolved = resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), denv.world_size)
         announce_config(resolved, denv.rank)
-        ctx = init_distributed(denv, resolved.config.trainer.device)
+        t = resolved.config.trainer
+        ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
     trainer.fit()
     teardown()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,6 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from config.rl_schema import RLDataConfig
 from trainer.data import DataError, Row, as_file_list, dig, epoch_order, read_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,9 +37,9 @@ def _messages(row: Row, column: str) -> list[dict]:
     raise DataError(f"{row.file}: row {row.index}: column {column!r} must be text or a list of {{role, content}} messages")
 
 
-def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template_kwargs: Optional[dict] = None) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
 
@@ -44,6 +47,7 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
 def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig) -> list[RLPrompt]:
     answer_column, answer_path = _split_key(cfg.answer_key)
     prompts: list[RLPrompt] = []
+    too_long = 0
     for path in as_file_list(files, key):
         rows = read_rows(path, list(dict.fromkeys([cfg.prompt_key, answer_column])), key)
         if not rows:
@@ -53,16 +57,22 @@ def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cf
             answer = dig(row, answer_column, answer_path)
             if answer is not None and not isinstance(answer, (str, int, float)):
                 raise DataError(f"{row.file}: row {row.index}: column {cfg.answer_key!r} is {type(answer).__name__}, expected text")
-            ids = encode_messages(tokenizer, messages)
+            ids = encode_messages(tokenizer, messages, cfg.apply_chat_template_kwargs)
             if len(ids) > cfg.max_prompt_length:
+                if cfg.filter_overlong_prompts:  # verl's filter: the prompt is left out
+                    too_long += 1
+                    continue
                 if cfg.truncation == "error":
                     raise DataError(f"{row.file}: row {row.index}: prompt has {len(ids)} tokens, more than "
                                     f"data.max_prompt_length={cfg.max_prompt_length}")
                 ids = ids[-cfg.max_prompt_length:] if cfg.truncation == "left" else ids[: cfg.max_prompt_length]
             user = [m["content"] for m in messages if m["role"] == "user"]
             prompts.append(RLPrompt(ids, user[-1] if user else messages[-1]["content"], None if answer is None else str(answer)))
+    if too_long:
+        log.info("%s: %d prompt(s) longer than data.max_prompt_length=%d left out (data.filter_overlong_prompts)",
+                 key, too_long, cfg.max_prompt_length)
     if not prompts:
-        raise DataError(f"{key}: no prompts")
+        raise DataError(f"{key}: no prompts" + (" left after data.filter_overlong_prompts" if too_long else ""))
     return prompts
 
 

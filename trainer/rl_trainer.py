@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,7 +59,7 @@ from workers.actor import (
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
 from workers.generation import GenerationSettings, encode_prompts, generate
-from workers.model import load_config, load_tokenizer
+from workers.model import import_external_lib, load_config, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
 
@@ -112,6 +113,7 @@ class RLTrainer:
         check_available(cfg.trainer.logger)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
 
+        import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
@@ -135,7 +137,9 @@ class RLTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)
         self.reference = None
         if cfg.algorithm.kl_coef > 0:
-            self.reference = self._build().eval().requires_grad_(False)
+            # No gradients: offloading its shards to CPU costs only the copy in at each forward.
+            spec = replace(self.spec, cpu_offload=self.spec.cpu_offload or cfg.ref.cpu_offload)
+            self.reference = self._build(spec=spec).eval().requires_grad_(False)
         self.critic = self.critic_optimizer = None
         if cfg.algorithm.adv_estimator == "gae":
             self.critic = self._build(auto_class=AutoModelForTokenClassification, num_labels=1)
@@ -161,9 +165,10 @@ class RLTrainer:
         self.replica = ModelReplica(self.model_config, "auto", "auto", self.device, self.param_dtype,
                                     cfg.model.attn_implementation, cfg.model.trust_remote_code)
 
-    def _build(self, gradient_checkpointing: bool = False, auto_class=None, **kwargs) -> torch.nn.Module:
+    def _build(self, gradient_checkpointing: bool = False, auto_class=None, spec: Optional[ShardingSpec] = None,
+               **kwargs) -> torch.nn.Module:
         m = self.cfg.model
-        return build_sharded_model(m.partial_pretrain, self.model_config, self.spec, self.device, self.dist.world_size,
+        return build_sharded_model(m.partial_pretrain, self.model_config, spec or self.spec, self.device, self.dist.world_size,
                                    m.trust_remote_code, m.attn_implementation, gradient_checkpointing, auto_class, **kwargs)
 
     def _extra(self) -> dict:
@@ -184,7 +189,7 @@ class RLTrainer:
             self.tracking.log_config(redact(to_dict(self.cfg)))
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc=self.cfg.algorithm.name,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        if self.step == 0 and self.val_prompts:
+        if self.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
             self.validate()  # the starting point, to compare against
         while self.step < self.total_steps:
             metrics = self.train_step()
@@ -216,9 +221,11 @@ class RLTrainer:
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
         mbs = cfg.actor.micro_batch_size_per_gpu
-        batch.old_log_prob = forward_in_micro_batches(response_log_probs, self.actor, batch, mbs)
+        batch.old_log_prob = forward_in_micro_batches(response_log_probs, self.actor, batch,
+                                                      cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
         if self.reference is not None:
-            batch.ref_log_prob = forward_in_micro_batches(response_log_probs, self.reference, batch, mbs)
+            batch.ref_log_prob = forward_in_micro_batches(response_log_probs, self.reference, batch,
+                                                          cfg.ref.log_prob_micro_batch_size_per_gpu or mbs)
         if self.critic is not None:
             batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
         a = cfg.algorithm
@@ -282,7 +289,10 @@ class RLTrainer:
         """Every rank answers its share of the held-out prompts (greedy by default)."""
         r = self.cfg.rollout
         mine = self.val_prompts[self.dist.rank :: self.dist.world_size]
-        settings = GenerationSettings(r.max_new_tokens, r.val_do_sample, r.temperature, r.top_k, r.top_p)
+        settings = GenerationSettings(
+            r.max_new_tokens, r.val_do_sample, r.val_temperature or r.temperature,
+            r.top_k if r.val_top_k is None else r.val_top_k, r.val_top_p or r.top_p,
+        )
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
         with unsharded(self.actor, self.spec) as model:
             generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds)
@@ -349,7 +359,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
         resolved = resolve_rl(cfg, cli_overrides, denv.world_size)
         announce_config(resolved, denv.rank)
-        ctx = init_distributed(denv, resolved.config.trainer.device)
+        t = resolved.config.trainer
+        ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = RLTrainer(resolved.config, ctx)
     trainer.fit()
     teardown()

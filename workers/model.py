@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 from pathlib import Path
 from typing import Iterator, Optional
@@ -20,12 +21,26 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message names the path."""
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def import_external_lib(module: Optional[str]) -> None:
+    """verl's `model.external_lib`: a module that registers a custom architecture with the Auto
+    classes when imported."""
+    if not module:
+        return
+    try:
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - re-raised with the key named
+        raise ModelLoadError(f"model.external_lib={module!r}: cannot import it ({type(err).__name__}: {err})") from err
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: Optional[str] = None) -> PreTrainedTokenizerBase:
+    """`chat_template` (a Jinja string) replaces the tokenizer's own."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - re-raised with the path named
         raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
     ensure_pad_token(tokenizer)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     return tokenizer
 
 

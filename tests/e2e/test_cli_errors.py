@@ -20,12 +20,15 @@ def first_error_line(proc):
         ([], {"VERL_GENERATION_TOP_P": "1.5"}, "error: VERL_GENERATION_TOP_P='1.5' is not valid: expected a number in (0, 1]"),
         ([], {"VERL_GENERATION_DO_SAMPLE": "maybe"}, "error: VERL_GENERATION_DO_SAMPLE='maybe' is not valid"),
         ([], {"VERL_MAX_VAL_SAMPLES": "-2"}, "error: VERL_MAX_VAL_SAMPLES='-2' is not valid: expected an integer >= 0"),
-        (["model.partial_pretrain=/nonexistent/model"], {}, "error: model.partial_pretrain='/nonexistent/model': cannot load a tokenizer"),
+        (["model.partial_pretrain=/nonexistent/model"], {}, "error: model.partial_pretrain=/nonexistent/model: not found;"),
+        (["model.partial_pretrain=nonexistent-org/model"], {}, "error: model.partial_pretrain='nonexistent-org/model': cannot load a tokenizer"),
         (["trainer.logger=[console,nosuch]"], {}, "error: trainer.logger: got 'nosuch'"),
+        (["ulysses_sequence_parallel_size=2"], {}, "error: ulysses_sequence_parallel_size=2: not available yet (Ulysses sequence parallelism"),
     ],
 )
 def test_one_line_errors(overrides, env, expected, tmp_path):
-    proc = run_module("trainer.fsdp_sft_trainer", [f"trainer.default_local_dir={tmp_path}/run", *overrides], nproc=0, env=env, check=False)
+    args = ["--config-name", "demo", f"trainer.default_local_dir={tmp_path}/run", *overrides]
+    proc = run_module("trainer.fsdp_sft_trainer", args, nproc=0, env=env, check=False)
     assert proc.returncode == 2
     assert first_error_line(proc).startswith(expected)
     assert "Traceback" not in proc.stderr
@@ -34,7 +37,18 @@ def test_one_line_errors(overrides, env, expected, tmp_path):
 
 def test_bad_row_is_named_before_the_model_is_built(tmp_path):
     bad = write_parquet([{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": None}], tmp_path / "bad.parquet")
-    proc = run_module("trainer.fsdp_sft_trainer", [f"data.train_files={bad}", f"trainer.default_local_dir={tmp_path}/run"], nproc=0, check=False)
+    proc = run_module("trainer.fsdp_sft_trainer", ["--config-name", "demo", f"data.train_files={bad}",
+                                                   f"trainer.default_local_dir={tmp_path}/run"], nproc=0, check=False)
     assert proc.returncode == 2
     assert first_error_line(proc) == f"error: {bad}: row 1: column 'response' is NoneType, expected text"
     assert "trainer.sft: model: " not in proc.stderr  # the model was never loaded
+
+
+def test_a_run_without_model_or_data_says_how_to_start_the_demo(tmp_path):
+    # The seed document's `python -m verl.trainer.fsdp_sft_trainer` with no arguments, where verl's default paths are empty.
+    proc = run_module("trainer.fsdp_sft_trainer", [], nproc=0, check=False, cwd=tmp_path, env={"HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = first_error_line(proc)
+    assert line.startswith(f"error: model.partial_pretrain={tmp_path}/models/gemma-1.1-7b-it and data.train_files={tmp_path}/data/gsm8k/train.parquet: not found")
+    assert line.endswith("python -m trainer.fsdp_sft_trainer --config-name demo")
+    assert not (tmp_path / "checkpoints").exists()

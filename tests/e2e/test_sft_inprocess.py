@@ -1,8 +1,10 @@
 """The SFT trainer in this process (one rank): failure handling that needs code injected."""
 
 import logging
+import math
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from hydra import compose, initialize_config_module
 
@@ -81,3 +83,14 @@ def test_sample_prompts_are_the_first_distinct_ones(tiny_model, tiny_data, tmp_p
                            "trainer.total_training_steps=1")
     chosen = [e.prompt_text for mb in trainer.sample_batches for e in mb.examples]
     assert chosen == [rows[0]["prompt"], rows[1]["prompt"], rows[2]["prompt"]]
+
+
+def test_total_training_steps_is_an_early_exit_and_the_schedule_spans_the_epochs(tiny_model, tiny_data, tmp_path):
+    # 64 examples, 16 a step: 4 steps an epoch, 3 epochs = a 12-step schedule; the run stops at 2 (verl's early exit).
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_epochs=3", "trainer.total_training_steps=2",
+                           "optim.lr=1e-3", "optim.lr_warmup_steps_ratio=0", "optim.lr_scheduler=cosine",
+                           "optim.min_lr_ratio=0", "trainer.max_val_samples=0")
+    assert (trainer.total_steps, trainer.schedule_steps) == (2, 12)
+    for index in range(2):
+        trainer.train_step(trainer.batches.micro_batches(0, index))
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 12)))

@@ -11,16 +11,16 @@ from config.loading import format_config, override_keys, redact, resolve, to_dic
 from config.schema import ConfigError, SFTConfig
 
 
-def composed(name: str = "sft_trainer", overrides=()):
+def composed(name: str = "demo", overrides=()):
     with initialize_config_module(config_module="config", version_base="1.3"):
         return compose(name, overrides=list(overrides))
 
 
-def load(overrides=(), env=None, world_size=1, name="sft_trainer"):
+def load(overrides=(), env=None, world_size=1, name="demo"):
     return resolve(composed(name, overrides), SFTConfig, overrides, env or {}, world_size)
 
 
-def test_base_config_is_the_offline_demo():
+def test_demo_config_is_the_offline_demo():
     cfg = load().config
     assert Path(cfg.model.partial_pretrain, "config.json").is_file()
     assert Path(cfg.data.train_files).is_file() and Path(cfg.data.val_files).is_file()
@@ -28,8 +28,9 @@ def test_base_config_is_the_offline_demo():
     assert cfg.trainer.max_val_samples == 5 and cfg.generation.max_new_tokens == 100
 
 
-def test_with_generation_example_has_the_documented_values():
-    g = load(name="sft_trainer_with_generation").config.generation
+def test_with_generation_example_has_the_documented_values(tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    g = load(inputs, name="sft_trainer_with_generation").config.generation
     assert (g.temperature, g.top_k, g.top_p, g.do_sample, g.max_new_tokens) == (1.0, 50, 0.7, True, 100)
 
 
@@ -129,20 +130,21 @@ def test_override_keys_parses_hydra_syntax():
     assert override_keys(["a.b=1", "+c.d=2", "++e=3", "~f.g", "generation=default"]) == {"a.b", "c.d", "e", "f.g", "generation"}
 
 
-def test_users_own_yaml_extends_the_base(tmp_path):
+def test_users_own_yaml_extends_the_base(tmp_path, tiny_model, tiny_data):
     # The seed document's "Custom Configuration", in the user's own --config-path.
     (tmp_path / "my_sft.yaml").write_text(
         "defaults:\n  - sft_trainer\n  - _self_\n\n"
         "generation:\n  temperature: 0.8\n  top_k: 40\n  top_p: 0.9\n  do_sample: true\n  max_new_tokens: 150\n\n"
         "trainer:\n  max_val_samples: 10\n  project_name: \"my_sft_project\"\n  experiment_name: \"with_validation_generation\"\n"
     )
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-        cfg = compose("my_sft")
-    typed = resolve(cfg, SFTConfig, [], {}).config
+        cfg = compose("my_sft", overrides=inputs)
+    typed = resolve(cfg, SFTConfig, inputs, {}).config
     assert (typed.generation.temperature, typed.generation.top_k, typed.generation.max_new_tokens) == (0.8, 40, 150)
     assert typed.trainer.max_val_samples == 10
     assert typed.trainer.default_local_dir == "checkpoints/my_sft_project/with_validation_generation"
-    assert typed.optim.lr == 1e-3  # inherited from the base
+    assert typed.optim.lr == 1e-5  # inherited from the base (verl's default)
 
 
 def test_our_own_keys_are_not_mistaken_for_secrets():

@@ -125,3 +125,32 @@ def test_uneven_validation_gives_every_rank_the_same_number_of_batches(tmp_path,
     per_rank = [validation_micro_batches(examples, 2, r, 3, tok.pad_token_id) for r in range(3)]
     assert [len(b) for b in per_rank] == [2, 2, 2]
     assert sum(mb.num_loss_tokens for batches in per_rank for mb in batches) == sum(e.num_loss_tokens for e in examples)
+
+
+def test_max_samples_take_the_first_rows_over_the_files(tmp_path, tok):
+    a = write_parquet([{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(3)], tmp_path / "a.parquet")
+    b = write_parquet([{"prompt": f"{i}+2=", "response": str(i + 2)} for i in range(3)], tmp_path / "b.parquet")
+    got = load_sft_examples([str(a), str(b)], "data.train_files", tok, cfg(), max_rows=4)
+    assert [e.prompt_text for e in got] == ["0+1=", "1+1=", "2+1=", "0+2="]
+    assert len(load_sft_examples([str(a), str(b)], "data.train_files", tok, cfg(), max_rows=-1)) == 6
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, tok):
+    # A template that shows the arguments it was given, so the test sees them arrive.
+    template = ("{% if tools %}T{{ tools | length }};{% endif %}{% if enable_thinking %}think;{% endif %}"
+                "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    from workers.model import load_tokenizer
+
+    custom = load_tokenizer(str(DEMO_MODEL), chat_template=template)
+    assert custom.chat_template == template and tok.chat_template != template
+    path = write_parquet([{"prompt": "1+1=", "response": "2"}], tmp_path / "d.parquet")
+    (ex,) = load_sft_examples(str(path), "data.train_files", custom, cfg(apply_chat_template_kwargs={"enable_thinking": True}))
+    assert custom.decode(ex.prompt_ids) == "think;user:1+1=;assistant:"
+    conversation = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    rows = [{"messages": conversation, "tools": json.dumps([{"name": "add"}, {"name": "sub"}]), "enable_thinking": False},
+            {"messages": conversation, "tools": None, "enable_thinking": True}]
+    multi = write_jsonl(rows, tmp_path / "m.jsonl")
+    first, second = load_sft_examples(str(multi), "data.train_files", custom, cfg(multiturn=MultiturnConfig(enable=True)))
+    assert custom.decode(first.prompt_ids) == "T2;user:1+1=;assistant:"  # its own tools, thinking off
+    assert custom.decode(second.prompt_ids) == "think;user:1+1=;assistant:"

@@ -60,20 +60,26 @@ def compose_rl(name, overrides=()):
         return compose(name, overrides=list(overrides))
 
 
+@pytest.fixture
+def inputs(tiny_model, rl_data):
+    """A model and prompts: the base configs carry verl's placeholder paths."""
+    return [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", f"data.val_files={rl_data['val']}"]
+
+
 @pytest.mark.parametrize("name, estimator, loss", [("grpo_trainer", "grpo", "vanilla"), ("gspo_trainer", "grpo", "gspo"), ("ppo_trainer", "gae", "vanilla")])
-def test_algorithm_configs_pick_registered_functions(name, estimator, loss):
-    cfg = resolve(compose_rl(name), RLConfig, [], {}, 1, preprocess=lift_flat_sample_logging).config
+def test_algorithm_configs_pick_registered_functions(name, estimator, loss, inputs):
+    cfg = resolve(compose_rl(name, inputs), RLConfig, inputs, {}, 1, preprocess=lift_flat_sample_logging).config
     assert (cfg.algorithm.adv_estimator, cfg.algorithm.policy_loss) == (estimator, loss)
     check_registries(cfg)
 
 
-def test_unknown_algorithm_names_list_the_registry():
-    cfg = resolve(compose_rl("grpo_trainer", ["algorithm.policy_loss=sapo"]), RLConfig, [], {}, 1).config
+def test_unknown_algorithm_names_list_the_registry(inputs):
+    cfg = resolve(compose_rl("grpo_trainer", ["algorithm.policy_loss=sapo", *inputs]), RLConfig, inputs, {}, 1).config
     with pytest.raises(ConfigError, match=r"^algorithm.policy_loss: got 'sapo', expected one of gspo, vanilla"):
         check_registries(cfg)
 
 
-def test_documents_yaml_form_both_nested_and_as_printed(tmp_path):
+def test_documents_yaml_form_both_nested_and_as_printed(tmp_path, inputs):
     nested = (
         "defaults:\n  - ppo_trainer\n  - _self_\n"
         "logging:\n  output_dir: ./output/ppo_run\n  loggers: [tensorboard]\n  sample_logging:\n    enabled: true\n"
@@ -92,8 +98,8 @@ def test_documents_yaml_form_both_nested_and_as_printed(tmp_path):
     for name, text in (("nested", nested), ("flat", flat)):
         (tmp_path / f"{name}.yaml").write_text(text)
         with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
-            cfg = compose(name)
-        typed = resolve(cfg, RLConfig, [], {}, 1, preprocess=lift_flat_sample_logging).config
+            cfg = compose(name, overrides=inputs)
+        typed = resolve(cfg, RLConfig, inputs, {}, 1, preprocess=lift_flat_sample_logging).config
         sl = typed.logging.sample_logging
         assert (sl.enabled, sl.interval_steps, sl.num_samples, sl.max_new_tokens, sl.temperature, sl.top_p) == (True, 200, 2, 96, 0.6, 0.95)
         assert sl.prompts[1] == "Write a concise plan for debugging PPO training instabilities."

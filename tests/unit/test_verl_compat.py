@@ -1,0 +1,409 @@
+"""verl users' command lines and defaults: the base configs carry verl's defaults, verl's keys
+mean here what they meant there (or are refused in one line saying why), and verl's own
+example scripts compose unchanged but for the model and data paths."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from config.loading import resolve
+from config.rl_schema import RLConfig, lift_flat_sample_logging
+from config.schema import ConfigError, SFTConfig
+from config.verl import PPO_KEYS, SFT_KEYS
+from helpers import gsm8k_rows, multiturn_rows, write_parquet
+from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# verl/trainer/config/sft_trainer.yaml composed with optim/fsdp.yaml (verl b178a3c): every key.
+VERL_SFT_DEFAULTS = {
+    "data.train_batch_size": 256, "data.micro_batch_size": None, "data.micro_batch_size_per_gpu": 4,
+    "data.train_files": "~/data/gsm8k/train.parquet", "data.val_files": "~/data/gsm8k/test.parquet",
+    "data.train_max_samples": -1, "data.val_max_samples": -1, "data.prompt_key": "question", "data.response_key": "answer",
+    "data.prompt_dict_keys": None, "data.response_dict_keys": None, "data.multiturn.enable": False,
+    "data.multiturn.messages_key": "messages", "data.multiturn.tools_key": "tools",
+    "data.multiturn.enable_thinking_key": "enable_thinking", "data.max_length": 1024, "data.truncation": "error",
+    "data.balance_dp_token": False, "data.chat_template": None, "data.custom_cls.path": None, "data.custom_cls.name": None,
+    "data.use_shm": False, "data.apply_chat_template_kwargs": {},
+    "model.partial_pretrain": "~/models/gemma-1.1-7b-it", "model.use_shm": False, "model.fsdp_config.model_dtype": "fp32",
+    "model.fsdp_config.wrap_policy.min_num_params": 0, "model.fsdp_config.cpu_offload": False,
+    "model.fsdp_config.offload_params": False, "model.external_lib": None, "model.enable_gradient_checkpointing": True,
+    "model.trust_remote_code": False, "model.lora_rank": 0, "model.lora_alpha": 16, "model.target_modules": "all-linear",
+    "model.use_liger": False, "model.strategy": "fsdp2",
+    "optim.optimizer": "AdamW", "optim.optimizer_impl": "torch.optim", "optim.lr": 1e-5, "optim.lr_warmup_steps_ratio": 0.1,
+    "optim.total_training_steps": -1, "optim.weight_decay": 0.01, "optim.lr_warmup_steps": -1, "optim.betas": [0.9, 0.95],
+    "optim.clip_grad": 1.0, "optim.min_lr_ratio": 0.0, "optim.num_cycles": 0.5, "optim.warmup_style": None,
+    "optim.override_optimizer_config": None, "optim.lr_scheduler": "cosine",
+    "ulysses_sequence_parallel_size": 1, "use_remove_padding": False,
+    "trainer.default_local_dir": "checkpoints/gsm8k-sft/test",  # verl: checkpoints/${project_name}/${experiment_name}
+    "trainer.default_hdfs_dir": None, "trainer.project_name": "gsm8k-sft", "trainer.experiment_name": "test",
+    "trainer.total_epochs": 4, "trainer.total_training_steps": None, "trainer.seed": 1, "trainer.save_freq": -1,
+    "trainer.test_freq": -1, "trainer.nnodes": 1, "trainer.n_gpus_per_node": 8, "trainer.max_ckpt_to_keep": None,
+    "trainer.resume_mode": "auto", "trainer.resume_from_path": None,
+}
+# Kept different on purpose; the README's "Coming from verl" says each and why.
+SFT_DIFFERENT = {
+    "trainer.logger": (["console", "wandb"], ["console"]),  # W&B needs an account
+    "trainer.device": ("cuda", "auto"),  # CPU machines too
+    # verl's SFT trainer never reads lr_scheduler_type (it is optim/fsdp.yaml's `constant`); here it
+    # is a name of lr_scheduler, so it stays unset rather than turning the cosine off.
+    "optim.lr_scheduler_type": ("constant", None),
+}
+
+# verl's PPO trainer (verl/trainer/config/ppo_trainer.yaml, b178a3c) where a key means the same
+# as one of ours: verl key -> (verl default, our key, our value in ppo_trainer).
+VERL_PPO_SAME = {
+    "data.train_files": ("~/data/rlhf/gsm8k/train.parquet", "data.train_files", "~/data/rlhf/gsm8k/train.parquet"),
+    "data.val_files": ("~/data/rlhf/gsm8k/test.parquet", "data.val_files", "~/data/rlhf/gsm8k/test.parquet"),
+    "data.prompt_key": ("prompt", "data.prompt_key", "prompt"),
+    "data.max_prompt_length": (512, "data.max_prompt_length", 512),
+    "data.max_response_length": (512, "rollout.max_new_tokens", 512),
+    "data.train_batch_size": (1024, "data.prompts_per_step", 1024),
+    "data.shuffle": (True, "data.shuffle", True),
+    "data.truncation": ("error", "data.truncation", "error"),
+    "data.filter_overlong_prompts": (False, "data.filter_overlong_prompts", False),
+    "data.apply_chat_template_kwargs": ({}, "data.apply_chat_template_kwargs", {}),
+    "actor_rollout_ref.model.path": ("~/models/deepseek-llm-7b-chat", "model.partial_pretrain", "~/models/deepseek-llm-7b-chat"),
+    "actor_rollout_ref.model.enable_gradient_checkpointing": (True, "model.enable_gradient_checkpointing", True),
+    "actor_rollout_ref.model.trust_remote_code": (False, "model.trust_remote_code", False),
+    "actor_rollout_ref.actor.optim.lr": (1e-6, "optim.lr", 1e-6),
+    "actor_rollout_ref.actor.optim.betas": ([0.9, 0.999], "optim.betas", [0.9, 0.999]),
+    "actor_rollout_ref.actor.optim.weight_decay": (0.01, "optim.weight_decay", 0.01),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": (0.0, "optim.lr_warmup_steps_ratio", 0.0),
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": (-1, "optim.lr_warmup_steps", -1),
+    "actor_rollout_ref.actor.optim.lr_scheduler_type": ("constant", "optim.lr_scheduler", "constant"),
+    "actor_rollout_ref.actor.optim.min_lr_ratio": (0.0, "optim.min_lr_ratio", 0.0),
+    "actor_rollout_ref.actor.optim.num_cycles": (0.5, "optim.num_cycles", 0.5),
+    "actor_rollout_ref.actor.grad_clip": (1.0, "optim.clip_grad", 1.0),
+    "actor_rollout_ref.actor.ppo_mini_batch_size": (256, "actor.mini_batches_per_step", 4),  # 1024 / 256
+    "actor_rollout_ref.actor.ppo_epochs": (1, "actor.ppo_epochs", 1),
+    "actor_rollout_ref.actor.clip_ratio_low": (0.2, "algorithm.clip_ratio_low", 0.2),
+    "actor_rollout_ref.actor.clip_ratio_high": (0.2, "algorithm.clip_ratio_high", 0.2),
+    "actor_rollout_ref.actor.clip_ratio_c": (3.0, "algorithm.clip_ratio_c", 3.0),
+    "actor_rollout_ref.actor.loss_agg_mode": ("token-mean", "algorithm.loss_agg_mode", "token-mean"),
+    "actor_rollout_ref.actor.policy_loss.loss_mode": ("vanilla", "algorithm.policy_loss", "vanilla"),
+    "actor_rollout_ref.actor.use_kl_loss": (False, "algorithm.kl_coef", 0.0),
+    "actor_rollout_ref.actor.kl_loss_type": ("low_var_kl", "algorithm.kl_estimator", "k3"),
+    "actor_rollout_ref.actor.fsdp_config.param_offload": (False, "model.fsdp_config.cpu_offload", False),
+    "actor_rollout_ref.ref.fsdp_config.param_offload": (False, "ref.cpu_offload", False),
+    "actor_rollout_ref.rollout.n": (1, "rollout.responses_per_prompt", 1),
+    "actor_rollout_ref.rollout.temperature": (1.0, "rollout.temperature", 1.0),
+    "actor_rollout_ref.rollout.top_k": (-1, "rollout.top_k", 0),  # off either way
+    "actor_rollout_ref.rollout.top_p": (1.0, "rollout.top_p", 1.0),
+    "actor_rollout_ref.rollout.val_kwargs.do_sample": (False, "rollout.val_do_sample", False),
+    "algorithm.adv_estimator": ("gae", "algorithm.adv_estimator", "gae"),
+    "algorithm.gamma": (1.0, "algorithm.gamma", 1.0),
+    "algorithm.lam": (1.0, "algorithm.lam", 1.0),
+    "algorithm.norm_adv_by_std_in_grpo": (True, "algorithm.norm_adv_by_std_in_grpo", True),
+    "critic.optim.lr": (1e-5, "critic.lr", 1e-5),
+    "critic.cliprange_value": (0.5, "critic.cliprange_value", 0.5),
+    "trainer.critic_warmup": (0, "critic.warmup_steps", 0),
+    "trainer.total_epochs": (30, "trainer.total_epochs", 30),
+    "trainer.total_training_steps": (None, "trainer.total_training_steps", None),
+    "trainer.project_name": ("verl_examples", "trainer.project_name", "verl_examples"),
+    "trainer.save_freq": (-1, "trainer.save_freq", -1),
+    "trainer.test_freq": (-1, "trainer.test_freq", -1),
+    "trainer.val_before_train": (True, "trainer.val_before_train", True),
+    "trainer.resume_mode": ("auto", "trainer.resume_mode", "auto"),
+    "trainer.max_actor_ckpt_to_keep": (None, "trainer.max_ckpt_to_keep", None),
+}
+
+
+def composed(name: str, overrides=()):
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def sft(overrides=(), world_size=1, name="sft_trainer"):
+    return resolve(composed(name, overrides), SFTConfig, overrides, {}, world_size)
+
+
+def rl(overrides=(), world_size=1, name="grpo_trainer"):
+    return resolve(composed(name, overrides), RLConfig, overrides, {}, world_size, preprocess=lift_flat_sample_logging)
+
+
+def select(cfg, key):
+    value = OmegaConf.select(cfg, key, default="<absent>")
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+@pytest.fixture(scope="module")
+def gsm8k(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gsm8k")
+    return {"train": write_parquet(gsm8k_rows(48, seed=5), root / "train.parquet"),
+            "test": write_parquet(gsm8k_rows(8, seed=6), root / "test.parquet")}
+
+
+@pytest.fixture(scope="module")
+def multiturn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiturn")
+    return {"train": write_parquet(multiturn_rows(24, seed=7), root / "train.parquet"),
+            "test": write_parquet(multiturn_rows(4, seed=8), root / "test.parquet")}
+
+
+def paths_for(model, gsm8k, multiturn, run_dir):
+    paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
+             "$HOME/data/multiturn/train.parquet": str(multiturn["train"]),
+             "$HOME/data/multiturn/test.parquet": str(multiturn["test"]), "$save_path": str(run_dir)}
+    for hub_id in ("deepseek-ai/deepseek-coder-6.7b-instruct", "google/gemma-2b-it", "google/gemma-1.1-7b-it",
+                   "Qwen/Qwen3-8B", "Qwen/Qwen2.5-0.5B-Instruct", "ByteDance-Seed/Seed-OSS-36B-Base",
+                   "Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2.5-3B-Instruct"):
+        paths[hub_id] = str(model)
+    return paths
+
+
+# ----------------------------------------------------------------------------- defaults
+def test_sft_base_carries_verls_defaults():
+    cfg = composed("sft_trainer")
+    wrong = {k: (v, select(cfg, k)) for k, v in VERL_SFT_DEFAULTS.items() if select(cfg, k) != v}
+    assert not wrong, f"base sft_trainer differs from verl's defaults (verl, ours): {wrong}"
+    for key, (verl, ours) in SFT_DIFFERENT.items():
+        assert select(cfg, key) == ours, key
+
+
+def test_ppo_base_carries_verls_defaults_where_a_key_means_the_same(tiny_model, rl_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]
+    typed = rl(inputs, name="ppo_trainer").config
+    composed_cfg = composed("ppo_trainer")
+    for verl_key, (verl_default, our_key, ours) in VERL_PPO_SAME.items():
+        if our_key in ("model.partial_pretrain", "data.train_files", "data.val_files"):
+            assert select(composed_cfg, our_key) == ours, our_key
+            continue
+        got = OmegaConf.select(OmegaConf.structured(typed), our_key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == ours, f"{verl_key} (verl {verl_default!r}) -> {our_key}: {got!r}, expected {ours!r}"
+    # verl's own keys are present at verl's default, so its command lines compose.
+    assert select(composed_cfg, "actor_rollout_ref.rollout.n") == 1
+    assert select(composed_cfg, "actor_rollout_ref.actor.ppo_mini_batch_size") == 256
+
+
+def test_every_verl_key_entry_is_in_the_composed_configs():
+    sft_cfg, rl_cfg = composed("sft_trainer"), composed("grpo_trainer")
+    for cfg, table in ((sft_cfg, SFT_KEYS), (rl_cfg, PPO_KEYS)):
+        for entry in table:
+            assert select(cfg, entry.key) == entry.default, entry.key
+
+
+def test_demo_values_live_only_in_demo_configs():
+    demo_asset = re.compile(r"demo_asset|sft_demo|rl_demo")
+    for name in ("sft_trainer.yaml", "rl_trainer.yaml", "grpo_trainer.yaml", "gspo_trainer.yaml", "ppo_trainer.yaml",
+                 "sft_trainer_with_generation.yaml", "trainer/default.yaml", "generation/default.yaml"):
+        text = (ROOT / "config" / name).read_text()
+        assert not demo_asset.search(text), f"config/{name} names a demo asset"
+
+
+# ----------------------------------------------------------------------------- SFT keys
+def test_a_run_without_model_or_data_says_what_is_missing_and_how_to_start_the_demo():
+    with pytest.raises(ConfigError) as err:
+        sft()
+    message = str(err.value)
+    assert message.startswith("model.partial_pretrain=") and "data.train_files=" in message and "\n" not in message
+    assert "--config-name demo" in message
+
+
+def test_logger_takes_a_string_or_a_list(tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    assert sft([*inputs, "trainer.logger=console"]).config.trainer.logger == ["console"]
+    assert sft([*inputs, 'trainer.logger=["console","tensorboard"]']).config.trainer.logger == ["console", "tensorboard"]
+    with pytest.raises(ConfigError, match=r"^trainer.logger: got 'graphite'"):
+        sft([*inputs, "trainer.logger=graphite"])
+
+
+def test_deprecated_micro_batch_size_and_inert_keys_are_logged(tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    resolved = sft([*inputs, "data.micro_batch_size=2", "model.strategy=fsdp", "trainer.nnodes=1", "data.use_shm=false"])
+    assert resolved.config.data.micro_batch_size_per_gpu == 2
+    notes = "\n".join(resolved.notes)
+    assert "data.micro_batch_size=2 (verl): read as data.micro_batch_size_per_gpu=2" in notes
+    for key in ("model.strategy=fsdp: changes nothing here", "trainer.nnodes=1: changes nothing here",
+                "data.use_shm=False: changes nothing here"):
+        assert key in notes, notes
+    assert len(resolved.notes) == 4  # one line each, nothing for keys left at verl's defaults
+    with pytest.raises(ConfigError, match=r"^data.micro_batch_size=2 and data.micro_batch_size_per_gpu=8 both set"):
+        sft([*inputs, "data.micro_batch_size=2", "data.micro_batch_size_per_gpu=8"])
+
+
+@pytest.mark.parametrize("override, feature", [
+    ("model.lora_rank=8", "LoRA"), ("ulysses_sequence_parallel_size=2", "Ulysses sequence parallelism"),
+    ("use_remove_padding=true", "padding-free"), ("model.use_liger=true", "Liger kernels"),
+])
+def test_capabilities_not_there_yet_are_refused_in_one_line(override, feature, tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    with pytest.raises(ConfigError) as err:
+        sft([*inputs, override])
+    message = str(err.value)
+    assert message.startswith(override.split("=")[0]) and feature in message and "not available yet" in message
+    assert "\n" not in message
+    sft([*inputs, "model.lora_rank=0", "ulysses_sequence_parallel_size=1", "use_remove_padding=false"])  # ask nothing
+
+
+def test_unknown_keys_are_still_errors(tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    with pytest.raises(ConfigError, match=r"^model.lora_dropout: unknown key"):
+        sft([*inputs, "+model.lora_dropout=0.1"])
+
+
+def test_verl_optimizer_keys(tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    cfg = sft([*inputs, "optim.warmup_style=constant", "optim.lr_warmup_steps=7", "+optim.override_optimizer_config={eps: 1e-6}"]).config
+    assert cfg.optim.lr_scheduler == "constant" and cfg.optim.warmup_steps(1000) == 7
+    assert cfg.optim.override_optimizer_config == {"eps": 1e-6}
+    assert sft([*inputs, "optim.lr_scheduler_type=wsd"]).config.optim.lr_scheduler == "wsd"
+    with pytest.raises(ConfigError, match=r"^optim.optimizer=SGD: the optimizer is torch.optim.AdamW here"):
+        sft([*inputs, "optim.optimizer=SGD"])
+
+
+# ----------------------------------------------------------------------------- verl's SFT scripts
+@pytest.mark.parametrize("script", sorted(SFT_SCRIPTS))
+def test_verl_sft_scripts_compose_unchanged(script, tiny_model, gsm8k, multiturn, tmp_path):
+    args = command_line(SFT_SCRIPTS[script], paths_for(tiny_model, gsm8k, multiturn, tmp_path / "run"),
+                        ["data.train_batch_size=128"])  # what a user trying it on a small data set passes in `$@`
+    if script not in SFT_NOT_YET:
+        cfg = sft(args, world_size=2).config
+        assert cfg.data.prompt_key == "extra_info" and cfg.data.prompt_dict_keys == ["question"]
+        assert cfg.data.response_dict_keys == ["answer"] and cfg.trainer.logger == ["console", "wandb"]
+        assert cfg.optim.lr == 1e-5 and cfg.data.max_length == 1024  # verl's defaults, as in verl
+        return
+    with pytest.raises(ConfigError) as err:
+        sft(args, world_size=2)
+    message = str(err.value)
+    assert "\n" not in message
+    for asked in SFT_NOT_YET[script]:
+        assert asked in message and "not available yet" in message, (asked, message)
+    # Those keys are all that stops it.
+    keys = [a.split("=")[0] for a in SFT_NOT_YET[script]]
+    cfg = sft(without(args, *keys), world_size=2).config
+    assert cfg.trainer.default_local_dir == str(tmp_path / "run")
+    if "data.micro_batch_size=4" in args:
+        assert cfg.data.micro_batch_size_per_gpu == 4
+
+
+# ----------------------------------------------------------------------------- RL keys
+def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
+    args = [f"actor_rollout_ref.model.path={tiny_model}", f"data.train_files={rl_data['train']}",
+            "algorithm.adv_estimator=grpo", "data.train_batch_size=16", "data.max_response_length=24",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+            "actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_coef=0.01",
+            "actor_rollout_ref.actor.kl_loss_type=mse", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.rollout.top_k=-1",
+            "actor_rollout_ref.actor.optim.lr=3e-6", "actor_rollout_ref.ref.fsdp_config.param_offload=True",
+            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16", "trainer.critic_warmup=0",
+            "trainer.val_before_train=False", "trainer.n_gpus_per_node=2", "trainer.nnodes=1", "trainer.logger=console",
+            "actor_rollout_ref.actor.entropy_coeff=0", "algorithm.use_kl_in_reward=False",
+            "actor_rollout_ref.actor.fsdp_config.param_offload=False"]
+    resolved = rl(args, world_size=2)
+    c = resolved.config
+    assert str(c.model.partial_pretrain) == str(tiny_model)
+    assert (c.data.prompts_per_step, c.rollout.max_new_tokens, c.actor.mini_batches_per_step) == (16, 24, 4)
+    assert (c.actor.micro_batch_size_per_gpu, c.algorithm.kl_coef, c.algorithm.kl_estimator) == (8, 0.01, "k2")
+    assert (c.rollout.responses_per_prompt, c.rollout.top_k, c.optim.lr, c.ref.cpu_offload) == (4, 0, 3e-6, True)
+    assert c.rollout.log_prob_micro_batch_size_per_gpu == 16 and c.trainer.val_before_train is False
+    assert c.trainer.logger == ["console"] and c.model.fsdp_config.cpu_offload is False
+    assert any("trainer.n_gpus_per_node=2" in n for n in resolved.notes)
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("actor_rollout_ref.rollout.name=vllm", "Hugging Face generate"),
+    ("actor_rollout_ref.rollout.gpu_memory_utilization=0.6", "inference-engine setting"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "inference-engine setting"),
+    ("reward_model.enable=True", "reward models are not available"),
+    ("algorithm.use_kl_in_reward=True", "no KL penalty in the reward"),
+    ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
+    ("actor_rollout_ref.model.use_remove_padding=True", "not available yet"),
+    ("actor_rollout_ref.actor.kl_loss_type=abs", "the estimators here are"),
+    ("trainer.n_gpus_per_node=8", "torchrun started 2 process(es)"),
+    ("actor_rollout_ref.actor.ppo_mini_batch_size=5", "must divide data.train_batch_size"),
+])
+def test_verl_keys_with_no_meaning_here_are_refused_with_the_reason(override, reason, tiny_model, rl_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16"]
+    with pytest.raises(ConfigError) as err:
+        rl([*inputs, override], world_size=2)
+    message = str(err.value)
+    assert message.startswith(override.split("=")[0]) and reason in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("script", sorted(GRPO_SCRIPTS))
+def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script, tiny_model, gsm8k, tmp_path):
+    paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
+             "Qwen/Qwen2-7B-Instruct": str(tiny_model), "Qwen/Qwen2.5-3B-Instruct": str(tiny_model)}
+    # What a user scaling it down to two processes passes in `$@`.
+    args = command_line(GRPO_SCRIPTS[script], paths, ["data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                                                      "trainer.n_gpus_per_node=2"])
+    with pytest.raises(ConfigError) as err:
+        rl(args, world_size=2)
+    message = str(err.value)
+    refused = set(re.findall(r"(?:^|; )([\w.]+)=", message))
+    table = readme_verl_rl_table()
+    for key in refused:
+        assert key in table and table[key].startswith("refused"), key
+    cleaned = without(args, *refused)
+    c = rl(cleaned, world_size=2).config
+    assert c.algorithm.adv_estimator == "grpo" and c.rollout.responses_per_prompt == 5 and c.algorithm.kl_coef == 0.001
+
+
+def readme_verl_rl_table() -> dict[str, str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- generated by: python scripts/config_table.py verl -->\n", 1)[1].split("\n\n", 1)[0]
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([^`]+)` \| ([^|]+)\|", section, re.M)}
+
+
+def test_readme_says_what_every_key_of_verls_grpo_scripts_does_here():
+    table = readme_verl_rl_table()
+    for key in GRPO_KEYS_USED:
+        parts = key.split(".")
+        assert any(".".join(parts[:i]) in table for i in range(len(parts), 0, -1)), f"README 'Coming from verl' lacks {key}"
+
+
+def test_resume_from_path_wins_in_auto_mode_as_in_verl(tmp_path):
+    from trainer.checkpoint import STATE_FILE, Checkpointer
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / f"global_step_{step}").mkdir(parents=True)
+        (run / f"global_step_{step}" / STATE_FILE).write_text("{}")
+    elsewhere = tmp_path / "other" / "global_step_3"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / STATE_FILE).write_text("{}")
+    ckpt = Checkpointer(run, -1, None, 0, 1)
+    assert ckpt.resolve_resume("auto", None) == run / "global_step_4"
+    assert ckpt.resolve_resume("auto", str(elsewhere)) == elsewhere
+    assert ckpt.resolve_resume("resume_path", str(elsewhere)) == elsewhere
+    assert ckpt.resolve_resume("disable", str(elsewhere)) is None
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        ckpt.resolve_resume("auto", str(tmp_path / "nowhere"))
+
+
+def test_filter_overlong_prompts_leaves_them_out(tmp_path, tiny_model, caplog):
+    from config.rl_schema import RLDataConfig
+    from helpers import rl_rows
+    from trainer.data import DataError
+    from trainer.rl_data import load_rl_prompts
+    from workers.model import load_tokenizer
+
+    rows = rl_rows(4, seed=1)
+    rows[2]["prompt"] = [{"role": "user", "content": "1+1=" * 40}]
+    path = write_parquet(rows, tmp_path / "p.parquet")
+    tok = load_tokenizer(str(tiny_model))
+    with pytest.raises(DataError, match=r"row 2: prompt has \d+ tokens, more than data.max_prompt_length=40"):
+        load_rl_prompts(str(path), "data.train_files", tok, RLDataConfig(max_prompt_length=40))
+    kept = load_rl_prompts(str(path), "data.train_files", tok, RLDataConfig(max_prompt_length=40, filter_overlong_prompts=True))
+    assert [p.text for p in kept] == [r["prompt"][0]["content"] for i, r in enumerate(rows) if i != 2]
+
+
+def test_external_lib_and_optimizer_overrides(tiny_model):
+    import torch
+
+    from config.schema import OptimConfig
+    from trainer.optim import build_optimizer
+    from workers.model import ModelLoadError, import_external_lib
+
+    import_external_lib("json")  # importable: nothing to say
+    with pytest.raises(ModelLoadError, match=r"^model.external_lib='no_such_lib_here': cannot import it"):
+        import_external_lib("no_such_lib_here")
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(override_optimizer_config={"eps": 1e-6}), torch.device("cpu"))
+    assert optimizer.param_groups[0]["eps"] == 1e-6
