@@ -3,12 +3,17 @@
 Used by SFT validation samples and RL sample logging (and RL rollouts). Each row can carry its
 own sampling seed, so two generations for the same prompt differ only when the model changed,
 whatever else is in the batch and whatever the global RNG did.
+
+The sampling is exactly `GenerationSettings`, on every rank and for every model object: nothing
+comes from the model's `generation_config` (a hub model's generation_config.json may ask for a
+repetition penalty, n-gram blocking or its own temperature).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
@@ -90,6 +95,25 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+@contextmanager
+def _only_this_config(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, the model's own generation config is `config`.
+
+    transformers fills every field the config passed to `generate` leaves unset from
+    `model.generation_config` (`_prepare_generation_config`, checked on 5.24). That is the hub
+    file's content on a model loaded with `from_pretrained` (rank 0) and nearly nothing on one
+    built from its config (the other ranks, rank 0's copy), so rollouts would sample differently
+    on different ranks. With `config` in both places, unset fields get the library's neutral
+    defaults (repetition penalty 1, no n-gram blocking, no minimum length) on every rank.
+    """
+    own = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -116,13 +140,14 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=_processors(settings, seeds, device),
-            synced_gpus=synced_gpus,
-        )
+        with _only_this_config(model, config):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=_processors(settings, seeds, device),
+                synced_gpus=synced_gpus,
+            )
     finally:
         model.train(was_training)
     new_tokens = out[:, input_ids.shape[1]:].tolist()

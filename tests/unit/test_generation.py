@@ -1,9 +1,14 @@
 """The sample generator: batched, left-padded, per-prompt seeds."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.generation import GenerationSettings, encode_prompts, generate
+from helpers import make_tiny_model, with_generation_config
+from workers.generation import GenerationSettings, encode_prompts, generate, left_pad
+from workers.model import build_from_config, load_config
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
@@ -41,3 +46,46 @@ def test_generation_restores_train_mode_and_reports_eos(tiny_model):
     assert model.training
     assert out[0].stopped_at_eos == (tok.eos_token_id in out[0].token_ids)
     assert out[0].num_tokens <= 3
+
+
+# ---------------------------------------------------------------------- hub models as they come
+# What a hub model's generation_config.json may carry. None of it may reach our sampling: rank 0
+# loads the model with `from_pretrained` (and would see it), the other ranks build from the config.
+HUB_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 5, "top_p": 0.8, "repetition_penalty": 1.8,
+                "no_repeat_ngram_size": 2, "min_new_tokens": 4}
+PROMPTS = ["1+2=", "33+44=", "5+60=", "hello there, how are you"]
+GREEDY = GenerationSettings(max_new_tokens=8, do_sample=False)
+SAMPLED = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.3, top_k=20, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("hub")
+    # Untied embeddings: a tiny tied model greedily repeats the prompt's last token forever.
+    base = make_tiny_model(root / "base", seed=3, tie=False)
+    tok = AutoTokenizer.from_pretrained(base)
+    return SimpleNamespace(
+        tok=tok,
+        hub=with_generation_config(base, root / "hub", HUB_SAMPLING),
+        plain=with_generation_config(base, root / "plain", None),
+    )
+
+
+def test_a_hub_generation_config_changes_neither_greedy_nor_sampled_generations(hub):
+    tok = hub.tok
+    loaded = AutoModelForCausalLM.from_pretrained(hub.hub)  # as rank 0 loads it
+    built = build_from_config(load_config(str(hub.hub)), torch.float32)  # as the other ranks and rank 0's copy do
+    built.load_state_dict(loaded.state_dict())
+    plain = AutoModelForCausalLM.from_pretrained(hub.plain)
+    prompts = encode_prompts(tok, PROMPTS)
+    # The file has teeth: transformers' own greedy decoding follows it.
+    ids, mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    own = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, pad_token_id=tok.pad_token_id, do_sample=False)
+           for m in (loaded, plain)]
+    assert not torch.equal(*own)
+
+    for settings in (GREEDY, SAMPLED):
+        seeds = [11, 22, 33, 44]
+        outs = [[g.token_ids for g in generate(m, tok, prompts, settings, seeds)] for m in (loaded, built, plain)]
+        assert outs[0] == outs[1] == outs[2], settings.describe()
+    assert loaded.generation_config.repetition_penalty == 1.8  # the model's own config is back after each call
