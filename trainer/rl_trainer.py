@@ -58,7 +58,7 @@ from workers.actor import (
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
 from workers.generation import GenerationSettings, encode_prompts, generate
-from workers.model import load_config, load_tokenizer
+from workers.model import load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
 
@@ -113,6 +113,7 @@ class RLTrainer:
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
 
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
         self.val_prompts = (
@@ -249,7 +250,7 @@ class RLTrainer:
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
         seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
         # The outcome reward sits on the last generated token.
@@ -285,7 +286,7 @@ class RLTrainer:
         settings = GenerationSettings(r.max_new_tokens, r.val_do_sample, r.temperature, r.top_k, r.top_p)
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds)
+            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.tracking.log_metrics(metrics, self.step)
@@ -315,7 +316,7 @@ class RLTrainer:
                 prompt_ids = encode_prompts(self.tokenizer, texts)
                 settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
                 seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
                 rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
                 self.sample_logger.log(self.step, stage, "samples", "qualitative", texts, generated, [None] * len(texts),
                                        settings, seeds, time.perf_counter() - start, rewards)

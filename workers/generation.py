@@ -6,7 +6,8 @@ whatever else is in the batch and whatever the global RNG did.
 
 The sampling is exactly `GenerationSettings`, on every rank and for every model object: nothing
 comes from the model's `generation_config` (a hub model's generation_config.json may ask for a
-repetition penalty, n-gram blocking or its own temperature).
+repetition penalty, n-gram blocking or its own temperature). Generation stops at any of the stop
+ids the caller passes (`workers.model.load_stop_ids`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class GenerationSettings:
 @dataclass
 class Generated:
     prompt_ids: list[int]
-    token_ids: list[int]  # generated tokens, up to and including EOS when it came
+    token_ids: list[int]  # generated tokens, up to and including the stop id when one came
     text: str
     stopped_at_eos: bool
 
@@ -114,6 +115,10 @@ def _only_this_config(model: torch.nn.Module, config: GenerationConfig) -> Itera
         model.generation_config = own
 
 
+def _first_stop(row: Sequence[int], stop_ids: Sequence[int]) -> Optional[int]:
+    return next((i for i, token in enumerate(row) if token in stop_ids), None)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -122,19 +127,24 @@ def generate(
     settings: GenerationSettings,
     seeds: Optional[Sequence[int]] = None,
     synced_gpus: bool = False,
+    stop_ids: Optional[Sequence[int]] = None,
 ) -> list[Generated]:
-    """One `generate` call for the whole batch of prompts (token ids, already templated)."""
+    """One `generate` call for the whole batch of prompts (token ids, already templated).
+
+    `stop_ids`: every token that ends a generation (default: the tokenizer's EOS).
+    """
     if not prompt_ids:
         return []
     device = next(model.parameters()).device
     seeds = list(seeds) if seeds is not None else list(range(len(prompt_ids)))
+    stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=False,  # sampling happens in SeededSampler, row by row
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
         use_cache=True,
     )
     was_training = model.training
@@ -153,10 +163,11 @@ def generate(
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     results = []
     for prompt, row in zip(prompt_ids, new_tokens):
-        stopped = tokenizer.eos_token_id in row
-        tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(Generated(list(prompt), tokens, text, stopped))
+        stop = _first_stop(row, stop_ids)
+        tokens = row if stop is None else row[: stop + 1]
+        # A chat model's stop id need not be a special token: keep it out of the text either way.
+        text = tokenizer.decode(tokens if stop is None else tokens[:-1], skip_special_tokens=True)
+        results.append(Generated(list(prompt), tokens, text, stop is not None))
     return results
 
 

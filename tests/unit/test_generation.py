@@ -1,5 +1,6 @@
 """The sample generator: batched, left-padded, per-prompt seeds."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import make_tiny_model, with_generation_config
 from workers.generation import GenerationSettings, encode_prompts, generate, left_pad
-from workers.model import build_from_config, load_config
+from workers.model import ModelLoadError, build_from_config, load_config, load_stop_ids
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
@@ -64,9 +65,14 @@ def hub(tmp_path_factory) -> SimpleNamespace:
     # Untied embeddings: a tiny tied model greedily repeats the prompt's last token forever.
     base = make_tiny_model(root / "base", seed=3, tie=False)
     tok = AutoTokenizer.from_pretrained(base)
+    # The second EOS id is the third token the model writes for the first prompt.
+    first = generate(AutoModelForCausalLM.from_pretrained(base), tok, encode_prompts(tok, PROMPTS[:1]),
+                     GenerationSettings(max_new_tokens=3, do_sample=False))[0].token_ids
+    second_eos = first[2]
+    assert second_eos not in first[:2] and second_eos != tok.eos_token_id
     return SimpleNamespace(
-        tok=tok,
-        hub=with_generation_config(base, root / "hub", HUB_SAMPLING),
+        tok=tok, first=first, second_eos=second_eos,
+        hub=with_generation_config(base, root / "hub", {**HUB_SAMPLING, "eos_token_id": [tok.eos_token_id, second_eos]}),
         plain=with_generation_config(base, root / "plain", None),
     )
 
@@ -84,8 +90,33 @@ def test_a_hub_generation_config_changes_neither_greedy_nor_sampled_generations(
            for m in (loaded, plain)]
     assert not torch.equal(*own)
 
+    stop_ids = load_stop_ids(str(hub.hub), tok)
     for settings in (GREEDY, SAMPLED):
         seeds = [11, 22, 33, 44]
-        outs = [[g.token_ids for g in generate(m, tok, prompts, settings, seeds)] for m in (loaded, built, plain)]
+        outs = [[g.token_ids for g in generate(m, tok, prompts, settings, seeds, stop_ids=stop_ids)] for m in (loaded, built, plain)]
         assert outs[0] == outs[1] == outs[2], settings.describe()
     assert loaded.generation_config.repetition_penalty == 1.8  # the model's own config is back after each call
+
+
+def test_generation_stops_at_every_eos_id_of_the_model_directory(hub, tmp_path):
+    tok = hub.tok
+    stop_ids = load_stop_ids(str(hub.hub), tok)
+    assert stop_ids == (tok.eos_token_id, hub.second_eos)
+    assert load_stop_ids(str(hub.plain), tok) == (tok.eos_token_id,)  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_stop_ids(str(tmp_path), tok) == (tok.eos_token_id, 7)  # one int, not a list
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7,')
+    with pytest.raises(ModelLoadError, match="generation_config.json"):
+        load_stop_ids(str(tmp_path), tok)
+
+    model = AutoModelForCausalLM.from_pretrained(hub.hub)
+    prompts = encode_prompts(tok, PROMPTS)
+    full = generate(model, tok, prompts, GREEDY, stop_ids=(tok.eos_token_id,))
+    cut = generate(model, tok, prompts, GREEDY, stop_ids=stop_ids)
+    # Each row is the unstopped one up to and including its first stop id, whichever id it is.
+    for f, c in zip(full, cut):
+        k = next((i for i, t in enumerate(f.token_ids) if t in stop_ids), None)
+        assert c.token_ids == (f.token_ids if k is None else f.token_ids[: k + 1])
+        assert c.stopped_at_eos == (k is not None)
+    assert cut[0].token_ids == hub.first and cut[0].stopped_at_eos and full[0].num_tokens > 3
+    assert cut[0].text == tok.decode(hub.first[:2], skip_special_tokens=True)  # the stop token is not text
