@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -217,9 +218,10 @@ class RLTrainer:
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
         mbs = cfg.actor.micro_batch_size_per_gpu
-        batch.old_log_prob = forward_in_micro_batches(response_log_probs, self.actor, batch, mbs)
+        log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature)
+        batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch, mbs)
         if self.reference is not None:
-            batch.ref_log_prob = forward_in_micro_batches(response_log_probs, self.reference, batch, mbs)
+            batch.ref_log_prob = forward_in_micro_batches(log_probs, self.reference, batch, mbs)
         if self.critic is not None:
             batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
         a = cfg.algorithm
@@ -237,7 +239,8 @@ class RLTrainer:
             loss_cfg = core_algos.PolicyLossConfig(a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode,
                                                    cfg.rollout.max_new_tokens)
             metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
-                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step))
+                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step,
+                                         temperature=cfg.rollout.temperature))
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
                         "train/step_s": time.perf_counter() - start, "train/epoch": float(self.epoch)})

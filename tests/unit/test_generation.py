@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import make_tiny_model, with_generation_config
+from workers.actor import build_rollout_batch, response_log_probs
 from workers.generation import GenerationSettings, encode_prompts, generate, left_pad
 from workers.model import ModelLoadError, build_from_config, load_config, load_stop_ids
 
@@ -120,3 +121,20 @@ def test_generation_stops_at_every_eos_id_of_the_model_directory(hub, tmp_path):
         assert c.stopped_at_eos == (k is not None)
     assert cut[0].token_ids == hub.first and cut[0].stopped_at_eos and full[0].num_tokens > 3
     assert cut[0].text == tok.decode(hub.first[:2], skip_special_tokens=True)  # the stop token is not text
+
+
+def test_response_log_probs_are_those_of_the_logits_divided_by_the_temperature(hub):
+    tok = hub.tok
+    model = AutoModelForCausalLM.from_pretrained(hub.plain)
+    generated = generate(model, tok, encode_prompts(tok, PROMPTS[:2]), SAMPLED, [5, 6])
+    batch = build_rollout_batch(generated, [0, 1], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        p, r = batch.prompt_width, batch.response_mask.shape[1]
+        targets = batch.input_ids[:, p:, None]
+        by_hand = {t: torch.log_softmax(logits[:, p - 1 : p - 1 + r].float() / t, dim=-1).gather(-1, targets).squeeze(-1)
+                   for t in (0.6, 1.0, 1.7)}
+        for t, expected in by_hand.items():
+            torch.testing.assert_close(response_log_probs(model, batch, temperature=t), expected)
+        assert torch.equal(response_log_probs(model, batch), by_hand[1.0])  # T = 1 exactly as before
+    assert not torch.allclose(by_hand[0.6], by_hand[1.0])
