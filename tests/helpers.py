@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ def make_tiny_model(out: Path, hidden: int = 32, layers: int = 2, heads: int = 2
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def with_generation_config(model_dir: Path, out: Path, generation_config: dict | None) -> Path:
+    """A copy of `model_dir` whose generation_config.json is `generation_config` (None: no file),
+    as hub models ship one with their own sampling defaults and EOS ids."""
+    shutil.copytree(model_dir, out)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    if generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     return out
 
 

@@ -44,7 +44,7 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers.model import import_external_lib, lm_head_rows, load_config, load_tokenizer
+from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
@@ -85,6 +85,7 @@ class FSDPSFTTrainer:
         check_available(cfg.trainer.logger)
         import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.data.chat_template)
+        self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         d = cfg.data
         train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples)
@@ -271,7 +272,7 @@ class FSDPSFTTrainer:
         model = model if model is not None else self.replica.model
         prompt_ids = [e.prompt_ids for e in batch.examples]
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-        generated = generate(model, self.tokenizer, prompt_ids, self.generation_settings(), seeds)
+        generated = generate(model, self.tokenizer, prompt_ids, self.generation_settings(), seeds, stop_ids=self.stop_ids)
         return {
             "prompts": [e.prompt_text for e in batch.examples],
             "generations": [g.text for g in generated],

@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,7 +60,7 @@ from workers.actor import (
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
 from workers.generation import GenerationSettings, encode_prompts, generate
-from workers.model import import_external_lib, load_config, load_tokenizer
+from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
 
@@ -115,6 +116,7 @@ class RLTrainer:
 
         import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
         self.val_prompts = (
@@ -221,10 +223,11 @@ class RLTrainer:
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
         mbs = cfg.actor.micro_batch_size_per_gpu
-        batch.old_log_prob = forward_in_micro_batches(response_log_probs, self.actor, batch,
+        log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature)
+        batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
                                                       cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
         if self.reference is not None:
-            batch.ref_log_prob = forward_in_micro_batches(response_log_probs, self.reference, batch,
+            batch.ref_log_prob = forward_in_micro_batches(log_probs, self.reference, batch,
                                                           cfg.ref.log_prob_micro_batch_size_per_gpu or mbs)
         if self.critic is not None:
             batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
@@ -243,7 +246,8 @@ class RLTrainer:
             loss_cfg = core_algos.PolicyLossConfig(a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode,
                                                    cfg.rollout.max_new_tokens)
             metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
-                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step))
+                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step,
+                                         temperature=cfg.rollout.temperature))
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
                         "train/step_s": time.perf_counter() - start, "train/epoch": float(self.epoch)})
@@ -256,7 +260,7 @@ class RLTrainer:
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
         seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
         # The outcome reward sits on the last generated token.
@@ -295,7 +299,7 @@ class RLTrainer:
         )
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds)
+            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.tracking.log_metrics(metrics, self.step)
@@ -325,7 +329,7 @@ class RLTrainer:
                 prompt_ids = encode_prompts(self.tokenizer, texts)
                 settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
                 seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds)
+                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
                 rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
                 self.sample_logger.log(self.step, stage, "samples", "qualitative", texts, generated, [None] * len(texts),
                                        settings, seeds, time.perf_counter() - start, rewards)

@@ -80,8 +80,16 @@ def _response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tenso
     return out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width]
 
 
-def response_log_probs(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the response tokens under the distribution they were sampled from.
+
+    Rollouts sample from softmax(logits / T), so the logits are divided by the rollout
+    temperature before the log-softmax, for old, reference and current log-probs alike
+    (verl's `dp_actor.py` does the same: `logits.div_(temperature)`). T = 1 is left untouched.
+    """
     logits = _response_logits(model, batch).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = batch.input_ids[:, batch.prompt_width :]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -149,7 +157,10 @@ def update_policy(
     kl_estimator: str,
     settings: UpdateSettings,
     step: int,
+    *,
+    temperature: float,
 ) -> dict[str, float]:
+    """`temperature`: the rollout's, as for the old log-probs the ratios compare against."""
     device = batch.input_ids.device
     generator = torch.Generator().manual_seed(settings.seed * 7919 + step)
     sums: dict[str, float] = {}
@@ -162,7 +173,7 @@ def update_policy(
             denominator = loss_denominator(loss_cfg.loss_agg_mode, mini.response_mask, device)
             for i in range(0, len(mini), settings.micro_batch_size):
                 micro = mini.select(slice(i, i + settings.micro_batch_size))
-                log_prob = response_log_probs(actor, micro)
+                log_prob = response_log_probs(actor, micro, temperature)
                 pg_loss, metrics = policy_loss(micro.old_log_prob, log_prob, micro.advantages, micro.response_mask, loss_cfg, denominator)
                 loss = pg_loss
                 if kl_coef > 0:

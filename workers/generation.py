@@ -3,12 +3,18 @@
 Used by SFT validation samples and RL sample logging (and RL rollouts). Each row can carry its
 own sampling seed, so two generations for the same prompt differ only when the model changed,
 whatever else is in the batch and whatever the global RNG did.
+
+The sampling is exactly `GenerationSettings`, on every rank and for every model object: nothing
+comes from the model's `generation_config` (a hub model's generation_config.json may ask for a
+repetition penalty, n-gram blocking or its own temperature). Generation stops at any of the stop
+ids the caller passes (`workers.model.load_stop_ids`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
@@ -39,7 +45,7 @@ class GenerationSettings:
 @dataclass
 class Generated:
     prompt_ids: list[int]
-    token_ids: list[int]  # generated tokens, up to and including EOS when it came
+    token_ids: list[int]  # generated tokens, up to and including the stop id when one came
     text: str
     stopped_at_eos: bool
 
@@ -90,6 +96,29 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+@contextmanager
+def _only_this_config(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, the model's own generation config is `config`.
+
+    transformers fills every field the config passed to `generate` leaves unset from
+    `model.generation_config` (`_prepare_generation_config`, checked on 5.24). That is the hub
+    file's content on a model loaded with `from_pretrained` (rank 0) and nearly nothing on one
+    built from its config (the other ranks, rank 0's copy), so rollouts would sample differently
+    on different ranks. With `config` in both places, unset fields get the library's neutral
+    defaults (repetition penalty 1, no n-gram blocking, no minimum length) on every rank.
+    """
+    own = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
+def _first_stop(row: Sequence[int], stop_ids: Sequence[int]) -> Optional[int]:
+    return next((i for i, token in enumerate(row) if token in stop_ids), None)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -98,40 +127,47 @@ def generate(
     settings: GenerationSettings,
     seeds: Optional[Sequence[int]] = None,
     synced_gpus: bool = False,
+    stop_ids: Optional[Sequence[int]] = None,
 ) -> list[Generated]:
-    """One `generate` call for the whole batch of prompts (token ids, already templated)."""
+    """One `generate` call for the whole batch of prompts (token ids, already templated).
+
+    `stop_ids`: every token that ends a generation (default: the tokenizer's EOS).
+    """
     if not prompt_ids:
         return []
     device = next(model.parameters()).device
     seeds = list(seeds) if seeds is not None else list(range(len(prompt_ids)))
+    stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=False,  # sampling happens in SeededSampler, row by row
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
         use_cache=True,
     )
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=_processors(settings, seeds, device),
-            synced_gpus=synced_gpus,
-        )
+        with _only_this_config(model, config):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=_processors(settings, seeds, device),
+                synced_gpus=synced_gpus,
+            )
     finally:
         model.train(was_training)
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     results = []
     for prompt, row in zip(prompt_ids, new_tokens):
-        stopped = tokenizer.eos_token_id in row
-        tokens = row[: row.index(tokenizer.eos_token_id) + 1] if stopped else row
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(Generated(list(prompt), tokens, text, stopped))
+        stop = _first_stop(row, stop_ids)
+        tokens = row if stop is None else row[: stop + 1]
+        # A chat model's stop id need not be a special token: keep it out of the text either way.
+        text = tokenizer.decode(tokens if stop is None else tokens[:-1], skip_special_tokens=True)
+        results.append(Generated(list(prompt), tokens, text, stop is not None))
     return results
 
 

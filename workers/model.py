@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import GENERATION_CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,35 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         raise ModelLoadError("tokenizer has neither a pad token nor an EOS token; add one to the tokenizer")
     tokenizer.pad_token = tokenizer.eos_token
     log.info("tokenizer has no pad token: padding with EOS (%r); EOS itself is unchanged", tokenizer.eos_token)
+
+
+def load_stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Every token that ends a generation: the tokenizer's EOS and each `eos_token_id` of the
+    model's generation_config.json (an int or a list), in that order, without repeats.
+
+    Chat models end a turn with a token of their own (`<|im_end|>`) and list it there beside the
+    end of text. Every rank reads the file from the path, so all ranks stop alike, whichever of
+    them loaded the weights with `from_pretrained`.
+    """
+    ids = tuple(dict.fromkeys(int(i) for i in (tokenizer.eos_token_id, *_generation_config_eos_ids(path)) if i is not None))
+    if len(ids) > 1:
+        log.info("generations stop at any of %s (%s and the tokenizer's EOS)", list(ids), GENERATION_CONFIG_NAME)
+    return ids
+
+
+def _generation_config_eos_ids(path: str) -> list[int]:
+    local = Path(path).is_dir()
+    if local and not (Path(path) / GENERATION_CONFIG_NAME).is_file():
+        return []
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError as err:
+        if not local:
+            return []  # a hub model without the file
+        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot read {GENERATION_CONFIG_NAME} ({err})") from err
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
