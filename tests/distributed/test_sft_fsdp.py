@@ -25,6 +25,10 @@ def args(model, data, run_dir, *extra):
         "trainer.logger=[console,file]",
         "trainer.log_freq=1",
         "data.max_length=24",
+        # The tiny task's columns and learning rate (the base config carries verl's GSM8K ones).
+        "data.prompt_key=prompt",
+        "data.response_key=response",
+        "optim.lr=1e-3",
         *extra,
     ]
 

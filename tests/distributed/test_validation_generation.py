@@ -25,7 +25,8 @@ def base_args(model, data, run_dir):
     return [
         "--config-name", "sft_trainer_with_generation",
         f"model.partial_pretrain={model}", f"data.train_files={data['train']}", f"data.val_files={data['val']}",
-        f"trainer.default_local_dir={run_dir}", "data.max_length=24", "data.train_batch_size=16",
+        f"trainer.default_local_dir={run_dir}", "data.prompt_key=prompt", "data.response_key=response",
+        "data.max_length=24", "data.train_batch_size=16",
         "data.micro_batch_size_per_gpu=4", "trainer.total_training_steps=3", "trainer.test_freq=2", "optim.lr=3e-3",
     ]
 

@@ -2,6 +2,8 @@
 the module path, the model and the data paths, plus what the scripts take in `$@` to keep the
 run short; torchrun with 2 processes."""
 
+import math
+
 import pytest
 
 from helpers import gsm8k_rows, read_metrics, run_module, write_parquet
@@ -41,6 +43,18 @@ def test_verl_sft_script_trains_with_two_processes(script, tiny_model, gsm8k, tm
     assert "=== Validation Samples (Step 2) ===" in proc.stdout
     assert (run_dir / "global_step_2").is_dir() and (run_dir / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert list((run_dir / "wandb").glob("offline-run-*")), "trainer.logger='[\"console\",\"wandb\"]' reached W&B"
-    # verl's defaults, as verl would have trained: lr 1e-5 with 10% warmup over all epochs' steps.
-    lr = metrics[1]["train/lr"]
-    assert 0 < lr < 1e-5
+    # verl's defaults, as verl would have trained: lr 1e-5, 10% warmup and a cosine over every epoch's
+    # steps (6 a step of 8 of the 48 rows, times the script's trainer.total_epochs), not over the 2 run.
+    epochs = int(next(a for a in command_line(SFT_SCRIPTS[script], paths) if a.startswith("trainer.total_epochs=")).split("=")[1])
+    total = 6 * epochs
+    for step in (1, 2):
+        assert metrics[step]["train/lr"] == pytest.approx(verl_lr(step, total), rel=1e-6), (step, total)
+
+
+def verl_lr(step: int, total: int, peak: float = 1e-5, warmup_ratio: float = 0.1) -> float:
+    """verl's get_cosine_schedule_with_warmup after `step` steps (min_lr_ratio 0, one half-wave)."""
+    warmup = int(total * warmup_ratio)
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))

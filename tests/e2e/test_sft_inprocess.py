@@ -20,7 +20,8 @@ def make_trainer(tiny_model, tiny_data, run_dir, *overrides):
     overrides = [
         f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}", f"data.val_files={tiny_data['val']}",
         f"trainer.default_local_dir={run_dir}", "trainer.logger=[console,file]", "trainer.log_freq=1", "data.max_length=24",
-        "data.train_batch_size=16", "data.micro_batch_size_per_gpu=8", "generation.max_new_tokens=4", *overrides,
+        "data.train_batch_size=16", "data.micro_batch_size_per_gpu=8", "generation.max_new_tokens=4",
+        "data.prompt_key=prompt", "data.response_key=response", *overrides,
     ]
     with initialize_config_module(config_module="config", version_base="1.3"):
         cfg = compose("sft_trainer", overrides=overrides)
