@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,12 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message names the path."""
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model.partial_pretrain") -> PreTrainedTokenizerBase:
+    """`key` is what the error message names: the setting (or argument) the path came from."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - re-raised with the path named
-        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(f"{key}={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
     ensure_pad_token(tokenizer)
     return tokenizer
 
@@ -43,11 +46,22 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     log.info("tokenizer has no pad token: padding with EOS (%r); EOS itself is unchanged", tokenizer.eos_token)
 
 
-def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def load_config(path: str, trust_remote_code: bool = False, key: str = "model.partial_pretrain") -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a model config ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(f"{key}={path!r}: cannot load a model config ({type(err).__name__}: {err})") from err
+
+
+def generation_config_file(path: str) -> Optional[Path]:
+    """The model's own generation_config.json (in its directory or the hub cache), or None when it
+    has none: then none is written beside it either, so transformers derives it from config.json
+    exactly as it would for the original model."""
+    try:
+        found = cached_file(path, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - an unreadable source has no generation config to copy
+        return None
+    return Path(found) if found else None
 
 
 def load_pretrained(
@@ -96,10 +110,34 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def save_hf(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, generation_config: Optional[Path] = None
+) -> None:
+    """Weights (safetensors), config, tokenizer and the original generation config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    # save_pretrained writes a generation config derived from config.json; the original's may
+    # differ (sampling defaults, several EOS ids), so it replaces the derived one.
+    _place_generation_config(out_dir, generation_config)
+
+
+def save_hf_files(
+    model_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, generation_config: Optional[Path] = None
+) -> None:
+    """Everything of a Hugging Face model directory but the weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _place_generation_config(out_dir, generation_config)
+
+
+def _place_generation_config(out_dir: Path, generation_config: Optional[Path]) -> None:
+    target = out_dir / GENERATION_CONFIG_NAME
+    if generation_config is not None:
+        shutil.copyfile(generation_config, target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
