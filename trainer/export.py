@@ -83,11 +83,11 @@ def export(checkpoint: Path, out: Path, dtype_name: Optional[str] = None, model_
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a global_step_N directory, or a run directory (its latest checkpoint)")
-    parser.add_argument("out", type=Path, help="the Hugging Face model directory to write")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", type=Path, help="a global_step_N directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("out", metavar="OUT_DIR", type=Path, help="the Hugging Face model directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the one the model config declares)")
-    parser.add_argument("--model-config", type=Path, help="config and tokenizer directory for checkpoints without huggingface/")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.add_argument("--model-config", metavar="DIR", type=Path, help="config and tokenizer directory for checkpoints without huggingface/")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     args = parser.parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
