@@ -290,6 +290,38 @@ class SamplesConfig:
 
 
 # ----------------------------------------------------------------------------- trainer
+CHECKPOINT_CONTENTS = ("model", "optimizer", "extra", "hf_model")
+
+
+@dataclass
+class CheckpointConfig:
+    """What each `global_step_N/` holds and what a resume restores (verl's `trainer.checkpoint`)."""
+
+    save_contents: List[str] = doc(
+        "Parts written to each checkpoint: `model` (sharded weights, required), `optimizer` (its "
+        "state), `extra` (LR scheduler and RNG states), `hf_model` (also the full model as "
+        "safetensors under huggingface/; a gather on every rank).",
+        factory=lambda: ["model", "optimizer", "extra"],
+    )
+    load_contents: Optional[List[str]] = doc(
+        "Parts a resume restores, where the checkpoint has them (null: the same as save_contents); "
+        "a part left out starts fresh.",
+        None,
+    )
+
+    def effective_load_contents(self) -> List[str]:
+        return list(self.save_contents if self.load_contents is None else self.load_contents)
+
+    def check(self) -> None:
+        for key, items in (("trainer.checkpoint.save_contents", self.save_contents),
+                           ("trainer.checkpoint.load_contents", self.effective_load_contents())):
+            for item in items:
+                _one_of(item, key, CHECKPOINT_CONTENTS)
+            _require(len(set(items)) == len(items), key, f"lists a part twice: {items}")
+            # Without the weights a checkpoint cannot resume anything (verl asserts the same).
+            _require("model" in items, key, f"must include model, got {items}")
+
+
 @dataclass
 class TrainerConfig:
     default_local_dir: str = doc("Run directory: checkpoints, metrics, samples, report, exported model.", "checkpoints/run")
@@ -317,6 +349,7 @@ class TrainerConfig:
     log_freq: int = doc("Send train metrics to the trackers every N steps.", 1)
     collective_timeout_seconds: int = doc("How long a collective may wait for the other ranks before the run fails.", 1800)
     export_hf_model: bool = doc("Save the final model in Hugging Face format under <run>/hf_model.", True)
+    checkpoint: CheckpointConfig = doc("Checkpoint contents (verl's names).", factory=CheckpointConfig)
 
     def check(self) -> None:
         _require(self.total_epochs > 0, "trainer.total_epochs", "must be > 0")
@@ -336,6 +369,7 @@ class TrainerConfig:
         known = ("console", "file", "mlflow", "swanlab", "wandb", "tensorboard")
         for name in self.logger:
             _one_of(name, "trainer.logger", known)
+        self.checkpoint.check()
 
 
 @dataclass

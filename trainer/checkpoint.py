@@ -1,13 +1,20 @@
-"""Sharded, atomic checkpoints with `torch.distributed.checkpoint`, and exact resume.
+"""Sharded, atomic checkpoints with `torch.distributed.checkpoint`, exact resume, and the
+Hugging Face model directories made from a model or a checkpoint.
 
 Layout of a run directory:
 
     global_step_200/                 a complete checkpoint (the name appears only once complete)
-        .metadata, __*.distcp        model and optimizer shards (DCP)
-        trainer_state.json           step, data position, scheduler, counters
-        rng/rank_<r>.pt              each rank's RNG states (tensors and ints only)
+        .metadata, __*.distcp        model shards; optimizer state with `optimizer` (DCP)
+        trainer_state.json           step, data position, counters, what was saved; the scheduler with `extra`
+        rng/rank_<r>.pt              each rank's RNG states, with `extra` (tensors and ints only)
+        huggingface/                 config.json, tokenizer, the original generation_config.json;
+                                     with `hf_model` also the full model (safetensors)
     global_step_300.tmp/             being written; never read; removed on the next start
     latest_checkpointed_iteration.txt   pointer to the newest complete checkpoint
+
+What is saved and what a resume restores are `trainer.checkpoint.save_contents` and
+`load_contents` (verl's keys and part names). `trainer_state.json` is always written: it holds
+the step and marks the checkpoint complete.
 
 Everything is written under `<name>.tmp` and renamed into place by rank 0 after every rank has
 finished, so a crash never leaves a checkpoint that looks complete. All loads are
@@ -21,6 +28,7 @@ import logging
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -28,16 +36,27 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+from config.schema import CheckpointConfig
 from workers.fsdp import gather_full_state_dict
-from workers.model import build_from_config, save_hf
+from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
 log = logging.getLogger(__name__)
 
 POINTER = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.json"
+HF_DIR = "huggingface"
+MODEL = "model"  # the DCP key of the trained model (the actor in RL); others are "<name>_model"
+# Checkpoints written before save_contents existed hold these parts.
+LEGACY_CONTENTS = ["model", "optimizer", "extra"]
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A path is not a usable checkpoint; the message is one line naming it."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -60,6 +79,132 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------------- finding checkpoints
+def is_checkpoint(path: Path) -> bool:
+    """Complete: its trainer_state.json is written last, inside `.tmp`, before the rename."""
+    return path.is_dir() and not path.name.endswith(".tmp") and (path / STATE_FILE).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """`global_step_N` directories of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    pointer = run_dir / POINTER
+    if pointer.exists():
+        candidate = run_dir / f"global_step_{int(pointer.read_text().strip() or -1)}"
+        if is_checkpoint(candidate):
+            return candidate
+    complete = [p for p in complete_checkpoints(run_dir) if is_checkpoint(p)]
+    return complete[-1] if complete else None
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+@dataclass(frozen=True)
+class HFAssets:
+    """What a Hugging Face directory is made from besides the weights: the model config, the
+    tokenizer, and the original model (`model_path`), whose generation config is copied, never
+    invented. verl's FSDPCheckpointManager writes the same into `huggingface/`."""
+
+    model_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    model_path: str
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+    def generation_config(self) -> Optional[Path]:
+        return generation_config_file(self.model_path)
+
+
+def declared_dtype(model_config: PretrainedConfig) -> torch.dtype:
+    """The dtype the model's config.json declares (fp32 when it declares none)."""
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def hf_model_from_state(state: dict[str, torch.Tensor], assets: HFAssets, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain (unsharded) model holding `state`, built on the meta device so no memory or time
+    goes into a random initialisation that is overwritten anyway."""
+    model = build_from_config(assets.model_config, dtype, "meta", assets.trust_remote_code, assets.attn_implementation)
+    try:
+        # strict=False: a tied LM head may be absent from the state; tie_weights restores it.
+        result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    except RuntimeError as err:  # shapes that do not fit: another model's config
+        raise CheckpointError(f"the checkpoint's weights do not fit this model config ({_first_problem(err)})") from None
+    if result.unexpected_keys:
+        raise CheckpointError(f"the checkpoint has {len(result.unexpected_keys)} weight(s) this model config lacks, "
+                              f"e.g. {result.unexpected_keys[0]!r}")
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} weight(s) of this model config, e.g. {missing[0]!r}")
+    return model
+
+
+def _first_problem(err: RuntimeError) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]
+
+
+def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
+    """A Hugging Face model directory from a full state dict, written to `<out_dir>.tmp` and
+    renamed into place. `dtype` defaults to the one the model config declares."""
+    model = hf_model_from_state(state, assets, dtype or declared_dtype(assets.model_config))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, assets.tokenizer, tmp, assets.generation_config())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_model_state(path: Path, part: str = MODEL) -> dict[str, torch.Tensor]:
+    """One part's full tensors from a DCP checkpoint, in this process alone: no process group,
+    no GPU, the other parts (optimizer, critic) left unread. What verl's model merger does for
+    its per-rank shards, done by DCP from the checkpoint's metadata."""
+    # Private in torch 2.13, with the same planner as format_utils.dcp_to_torch_save (public),
+    # which would read the optimizer and critic too: for a 7B model, three times the memory.
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: no sharded model in it (no .metadata)")
+    with warnings.catch_warnings():
+        # "torch.distributed is unavailable or uninitialized, assuming ... a single process": intended.
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        try:
+            loaded = _load_state_dict_from_keys({part}, checkpoint_id=str(path))
+        except (CheckpointException, OSError) as err:  # a shard missing or unreadable
+            raise CheckpointError(f"{path}: cannot read the sharded model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if part not in loaded:
+        raise CheckpointError(f"{path}: the checkpoint holds no {part!r} part")
+    return loaded[part]
+
+
+# ---------------------------------------------------------------------- save and resume
+FRESH_EFFECTS = {
+    "optimizer": "the optimizer state starts from zero",
+    "extra": "the LR schedule restarts from its first step and the RNG streams from the seed",
+}
+
+
+def _models(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            extra_modules: Optional[dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]]) -> dict[str, tuple]:
+    """Each sharded model with its optimizer, by DCP key prefix: "" for the trained model (the
+    actor), "<name>_" for the others (an RL critic)."""
+    return {"": (model, optimizer), **{f"{name}_": pair for name, pair in (extra_modules or {}).items()}}
+
+
+def fresh_parts(load_contents: list[str], saved: list[str]) -> dict[str, str]:
+    """The resumable parts a resume will not restore, each with the reason."""
+    return {part: "not in the checkpoint" if part not in saved else "not in trainer.checkpoint.load_contents"
+            for part in FRESH_EFFECTS if part not in load_contents or part not in saved}
+
+
 @dataclass
 class Checkpointer:
     run_dir: Path
@@ -67,6 +212,12 @@ class Checkpointer:
     max_to_keep: Optional[int]
     rank: int
     world_size: int
+    contents: CheckpointConfig
+    hf: HFAssets  # what each checkpoint's huggingface/ folder and the final export are made from
+
+    def __post_init__(self) -> None:
+        self.save_contents = list(self.contents.save_contents)
+        self.load_contents = self.contents.effective_load_contents()
 
     # ------------------------------------------------------------------ when
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -77,19 +228,10 @@ class Checkpointer:
         return self.run_dir / f"global_step_{step}"
 
     def complete_checkpoints(self) -> list[Path]:
-        if not self.run_dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.run_dir.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.run_dir)
 
     def latest(self) -> Optional[Path]:
-        pointer = self.run_dir / POINTER
-        if pointer.exists():
-            candidate = self.step_dir(int(pointer.read_text().strip() or -1))
-            if (candidate / STATE_FILE).exists():
-                return candidate
-        complete = [p for p in self.complete_checkpoints() if (p / STATE_FILE).exists()]
-        return complete[-1] if complete else None
+        return latest_checkpoint(self.run_dir)
 
     def clean_partial(self) -> None:
         """Remove checkpoints a crash left half-written (primary rank, before training starts)."""
@@ -100,32 +242,52 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
 
     # ------------------------------------------------------------------ save
+    @staticmethod
+    def _sharded_state(models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], with_optimizer: bool) -> dict[str, Any]:
+        """The DCP state of each model (and its optimizer when wanted, else left untouched), keyed
+        `<prefix>model` / `<prefix>optim`."""
+        state: dict[str, Any] = {}
+        for prefix, (m, o) in models.items():
+            if with_optimizer:
+                state[f"{prefix}model"], state[f"{prefix}optim"] = get_state_dict(m, o)
+            else:
+                state[f"{prefix}model"] = get_model_state_dict(m)
+        return state
+
     def save(
         self,
         step: int,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        scheduler: Any,
         trainer_state: dict[str, Any],
         extra_modules: Optional[dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]] = None,
     ) -> Path:
-        """Collective. `extra_modules` holds other sharded models (e.g. an RL critic) by name."""
+        """Collective. `extra_modules` holds other sharded models (e.g. an RL critic) by name;
+        `huggingface/` describes `model` (the actor)."""
         final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        for name, (m, o) in (extra_modules or {}).items():
-            ms, os_ = get_state_dict(m, o)
-            state[f"{name}_model"], state[f"{name}_optim"] = ms, os_
-        dcp.save(state, checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        dcp.save(self._sharded_state(_models(model, optimizer, extra_modules), "optimizer" in self.save_contents),
+                 checkpoint_id=str(tmp))
+        if "extra" in self.save_contents:
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        full_state = gather_full_state_dict(model) if "hf_model" in self.save_contents else None
         dist.barrier()
         if self.rank == 0:
-            (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": self.world_size}, indent=2))
+            if full_state is not None:
+                save_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)),
+                        self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+            else:
+                save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+            state = {**trainer_state, "world_size": self.world_size, "save_contents": self.save_contents}
+            if "extra" in self.save_contents:
+                state["scheduler"] = scheduler.state_dict()
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if final.exists():  # an older run's checkpoint of the same step (resume disabled)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -147,26 +309,36 @@ class Checkpointer:
         path: Path,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        scheduler: Any,
         extra_modules: Optional[dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]] = None,
     ) -> dict[str, Any]:
-        """Collective. Restores model, optimizer and this rank's RNG; returns the trainer state."""
-        if not (path / STATE_FILE).exists():
+        """Collective. Restores the model and, where both load_contents and the checkpoint have
+        them, the optimizer, the scheduler and this rank's RNG; returns the trainer state (step,
+        data position, counters)."""
+        if not is_checkpoint(path):
             raise FileNotFoundError(f"trainer.resume_from_path={str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        for name, (m, o) in (extra_modules or {}).items():
-            ms, os_ = get_state_dict(m, o)
-            state[f"{name}_model"], state[f"{name}_optim"] = ms, os_
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        for name, (m, o) in (extra_modules or {}).items():
-            set_state_dict(m, o, model_state_dict=state[f"{name}_model"], optim_state_dict=state[f"{name}_optim"])
         trainer_state = json.loads((path / STATE_FILE).read_text())
-        rng_file = path / "rng" / f"rank_{self.rank}.pt"
-        if rng_file.exists() and trainer_state.get("world_size") == self.world_size:
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
-            log.warning("no RNG state for rank %d in %s (world size changed?): RNG streams restart", self.rank, path)
+        fresh = fresh_parts(self.load_contents, trainer_state.get("save_contents", LEGACY_CONTENTS))
+        if fresh and self.rank == 0:
+            log.warning("resuming from %s without %s: %s", path, " and ".join(f"{p} ({why})" for p, why in fresh.items()),
+                        "; ".join(FRESH_EFFECTS[p] for p in fresh))
+        restore = {part: part not in fresh for part in FRESH_EFFECTS}
+
+        models = _models(model, optimizer, extra_modules)
+        state = self._sharded_state(models, restore["optimizer"])
+        dcp.load(state, checkpoint_id=str(path))
+        for prefix, (m, o) in models.items():
+            if restore["optimizer"]:
+                set_state_dict(m, o, model_state_dict=state[f"{prefix}model"], optim_state_dict=state[f"{prefix}optim"])
+            else:
+                set_model_state_dict(m, state[f"{prefix}model"])
+        if restore["extra"]:
+            scheduler.load_state_dict(trainer_state["scheduler"])
+            rng_file = path / "rng" / f"rank_{self.rank}.pt"
+            if rng_file.exists() and trainer_state.get("world_size") == self.world_size:
+                _set_rng_state(torch.load(rng_file, weights_only=True))
+            else:
+                log.warning("no RNG state for rank %d in %s (world size changed?): RNG streams restart", self.rank, path)
         return trainer_state
 
     def resolve_resume(self, mode: str, resume_from_path: Optional[str]) -> Optional[Path]:
@@ -176,37 +348,18 @@ class Checkpointer:
             return None
         if resume_from_path:
             path = Path(resume_from_path).expanduser()
-            if not (path / STATE_FILE).exists():
+            if not is_checkpoint(path):
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
             return path
         return self.latest()
 
-
-def export_hf_model(
-    model: torch.nn.Module,
-    model_config,
-    tokenizer,
-    out_dir: Path,
-    is_primary: bool,
-    trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
-) -> Optional[Path]:
-    """Collective. The model in Hugging Face format (safetensors + tokenizer), in the dtype the
-    original checkpoint declared; written beside `out_dir` and renamed into place."""
-    state = gather_full_state_dict(model)
-    if not is_primary:
-        return None
-    dtype = getattr(model_config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    export = build_from_config(model_config, dtype, "cpu", trust_remote_code, attn_implementation)
-    export.load_state_dict(state, strict=False)
-    export.tie_weights()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(export, tokenizer, tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    log.info("exported the model in Hugging Face format to %s", out_dir)
-    return out_dir
+    # ------------------------------------------------------------------ the end of a run
+    def export_hf_model(self, model: torch.nn.Module, out_dir: Path) -> Optional[Path]:
+        """Collective. The model in Hugging Face format, in the dtype the original config
+        declared; rank 0 writes it beside `out_dir` and renames it into place."""
+        state = gather_full_state_dict(model)
+        if self.rank != 0:
+            return None
+        write_hf_model(state, self.hf, out_dir)
+        log.info("exported the model in Hugging Face format to %s", out_dir)
+        return out_dir

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from config import env as env_config
 from config.loading import redact, resolve, to_dict
 from config.schema import SFTConfig
-from trainer.checkpoint import Checkpointer, export_hf_model
+from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
@@ -105,7 +105,10 @@ class FSDPSFTTrainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)
 
-        self.checkpointer = Checkpointer(self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
+            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.model.attn_implementation),
+        )
         self.step, self.epoch, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
         self.checkpointer.clean_partial()
         self._resume()
@@ -142,8 +145,7 @@ class FSDPSFTTrainer:
         path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
-        state = self.checkpointer.load(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
         self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
@@ -315,15 +317,13 @@ class FSDPSFTTrainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "skipped_steps": self.skipped_steps,
-            "scheduler": self.scheduler.state_dict(),
         }
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, state)
         log.info("saved checkpoint %s", path)
 
     def finish(self) -> None:
         if self.cfg.trainer.export_hf_model:
-            export_hf_model(self.model, self.model_config, self.tokenizer, self.run_dir / "hf_model", self.dist.is_primary,
-                            self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
+            self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model")
         finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
 
 

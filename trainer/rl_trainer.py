@@ -39,7 +39,7 @@ from config import env as env_config
 from config.loading import redact, resolve, to_dict
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
-from trainer.checkpoint import Checkpointer, export_hf_model
+from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
@@ -151,7 +151,10 @@ class RLTrainer:
         log.info("%s: actor %.2fM parameters over %d rank(s)%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
                  dist_ctx.world_size, ", frozen reference" if self.reference else "", ", critic" if self.critic else "")
 
-        self.checkpointer = Checkpointer(self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size)
+        self.checkpointer = Checkpointer(
+            self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
+            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.model.attn_implementation),
+        )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpointer.clean_partial()
         self._resume()
@@ -180,8 +183,7 @@ class RLTrainer:
         path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
-        state = self.checkpointer.load(path, self.actor, self.optimizer, self._extra())
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = self.checkpointer.load(path, self.actor, self.optimizer, self.scheduler, self._extra())
         self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
         log.info("resumed from %s: step %d", path, self.step)
 
@@ -339,16 +341,14 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> None:
-        state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "scheduler": self.scheduler.state_dict()}
-        path = self.checkpointer.save(self.step, self.actor, self.optimizer, state, self._extra())
+        state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        path = self.checkpointer.save(self.step, self.actor, self.optimizer, self.scheduler, state, self._extra())
         log.info("saved checkpoint %s", path)
 
     def finish(self) -> None:
         self._log_val_change()
         if self.cfg.trainer.export_hf_model:
-            export_hf_model(self.actor, self.model_config, self.tokenizer, self.run_dir / "hf_model", self.dist.is_primary,
-                            self.cfg.model.trust_remote_code, self.cfg.model.attn_implementation)
+            self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model")
         finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import importlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -18,7 +19,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import GENERATION_CONFIG_NAME
+from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ def import_external_lib(module: Optional[str]) -> None:
         raise ModelLoadError(f"model.external_lib={module!r}: cannot import it ({type(err).__name__}: {err})") from err
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: Optional[str] = None) -> PreTrainedTokenizerBase:
-    """`chat_template` (a Jinja string) replaces the tokenizer's own."""
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, chat_template: Optional[str] = None, key: str = "model.partial_pretrain"
+) -> PreTrainedTokenizerBase:
+    """`chat_template` (a Jinja string) replaces the tokenizer's own; `key` is what the error message
+    names: the setting (or argument) the path came from."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - re-raised with the path named
-        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(f"{key}={path!r}: cannot load a tokenizer ({type(err).__name__}: {err})") from err
     ensure_pad_token(tokenizer)
     if chat_template:
         tokenizer.chat_template = chat_template
@@ -95,11 +99,22 @@ def _generation_config_eos_ids(path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+def load_config(path: str, trust_remote_code: bool = False, key: str = "model.partial_pretrain") -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"model.partial_pretrain={path!r}: cannot load a model config ({type(err).__name__}: {err})") from err
+        raise ModelLoadError(f"{key}={path!r}: cannot load a model config ({type(err).__name__}: {err})") from err
+
+
+def generation_config_file(path: str) -> Optional[Path]:
+    """The model's own generation_config.json (in its directory or the hub cache), or None when it
+    has none: then none is written beside it either, so transformers derives it from config.json
+    exactly as it would for the original model."""
+    try:
+        found = cached_file(path, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - an unreadable source has no generation config to copy
+        return None
+    return Path(found) if found else None
 
 
 def load_pretrained(
@@ -148,10 +163,34 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def save_hf(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, generation_config: Optional[Path] = None
+) -> None:
+    """Weights (safetensors), config, tokenizer and the original generation config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    # save_pretrained writes a generation config derived from config.json; the original's may
+    # differ (sampling defaults, several EOS ids), so it replaces the derived one.
+    _place_generation_config(out_dir, generation_config)
+
+
+def save_hf_files(
+    model_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path, generation_config: Optional[Path] = None
+) -> None:
+    """Everything of a Hugging Face model directory but the weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    _place_generation_config(out_dir, generation_config)
+
+
+def _place_generation_config(out_dir: Path, generation_config: Optional[Path]) -> None:
+    target = out_dir / GENERATION_CONFIG_NAME
+    if generation_config is not None:
+        shutil.copyfile(generation_config, target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,9 @@ import json
 import re
 
 import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM
 
 from helpers import read_metrics, run_module
 
@@ -74,3 +77,11 @@ def test_ppo_two_processes_with_critic_and_kl(tiny_model, rl_data, tmp_path):
     metrics = check_run(proc, run_dir, first_actor_step=2)
     assert "critic/vf_loss" in metrics[1] and "actor/pg_loss" not in metrics[1]  # critic warm-up step
     assert metrics[2]["critic/vf_loss"] == metrics[2]["critic/vf_loss"] and "actor/kl_loss" in metrics[2]
+
+    # The checkpoint holds actor and critic; the export is the actor, the same model as hf_model.
+    checkpoint = run_dir / "global_step_6"
+    assert {"model", "critic_model"} <= {k.split(".", 1)[0] for k in FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata}
+    run_module("trainer.export", [str(checkpoint), str(tmp_path / "exported")], nproc=0)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    for key, value in AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").state_dict().items():
+        assert torch.equal(exported[key], value), key

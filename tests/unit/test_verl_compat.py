@@ -359,6 +359,7 @@ def test_readme_says_what_every_key_of_verls_grpo_scripts_does_here():
 
 
 def test_resume_from_path_wins_in_auto_mode_as_in_verl(tmp_path):
+    from config.schema import CheckpointConfig
     from trainer.checkpoint import STATE_FILE, Checkpointer
 
     run = tmp_path / "run"
@@ -368,7 +369,7 @@ def test_resume_from_path_wins_in_auto_mode_as_in_verl(tmp_path):
     elsewhere = tmp_path / "other" / "global_step_3"
     elsewhere.mkdir(parents=True)
     (elsewhere / STATE_FILE).write_text("{}")
-    ckpt = Checkpointer(run, -1, None, 0, 1)
+    ckpt = Checkpointer(run, -1, None, 0, 1, CheckpointConfig(), hf=None)
     assert ckpt.resolve_resume("auto", None) == run / "global_step_4"
     assert ckpt.resolve_resume("auto", str(elsewhere)) == elsewhere
     assert ckpt.resolve_resume("resume_path", str(elsewhere)) == elsewhere

@@ -1,0 +1,149 @@
+"""Checkpoint contents (trainer.checkpoint.*), finding checkpoints, and Hugging Face directories
+written from a state dict (one process, no process group)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from transformers import AutoModelForCausalLM
+
+from config.loading import resolve
+from config.rl_schema import RLConfig
+from config.schema import CheckpointConfig, ConfigError, SFTConfig
+from trainer.checkpoint import (
+    CheckpointError,
+    HFAssets,
+    fresh_parts,
+    latest_checkpoint,
+    write_hf_model,
+)
+from helpers import DEMO_MODEL
+from trainer.export import find_checkpoint
+from workers.model import load_config, load_tokenizer
+
+
+def load(overrides=(), name="sft_trainer", schema=SFTConfig):
+    # A model and data that exist (the base configs carry verl's placeholder paths).
+    data = "rl_train.parquet" if schema is RLConfig else "train.parquet"
+    overrides = [f"model.partial_pretrain={DEMO_MODEL}", f"data.train_files={DEMO_MODEL.parent / 'arithmetic' / data}",
+                 *overrides]
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    return resolve(cfg, schema, overrides, {}, 1).config.trainer.checkpoint
+
+
+# ---------------------------------------------------------------------- config
+def test_defaults_are_verls_and_load_contents_follows_save_contents():
+    c = load()
+    assert c.save_contents == ["model", "optimizer", "extra"]
+    assert c.effective_load_contents() == ["model", "optimizer", "extra"]
+    # verl's `${trainer.checkpoint.save_contents}` interpolation, through our loader
+    c = load(["trainer.checkpoint.save_contents=[model,hf_model]"])
+    assert c.load_contents == ["model", "hf_model"]
+    assert load(["trainer.checkpoint.load_contents=[model]"]).effective_load_contents() == ["model"]
+    assert load(["trainer.checkpoint.save_contents=[model]", "trainer.checkpoint.load_contents=null"]).effective_load_contents() == ["model"]
+    # The RL trainers share the trainer section.
+    assert load(["trainer.checkpoint.save_contents=[model,extra]"], "grpo_trainer", RLConfig).load_contents == ["model", "extra"]
+    assert CheckpointConfig().effective_load_contents() == ["model", "optimizer", "extra"]  # null: same as save_contents
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["trainer.checkpoint.save_contents=[optimizer,extra]"],
+         "trainer.checkpoint.save_contents: must include model, got ['optimizer', 'extra']"),
+        (["trainer.checkpoint.save_contents=[model,weights]"],
+         "trainer.checkpoint.save_contents: got 'weights', expected one of model, optimizer, extra, hf_model"),
+        (["trainer.checkpoint.load_contents=[optimizer]"], "trainer.checkpoint.load_contents: must include model"),
+        (["trainer.checkpoint.save_contents=[model,model]"], "trainer.checkpoint.save_contents: lists a part twice"),
+    ],
+)
+def test_bad_contents_are_one_line_naming_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load(overrides)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_fresh_parts_say_why():
+    assert fresh_parts(["model", "optimizer", "extra"], ["model", "optimizer", "extra"]) == {}
+    assert fresh_parts(["model", "optimizer", "extra"], ["model"]) == {
+        "optimizer": "not in the checkpoint", "extra": "not in the checkpoint"}
+    assert fresh_parts(["model", "optimizer"], ["model", "optimizer", "extra", "hf_model"]) == {
+        "extra": "not in trainer.checkpoint.load_contents"}
+
+
+# ---------------------------------------------------------------------- finding checkpoints
+def make_step(run, step, complete=True):
+    d = run / f"global_step_{step}"
+    d.mkdir(parents=True)
+    if complete:
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return d
+
+
+def test_latest_complete_checkpoint_and_tmp_never_read(tmp_path):
+    run = tmp_path / "run"
+    make_step(run, 2)
+    ten = make_step(run, 10)
+    make_step(run, 12, complete=False)  # no trainer_state.json: not complete
+    tmp = run / "global_step_14.tmp"
+    shutil.copytree(ten, tmp)  # even with a state file, a .tmp is never read
+    assert latest_checkpoint(run) == ten
+    assert find_checkpoint(run) == (ten, True)
+    assert find_checkpoint(ten) == (ten, False)
+    with pytest.raises(CheckpointError, match="still being written"):
+        find_checkpoint(tmp)
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        find_checkpoint(run / "global_step_12")
+    (run / "latest_checkpointed_iteration.txt").write_text("2")
+    assert latest_checkpoint(run) == run / "global_step_2"  # the pointer wins when complete
+
+
+# ---------------------------------------------------------------------- Hugging Face directories
+@pytest.fixture(scope="module")
+def trained_state(tiny_model):
+    """A state dict unlike the tiny model's, as a checkpoint of a trained model would hold."""
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assets_from(model_dir):
+    return HFAssets(load_config(str(model_dir)), load_tokenizer(str(model_dir)), str(model_dir))
+
+
+def test_write_hf_model_round_trips_in_the_asked_dtype(tiny_model, trained_state, tmp_path):
+    out = write_hf_model(trained_state, assets_from(tiny_model), tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, trained_state[key]), key
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    assert (out / "generation_config.json").read_bytes() == (tiny_model / "generation_config.json").read_bytes()
+    assert not (tmp_path / "out.tmp").exists()
+    bf16 = write_hf_model(trained_state, assets_from(tiny_model), tmp_path / "bf16", torch.bfloat16)
+    assert AutoModelForCausalLM.from_pretrained(bf16, dtype="auto").dtype == torch.bfloat16
+
+
+def test_no_generation_config_is_invented(tiny_model, trained_state, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model, source)
+    (source / "generation_config.json").unlink()
+    out = write_hf_model(trained_state, assets_from(source), tmp_path / "out")
+    assert (out / "config.json").is_file() and not (out / "generation_config.json").exists()
+
+
+def test_a_state_that_does_not_fit_the_config_is_an_error(tiny_model, trained_state, tmp_path):
+    partial = {k: v for k, v in trained_state.items() if "layers.1." not in k}
+    with pytest.raises(CheckpointError, match=r"lacks \d+ weight\(s\) of this model config, e.g. 'model.layers.1"):
+        write_hf_model(partial, assets_from(tiny_model), tmp_path / "out")
+    with pytest.raises(CheckpointError, match=r"has 1 weight\(s\) this model config lacks, e.g. 'model.layers.2.mlp.up_proj.weight'"):
+        write_hf_model({**trained_state, "model.layers.2.mlp.up_proj.weight": torch.zeros(3)}, assets_from(tiny_model), tmp_path / "out")
+    wide = {**trained_state, "model.norm.weight": torch.ones(64)}
+    with pytest.raises(CheckpointError, match=r"do not fit this model config \(size mismatch for model.norm.weight"):
+        write_hf_model(wide, assets_from(tiny_model), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
