@@ -13,14 +13,15 @@ verl's FSDP GRPO example scripts use) is listed here with what it does in this p
 - `Refused`: no meaning here (vLLM engine knobs, reward models, profilers): refused in one line
   with the reason, unless it asks for nothing (`use_kl_in_reward=false`). Never silently ignored.
 
-The keys exist in the YAML (Hydra accepts only keys the config has) with verl's default values;
-`translate()` removes them from the composed config before the typed schema sees it.
+Hydra accepts only keys the config has: `register_with_hydra()` puts these keys, at verl's
+defaults, into Hydra's config store, which the base YAML files list in their defaults;
+`translate()` takes them out of the composed config before the typed schema sees it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from config.schema import ConfigError
 
@@ -562,11 +563,3 @@ def translate_rl(raw: dict, world_size: int, cli_keys: Iterable[str]) -> Context
     if isinstance(trainer, dict) and "logger" in trainer:
         trainer["logger"] = as_list(trainer["logger"])
     return translate(raw, PPO_KEYS, world_size, cli_keys)
-
-
-def keys_of(table: Sequence[VerlKey]) -> dict[str, VerlKey]:
-    return {entry.key: entry for entry in table}
-
-
-def verl_defaults(table: Sequence[VerlKey]) -> Mapping[str, Any]:
-    return {entry.key: entry.default for entry in table}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import random
 import sys
 import tempfile
@@ -241,8 +242,11 @@ def main() -> None:
             else:
                 regression = functools.partial(inject_lr_spike, start=at, factor=args.spike_factor, ramp=args.ramp_steps)
             run_dir = out / name
+            # total_training_steps only stops a run early; enough epochs for `steps` make the LR
+            # schedule span about the run (the demo's 64 rows a step).
+            epochs = math.ceil(steps / (pq.read_metadata(data["train"]).num_rows // 64))
             run = [f"trainer.default_local_dir={run_dir}", f"trainer.total_training_steps={steps}",
-                   f"trainer.seed={seed}", "trainer.export_hf_model=false", *common]
+                   f"trainer.total_epochs={epochs}", f"trainer.seed={seed}", "trainer.export_hf_model=false", *common]
             if mixed:
                 print(f"stage 2 (seed {seed}): the additions mixed with open-ended prompts, with the regression", flush=True)
                 run += [f"model.partial_pretrain={init}", f"data.train_files={data['train']}",
