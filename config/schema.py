@@ -168,10 +168,28 @@ class ModelConfig:
         "A Python module imported before the model is loaded (one that registers a custom architecture).", None
     )
     fsdp_config: FSDPConfig = doc("FSDP2 sharding.", factory=FSDPConfig)
+    ulysses_sequence_parallel_size: int = doc(
+        "Ulysses sequence parallelism: split each sequence over this many ranks (all-to-all of attention "
+        "heads around attention; verl's `ulysses_sequence_parallel_size`). Data-parallel size is world / N; "
+        "N must divide the world size and the model's (key/value) heads.",
+        1,
+    )
+    use_remove_padding: bool = doc(
+        "Padding-free micro-batches (verl's `use_remove_padding`): each micro-batch's sequences packed in one "
+        "row with flash-attention's varlen kernel (attn_implementation=flash_attention_2, CUDA). Without that "
+        "kernel the run keeps length-grouped token-budget batches (one log line says so).",
+        False,
+    )
+    use_liger: bool = doc(
+        "Apply liger-kernel's fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); needs the "
+        "`liger-kernel` package and a CUDA GPU.",
+        False,
+    )
 
     def check(self) -> None:
         _require(bool(self.partial_pretrain), "model.partial_pretrain", "is required")
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+        _require(self.ulysses_sequence_parallel_size >= 1, "model.ulysses_sequence_parallel_size", "must be >= 1")
         self.fsdp_config.check()
 
 
@@ -390,20 +408,27 @@ class SFTConfig:
         self.generation.check()
         self.trainer.check()
         self.samples.check()
+        sp = self.model.ulysses_sequence_parallel_size
+        _require(world_size % sp == 0, "model.ulysses_sequence_parallel_size",
+                 f"{sp} must divide the number of processes ({world_size}); the data-parallel size is world / it")
+        # The ranks of one sequence-parallel group share their micro-batches: batches count data-parallel ranks.
+        dp = world_size // sp
+        dp_name = "world_size" if sp == 1 else "data-parallel size (world / sequence-parallel size)"
+        ranks = f"world size {world_size}" if sp == 1 else f"data-parallel size {dp} (world {world_size} / sequence-parallel {sp})"
         if self.data.max_token_len_per_gpu is None:
             # Also with use_dynamic_bsz: its default budget is defined by micro_batch_size_per_gpu.
-            per_step = self.data.micro_batch_size_per_gpu * world_size
+            per_step = self.data.micro_batch_size_per_gpu * dp
             _require(
                 self.data.train_batch_size % per_step == 0,
                 "data.train_batch_size",
-                f"{self.data.train_batch_size} is not divisible by micro_batch_size_per_gpu × world_size "
-                f"= {self.data.micro_batch_size_per_gpu} × {world_size}",
+                f"{self.data.train_batch_size} is not divisible by micro_batch_size_per_gpu × {dp_name} "
+                f"= {self.data.micro_batch_size_per_gpu} × {dp}",
             )
         else:  # micro-batches are cut by tokens; ranks still get equal numbers of sequences
             _require(
-                self.data.train_batch_size % world_size == 0,
+                self.data.train_batch_size % dp == 0,
                 "data.train_batch_size",
-                f"{self.data.train_batch_size} is not divisible by the world size {world_size}",
+                f"{self.data.train_batch_size} is not divisible by the {ranks}",
             )
         # Last: a wrong value is worth saying even when the paths are still verl's placeholders.
         missing_inputs(self.model.partial_pretrain, self.data.train_files, "python -m trainer.fsdp_sft_trainer --config-name demo")

@@ -220,8 +220,8 @@ def _micro_batch_size(value: Any, ctx: Context) -> int:
 
 
 SFT_KEYS: tuple[VerlKey, ...] = (
-    Pending("ulysses_sequence_parallel_size", 1, feature="Ulysses sequence parallelism"),
-    Pending("use_remove_padding", False, feature="padding-free (remove-padding) batches"),
+    Alias("ulysses_sequence_parallel_size", 1, target="model.ulysses_sequence_parallel_size"),
+    Alias("use_remove_padding", False, target="model.use_remove_padding"),
     Alias("data.micro_batch_size", None, target="data.micro_batch_size_per_gpu", convert=_micro_batch_size,
           why="verl's deprecated micro-batch key; its SFT examples use it per GPU"),
     Inert("data.balance_dp_token", False, reason="every rank's share of a batch is already balanced by tokens, and the "
@@ -241,7 +241,6 @@ SFT_KEYS: tuple[VerlKey, ...] = (
     Inert("model.lora_alpha", 16, reason="used only with model.lora_rank > 0"),
     Inert("model.target_modules", "all-linear", reason="used only with model.lora_rank > 0"),
     Pending("model.lora_adapter_path", None, feature="LoRA (starting from an adapter)"),
-    Pending("model.use_liger", False, feature="Liger kernels"),
     Refused("optim.optimizer", "AdamW", reason="the optimizer is torch.optim.AdamW here"),
     Refused("optim.optimizer_impl", "torch.optim", reason="the optimizer is torch.optim.AdamW here"),
     Inert("optim.total_training_steps", -1, reason="the trainer sets the schedule's length from the data and epochs"),
@@ -388,7 +387,7 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.model.enable_gradient_checkpointing", True, target="model.enable_gradient_checkpointing"),
     Alias(f"{ARA}.model.trust_remote_code", False, target="model.trust_remote_code"),
     Alias(f"{ARA}.model.external_lib", None, target="model.external_lib"),
-    Pending(f"{ARA}.model.use_remove_padding", False, feature="padding-free (remove-padding) batches"),
+    Pending(f"{ARA}.model.use_remove_padding", False, feature="padding-free batches in RL (SFT has them: use_remove_padding)"),
     Pending(f"{ARA}.model.lora_rank", 0, feature="LoRA"),
     Inert(f"{ARA}.model.lora_alpha", 16, reason="used only with lora_rank > 0"),
     Inert(f"{ARA}.model.target_modules", "all-linear", reason="used only with lora_rank > 0"),
@@ -445,7 +444,8 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Inert(f"{ARA}.actor.fsdp_config.use_orig_params", False, reason=FSDP1),
     Inert(f"{ARA}.actor.fsdp_config.wrap_policy.min_num_params", 0, reason="FSDP2 shards each decoder layer, then the root"),
     Inert(f"{ARA}.actor.strategy", "fsdp", reason="always FSDP2 (fully_shard) here"),
-    Pending(f"{ARA}.actor.ulysses_sequence_parallel_size", 1, feature="Ulysses sequence parallelism"),
+    Pending(f"{ARA}.actor.ulysses_sequence_parallel_size", 1,
+            feature="Ulysses sequence parallelism in RL (SFT has it: ulysses_sequence_parallel_size)"),
     Inert(f"{ARA}.actor.use_torch_compile", True, reason="verl compiles its log-prob function; model.compile compiles "
           "the decoder layers here"),
     Refused(f"{ARA}.actor.freeze_vision_tower", False, reason="vision-language models are not supported here"),
@@ -457,7 +457,8 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Inert(f"{ARA}.ref.log_prob_max_token_len_per_gpu", 16384, reason="used only with log_prob_use_dynamic_bsz"),
     Inert(f"{ARA}.ref.fsdp_config.forward_prefetch", False, reason=FSDP1),
     Inert(f"{ARA}.ref.strategy", "fsdp", reason="always FSDP2 (fully_shard) here"),
-    Pending(f"{ARA}.ref.ulysses_sequence_parallel_size", 1, feature="Ulysses sequence parallelism"),
+    Pending(f"{ARA}.ref.ulysses_sequence_parallel_size", 1,
+            feature="Ulysses sequence parallelism in RL (SFT has it: ulysses_sequence_parallel_size)"),
     Inert(f"{ARA}.ref.use_torch_compile", True, reason="verl compiles its log-prob function; model.compile compiles "
           "the decoder layers here"),
     *_profiler("ref"),

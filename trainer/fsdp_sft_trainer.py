@@ -13,6 +13,7 @@ import logging
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -44,7 +45,11 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
+from workers import liger, sequence_parallel
+from workers.liger import liger_token_loss_sum
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
+from workers.packing import Layout, choose_layout, model_inputs
+from workers.sequence_parallel import SequenceParallel
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
@@ -56,18 +61,32 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def token_loss_sum(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens (labels shifted by one)."""
-    targets = batch.labels[:, 1:]
-    keep = torch.zeros_like(batch.labels, dtype=torch.bool)
-    keep[:, :-1] = targets != IGNORE
+@dataclass(frozen=True)
+class ModelFeed:
+    """How micro-batches enter the model: layout (padded or packed), this rank's part of each
+    sequence (Ulysses), and which loss runs (the LM head on targets, or liger's fused one)."""
+
+    pad_id: int = 0
+    layout: Layout = Layout()
+    sp: Optional[SequenceParallel] = None
+    liger: bool = False
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.sp is None or self.sp.counts_tokens
+
+
+def token_loss_sum(model: torch.nn.Module, batch: MicroBatch, feed: ModelFeed = ModelFeed()) -> torch.Tensor:
+    """Summed cross-entropy over this rank's target tokens of the batch (labels shifted by one)."""
+    inputs, targets = model_inputs(batch.input_ids, batch.attention_mask, batch.labels, feed.pad_id, feed.layout, feed.sp)
+    if feed.liger:  # its fused linear cross-entropy, never together with lm_head_rows
+        return liger_token_loss_sum(model, inputs, targets)
+    keep = targets != IGNORE
     with lm_head_rows(model, keep) as only_targets:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits
     if only_targets and logits.dim() == 2:
-        return F.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
 class FSDPSFTTrainer:
@@ -83,16 +102,22 @@ class FSDPSFTTrainer:
 
         # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
         check_available(cfg.trainer.logger)
+        liger.check(cfg.model.use_liger, self.device)
         import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.data.chat_template)
         self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        sp_size = cfg.model.ulysses_sequence_parallel_size
+        sequence_parallel.check_model(sp_size, self.model_config, cfg.model.attn_implementation)
+        self.sp = sequence_parallel.setup(sp_size, self.device)  # collective: the (dp, sp) mesh
+        self.feed = ModelFeed(self.tokenizer.pad_token_id, self._layout(), self.sp, cfg.model.use_liger)
         d = cfg.data
         train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples)
         self.val_examples = (
             load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples) if d.val_files else []
         )
-        self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, dist_ctx.rank, dist_ctx.world_size, self.tokenizer.pad_token_id)
+        # The ranks of a sequence-parallel group hold the same micro-batches.
+        self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, self.sp.dp_rank, self.sp.dp_size, self.tokenizer.pad_token_id)
         # total_training_steps is an early exit (as in verl): the schedule still spans every epoch.
         self.schedule_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
         self.total_steps = min(self.schedule_steps, cfg.trainer.total_training_steps or self.schedule_steps)
@@ -129,16 +154,29 @@ class FSDPSFTTrainer:
         self._last_validated = -1
 
     # ------------------------------------------------------------------ setup
+    def _layout(self) -> Layout:
+        cfg = self.cfg.model
+        layout = choose_layout(cfg.use_remove_padding, cfg.attn_implementation, cfg.ulysses_sequence_parallel_size)
+        if cfg.use_remove_padding and not layout.packed and self.dist.is_primary:
+            log.info("model.use_remove_padding=true: attn_implementation=%s has no varlen kernel (flash-attention "
+                     "varlen needs flash_attention_2 on CUDA); this run uses length-grouped token-budget batches "
+                     "instead", cfg.attn_implementation)
+        return layout
+
     def _build_model(self, spec: ShardingSpec) -> torch.nn.Module:
         cfg = self.cfg.model
         model = build_sharded_model(
             cfg.partial_pretrain, self.model_config, spec, self.device, self.dist.world_size,
             cfg.trust_remote_code, cfg.attn_implementation, cfg.enable_gradient_checkpointing,
+            before_sharding=liger.apply if cfg.use_liger else None,
         )
+        sequence_parallel.enable(model, self.sp)
         if cfg.compile:
             compile_layers(model)
-        log.info("model: %s, %.2fM parameters, sharded over %d rank(s), compute %s", type(model).__name__,
-                 param_count(model) / 1e6, self.dist.world_size, self.param_dtype)
+        log.info("model: %s, %.2fM parameters, sharded over %d rank(s), compute %s%s", type(model).__name__,
+                 param_count(model) / 1e6, self.dist.world_size, self.param_dtype,
+                 f", sequences split over {self.sp.size} ranks (Ulysses), data-parallel {self.sp.dp_size}"
+                 if self.sp.size > 1 else "")
         return model
 
     def _resume(self) -> None:
@@ -194,22 +232,7 @@ class FSDPSFTTrainer:
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, Any]:
         start = time.perf_counter()
         self.model.train()
-        local = torch.tensor(
-            [sum(mb.num_loss_tokens for mb in micro_batches), sum(mb.num_real_tokens for mb in micro_batches),
-             sum(mb.num_padded_tokens for mb in micro_batches)],
-            dtype=torch.float64, device=self.device,
-        )
-        # One collective: every rank divides by the same global token count, so the loss (and
-        # gradient) of a global batch does not depend on how it is split over ranks and micro-batches.
-        # The counts stay on the device: no host synchronisation until metrics are logged.
-        loss_tokens, real_tokens, padded_tokens = all_reduce_sum(local)
-        loss_tokens = loss_tokens.clamp(min=1.0).float()
-        loss_total = torch.zeros((), device=self.device)
-        for mb in micro_batches:
-            loss = token_loss_sum(self.model, mb.to(self.device)) / loss_tokens
-            # FSDP averages gradients over ranks; the loss is already a global mean.
-            (loss * self.dist.world_size).backward()
-            loss_total += loss.detach()
+        loss_total, real_tokens, padded_tokens = self.accumulate_gradients(micro_batches)
         grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
         if torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -218,7 +241,6 @@ class FSDPSFTTrainer:
             self.skipped_steps += 1
             log.warning("step %d: non-finite gradient norm; update skipped (%d so far)", self.step + 1, self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce_sum(loss_total)
         return {
             "train/loss": loss_total,
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -229,6 +251,29 @@ class FSDPSFTTrainer:
             "train/skipped_steps": self.skipped_steps,
             "train/epoch": self.epoch,
         }
+
+    def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of this rank's micro-batches; returns the global batch's mean loss
+        and its real and padded token counts (all ranks)."""
+        # The ranks of a sequence-parallel group share their micro-batches: one of them counts.
+        local = torch.tensor(
+            [sum(mb.num_loss_tokens for mb in micro_batches), sum(mb.num_real_tokens for mb in micro_batches),
+             sum(mb.num_padded_tokens for mb in micro_batches)],
+            dtype=torch.float64, device=self.device,
+        ) * self.feed.counts_tokens
+        # One collective: every rank divides by the same global token count, so the loss (and
+        # gradient) of a global batch does not depend on how it is split over ranks and micro-batches.
+        # The counts stay on the device: no host synchronisation until metrics are logged.
+        loss_tokens, real_tokens, padded_tokens = all_reduce_sum(local)
+        loss_tokens = loss_tokens.clamp(min=1.0).float()
+        loss_total = torch.zeros((), device=self.device)
+        for mb in micro_batches:
+            loss = token_loss_sum(self.model, mb.to(self.device), self.feed) / loss_tokens
+            # FSDP averages gradients over all ranks; the loss is already a global mean (with
+            # sequence parallelism, each rank's share of it: their gradients add up).
+            (loss * self.dist.world_size).backward()
+            loss_total += loss.detach()
+        return all_reduce_sum(loss_total), real_tokens, padded_tokens
 
     # ------------------------------------------------------------------ validation
     def should_validate(self, epoch_end: bool, last: bool) -> bool:
@@ -251,12 +296,12 @@ class FSDPSFTTrainer:
     def validation_loss(self) -> float:
         self.model.eval()
         batches = validation_micro_batches(
-            self.val_examples, self.cfg.data.micro_batch_size_per_gpu, self.dist.rank, self.dist.world_size, self.tokenizer.pad_token_id
+            self.val_examples, self.cfg.data.micro_batch_size_per_gpu, self.sp.dp_rank, self.sp.dp_size, self.tokenizer.pad_token_id
         )
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in batches:
-            totals[0] += token_loss_sum(self.model, mb.to(self.device)).double()
-            totals[1] += mb.num_loss_tokens
+            totals[0] += token_loss_sum(self.model, mb.to(self.device), self.feed).double()
+            totals[1] += mb.num_loss_tokens * self.feed.counts_tokens
         all_reduce_sum(totals)
         self.model.train()
         return (totals[0] / totals[1].clamp(min=1)).item()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,10 +63,12 @@ def build_sharded_model(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     auto_class=None,
+    before_sharding: Optional[Callable[[torch.nn.Module], None]] = None,
     **model_kwargs,
 ) -> torch.nn.Module:
     """Collective. Load a pretrained model on rank 0 only, shard it over all ranks, fill every
-    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype."""
+    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype. `before_sharding`
+    patches the model (real on rank 0, meta elsewhere) first (liger-kernel)."""
     if dist.get_rank() == 0:
         model = load_pretrained(path, torch.float32, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
         full_state = model.state_dict()
@@ -77,6 +79,8 @@ def build_sharded_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    if before_sharding is not None:
+        before_sharding(model)
     shard_model(model, device_mesh(device, world_size), spec)
     load_full_state_dict(model, full_state, device)
     return model

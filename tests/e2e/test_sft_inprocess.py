@@ -53,8 +53,8 @@ def test_non_finite_gradient_skips_the_update_and_the_schedule(tiny_model, tiny_
     real = sft.token_loss_sum
     poison = {"on": False}
 
-    def nan_while_poisoned(model, batch):
-        loss = real(model, batch)
+    def nan_while_poisoned(model, batch, *feed):
+        loss = real(model, batch, *feed)
         return loss * float("nan") if poison["on"] else loss  # every micro-batch of the poisoned step
 
     monkeypatch.setattr(sft, "token_loss_sum", nan_while_poisoned)

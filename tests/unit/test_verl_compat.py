@@ -16,7 +16,7 @@ from config.rl_schema import RLConfig, lift_flat_sample_logging
 from config.schema import ConfigError, SFTConfig
 from config.verl import PPO_KEYS, SFT_KEYS
 from helpers import gsm8k_rows, multiturn_rows, write_parquet
-from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
+from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,10 +228,7 @@ def test_deprecated_micro_batch_size_and_inert_keys_are_logged(tiny_model, tiny_
         sft([*inputs, "data.micro_batch_size=2", "data.micro_batch_size_per_gpu=8"])
 
 
-@pytest.mark.parametrize("override, feature", [
-    ("model.lora_rank=8", "LoRA"), ("ulysses_sequence_parallel_size=2", "Ulysses sequence parallelism"),
-    ("use_remove_padding=true", "padding-free"), ("model.use_liger=true", "Liger kernels"),
-])
+@pytest.mark.parametrize("override, feature", [("model.lora_rank=8", "LoRA")])
 def test_capabilities_not_there_yet_are_refused_in_one_line(override, feature, tiny_model, tiny_data):
     inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
     with pytest.raises(ConfigError) as err:
@@ -263,11 +260,20 @@ def test_verl_optimizer_keys(tiny_model, tiny_data):
 def test_verl_sft_scripts_compose_unchanged(script, tiny_model, gsm8k, multiturn, tmp_path):
     args = command_line(SFT_SCRIPTS[script], paths_for(tiny_model, gsm8k, multiturn, tmp_path / "run"),
                         ["data.train_batch_size=128"])  # what a user trying it on a small data set passes in `$@`
+    sequence_parallel = "ulysses_sequence_parallel_size=2" in SFT_SCRIPTS[script]
     if script not in SFT_NOT_YET:
         cfg = sft(args, world_size=2).config
+        # verl's top-level keys set ours; Liger is a key here too (a GPU is checked when the run starts)
+        assert (cfg.model.ulysses_sequence_parallel_size, cfg.model.use_remove_padding) == (
+            (2, True) if sequence_parallel else (1, False))
+        assert cfg.model.use_liger == (script in SFT_NEEDS_GPU)
+        if cfg.data.multiturn.enable:
+            assert cfg.data.multiturn.messages_key == "messages" and cfg.data.micro_batch_size_per_gpu == 4
+            return
         assert cfg.data.prompt_key == "extra_info" and cfg.data.prompt_dict_keys == ["question"]
-        assert cfg.data.response_dict_keys == ["answer"] and cfg.trainer.logger == ["console", "wandb"]
-        assert cfg.optim.lr == 1e-5 and cfg.data.max_length == 1024  # verl's defaults, as in verl
+        assert cfg.data.response_dict_keys == ["answer"] and cfg.data.max_length == 1024  # verl's default
+        if not sequence_parallel:
+            assert cfg.trainer.logger == ["console", "wandb"] and cfg.optim.lr == 1e-5  # verl's defaults, as in verl
         return
     with pytest.raises(ConfigError) as err:
         sft(args, world_size=2)
@@ -279,6 +285,7 @@ def test_verl_sft_scripts_compose_unchanged(script, tiny_model, gsm8k, multiturn
     keys = [a.split("=")[0] for a in SFT_NOT_YET[script]]
     cfg = sft(without(args, *keys), world_size=2).config
     assert cfg.trainer.default_local_dir == str(tmp_path / "run")
+    assert cfg.model.ulysses_sequence_parallel_size == (2 if sequence_parallel else 1)
     if "data.micro_batch_size=4" in args:
         assert cfg.data.micro_batch_size_per_gpu == 4
 
