@@ -109,14 +109,23 @@ class AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
 
 
-def ulysses_attention(inner: Callable, group: dist.ProcessGroup) -> Callable:
-    """`inner` (transformers' signature: q/k/v [B, heads, L_local, D], returns [B, L, heads, D])
-    run on the whole sequence with 1/N of the heads."""
+def ulysses_attention(inner_name: str, group: dist.ProcessGroup) -> Callable:
+    """transformers' attention function `inner_name` (q/k/v [B, heads, L/N, D] in, [B, L, heads, D]
+    out) run on the whole sequence with 1/N of the heads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    inner = ALL_ATTENTION_FUNCTIONS[inner_name]
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         # [B, H, L/N, D] -> [B, H/N, L, D]
         query, key, value = (AllToAll.apply(t, group, 1, 2) for t in (query, key, value))
-        out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+        # flash-attention's wrapper picks its kernel by the config's implementation name
+        config = module.config
+        ours, config._attn_implementation = config._attn_implementation, inner_name
+        try:
+            out, weights = inner(module, query, key, value, attention_mask, **kwargs)
+        finally:
+            config._attn_implementation = ours
         # [B, L, H/N, D] -> [B, L/N, H, D]
         return AllToAll.apply(out, group, 1, 2), weights
 
@@ -128,22 +137,13 @@ def enable(model: torch.nn.Module, sp: SequenceParallel) -> None:
     if sp.size == 1:
         return
     from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     inner_name = model.config._attn_implementation
     name = f"ulysses_{inner_name}"
-    AttentionInterface.register(name, ulysses_attention(ALL_ATTENTION_FUNCTIONS[inner_name], sp.group))
+    AttentionInterface.register(name, ulysses_attention(inner_name, sp.group))
     # Set on every config the attention modules read (the root's, shared by its layers).
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and getattr(config, "_attn_implementation", None) == inner_name:
             config._attn_implementation = name
 
-
-def disable(model: torch.nn.Module) -> None:
-    """Back to the wrapped implementation (the model's config is saved with checkpoints)."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        name = getattr(config, "_attn_implementation", None) if config is not None else None
-        if name and name.startswith("ulysses_"):
-            config._attn_implementation = name.removeprefix("ulysses_")

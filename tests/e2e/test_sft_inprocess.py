@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_module
 import trainer.fsdp_sft_trainer as sft
 from config.env import DistEnv
 from config.loading import resolve
-from config.schema import SFTConfig
+from config.schema import ConfigError, SFTConfig
 from helpers import read_metrics, write_parquet
 from trainer.distributed import init_distributed
 
@@ -95,3 +95,14 @@ def test_total_training_steps_is_an_early_exit_and_the_schedule_spans_the_epochs
     for index in range(2):
         trainer.train_step(trainer.batches.micro_batches(0, index))
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 12)))
+
+
+def test_liger_without_a_gpu_stops_before_the_model_is_built(tiny_model, tiny_data, tmp_path, monkeypatch):
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(sft, "build_sharded_model", built)
+    with pytest.raises(ConfigError) as err:
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.use_liger=true")
+    message = str(err.value)
+    assert message.startswith("model.use_liger=true: ") and "CUDA GPU" in message and "\n" not in message

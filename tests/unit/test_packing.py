@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from config.schema import ConfigError
 from test_batching import skewed_examples
 from test_verl_compat import sft
-from trainer.data import collate
+from trainer.data import MicroBatch, collate
 from trainer.fsdp_sft_trainer import ModelFeed, token_loss_sum
 from workers import liger, sequence_parallel
 from workers.packing import Layout, choose_layout, model_inputs
@@ -91,3 +91,19 @@ def test_liger_without_a_gpu_is_one_line_naming_the_key(tiny_model, tiny_data):
     assert str(err.value).startswith("model.use_liger=true: liger-kernel's Triton kernels need a CUDA GPU")
     assert "\n" not in str(err.value)
     liger.check(False, torch.device("cpu"))
+
+
+def test_liger_fused_loss_and_the_lm_head_on_targets_never_both_run(monkeypatch, tiny_model):
+    import trainer.fsdp_sft_trainer as sft
+
+    calls = []
+
+    def no_head_hook(*args):
+        raise AssertionError("lm_head_rows ran beside liger's fused cross-entropy")
+
+    monkeypatch.setattr(sft, "lm_head_rows", no_head_hook)
+    monkeypatch.setattr(sft, "liger_token_loss_sum", lambda model, inputs, targets: calls.append(targets) or torch.tensor(2.0))
+    ids = torch.tensor([[5, 6, 7, 0]])
+    batch = MicroBatch(ids, (ids != 0).long(), ids.masked_fill(ids == 0, -100))
+    assert token_loss_sum(None, batch, ModelFeed(0, liger=True)).item() == 2.0
+    assert calls[0].tolist() == [[6, 7, -100, -100]]  # shifted targets: liger's shift_labels
