@@ -256,6 +256,10 @@ class RLConfig:
             section.check()
         self.data.check(world_size)
         self.logging.sample_logging.check()
+        # The model section is SFT's; these of its keys are SFT-only so far (never silently ignored).
+        for key, asks_nothing in (("ulysses_sequence_parallel_size", 1), ("use_remove_padding", False), ("use_liger", False)):
+            value = getattr(self.model, key)
+            _require(value == asks_nothing, f"model.{key}", f"{value}: not available in RL yet (SFT only); leave it at {asks_nothing}")
         if self.algorithm.adv_estimator == "gae" and self.algorithm.name != "ppo":
             raise ConfigError("algorithm.adv_estimator: gae needs a critic, which only algorithm.name=ppo trains")
         if self.algorithm.adv_estimator == "grpo":

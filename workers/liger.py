@@ -33,7 +33,7 @@ def check(enabled: bool, device: torch.device) -> None:
         raise LigerUnavailable(f"{KEY}=true: liger-kernel's Triton kernels need a CUDA GPU; this run is on "
                                f"{device.type} (drop {KEY}, or run on a GPU)")
     if importlib.util.find_spec("liger_kernel") is None:
-        raise LigerUnavailable(f"{KEY}=true: the liger-kernel package is not installed (pip install liger-kernel)")
+        raise LigerUnavailable(f"{KEY}=true: the liger-kernel package is not installed (pip install -e '.[liger]' on a CUDA machine)")
 
 
 def apply(model: torch.nn.Module) -> None:  # pragma: no cover - CUDA and liger-kernel only
