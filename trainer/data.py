@@ -395,7 +395,9 @@ class SFTBatches:
     of it away. Measured on the benchmark's data and model (scripts/bench_sft.py, full size;
     transformers builds the block mask from the position ids), one packed row per step ran at
     ~2,000 real tokens/s against ~6,000 for these length-grouped micro-batches, with the same
-    loss to 1e-7; and with length grouping the padding left to remove is ~3%.
+    loss to 1e-7; and with length grouping the padding left to remove is ~3%. Packing is used
+    where a varlen kernel makes it pay: `model.use_remove_padding` with flash-attention
+    (workers/packing.py).
     """
 
     def __init__(self, examples: list[Example], cfg: DataConfig, seed: int, rank: int, world_size: int, pad_id: int):
