@@ -36,6 +36,7 @@ from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
+from workers import liger, sequence_parallel
 from workers.fsdp import (
     ShardingSpec,
     build_sharded_model,
@@ -45,7 +46,6 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers import liger, sequence_parallel
 from workers.liger import liger_token_loss_sum
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
 from workers.packing import Layout, choose_layout, model_inputs
