@@ -6,12 +6,19 @@ inline CSS, inline SVG charts drawn here in Python, and a little inline vanilla 
 controls. Nothing is loaded from the network.
 
     python -m trainer.report RUN_DIR [--out FILE]
+    python -m trainer.report RUN_A RUN_B [RUN_C ...] --out compare.html   (trainer/report_compare.py)
 
-prints the path of the report; exit code 2 with one `error: ...` line when RUN_DIR holds neither
-`metrics.jsonl` nor `samples.jsonl`. From Python: `write_report(run_dir, out=None) -> Path`.
+prints the path of the page, and on stderr how far each run got (finished, running or stopped;
+the last step of how many, from `run_state.json`, which the run writes). During a run the report
+is rewritten at each sample event (trainer/live_report.py). Exit code 2 with one `error: ...`
+line when a RUN_DIR holds neither `metrics.jsonl` nor `samples.jsonl`. From Python:
+`write_report(run_dir, out=None) -> Path`.
 
 What the report shows, top to bottom:
-  * a header (run name, steps, sample events, alerts with a link to the first one);
+  * a header (run name, steps, sample events, alerts with a link to the first one, progress);
+  * the grid: one row per prompt, one column per sample event, each cell coloured by exact match,
+    else reward, else how much the answer changed; alerts outlined; hover shows the generation,
+    click opens that row of the prompt's timeline;
   * the train/val loss chart (alert steps drawn as red vertical lines that link to the alert) and
     the reward chart (every metric containing "/reward/" plus "val/exact_match");
   * the list of alerts, each linking to its row;
@@ -22,7 +29,7 @@ What the report shows, top to bottom:
     generations) marked `<ins>` / `<del>`, its signals and rewards, and its alerts in place.
 
 All text from the run is escaped with `html.escape`; the page embeds no data in scripts.
-The inline JS sets `document.body.dataset.ready = "1"` once initialised; a handler installed in
+The CSS and JS are files in trainer/report_assets/, inlined. The JS sets `document.body.dataset.ready = "1"` once initialised; a handler installed in
 `<head>` writes any uncaught error into `<div id="js-errors">` (the browser test checks both).
 """
 
@@ -47,6 +54,7 @@ from trainer.tracking.file import METRICS_FILE, read_metrics, read_records
 
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
+COMPARE_FILE = "compare.html"
 MAX_POINTS = 500  # per chart series
 PREVIEW_CHARS = 110
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -234,12 +242,15 @@ def svg_chart(
     markers: Sequence[tuple[int, str, str]] = (),
     y_label: str = "",
 ) -> str:
-    """An inline SVG line chart. `series`: (name, [(step, value)]); `markers`: (step, tooltip, href)."""
+    """An inline SVG line chart. `series`: (name, [(step, value)]) or (name, points, colour, dashed);
+    `markers`: (step, tooltip, href)."""
+    styles = [(entry[2], entry[3]) if len(entry) > 2 else (PALETTE[i % len(PALETTE)], False) for i, entry in enumerate(series)]
+    series = [(entry[0], entry[1]) for entry in series]
     width, plot_h = 960, 260
     left, right, top = 68, 20, 30
     plot_w = width - left - right
     # legend layout: wrap items over rows
-    items = [(name, PALETTE[i % len(PALETTE)], "line") for i, (name, _) in enumerate(series)]
+    items = [(name, styles[i][0], "dashed" if styles[i][1] else "line") for i, (name, _) in enumerate(series)]
     if markers:
         items.append(("alert", "#d62728", "marker"))
     rows, x = [[]], 0
@@ -294,11 +305,12 @@ def svg_chart(
         out.append("</g>")
 
     for i, (name, pts) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
+        color, dashed = styles[i]
+        dash = ' stroke-dasharray="7 4"' if dashed else ""
         pts = _downsample(pts)
         coords = " ".join(f"{px(s)},{py(v)}" for s, v in pts)
         out.append(f'<g class="series" data-series="{esc(name)}" data-points="{len(pts)}" style="color:{color}">'
-                   f'<polyline class="series-line" points="{coords}"><title>{esc(name)}</title></polyline>')
+                   f'<polyline class="series-line" points="{coords}"{dash}><title>{esc(name)}</title></polyline>')
         if len(pts) <= 60:
             for s, v in pts:
                 out.append(f'<circle cx="{px(s)}" cy="{py(v)}" r="3"><title>{esc(name)} @ step {_tick_label(s)}: {esc(_num(v, 4))}</title></circle>')
@@ -311,7 +323,7 @@ def svg_chart(
             lx = left + x
             cls = "legend-item alert-legend" if kind == "marker" else "legend-item"
             attr = "" if kind == "marker" else f' data-series="{esc(name)}"'
-            dash = ' stroke-dasharray="4 3"' if kind == "marker" else ""
+            dash = ' stroke-dasharray="4 3"' if kind == "marker" else (' stroke-dasharray="7 4"' if kind == "dashed" else "")
             out.append(f'<g class="{cls}"{attr}><line x1="{lx}" x2="{lx + 24}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"{dash}/>'
                        f'<text x="{lx + 30}" y="{y + 4}">{esc(name)}</text></g>')
     out.append("</g></svg>")
@@ -760,22 +772,31 @@ def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description="Write the self-contained HTML report of a run directory.")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory with metrics.jsonl and/or samples.jsonl")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="where to write the report (default: RUN_DIR/report.html)")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report",
+        description="Write the self-contained HTML report of a run directory, or with several run directories the page that compares them.")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directory with metrics.jsonl and/or samples.jsonl")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help=f"where to write the page (default: RUN_DIR/{REPORT_FILE}, or {COMPARE_FILE} when comparing runs)")
     args = parser.parse_args(None if argv is None else list(argv))
-    run_dir: Path = args.run_dir
-    if not ((run_dir / METRICS_FILE).is_file() or (run_dir / SAMPLES_FILE).is_file()):
-        print(f"error: {run_dir}: no {METRICS_FILE} or {SAMPLES_FILE} (not a run directory?)", file=sys.stderr)
-        return 2
+    for run_dir in args.run_dirs:
+        if not ((run_dir / METRICS_FILE).is_file() or (run_dir / SAMPLES_FILE).is_file()):
+            print(f"error: {run_dir}: no {METRICS_FILE} or {SAMPLES_FILE} (not a run directory?)", file=sys.stderr)
+            return 2
     try:
-        path = write_report(run_dir, args.out)
+        if len(args.run_dirs) > 1:
+            from trainer.report_compare import write_compare
+
+            path = write_compare(args.run_dirs, args.out or Path(COMPARE_FILE))
+        else:
+            path = write_report(args.run_dirs[0], args.out)
     except OSError as exc:
-        print(f"error: cannot write the report: {exc}", file=sys.stderr)
+        print(f"error: cannot write the page: {exc}", file=sys.stderr)
         return 2
     print(path)
-    samples, _ = read_samples(run_dir)
-    print(f"{run_dir}: {run_progress(run_dir, read_metrics(run_dir), samples)}", file=sys.stderr)
+    for run_dir in args.run_dirs:  # how far each run got (stderr: stdout is the page's path)
+        samples, _ = read_samples(run_dir)
+        print(f"{run_dir}: {run_progress(run_dir, read_metrics(run_dir), samples)}", file=sys.stderr)
     return 0
 
 
