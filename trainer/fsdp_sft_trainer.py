@@ -122,7 +122,7 @@ class FSDPSFTTrainer:
         )
         history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
         report = LiveReport(self.run_dir, self.total_steps, self.tracking) if cfg.samples.report and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, cfg.generation.max_print_chars, report)
+        self.sample_logger = SampleLogger(self.tracking, history, report, cfg.generation.max_print_chars)
         self.replica = ModelReplica(
             self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
             cfg.model.attn_implementation, cfg.model.trust_remote_code,
