@@ -138,11 +138,16 @@ def test_mlflow_round_trip_and_resume(tmp_path, caplog):
     tracking.log_metrics({"train/loss": 0.25}, 3)
     tracking.log_samples(sample_event(3))
     assert tracking.names == ["mlflow"]
+    live = ctx.run_dir / "report.html"
+    live.write_text(REPORT_HTML.replace("Training", "Live"))
+    tracking.replace_artifact(live)  # the live report overwrites the artifact logged before
     tracking.close()
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     all_rows = rows_of(json.loads(read("val/samples_all.json")))
     assert [r["step"] for r in all_rows] == [1, 1, 2, 2, 3, 3]
+    assert read("report.html") == REPORT_HTML.replace("Training", "Live")
+    assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".html")] == ["report.html"]
 
     # A finished run is left alone.
     tracking = Tracking(["mlflow"], ctx, is_primary=True)
