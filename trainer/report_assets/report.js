@@ -93,8 +93,10 @@
     Array.prototype.forEach.call(gen.querySelectorAll("del"), function (d) { d.remove(); });
     var t = row.closest("details.timeline"), num = t ? t.querySelector(".pnum").textContent : "";
     var stage = row.querySelector(".stage").firstChild.textContent;
-    var signals = row.querySelector(".signals").textContent.replace(/\s+/g, " ").trim();
-    return {head: num + " · step " + row.getAttribute("data-step") + " · " + stage + " · " + signals, text: gen.textContent};
+    var signals = Array.prototype.map.call(row.querySelectorAll(".signals > span"), function (x) { return x.textContent; });
+    // a removed word leaves the spaces on both sides of it: one is enough
+    return {head: [num, "step " + row.getAttribute("data-step"), stage].concat(signals).join(" · "),
+            text: gen.textContent.replace(/ {2,}/g, " ")};
   }
   if (grid && tip) {
     grid.addEventListener("mouseover", function (e) {
