@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -183,14 +184,14 @@ def train(cmd: list[str], log_file: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- pages and text
-def screenshot(page: Path, png: Path, height: int = 1500) -> bool:
+def screenshot(page: Path, png: Path, height: int = 1500, fragment: str = "") -> bool:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         return False
     png.parent.mkdir(parents=True, exist_ok=True)
     profile = png.parent / f".chromium-{png.stem}"
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-           f"--user-data-dir={profile}", f"--window-size=1280,{height}", f"--screenshot={png}", page.resolve().as_uri()]
+           f"--user-data-dir={profile}", f"--window-size=1280,{height}", f"--screenshot={png}", page.resolve().as_uri() + fragment]
     ok = subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
     shutil.rmtree(profile, ignore_errors=True)
     return ok and png.is_file()
@@ -219,14 +220,28 @@ def samples_markdown(runs: Sequence[tuple[str, Path]], prompt_index: int = 0, ma
 
 
 def pages(run_dirs: list[Path], out: Path, images: Optional[Path]) -> dict[str, Path]:
+    """Both reports, the comparison, and their screenshots when `images` is given."""
     made = {}
     for run in run_dirs:
         made[run.name] = write_report(run)
     made["compare"] = write_compare(run_dirs, out / "compare.html")
-    if images is not None:
-        for name, page in made.items():
-            png = images / f"real-model-{name}.png"
-            print(f"screenshot {png}: {'ok' if screenshot(page, png) else 'skipped (no chromium, or it failed)'}", file=sys.stderr)
+    if images is None:
+        return made
+    shots = [(f"real-model-{name}.png", page, "") for name, page in made.items()]
+    # The comparison again with the first prompt where the runs disagree opened and the curves
+    # hidden (headless Chromium paints a scrolled page badly, so the view is made not to scroll).
+    html = made["compare"].read_text(encoding="utf-8")
+    first = re.search(r'<tr class="disagree-item" data-prompt-id="([^"]+)"', html)
+    if first:
+        view = out / "compare-first-disagreement.html"
+        view.write_text(html.replace("</body>", "<script>document.getElementById('charts').hidden = true;"
+                                     f"document.querySelector('details.cmp-prompt[data-prompt-id=\"{first.group(1)}\"]').open = true;"
+                                     "</script></body>"), encoding="utf-8")
+        shots.append(("real-model-compare-prompt.png", view, ""))
+    for name, page, fragment in shots:
+        png = images / name
+        ok = screenshot(page, png, fragment=fragment)
+        print(f"screenshot {png}: {'ok' if ok else 'skipped (no chromium, or it failed)'}", file=sys.stderr)
     return made
 
 
