@@ -376,9 +376,11 @@ def _cell_class(sample: dict, reward_range: tuple[float, float]) -> str:
     return "new"
 
 
-def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_by_prompt: dict[str, list[dict]]) -> str:
+def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_by_prompt: dict[str, list[dict]],
+                event_wide: Sequence[dict] = ()) -> str:
     """The grid section. Each cell links to its row in the prompt's timeline (`#p<N>-e<K>`); the
-    page's script shows that row's generation on hover, so no text is stored twice."""
+    page's script shows that row's generation on hover, so no text is stored twice. Alerts about
+    a whole event (collapse, most samples hitting the limit) get a row of their own on top."""
     events: dict[tuple, None] = {}
     for rows in prompts.values():
         for s in rows:
@@ -397,6 +399,13 @@ def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_
     every = max(1, math.ceil(len(columns) / 10))
     heads = "".join(f'<span class="gh" style="grid-column:{i + 2}">{columns[i][0]}</span>' for i in range(0, len(columns), every))
     out.append(f'<div class="grid-row grid-head"><span class="gl">step</span>{heads}</div>')
+    if event_wide:
+        cells = ['<span class="c"></span>'] * len(columns)
+        for a in event_wide:
+            for i, key in enumerate(columns):
+                if key[:2] == (a["step"], str(a.get("stage", ""))) and cells[i].startswith("<span"):
+                    cells[i] = f'<a class="c al" href="#{a["anchor"]}"></a>'
+        out.append(f'<div class="grid-row grid-events"><span class="gl">⚠ all prompts</span>{"".join(cells)}</div>')
     for pid, rows in prompts.items():
         num = numbers[pid]
         alert_events = {(a["step"], str(a.get("stage", ""))) for a in alerts_by_prompt.get(pid, [])}
@@ -612,7 +621,7 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
     w("</ul></header>")
 
     # ---- the grid: every prompt x every sample event at a glance
-    w(render_grid(prompts, prompt_numbers, alerts_by_prompt))
+    w(render_grid(prompts, prompt_numbers, alerts_by_prompt, event_wide))
 
     # ---- charts
     w('<section id="charts"><h2>Curves</h2>')

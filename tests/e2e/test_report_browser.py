@@ -210,7 +210,10 @@ GRID_PROBE = r"""
 (function () {
   var r = {};
   var grid = document.getElementById("grid"), tip = document.getElementById("grid-tip");
-  var rows = grid.querySelectorAll(".grid-row:not(.grid-head)");
+  var rows = grid.querySelectorAll(".grid-row[data-prompt-id]");
+  r.eventRowCells = Array.prototype.map.call(grid.querySelectorAll(".grid-events a.c.al"), function (a) { return a.getAttribute("href"); });
+  var ev = grid.querySelector(".grid-events a.c");
+  if (ev) { ev.dispatchEvent(new MouseEvent("mouseover", {bubbles: true})); r.eventTip = tip.textContent; }
   r.rows = rows.length;
   r.cols = Number(grid.getAttribute("data-cols"));
   r.cellsPerRow = Array.prototype.map.call(rows, function (row) { return row.querySelectorAll(".c").length; });
@@ -253,6 +256,8 @@ def test_grid_hover_shows_the_generation_and_click_opens_the_timeline(setup, tmp
     assert r["rows"] == len(facts["prompt_ids"]) and r["cols"] == facts["sample_events"]
     assert r["cellsPerRow"] == [facts["sample_events"]] * len(facts["prompt_ids"])
     assert r["tipShown"] and r["tipHidden"]
+    # the event-wide alert (collapse at step 150) has its cell in the row on top
+    assert r["eventRowCells"] == ["#alert-3"] and "all prompts" in r["eventTip"] and "near-identical" in r["eventTip"]
     assert r["tip"].startswith("#1 · step 100 · validation") and "EM 0" in r["tip"]
     assert r["tip"].endswith("\nThe answer is 41 because six times seven")  # the text itself, not the diff's deleted words
     assert r["opened"] and r["openedPrompt"] == "pa1" and r["flash"] and r["rowStep"] == "100"

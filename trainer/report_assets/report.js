@@ -89,6 +89,7 @@
   function cellText(cell) {
     var row = document.getElementById(fragment(cell.getAttribute("href")));
     if (!row) return null;
+    if (!row.querySelector(".gen")) return {head: "all prompts", text: row.textContent.trim()};  // an event-wide alert
     var gen = row.querySelector(".gen").cloneNode(true);
     Array.prototype.forEach.call(gen.querySelectorAll("del"), function (d) { d.remove(); });
     var t = row.closest("details.timeline"), num = t ? t.querySelector(".pnum").textContent : "";
