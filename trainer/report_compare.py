@@ -199,6 +199,9 @@ def render_compare(runs: list[Run]) -> str:
               f'<td><a href="#c{n}-e{first_row}">#{n}</a> <span class="meta">{esc(p.prefix)}</span> {esc(_preview(p.prompt, 90))}</td>'
               f'<td>step {p.first_divergence}</td><td>{p.disagreements} of {len(p.rows)}</td></tr>')
         w("</tbody></table>")
+    elif not prompts:
+        w('<p class="warning" id="no-shared-prompts">No prompt is in every run: prompt ids come from the prompt\'s tokens, '
+          'so other validation data or another tokenizer share none.</p>')
     else:
         w('<p class="meta" id="no-disagreement">The runs gave the same answers to every shared prompt.</p>')
     w("</section>")

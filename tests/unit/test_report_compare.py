@@ -72,6 +72,14 @@ def test_warns_when_sampling_settings_or_seeds_differ(tmp_path):
     assert "⚠ sampling seeds differ" in render_compare(runs)
 
 
+def test_runs_without_a_shared_prompt_say_so(tmp_path):
+    runs = load_runs([write_run(tmp_path / "a", {0: {"p1": "x"}}), write_run(tmp_path / "b", {0: {"q1": "x"}})])
+    prompts, unshared = compare_prompts(runs)
+    assert prompts == [] and unshared == {"A": 1, "B": 1}
+    page = render_compare(runs)
+    assert 'id="no-shared-prompts"' in page and 'id="no-disagreement"' not in page
+
+
 def test_cli_compares_three_runs_and_names_same_named_runs_apart(tmp_path):
     dirs = [write_run(tmp_path / x / "run", A_EVENTS if x != "y" else B_EVENTS) for x in ("x", "y", "z")]
     out = tmp_path / "compare.html"
