@@ -19,7 +19,6 @@ the report (inline CSS/JS from trainer/report_assets, no network).
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence

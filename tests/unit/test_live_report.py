@@ -12,18 +12,14 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
-
 from config.env import tracker_env
 from config.schema import AlertConfig
 from report_fixtures import build_small_run
-from trainer import report as report_module
+from trainer.history import SampleHistory
 from trainer.live_report import LiveReport
 from trainer.report import RUN_STATE_FILE, run_progress, write_report, write_run_state
-from trainer.history import SampleHistory
 from trainer.samples import SampleLogger
-from trainer.tracking import Tracker, TrackerContext, Tracking
-from trainer.tracking import base
+from trainer.tracking import Tracker, TrackerContext, Tracking, base
 from trainer.tracking.file import read_metrics
 from workers.generation import Generated, GenerationSettings
 
