@@ -300,7 +300,7 @@ class AlertConfig:
 @dataclass
 class SamplesConfig:
     history: bool = doc("Append every sample to samples.jsonl in the run directory.", True)
-    report: bool = doc("Write report.html into the run directory at the end of the run.", True)
+    report: bool = doc("Keep report.html in the run directory: rewritten at each sample event and at the end.", True)
     alerts: AlertConfig = doc("Thresholds of the sample alert rules.", factory=AlertConfig)
 
     def check(self) -> None:

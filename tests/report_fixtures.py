@@ -193,3 +193,42 @@ def build_large_run(run_dir: Path, events: int = 300, prompts: int = 5, train_st
                  "val/exact_match": rng.random(), "val/reward/format": rng.random()} for e in range(events)]
     _write_lines(run_dir / "metrics.jsonl", metrics, b"")
     return {"events": events, "prompts": prompts, "train_steps": train_steps, "alerts": n_alerts}
+
+
+def build_grid_run(run_dir: Path, prompts: int = 64, events: int = 200, words: int = 25) -> dict:
+    """`prompts` x `events` validation samples of three kinds (a third each): with a reference that
+    the model learns to match after a prompt-specific event, with a reward only, with neither (the
+    grid then colours how much the answer changed). One alert per 25 events, on a known cell."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(2)
+    vocab = [f"w{i}" for i in range(300)]
+    records: list[dict] = []
+    previous: dict[str, str] = {}
+    texts = {j: [rng.choice(vocab) for _ in range(words)] for j in range(prompts)}
+    learned_at = {j: rng.randrange(events) for j in range(prompts)}
+    alert_cells = []
+    for e in range(events):
+        step = (e + 1) * 10
+        for j in range(prompts):
+            pid, kind = f"g{j:02d}", j % 3
+            reference = f"answer {j}" if kind == 0 else None
+            if kind == 0 and e >= learned_at[j]:
+                gen = reference
+            else:
+                for _ in range(rng.randrange(4)):
+                    texts[j][rng.randrange(words)] = rng.choice(vocab)
+                gen = " ".join(texts[j])
+            reward = {"score": round(e / events + rng.uniform(-0.2, 0.2), 3)} if kind == 1 else None
+            alert = e % 25 == 24 and j == (e // 25) % prompts
+            records.append(sample_record(step, "validation", "val", j + 1, pid, f"Grid prompt {j}: go on",
+                                         reference, gen, previous.get(pid), reward, ["drift"] if alert else [], t=step))
+            previous[pid] = gen
+            if alert:
+                alert_cells.append((pid, e + 1))
+                records.append({"kind": "alert", "step": step, "stage": "validation", "rule": "drift", "prompt_id": pid,
+                                "message": "answers moved together", "time": 0.0})
+    _write_lines(run_dir / "samples.jsonl", records, b"")
+    metrics = [{"step": s, "time": float(s), "train/loss": 3 * math.exp(-s / 600) + 0.2} for s in range(1, events * 10 + 1)]
+    _write_lines(run_dir / "metrics.jsonl", metrics, b"")
+    return {"prompts": prompts, "events": events, "alert_cells": alert_cells, "learned_at": learned_at}

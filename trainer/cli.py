@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from transformers.utils import logging as transformers_logging
 
@@ -19,6 +19,9 @@ from trainer.data import DataError
 from trainer.tracking import TrackerUnavailable, Tracking
 from workers.model import ModelLoadError
 from workers.rewards import RewardError
+
+if TYPE_CHECKING:
+    from trainer.live_report import LiveReport
 
 log = logging.getLogger("trainer")
 
@@ -90,11 +93,13 @@ def announce_config(resolved: Resolved, rank: int) -> None:
         log.info("%s: environment variable %s ignored, the command line sets it", key, variable)
 
 
-def finish_run(run_dir: Path, tracking: Tracking, write_report_file: bool, is_primary: bool) -> None:
-    """The report (primary rank), handed to the trackers that can show it; then close them."""
-    if is_primary and write_report_file:
+def finish_run(run_dir: Path, tracking: Tracking, report: Optional["LiveReport"], is_primary: bool) -> None:
+    """The final report (primary rank, when the run keeps one), handed to every tracker that can
+    show it; then close them."""
+    if is_primary and report is not None:
         from trainer.report import write_report
 
+        report.finish()
         try:
             path = write_report(run_dir)
             tracking.log_artifact(path)

@@ -33,6 +33,7 @@ from trainer.cli import announce_config, exit_now, finish_run, normalize_config_
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
+from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
@@ -145,7 +146,8 @@ class FSDPSFTTrainer:
             is_primary=dist_ctx.is_primary,
         )
         history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, cfg.generation.max_print_chars)
+        report = LiveReport(self.run_dir, self.total_steps, self.tracking) if cfg.samples.report and dist_ctx.is_primary else None
+        self.sample_logger = SampleLogger(self.tracking, history, report, cfg.generation.max_print_chars)
         self.replica = ModelReplica(
             self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
             cfg.model.attn_implementation, cfg.model.trust_remote_code,
@@ -369,7 +371,7 @@ class FSDPSFTTrainer:
     def finish(self) -> None:
         if self.cfg.trainer.export_hf_model:
             self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model")
-        finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
+        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
 
 
 # ---------------------------------------------------------------------- entry point

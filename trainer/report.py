@@ -6,12 +6,19 @@ inline CSS, inline SVG charts drawn here in Python, and a little inline vanilla 
 controls. Nothing is loaded from the network.
 
     python -m trainer.report RUN_DIR [--out FILE]
+    python -m trainer.report RUN_A RUN_B [RUN_C ...] --out compare.html   (trainer/report_compare.py)
 
-prints the path of the report; exit code 2 with one `error: ...` line when RUN_DIR holds neither
-`metrics.jsonl` nor `samples.jsonl`. From Python: `write_report(run_dir, out=None) -> Path`.
+prints the path of the page, and on stderr how far each run got (finished, running or stopped;
+the last step of how many, from `run_state.json`, which the run writes). During a run the report
+is rewritten at each sample event (trainer/live_report.py). Exit code 2 with one `error: ...`
+line when a RUN_DIR holds neither `metrics.jsonl` nor `samples.jsonl`. From Python:
+`write_report(run_dir, out=None) -> Path`.
 
 What the report shows, top to bottom:
-  * a header (run name, steps, sample events, alerts with a link to the first one);
+  * a header (run name, steps, sample events, alerts with a link to the first one, progress);
+  * the grid: one row per prompt, one column per sample event, each cell coloured by exact match,
+    else reward, else how much the answer changed; alerts outlined; hover shows the generation,
+    click opens that row of the prompt's timeline;
   * the train/val loss chart (alert steps drawn as red vertical lines that link to the alert) and
     the reward chart (every metric containing "/reward/" plus "val/exact_match");
   * the list of alerts, each linking to its row;
@@ -22,7 +29,7 @@ What the report shows, top to bottom:
     generations) marked `<ins>` / `<del>`, its signals and rewards, and its alerts in place.
 
 All text from the run is escaped with `html.escape`; the page embeds no data in scripts.
-The inline JS sets `document.body.dataset.ready = "1"` once initialised; a handler installed in
+The CSS and JS are files in trainer/report_assets/, inlined. The JS sets `document.body.dataset.ready = "1"` once initialised; a handler installed in
 `<head>` writes any uncaught error into `<div id="js-errors">` (the browser test checks both).
 """
 
@@ -31,11 +38,15 @@ from __future__ import annotations
 import argparse
 import difflib
 import html
+import json
 import math
 import os
 import re
 import sys
+import socket
 import tempfile
+import time
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -43,6 +54,7 @@ from trainer.tracking.file import METRICS_FILE, read_metrics, read_records
 
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
+COMPARE_FILE = "compare.html"
 MAX_POINTS = 500  # per chart series
 PREVIEW_CHARS = 110
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -230,12 +242,15 @@ def svg_chart(
     markers: Sequence[tuple[int, str, str]] = (),
     y_label: str = "",
 ) -> str:
-    """An inline SVG line chart. `series`: (name, [(step, value)]); `markers`: (step, tooltip, href)."""
+    """An inline SVG line chart. `series`: (name, [(step, value)]) or (name, points, colour, dashed);
+    `markers`: (step, tooltip, href)."""
+    styles = [(entry[2], entry[3]) if len(entry) > 2 else (PALETTE[i % len(PALETTE)], False) for i, entry in enumerate(series)]
+    series = [(entry[0], entry[1]) for entry in series]
     width, plot_h = 960, 260
     left, right, top = 68, 20, 30
     plot_w = width - left - right
     # legend layout: wrap items over rows
-    items = [(name, PALETTE[i % len(PALETTE)], "line") for i, (name, _) in enumerate(series)]
+    items = [(name, styles[i][0], "dashed" if styles[i][1] else "line") for i, (name, _) in enumerate(series)]
     if markers:
         items.append(("alert", "#d62728", "marker"))
     rows, x = [[]], 0
@@ -290,11 +305,12 @@ def svg_chart(
         out.append("</g>")
 
     for i, (name, pts) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
+        color, dashed = styles[i]
+        dash = ' stroke-dasharray="7 4"' if dashed else ""
         pts = _downsample(pts)
         coords = " ".join(f"{px(s)},{py(v)}" for s, v in pts)
         out.append(f'<g class="series" data-series="{esc(name)}" data-points="{len(pts)}" style="color:{color}">'
-                   f'<polyline class="series-line" points="{coords}"><title>{esc(name)}</title></polyline>')
+                   f'<polyline class="series-line" points="{coords}"{dash}><title>{esc(name)}</title></polyline>')
         if len(pts) <= 60:
             for s, v in pts:
                 out.append(f'<circle cx="{px(s)}" cy="{py(v)}" r="3"><title>{esc(name)} @ step {_tick_label(s)}: {esc(_num(v, 4))}</title></circle>')
@@ -307,7 +323,7 @@ def svg_chart(
             lx = left + x
             cls = "legend-item alert-legend" if kind == "marker" else "legend-item"
             attr = "" if kind == "marker" else f' data-series="{esc(name)}"'
-            dash = ' stroke-dasharray="4 3"' if kind == "marker" else ""
+            dash = ' stroke-dasharray="4 3"' if kind == "marker" else (' stroke-dasharray="7 4"' if kind == "dashed" else "")
             out.append(f'<g class="{cls}"{attr}><line x1="{lx}" x2="{lx + 24}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"{dash}/>'
                        f'<text x="{lx + 30}" y="{y + 4}">{esc(name)}</text></g>')
     out.append("</g></svg>")
@@ -319,178 +335,164 @@ def _series(metrics: dict[int, dict[str, float]], name: str) -> list[tuple[float
 
 
 # --------------------------------------------------------------------------------------------
+# The grid: one row per prompt, one column per sample event
+
+CHANGE_FULL_SCALE = 0.5  # 1 - similarity to the previous answer at which a change gets the darkest colour
+GRID_LEGEND = (
+    ("em1", "exact match"), ("em0", "no exact match"), ("r0", "low reward"), ("r4", "high reward"),
+    ("c0", "same answer as before"), ("c4", "answer changed a lot"), ("new", "first answer"), ("al", "alert"),
+)
+
+
+def _event_key(sample: dict) -> tuple:
+    return sample["step"], str(sample.get("stage", "")), str(sample.get("prefix", ""))
+
+
+def _mean_reward(sample: dict) -> Optional[float]:
+    rewards = sample.get("rewards") if isinstance(sample.get("rewards"), dict) else {}
+    values = [float(v) for v in rewards.values() if _finite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _bucket(value: float, lo: float, hi: float, buckets: int = 5) -> int:
+    if hi <= lo:
+        return buckets - 1
+    return min(buckets - 1, max(0, int((value - lo) / (hi - lo) * buckets)))
+
+
+def _cell_class(sample: dict, reward_range: tuple[float, float]) -> str:
+    """What matters for the prompt: exact match where there is a reference, else the reward,
+    else how much the answer changed since the prompt's previous event."""
+    sig = sample.get("signals") if isinstance(sample.get("signals"), dict) else {}
+    em = sig.get("exact_match")
+    if _finite(em):
+        return "em1" if em >= 1 else "em0"
+    reward = _mean_reward(sample)
+    if reward is not None:
+        return f"r{_bucket(reward, *reward_range)}"
+    sim = sig.get("similarity_to_previous")
+    if _finite(sim):
+        return f"c{_bucket(1.0 - sim, 0.0, CHANGE_FULL_SCALE)}"
+    return "new"
+
+
+def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_by_prompt: dict[str, list[dict]],
+                event_wide: Sequence[dict] = ()) -> str:
+    """The grid section. Each cell links to its row in the prompt's timeline (`#p<N>-e<K>`); the
+    page's script shows that row's generation on hover, so no text is stored twice. Alerts about
+    a whole event (collapse, most samples hitting the limit) get a row of their own on top."""
+    events: dict[tuple, None] = {}
+    for rows in prompts.values():
+        for s in rows:
+            events.setdefault(_event_key(s), None)
+    columns = sorted(events, key=lambda k: k[0])  # by step; same-step events keep their file order
+    if not columns:
+        return '<section id="grid-section"><h2>At a glance</h2><p class="meta" id="grid-empty">No sample events yet.</p></section>'
+    col_of = {k: i for i, k in enumerate(columns)}
+    rewards = [r for rows in prompts.values() for s in rows if (r := _mean_reward(s)) is not None]
+    reward_range = (min(rewards), max(rewards)) if rewards else (0.0, 1.0)
+    out = [f'<section id="grid-section"><h2>At a glance: {len(prompts)} prompts × {len(columns)} sample events</h2>',
+           '<p class="grid-legend meta">' + "".join(f'<span class="c {c}"></span>{esc(t)} ' for c, t in GRID_LEGEND)
+           + '· hover a cell for its generation, click it for its place in the timeline</p>',
+           f'<div id="grid" style="--cols:{len(columns)}" data-rows="{len(prompts)}" data-cols="{len(columns)}">']
+    # column heads: about ten step labels across
+    every = max(1, math.ceil(len(columns) / 10))
+    heads = "".join(f'<span class="gh" style="grid-column:{i + 2}">{columns[i][0]}</span>' for i in range(0, len(columns), every))
+    out.append(f'<div class="grid-row grid-head"><span class="gl">step</span>{heads}</div>')
+    if event_wide:
+        cells = ['<span class="c"></span>'] * len(columns)
+        for a in event_wide:
+            for i, key in enumerate(columns):
+                if key[:2] == (a["step"], str(a.get("stage", ""))) and cells[i].startswith("<span"):
+                    cells[i] = f'<a class="c al" href="#{a["anchor"]}"></a>'
+        out.append(f'<div class="grid-row grid-events"><span class="gl">⚠ all prompts</span>{"".join(cells)}</div>')
+    for pid, rows in prompts.items():
+        num = numbers[pid]
+        alert_events = {(a["step"], str(a.get("stage", ""))) for a in alerts_by_prompt.get(pid, [])}
+        cells = ['<span class="c"></span>'] * len(columns)
+        for k, s in enumerate(rows, start=1):
+            cls = _cell_class(s, reward_range)
+            if s.get("alerts") or (s["step"], str(s.get("stage", ""))) in alert_events:
+                cls += " al"
+            cells[col_of[_event_key(s)]] = f'<a class="c {cls}" href="#p{num}-e{k}"></a>'
+        label = _preview(str(rows[-1].get("prompt", "")), 40)
+        out.append(f'<div class="grid-row" data-prompt-id="{esc(pid)}"><a class="gl" href="#p{num}-e1" title="{esc(label)}">'
+                   f'#{num} {esc(label)}</a>{"".join(cells)}</div>')
+    out.append('</div><div id="grid-tip" hidden></div></section>')
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# How far the run got
+
+RUN_STATE_FILE = "run_state.json"
+
+
+def write_run_state(run_dir: Path, state: dict) -> None:
+    """`run_state.json`: written by the run (status running / finished, total steps, pid, host)."""
+    _atomic_write(Path(run_dir) / RUN_STATE_FILE, json.dumps({**state, "host": socket.gethostname()}))
+
+
+def read_run_state(run_dir: Path) -> dict:
+    try:
+        state = json.loads((Path(run_dir) / RUN_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _process_gone(state: dict) -> bool:
+    """The run's process no longer exists (only knowable on the host it ran on)."""
+    if state.get("host") != socket.gethostname() or not isinstance(state.get("pid"), int):
+        return False
+    try:
+        os.kill(state["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def run_progress(run_dir: Path, metrics: dict[int, dict[str, float]], samples: list[dict], now: Optional[float] = None) -> str:
+    """One line: finished, running or stopped, the last step of how many, the last sample event."""
+    run_dir = Path(run_dir)
+    state = read_run_state(run_dir)
+    last = max(set(metrics) | {s["step"] for s in samples}, default=None)
+    total = state.get("total_steps") if isinstance(state.get("total_steps"), int) else None
+    if last is None:
+        reached = "no step logged yet"
+    elif total:
+        reached = f"step {last} of {total} ({100 * last / total:.0f}%)"
+    else:
+        reached = f"step {last}"
+    event = f"last sample event at step {samples[-1]['step']}" if samples else "no sample event yet"
+    times = [p.stat().st_mtime for p in (run_dir / METRICS_FILE, run_dir / SAMPLES_FILE) if p.is_file()]
+    age = f"last record {_ago((now or time.time()) - max(times))} ago" if times else ""
+    if state.get("status") == "finished":
+        head = "finished"
+    elif state.get("status") == "running":
+        head = f"stopped (process {state.get('pid')} is gone)" if _process_gone(state) else "running, or stopped without notice"
+    else:
+        head = "status unknown (no run_state.json)"
+    return "; ".join(filter(None, [f"{head}: {reached}", event, age if head != "finished" else ""]))
+
+
+# --------------------------------------------------------------------------------------------
 # The page
 
 
-CSS = """
-*{box-sizing:border-box}
-[hidden]{display:none!important}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
-main{max-width:1240px;margin:0 auto;padding:16px 20px 80px}
-h1{font-size:22px;margin:4px 0 8px;word-break:break-all}
-h2{font-size:17px;margin:22px 0 8px}
-code,pre,.gen{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
-#header .stats{display:flex;flex-wrap:wrap;gap:8px 18px;list-style:none;padding:0;margin:0}
-#header .stats li{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:4px 10px}
-.chart-box{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px;margin:10px 0;overflow-x:auto}
-svg.chart{width:100%;height:auto;display:block}
-svg.chart text{font-size:12px;fill:#444}
-svg.chart .chart-title{font-size:14px;font-weight:600;fill:#1d2330}
-svg.chart .grid line{stroke:#eceef2}
-svg.chart .axis line{stroke:#888}
-svg.chart .series-line{fill:none;stroke:currentColor;stroke-width:1.6;stroke-linejoin:round}
-svg.chart .series circle{fill:currentColor}
-svg.chart .series.off{display:none}
-svg.chart .legend-item{cursor:pointer}
-svg.chart .legend-item.off{opacity:.35}
-svg.chart .alert-marker{stroke:#d62728;stroke-width:1.4;stroke-dasharray:4 3;opacity:.75}
-svg.chart a:hover .alert-marker{stroke-width:3;opacity:1}
-.chart-empty{color:#777;font-style:italic;margin:6px 0}
-#alerts-box{background:#fff5f5;border:1px solid #f0c4c4;border-radius:8px;padding:6px 12px;margin:12px 0}
-#alerts-box summary{font-weight:600;cursor:pointer}
-#alert-list{margin:6px 0;padding-left:3.5em;max-height:320px;overflow:auto}
-#alert-list li{margin:2px 0}
-.rule{font-weight:600;color:#b3261e}
-#controls{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;background:#f6f7f9ee;padding:8px 0;border-bottom:1px solid #dde1e7;margin-bottom:8px}
-#prompt-filter{min-width:280px;padding:5px 8px;border:1px solid #bbc;border-radius:5px}
-#controls button{padding:4px 10px;border:1px solid #bbc;background:#fff;border-radius:5px;cursor:pointer}
-#visible-count{color:#666}
-details.timeline,details.event-alerts{background:#fff;border:1px solid #dde1e7;border-radius:8px;margin:6px 0}
-details.has-alerts{border-left:4px solid #d62728}
-details>summary{cursor:pointer;padding:7px 10px;display:flex;gap:10px;align-items:baseline;flex-wrap:wrap}
-details[open]>summary{border-bottom:1px solid #eceef2}
-.pnum{color:#888;font-variant-numeric:tabular-nums}
-.prompt-preview{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;flex:1 1 420px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.meta{color:#555;font-size:12.5px}
-.badge{background:#d62728;color:#fff;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600}
-.timeline-body{padding:8px 12px 12px}
-.prompt-full{display:grid;grid-template-columns:90px 1fr;gap:4px 10px;margin-bottom:8px}
-.prompt-full pre{margin:0;white-space:pre-wrap;word-break:break-word;background:#f3f4f7;padding:6px 8px;border-radius:5px;max-height:240px;overflow:auto}
-.label{color:#666;font-weight:600}
-table.events{border-collapse:collapse;width:100%;table-layout:fixed}
-table.events th{text-align:left;font-size:12px;color:#666;border-bottom:1px solid #dde1e7;padding:4px 6px}
-table.events td{vertical-align:top;border-bottom:1px solid #eceef2;padding:5px 6px}
-col.c-step{width:64px}col.c-stage{width:120px}col.c-signals{width:190px}col.c-rewards{width:150px}
-.stage small{display:block;color:#777}
-.gen{white-space:pre-wrap;word-break:break-word;max-height:260px;overflow:auto}
-ins{background:#d8f5d8;color:#0b5d0b;text-decoration:none;border-radius:2px}
-del{background:#fbdcdc;color:#9b1c1c;border-radius:2px}
-body.no-diff del{display:none}
-body.no-diff ins{background:none;color:inherit}
-.signals,.rewards{font-size:12px;color:#333}
-.signals span,.rewards span{display:inline-block;margin-right:8px}
-.warn{color:#b3261e;font-weight:600}
-tr.has-alert>td{background:#fff8f8}
-tr.alert-row>td{background:#fde7e7;color:#7c1212;font-size:13px}
-tr.alert-row:target>td,tr.flash>td{outline:2px solid #d62728;background:#fbcaca}
-.tag{display:inline-block;background:#f3d0d0;color:#7c1212;border-radius:4px;padding:0 5px;margin:1px 3px 1px 0;font-size:11.5px}
-#js-errors{position:fixed;bottom:0;left:0;right:0;background:#b3261e;color:#fff;padding:6px 12px;white-space:pre-wrap;font-family:monospace;z-index:10}
-"""
-
-# Installed first (in <head>) so errors of later scripts, syntax errors included, are recorded.
-JS_ERRORS = """
-window.__reportErrors = [];
-window.addEventListener("error", function (e) {
-  var msg = (e && e.message ? e.message : String(e)) + (e && e.lineno ? " (line " + e.lineno + ")" : "");
-  window.__reportErrors.push(msg);
-  var box = document.getElementById("js-errors");
-  if (box) { box.hidden = false; box.textContent += msg + "\\n"; }
-});
-window.addEventListener("unhandledrejection", function (e) {
-  window.__reportErrors.push("unhandled rejection: " + (e && e.reason));
-});
-"""
-
-JS_MAIN = """
-(function () {
-  "use strict";
-  var body = document.body;
-  var box = document.getElementById("js-errors");
-  if (box && window.__reportErrors && window.__reportErrors.length) {
-    box.hidden = false; box.textContent = window.__reportErrors.join("\\n") + "\\n";
-  }
-  var timelines = Array.prototype.slice.call(document.querySelectorAll("details.timeline"));
-  var texts = timelines.map(function (d) {
-    var p = d.querySelector(".prompt-text"), r = d.querySelector(".reference-text");
-    return ((p ? p.textContent : "") + "\\n" + (r ? r.textContent : "") + "\\n" + (d.getAttribute("data-prompt-id") || "")).toLowerCase();
-  });
-  var filter = document.getElementById("prompt-filter");
-  var onlyAlerts = document.getElementById("only-alerts");
-  var count = document.getElementById("visible-count");
-
-  function apply() {
-    var q = filter.value.trim().toLowerCase(), only = onlyAlerts.checked, shown = 0;
-    timelines.forEach(function (d, i) {
-      var ok = (!q || texts[i].indexOf(q) !== -1) && (!only || Number(d.getAttribute("data-alerts")) > 0);
-      d.hidden = !ok;
-      if (ok) shown++;
-    });
-    count.textContent = shown + " of " + timelines.length + " prompts shown";
-  }
-  filter.addEventListener("input", apply);
-  onlyAlerts.addEventListener("change", apply);
-  document.getElementById("expand-all").addEventListener("click", function () {
-    timelines.forEach(function (d) { if (!d.hidden) d.open = true; });
-  });
-  document.getElementById("collapse-all").addEventListener("click", function () {
-    timelines.forEach(function (d) { d.open = false; });
-  });
-  var diff = document.getElementById("show-diff");
-  diff.addEventListener("change", function () { body.classList.toggle("no-diff", !diff.checked); });
-
-  function fragment(hash) {
-    try { return decodeURIComponent(hash.slice(1)); } catch (err) { return hash.slice(1); }
-  }
-
-  // Open everything around an anchor (its <details>, un-hiding a filtered timeline) and flash it.
-  function reveal(id) {
-    var el = id && document.getElementById(id);
-    if (!el) return false;
-    var t = el.closest("details.timeline");
-    if (t && t.hidden) { filter.value = ""; onlyAlerts.checked = false; apply(); }
-    for (var p = el.parentElement; p; p = p.parentElement) {
-      if (p.tagName === "DETAILS") p.open = true;
-    }
-    var old = document.querySelectorAll(".flash");
-    for (var i = 0; i < old.length; i++) old[i].classList.remove("flash");
-    el.classList.add("flash");
-    return el;
-  }
-  document.addEventListener("click", function (e) {
-    var a = e.target && e.target.closest ? e.target.closest("a") : null;
-    if (!a) return;
-    var href = a.getAttribute("href") || "";
-    if (href.charAt(0) !== "#" || href.length < 2) return;
-    var el = reveal(fragment(href));
-    // native fragment navigation then scrolls to the (now visible) row; do it too when the
-    // hash already points there and the browser would not scroll again
-    if (el && location.hash === href) { e.preventDefault(); el.scrollIntoView({block: "center"}); }
-  });
-  window.addEventListener("hashchange", function () {
-    var el = reveal(fragment(location.hash));
-    if (el) el.scrollIntoView({block: "center"});
-  });
-  if (location.hash.length > 1) {
-    var first = reveal(fragment(location.hash));
-    if (first) first.scrollIntoView({block: "center"});
-  }
-
-  // Chart legends: click to hide / show a series.
-  Array.prototype.forEach.call(document.querySelectorAll("svg.chart .legend-item[data-series]"), function (item) {
-    item.addEventListener("click", function () {
-      var name = item.getAttribute("data-series"), svg = item.closest("svg");
-      var off = !item.classList.contains("off");
-      item.classList.toggle("off", off);
-      Array.prototype.forEach.call(svg.querySelectorAll("g.series"), function (g) {
-        if (g.getAttribute("data-series") === name) g.classList.toggle("off", off);
-      });
-    });
-  });
-
-  apply();
-  body.dataset.ready = "1";
-})();
-"""
+def _asset(name: str) -> str:
+    """A file of trainer/report_assets (package data), inlined into the page."""
+    return resources.files("trainer").joinpath("report_assets", name).read_text(encoding="utf-8")
 
 
 def _alert_label(alert: dict, prompt_numbers: dict[str, int]) -> str:
@@ -582,8 +584,9 @@ def _prepare_alerts(samples: list[dict], alerts: list[dict]) -> list[dict]:
     return merged
 
 
-def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], alerts: list[dict]) -> str:
-    """The whole page as a string (pure: no file access)."""
+def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], alerts: list[dict],
+                  progress: str = "") -> str:
+    """The whole page as a string (pure: no file access). `progress`: how far the run got."""
     alerts = _prepare_alerts(samples, alerts)
 
     # prompts in order of first appearance
@@ -613,7 +616,12 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
     w(f'<li id="stat-events" data-value="{len(events)}"><b>{len(events)}</b> sample events · {len(prompts)} prompts</li>')
     first = f' — <a id="first-alert-link" class="alert-link" href="#{alerts[0]["anchor"]}">jump to first alert</a>' if alerts else ""
     w(f'<li id="stat-alerts" data-value="{len(alerts)}"><b>{len(alerts)}</b> alerts{first}</li>')
+    if progress:
+        w(f'<li id="stat-progress">{esc(progress)}</li>')
     w("</ul></header>")
+
+    # ---- the grid: every prompt x every sample event at a glance
+    w(render_grid(prompts, prompt_numbers, alerts_by_prompt, event_wide))
 
     # ---- charts
     w('<section id="charts"><h2>Curves</h2>')
@@ -732,11 +740,11 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>Run report — {esc(run_name)}</title><style>{CSS}</style>"
-        f"<script>{JS_ERRORS}</script></head>\n<body><main>"
+        f"<title>Run report — {esc(run_name)}</title><style>{_asset('report.css')}</style>"
+        f"<script>{_asset('errors.js')}</script></head>\n<body><main>"
         + "\n".join(parts)
         + '</main><div id="js-errors" hidden></div>'
-        f"<script>{JS_MAIN}</script></body></html>\n"
+        f"<script>{_asset('report.js')}</script></body></html>\n"
     )
 
 
@@ -768,25 +776,36 @@ def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
     metrics = {step: {k: v for k, v in m.items() if _finite(v)} for step, m in metrics.items()}
     samples, alerts = read_samples(run_dir)
     name = run_dir.resolve().name or str(run_dir)
-    _atomic_write(out, render_report(name, metrics, samples, alerts))
+    _atomic_write(out, render_report(name, metrics, samples, alerts, run_progress(run_dir, metrics, samples)))
     return out
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.report", description="Write the self-contained HTML report of a run directory.")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory with metrics.jsonl and/or samples.jsonl")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE", help="where to write the report (default: RUN_DIR/report.html)")
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.report",
+        description="Write the self-contained HTML report of a run directory, or with several run directories the page that compares them.")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run directory with metrics.jsonl and/or samples.jsonl")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help=f"where to write the page (default: RUN_DIR/{REPORT_FILE}, or {COMPARE_FILE} when comparing runs)")
     args = parser.parse_args(None if argv is None else list(argv))
-    run_dir: Path = args.run_dir
-    if not ((run_dir / METRICS_FILE).is_file() or (run_dir / SAMPLES_FILE).is_file()):
-        print(f"error: {run_dir}: no {METRICS_FILE} or {SAMPLES_FILE} (not a run directory?)", file=sys.stderr)
-        return 2
+    for run_dir in args.run_dirs:
+        if not ((run_dir / METRICS_FILE).is_file() or (run_dir / SAMPLES_FILE).is_file()):
+            print(f"error: {run_dir}: no {METRICS_FILE} or {SAMPLES_FILE} (not a run directory?)", file=sys.stderr)
+            return 2
     try:
-        path = write_report(run_dir, args.out)
+        if len(args.run_dirs) > 1:
+            from trainer.report_compare import write_compare
+
+            path = write_compare(args.run_dirs, args.out or Path(COMPARE_FILE))
+        else:
+            path = write_report(args.run_dirs[0], args.out)
     except OSError as exc:
-        print(f"error: cannot write the report: {exc}", file=sys.stderr)
+        print(f"error: cannot write the page: {exc}", file=sys.stderr)
         return 2
     print(path)
+    for run_dir in args.run_dirs:  # how far each run got (stderr: stdout is the page's path)
+        samples, _ = read_samples(run_dir)
+        print(f"{run_dir}: {run_progress(run_dir, read_metrics(run_dir), samples)}", file=sys.stderr)
     return 0
 
 

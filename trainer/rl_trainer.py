@@ -43,6 +43,7 @@ from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.history import SampleHistory
+from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.samples import SampleLogger, prompt_id, sample_seed
@@ -165,7 +166,8 @@ class RLTrainer:
             is_primary=dist_ctx.is_primary,
         )
         history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history)
+        report = LiveReport(self.run_dir, self.total_steps, self.tracking) if cfg.samples.report and dist_ctx.is_primary else None
+        self.sample_logger = SampleLogger(self.tracking, history, report=report)
         self.schedule = SampleSchedule(cfg.logging.sample_logging, self.total_steps)
         self.replica = ModelReplica(self.model_config, "auto", "auto", self.device, self.param_dtype,
                                     cfg.model.attn_implementation, cfg.model.trust_remote_code)
@@ -349,7 +351,7 @@ class RLTrainer:
         self._log_val_change()
         if self.cfg.trainer.export_hf_model:
             self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model")
-        finish_run(self.run_dir, self.tracking, self.cfg.samples.report, self.dist.is_primary)
+        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
 
 
 # ---------------------------------------------------------------------- entry point

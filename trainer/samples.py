@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from trainer.history import SampleHistory, exact_match
+from trainer.live_report import LiveReport
 from trainer.tracking import SampleEvent, SampleRecord, Tracking
 from trainer.tracking.console import format_samples
 from workers.generation import Generated, GenerationSettings
@@ -35,6 +36,7 @@ def sample_seed(run_seed: int, pid: str) -> int:
 class SampleLogger:
     tracking: Tracking
     history: Optional[SampleHistory] = None
+    report: Optional[LiveReport] = None  # rewritten after each event, once its metrics are on file
     max_print_chars: int = 400  # longer texts are cut in the printed block; trackers get them whole
 
     def log(
@@ -81,4 +83,7 @@ class SampleLogger:
         tqdm.write(format_samples(event, self.max_print_chars))  # stdout, whatever the trackers
         self.tracking.log_samples(event)
         self.tracking.log_metrics(metrics, step)
+        if self.report is not None and (seconds := self.report.update()) is not None:
+            metrics[f"{prefix}/report_time_s"] = seconds
+            self.tracking.log_metrics({f"{prefix}/report_time_s": seconds}, step)
         return metrics

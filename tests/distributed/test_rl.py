@@ -51,6 +51,10 @@ def check_run(proc, run_dir, first_actor_step=1):
     assert all(set(s["rewards"]) == {"exact", "short"} for s in samples if s["kind"] == "sample")
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "report.html").is_file() and (run_dir / "hf_model" / "model.safetensors").is_file()
+    # the live report, rewritten at each sample-logging event: its grid has the 2 prompts x 4 events
+    assert all(metrics[step]["samples/report_time_s"] > 0 for step in (2, 3, 4, 6))
+    page = (run_dir / "report.html").read_text()
+    assert 'data-rows="2" data-cols="4"' in page and "finished: step 6 of 6 (100%)" in page
     return metrics
 
 

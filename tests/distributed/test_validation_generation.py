@@ -1,5 +1,6 @@
 """Validation samples under torchrun (2 ranks): the seed document's examples, end to end."""
 
+import json
 import re
 
 import pytest
@@ -59,6 +60,12 @@ def test_env_variables_of_the_document_with_precedence(tiny_model, tiny_data, tm
     assert metrics[3]["val/samples_generated"] == 3.0
     assert metrics[3]["val/mean_generation_tokens"] <= 2.0  # max_new_tokens holds
     assert "val/generation_time_s" in metrics[3]
+    # The live report: rewritten after each validation (its time logged), then marked finished.
+    assert metrics[2]["val/report_time_s"] > 0 and metrics[3]["val/report_time_s"] > 0
+    state = json.loads((run_dir / "run_state.json").read_text())
+    assert (state["status"], state["total_steps"]) == ("finished", 3)
+    page = (run_dir / "report.html").read_text()
+    assert 'data-cols="2"' in page and 'data-rows="3"' in page and "finished: step 3 of 3 (100%)" in page
 
 
 def test_greedy_samples_from_the_gathered_copy_equal_the_exported_model(tiny_model, tiny_data, tmp_path):

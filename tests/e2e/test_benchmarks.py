@@ -78,9 +78,10 @@ def test_generation_benchmark_quick_prints_its_table(tmp_path):
     out = run_script("bench_generation.py", "--quick", "--out", str(tmp_path))
     rows = {r[0]: r for r in next(iter(tables(out).values()))}
     for name in ("time per validation, samples on", "time per validation, samples off", "val/generation_time_s, summed",
-                 "8 prompts, one batched generate", "8 prompts, 8 single generate calls"):
+                 "8 prompts, one batched generate", "8 prompts, 8 single generate calls", "live report: val/report_time_s, summed"):
         assert number(rows[name][1]) > 0, rows[name]
-    for name in ("generation share of run time", "sample cost share (gather + generate + log)", "batched speed-up"):
+    for name in ("generation share of run time", "sample cost share (gather + generate + log)", "batched speed-up",
+                 "live report share of run time"):
         number(rows[name][1])  # a difference of noisy timings may come out negative in a short run
         assert rows[name][3] in ("yes", "NO"), rows[name]
     assert number(rows["validations per run"][1]) >= 1

@@ -8,7 +8,9 @@ page's scripts ran) and `--screenshot`. JS errors are caught two ways:
   * Chromium's stderr (`--enable-logging=stderr`) has one `:CONSOLE...] "message", source: URL`
     line per console message; there must be none whose source is the report (it logs nothing).
 A broken copy of the page proves both detectors fire, and a probe copy (the report plus a test
-script that uses the controls) proves the filter, toggles and alert links work.
+script that uses the controls) proves the filter, toggles and alert links work; other probes hover
+and click grid cells (on the small run and on a generated 64-prompt x 200-event history, whose
+size and layout are checked), and use the page comparing two runs.
 Locally the test skips when chromium is missing; with CI=true it fails instead.
 """
 
@@ -200,3 +202,155 @@ def test_screenshot(setup, tmp_path_factory):
         assert png.stat().st_size > 10_000, png.stat().st_size
         print(f"screenshot: {png} ({png.stat().st_size // 1024} kB)")
     print(f"screenshots took {time.perf_counter() - started:.1f} s")
+
+
+# ---------------------------------------------------------------------------------- the grid
+GRID_PROBE = r"""
+<script>
+(function () {
+  var r = {};
+  var grid = document.getElementById("grid"), tip = document.getElementById("grid-tip");
+  var rows = grid.querySelectorAll(".grid-row[data-prompt-id]");
+  r.eventRowCells = Array.prototype.map.call(grid.querySelectorAll(".grid-events a.c.al"), function (a) { return a.getAttribute("href"); });
+  var ev = grid.querySelector(".grid-events a.c");
+  if (ev) { ev.dispatchEvent(new MouseEvent("mouseover", {bubbles: true})); r.eventTip = tip.textContent; }
+  r.rows = rows.length;
+  r.cols = Number(grid.getAttribute("data-cols"));
+  r.cellsPerRow = Array.prototype.map.call(rows, function (row) { return row.querySelectorAll(".c").length; });
+  var box = grid.getBoundingClientRect();
+  r.gridWidth = box.width; r.gridHeight = box.height; r.viewport = window.innerWidth;
+  var cell = document.querySelector('#grid a.c[href="__CELL__"]');
+  var cb = cell.getBoundingClientRect();
+  r.cellWidth = cb.width; r.cellHeight = cb.height;
+  cell.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+  r.tipShown = !tip.hidden; r.tip = tip.textContent;
+  grid.dispatchEvent(new MouseEvent("mouseleave"));
+  r.tipHidden = tip.hidden;
+  cell.click();
+  var row = document.getElementById("__CELL__".slice(1)), holder = row.closest("details.timeline");
+  r.opened = holder.open; r.openedPrompt = holder.getAttribute("data-prompt-id");
+  r.flash = row.classList.contains("flash"); r.rowStep = row.getAttribute("data-step");
+  var out = document.createElement("pre"); out.id = "probe-result"; out.textContent = JSON.stringify(r);
+  document.body.appendChild(out);
+})();
+</script>
+"""
+
+
+def probe_result(dom: str) -> dict:
+    m = re.search(r'<pre id="probe-result">(.*?)</pre>', dom, re.S)
+    assert m, "the probe script did not run"
+    return json.loads(m.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+
+
+def test_grid_hover_shows_the_generation_and_click_opens_the_timeline(setup, tmp_path):
+    browser, _, facts, report = setup
+    html = report.read_text(encoding="utf-8")
+    # prompt pa1 (#1) at its third event (step 100): "The answer is 41 ..."; exact match 0 and an alert
+    probe = tmp_path / "grid-probe.html"
+    probe.write_text(html.replace("</body>", GRID_PROBE.replace("__CELL__", "#p1-e3") + "</body>"), encoding="utf-8")
+    assert re.search(r'<a class="c em0 al" href="#p1-e3">', html)
+    dom, console = browser.dump_dom(probe)
+    assert console == [] and js_errors(dom) == ""
+    r = probe_result(dom)
+    assert r["rows"] == len(facts["prompt_ids"]) and r["cols"] == facts["sample_events"]
+    assert r["cellsPerRow"] == [facts["sample_events"]] * len(facts["prompt_ids"])
+    assert r["tipShown"] and r["tipHidden"]
+    # the event-wide alert (collapse at step 150) has its cell in the row on top
+    assert r["eventRowCells"] == ["#alert-3"] and "all prompts" in r["eventTip"] and "near-identical" in r["eventTip"]
+    assert r["tip"].startswith("#1 · step 100 · validation") and "EM 0" in r["tip"]
+    assert r["tip"].endswith("\nThe answer is 41 because six times seven")  # the text itself, not the diff's deleted words
+    assert r["opened"] and r["openedPrompt"] == "pa1" and r["flash"] and r["rowStep"] == "100"
+
+
+GRID_SIZE_LIMIT_BYTES = 12_000_000  # 64 prompts x 200 events of 25 words, timelines included
+
+
+def test_grid_of_64_prompts_by_200_events_stays_readable(tmp_path):
+    from report_fixtures import build_grid_run
+
+    browser = Browser(chromium_binary(), tmp_path)
+    run = tmp_path / "grid-run"
+    facts = build_grid_run(run, prompts=64, events=200)
+    report = write_report(run)
+    html = report.read_text(encoding="utf-8")
+    size = report.stat().st_size
+    print(f"64 x 200 report: {size / 1e6:.1f} MB")
+    assert size < GRID_SIZE_LIMIT_BYTES
+    assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained
+    pid, event = facts["alert_cells"][0]
+    cell = f"#p{int(pid[1:]) + 1}-e{event}"
+    assert f'<a class="c em0 al" href="{cell}">' in html or re.search(rf'<a class="c [a-z0-9]+ al" href="{cell}">', html)
+    probe = tmp_path / "grid-probe.html"
+    probe.write_text(html.replace("</body>", GRID_PROBE.replace("__CELL__", cell) + "</body>"), encoding="utf-8")
+    proc = browser.run(probe, "--dump-dom", "--window-size=1280,1000")
+    dom = proc.stdout
+    assert console_lines(proc.stderr, probe) == [] and js_errors(dom) == ""
+    r = probe_result(dom)
+    assert (r["rows"], r["cols"]) == (64, 200) and r["cellsPerRow"] == [200] * 64
+    # readable: every column inside the page's width, every row a visible strip, the whole grid
+    # one screen high
+    assert r["gridWidth"] <= r["viewport"] and r["cellWidth"] >= 3 and r["cellHeight"] >= 10
+    assert r["gridHeight"] < 1000, r["gridHeight"]
+    assert r["tipShown"] and r["tip"].startswith(f"#{int(pid[1:]) + 1} · step {event * 10} · validation")
+    assert r["opened"] and r["openedPrompt"] == pid and r["flash"]
+    # the cell colours follow the rule: a prompt with a reference turns green when it learns it
+    learned = facts["learned_at"][0]
+    row = re.search(r'<div class="grid-row" data-prompt-id="g00">(.*?)</div>', html).group(1)
+    classes = re.findall(r'class="c (em\d)', row)
+    assert classes == ["em0"] * learned + ["em1"] * (200 - learned)
+
+
+# ---------------------------------------------------------------------------- runs compared
+COMPARE_PROBE = r"""
+<script>
+(function () {
+  var r = {};
+  function visible() {
+    return Array.prototype.filter.call(document.querySelectorAll("details.cmp-prompt"), function (d) { return !d.hidden; }).length;
+  }
+  r.total = document.querySelectorAll("details.cmp-prompt").length;
+  r.warnings = Array.prototype.map.call(document.querySelectorAll("#warnings .warning"), function (p) { return p.textContent; });
+  var only = document.getElementById("only-disagree");
+  only.click(); r.onlyDisagree = visible(); only.click();
+  var f = document.getElementById("prompt-filter"); f.value = "no prompt matches"; f.dispatchEvent(new Event("input"));
+  r.hiddenBeforeLink = visible();
+  var link = document.querySelector("#disagree-table a");
+  var id = link.getAttribute("href").slice(1);
+  link.click();
+  var row = document.getElementById(id), holder = row.closest("details.cmp-prompt");
+  r.linkPrompt = holder.getAttribute("data-prompt-id"); r.linkOpened = holder.open && !holder.hidden;
+  r.rowDisagrees = row.classList.contains("disagree"); r.flash = row.classList.contains("flash");
+  r.ins = row.querySelectorAll("ins").length;
+  var out = document.createElement("pre"); out.id = "probe-result"; out.textContent = JSON.stringify(r);
+  document.body.appendChild(out);
+})();
+</script>
+"""
+
+
+def test_comparison_page_in_the_browser(setup, tmp_path):
+    from trainer.report_compare import write_compare
+
+    browser, run, facts, _ = setup
+    other = tmp_path / "run-other"
+    shutil.copytree(run, other)
+    lines = (other / "samples.jsonl").read_bytes().split(b"\n")
+    changed = []
+    for line in lines[:-1]:  # the torn last line stays as it is
+        record = json.loads(line)
+        if record.get("kind") == "sample" and record["prompt_id"] == "pb2" and record["step"] >= 150:
+            record["generation"] = "un chat et un chien"
+        if record.get("kind") == "sample" and record["prefix"] == "samples":
+            record["settings"] = {**record["settings"], "temperature": 1.3}
+        changed.append(json.dumps(record).encode())
+    (other / "samples.jsonl").write_bytes(b"\n".join(changed + [lines[-1]]))
+    page = write_compare([run, other], tmp_path / "compare.html")
+    probe = tmp_path / "compare-probe.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", COMPARE_PROBE + "</body>"), encoding="utf-8")
+    dom, console = browser.dump_dom(probe)
+    assert console == [] and js_errors(dom) == "" and re.search(r'<body[^>]*\bdata-ready="1"', dom)
+    r = probe_result(dom)
+    assert r["total"] == len(facts["prompt_ids"]) and r["onlyDisagree"] == 1 and r["hiddenBeforeLink"] == 0
+    assert len(r["warnings"]) == 1 and "sampling settings differ for samples samples" in r["warnings"][0]
+    assert r["linkPrompt"] == "pb2" and r["linkOpened"] and r["rowDisagrees"] and r["flash"] and r["ins"] >= 1

@@ -37,6 +37,7 @@ CONFIG = {
 }
 METRICS = {1: {"train/loss": 1.5, "train/lr": 0.001}, 2: {"train/loss": 0.5, "train/lr": 0.0005}}
 REPORT_HTML = "<html><body><h1>Training report</h1></body></html>"
+LIVE_REPORT_HTML = "<html><body><h1>Live report, step 1</h1></body></html>"
 
 
 def prompt(i: int) -> str:
@@ -65,10 +66,13 @@ def run_backend(name: str, ctx: TrackerContext, caplog: pytest.LogCaptureFixture
     assert tracking.names == [name], caplog.text
     backend = tracking.backends[0]
     tracking.log_config(CONFIG)
+    report = ctx.run_dir / "report.html"
     for step in (1, 2):
         tracking.log_metrics(METRICS[step], step)
         tracking.log_samples(sample_event(step))
-    report = ctx.run_dir / "report.html"
+        if step == 1:  # the live report, re-logged after a sample event (to the backends that replace it)
+            report.write_text(LIVE_REPORT_HTML)
+            tracking.replace_artifact(report)
     report.write_text(REPORT_HTML)
     tracking.log_artifact(report)
     assert tracking.names == [name], caplog.text  # the fan-out drops a backend that raised
@@ -138,11 +142,16 @@ def test_mlflow_round_trip_and_resume(tmp_path, caplog):
     tracking.log_metrics({"train/loss": 0.25}, 3)
     tracking.log_samples(sample_event(3))
     assert tracking.names == ["mlflow"]
+    live = ctx.run_dir / "report.html"
+    live.write_text(REPORT_HTML.replace("Training", "Live"))
+    tracking.replace_artifact(live)  # the live report overwrites the artifact logged before
     tracking.close()
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     all_rows = rows_of(json.loads(read("val/samples_all.json")))
     assert [r["step"] for r in all_rows] == [1, 1, 2, 2, 3, 3]
+    assert read("report.html") == REPORT_HTML.replace("Training", "Live")
+    assert [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".html")] == ["report.html"]
 
     # A finished run is left alone.
     tracking = Tracking(["mlflow"], ctx, is_primary=True)
@@ -241,6 +250,8 @@ def test_swanlab_offline_round_trip(tmp_path, caplog, capsys):
     assert [item.caption for item in listing] == [f"sample {i}: {prompt(i)}" for i in (1, 2)]
     (report,) = media[("report", 2)]
     assert (run_file.parent / "media" / "html" / report.filename).read_text() == REPORT_HTML
+    (live,) = media[("report", 1)]  # the live report, logged at its event
+    assert (run_file.parent / "media" / "html" / live.filename).read_text() == LIVE_REPORT_HTML
 
     saved_config = yaml.safe_load((run_file.parent / "files" / "config.yaml").read_text())
     assert saved_config["optim"]["value"] == CONFIG["optim"]
@@ -297,6 +308,8 @@ def test_wandb_offline_round_trip(tmp_path, caplog, monkeypatch):
     assert history[2]["val/samples_all._type"] == "incremental-table-file"
     assert history[2]["report._type"] == "html-file"
     assert (files / history[2]["report.path"]).read_text() == REPORT_HTML
+    assert (files / "report.html").read_text() == REPORT_HTML  # the live file, kept current
+    assert "report" not in history[1]  # the live report is a file of the run, not a media entry per event
 
     config: dict = {}
     for record in records:

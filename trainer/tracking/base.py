@@ -68,6 +68,9 @@ class Tracker:
     """One backend. Methods that a backend cannot show may stay no-ops."""
 
     name = "tracker"
+    # True when the backend shows the latest copy of a file logged again under the same name: the
+    # live report is re-logged at each sample event to these backends; the others get it at the end.
+    replaces_artifacts = False
 
     def __init__(self, ctx: TrackerContext):
         self.ctx = ctx
@@ -79,6 +82,10 @@ class Tracker:
     def log_samples(self, event: SampleEvent) -> None: ...
 
     def log_artifact(self, path: Path) -> None: ...
+
+    def replace_artifact(self, path: Path) -> None:
+        """Log `path` again, replacing the copy logged before (only called when `replaces_artifacts`)."""
+        self.log_artifact(path)
 
     def close(self) -> None: ...
 
@@ -147,8 +154,8 @@ class Tracking:
             except Exception as err:  # noqa: BLE001 - one tracker must not stop training
                 log.warning("tracker %s failed to start and is disabled: %s: %s", name, type(err).__name__, err)
 
-    def _each(self, method: str, *args: Any) -> None:
-        for backend in list(self.backends):
+    def _each(self, method: str, *args: Any, only: Callable[[Tracker], bool] = lambda backend: True) -> None:
+        for backend in [b for b in self.backends if only(b)]:
             try:
                 getattr(backend, method)(*args)
             except Exception as err:  # noqa: BLE001
@@ -170,6 +177,9 @@ class Tracking:
 
     def log_artifact(self, path: Path) -> None:
         self._each("log_artifact", path)
+
+    def replace_artifact(self, path: Path) -> None:
+        self._each("replace_artifact", path, only=lambda backend: backend.replaces_artifacts)
 
     def close(self) -> None:
         self._each("close")

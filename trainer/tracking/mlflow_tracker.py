@@ -119,6 +119,8 @@ def sample_text_path(event: SampleEvent, index: int, kind: str) -> str:
 
 @register_tracker("mlflow")
 class MlflowTracker(Tracker):
+    replaces_artifacts = True  # an artifact logged again under the same path overwrites the old one
+
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
         _disable_telemetry()

@@ -55,6 +55,10 @@ def project_name(name: str) -> str:
 
 @register_tracker("swanlab")
 class SwanlabTracker(Tracker):
+    # The `report` media key shows its latest step; SwanLab keeps the older copies too (one per
+    # sample event), the price of a report that is current during the run.
+    replaces_artifacts = True
+
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
         self.mode = ctx.env.swanlab_mode or DEFAULT_MODE

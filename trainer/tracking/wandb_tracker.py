@@ -62,6 +62,8 @@ def _no_other_run_active() -> bool:
 
 @register_tracker("wandb")
 class WandbTracker(Tracker):
+    replaces_artifacts = True  # a file saved with policy "live" is uploaded again whenever it changes
+
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
         self.mode = ctx.env.wandb_mode or DEFAULT_MODE
@@ -78,6 +80,7 @@ class WandbTracker(Tracker):
         # (hook before, hook wandb put in its place) for sys.excepthook and sys.exit
         self._hooks = list(zip(saved_hooks, (sys.excepthook, sys.exit)))
         self._cumulative: dict[str, "wandb.Table"] = {}
+        self._live_files: set[Path] = set()
         self._last_step: int | None = None
         self._closed = False
 
@@ -127,6 +130,13 @@ class WandbTracker(Tracker):
             self._log({"report": wandb.Html(path.read_text(encoding="utf-8"), inject=False)}, self._last_step)
         else:
             self._run.save(str(path), base_path=str(path.parent), policy="now")
+
+    def replace_artifact(self, path: Path) -> None:
+        # One file in the run's Files tab, kept current, rather than an HTML media entry per event.
+        path = Path(path)
+        if path not in self._live_files:
+            self._run.save(str(path), base_path=str(path.parent), policy="live")
+            self._live_files.add(path)
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,56 @@
+"""The report kept current during a run: rewritten at each sample event, and handed again to the
+trackers that can replace a file they hold (MLflow, W&B, SwanLab).
+
+A run of three days should be readable after three hours, and a run that dies should leave a
+report of what it did. `LiveReport.update` rewrites `<run_dir>/report.html` atomically (write a
+temporary file, then rename: a reader never sees half a page) from the run's own files, and
+returns the seconds it took (logged as `<prefix>/report_time_s`; `scripts/bench_generation.py`
+measures its share of a run). `run_state.json` says whether the run is going (or died) or ended,
+and how many steps it has, so `python -m trainer.report RUN_DIR` can say how far it got.
+
+Only the primary rank writes; a failure warns and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from trainer.report import write_report, write_run_state
+from trainer.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+
+class LiveReport:
+    def __init__(self, run_dir: Path, total_steps: int, tracking: Tracking):
+        self.run_dir, self.total_steps, self.tracking = Path(run_dir), int(total_steps), tracking
+        self.failed = False
+        self._state("running")
+
+    def _state(self, status: str) -> None:
+        try:
+            write_run_state(self.run_dir, {"status": status, "total_steps": self.total_steps, "pid": os.getpid(),
+                                           "updated": time.time()})
+        except OSError as err:
+            log.warning("run_state.json not written: %s", err)
+
+    def update(self) -> Optional[float]:
+        """Rewrite the report and re-log it; seconds taken, or None when it failed (warned once)."""
+        started = time.perf_counter()
+        try:
+            path = write_report(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - the report is optional; training goes on
+            if not self.failed:
+                log.warning("live report failed (training goes on): %s: %s", type(err).__name__, err)
+            self.failed = True
+            return None
+        self.tracking.replace_artifact(path)
+        return time.perf_counter() - started
+
+    def finish(self) -> None:
+        """The run ended: mark it so; the caller writes the final report."""
+        self._state("finished")

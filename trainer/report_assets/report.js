@@ -1,0 +1,122 @@
+(function () {
+  "use strict";
+  var body = document.body;
+  var box = document.getElementById("js-errors");
+  if (box && window.__reportErrors && window.__reportErrors.length) {
+    box.hidden = false; box.textContent = window.__reportErrors.join("\n") + "\n";
+  }
+  var timelines = Array.prototype.slice.call(document.querySelectorAll("details.timeline"));
+  var texts = timelines.map(function (d) {
+    var p = d.querySelector(".prompt-text"), r = d.querySelector(".reference-text");
+    return ((p ? p.textContent : "") + "\n" + (r ? r.textContent : "") + "\n" + (d.getAttribute("data-prompt-id") || "")).toLowerCase();
+  });
+  var filter = document.getElementById("prompt-filter");
+  var onlyAlerts = document.getElementById("only-alerts");
+  var count = document.getElementById("visible-count");
+
+  function apply() {
+    var q = filter.value.trim().toLowerCase(), only = onlyAlerts.checked, shown = 0;
+    timelines.forEach(function (d, i) {
+      var ok = (!q || texts[i].indexOf(q) !== -1) && (!only || Number(d.getAttribute("data-alerts")) > 0);
+      d.hidden = !ok;
+      if (ok) shown++;
+    });
+    count.textContent = shown + " of " + timelines.length + " prompts shown";
+  }
+  filter.addEventListener("input", apply);
+  onlyAlerts.addEventListener("change", apply);
+  document.getElementById("expand-all").addEventListener("click", function () {
+    timelines.forEach(function (d) { if (!d.hidden) d.open = true; });
+  });
+  document.getElementById("collapse-all").addEventListener("click", function () {
+    timelines.forEach(function (d) { d.open = false; });
+  });
+  var diff = document.getElementById("show-diff");
+  diff.addEventListener("change", function () { body.classList.toggle("no-diff", !diff.checked); });
+
+  function fragment(hash) {
+    try { return decodeURIComponent(hash.slice(1)); } catch (err) { return hash.slice(1); }
+  }
+
+  // Open everything around an anchor (its <details>, un-hiding a filtered timeline) and flash it.
+  function reveal(id) {
+    var el = id && document.getElementById(id);
+    if (!el) return false;
+    var t = el.closest("details.timeline");
+    if (t && t.hidden) { filter.value = ""; onlyAlerts.checked = false; apply(); }
+    for (var p = el.parentElement; p; p = p.parentElement) {
+      if (p.tagName === "DETAILS") p.open = true;
+    }
+    var old = document.querySelectorAll(".flash");
+    for (var i = 0; i < old.length; i++) old[i].classList.remove("flash");
+    el.classList.add("flash");
+    return el;
+  }
+  document.addEventListener("click", function (e) {
+    var a = e.target && e.target.closest ? e.target.closest("a") : null;
+    if (!a) return;
+    var href = a.getAttribute("href") || "";
+    if (href.charAt(0) !== "#" || href.length < 2) return;
+    var el = reveal(fragment(href));
+    // native fragment navigation then scrolls to the (now visible) row; do it too when the
+    // hash already points there and the browser would not scroll again
+    if (el && location.hash === href) { e.preventDefault(); el.scrollIntoView({block: "center"}); }
+  });
+  window.addEventListener("hashchange", function () {
+    var el = reveal(fragment(location.hash));
+    if (el) el.scrollIntoView({block: "center"});
+  });
+  if (location.hash.length > 1) {
+    var first = reveal(fragment(location.hash));
+    if (first) first.scrollIntoView({block: "center"});
+  }
+
+  // Chart legends: click to hide / show a series.
+  Array.prototype.forEach.call(document.querySelectorAll("svg.chart .legend-item[data-series]"), function (item) {
+    item.addEventListener("click", function () {
+      var name = item.getAttribute("data-series"), svg = item.closest("svg");
+      var off = !item.classList.contains("off");
+      item.classList.toggle("off", off);
+      Array.prototype.forEach.call(svg.querySelectorAll("g.series"), function (g) {
+        if (g.getAttribute("data-series") === name) g.classList.toggle("off", off);
+      });
+    });
+  });
+
+  // The grid: hovering a cell shows the generation of the timeline row it links to (the page
+  // holds each text once); clicking it is an ordinary link, which reveal() above opens.
+  var grid = document.getElementById("grid"), tip = document.getElementById("grid-tip");
+  function cellText(cell) {
+    var row = document.getElementById(fragment(cell.getAttribute("href")));
+    if (!row) return null;
+    if (!row.querySelector(".gen")) return {head: "all prompts", text: row.textContent.trim()};  // an event-wide alert
+    var gen = row.querySelector(".gen").cloneNode(true);
+    Array.prototype.forEach.call(gen.querySelectorAll("del"), function (d) { d.remove(); });
+    var t = row.closest("details.timeline"), num = t ? t.querySelector(".pnum").textContent : "";
+    var stage = row.querySelector(".stage").firstChild.textContent;
+    var signals = Array.prototype.map.call(row.querySelectorAll(".signals > span"), function (x) { return x.textContent; });
+    // a removed word leaves the spaces on both sides of it: one is enough
+    return {head: [num, "step " + row.getAttribute("data-step"), stage].concat(signals).join(" · "),
+            text: gen.textContent.replace(/ {2,}/g, " ")};
+  }
+  if (grid && tip) {
+    grid.addEventListener("mouseover", function (e) {
+      var cell = e.target.closest ? e.target.closest("a.c") : null;
+      var info = cell && cellText(cell);
+      if (!info) { tip.hidden = true; return; }
+      tip.textContent = "";
+      var head = document.createElement("b");
+      head.textContent = info.head;
+      tip.appendChild(head);
+      tip.appendChild(document.createTextNode("\n" + info.text));
+      tip.hidden = false;
+      var box = cell.getBoundingClientRect();
+      tip.style.left = Math.max(4, Math.min(box.left, window.innerWidth - 530)) + "px";
+      tip.style.top = (box.bottom + 6) + "px";
+    });
+    grid.addEventListener("mouseleave", function () { tip.hidden = true; });
+  }
+
+  apply();
+  body.dataset.ready = "1";
+})();
