@@ -118,6 +118,7 @@ class HFAssets:
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     lora: Optional[LoraSpec] = None  # the model carries these adapters: its directories hold the adapter
+    base_model: Optional[str] = None  # what adapter_config.json names as the base (default: model_path)
 
     def generation_config(self) -> Optional[Path]:
         return generation_config_file(self.model_path)
@@ -137,7 +138,7 @@ def hf_model_from_state(state: dict[str, torch.Tensor], assets: HFAssets, dtype:
     model = build_from_config(assets.model_config, dtype, "meta", assets.trust_remote_code, assets.attn_implementation)
     if assets.lora is not None:
         dtype = torch.float32
-        wrapped = peft_model_on_meta(model, assets.lora, assets.model_path)
+        wrapped = peft_model_on_meta(model, assets.lora, assets.base_model or assets.model_path)
         _fill(wrapped.base_model.model, state, dtype)
         return wrapped
     return _fill(model, state, dtype)
@@ -312,7 +313,7 @@ class Checkpointer:
             else:
                 save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
                 if self.hf.lora is not None:  # says the checkpoint's model carries these adapters
-                    write_adapter_config(self.hf.lora, self.hf.model_path, tmp / HF_DIR)
+                    write_adapter_config(self.hf.lora, self.hf.base_model or self.hf.model_path, tmp / HF_DIR)
             state = {**trainer_state, "world_size": self.world_size, "save_contents": self.save_contents}
             if "extra" in self.save_contents:
                 state["scheduler"] = scheduler.state_dict()
