@@ -169,24 +169,30 @@ def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Pa
                    merge: bool = False) -> Path:
     """A Hugging Face model directory from a full state dict, written to `<out_dir>.tmp` and
     renamed into place. `dtype` defaults to the one the model config declares. With LoRA it
-    holds the adapter (adapter_config.json, adapter_model.safetensors, in fp32) beside the base's
-    config and tokenizer, or with `merge` the base with the adapters merged in (in `dtype`)."""
+    holds the adapter (adapter_config.json, adapter_model.safetensors, in fp32) and the tokenizer,
+    or with `merge` the base with the adapters merged in (in `dtype`)."""
     dtype = dtype or declared_dtype(assets.model_config)
     model = hf_model_from_state(state, assets, dtype)
     if assets.lora is not None and merge:
         model = model.merge_and_unload().to(dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_dir(model, assets, tmp, adapter=assets.lora is not None and not merge)
+    # No config.json beside the adapter: `AutoModelForCausalLM.from_pretrained(out_dir)` then follows
+    # adapter_config.json to the base and loads the adapter onto it (with one, it looks for weights).
+    save_hf(model, assets.tokenizer, tmp, assets.generation_config())
+    if assets.lora is not None and not merge:
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
 
 
-def _save_dir(model: torch.nn.Module, assets: HFAssets, out_dir: Path, adapter: bool) -> None:
+def _save_checkpoint_hf(model: torch.nn.Module, assets: HFAssets, out_dir: Path) -> None:
+    """A checkpoint's `huggingface/` with the model; with LoRA the adapter and the base's config
+    (which `python -m trainer.export` builds the model from)."""
     save_hf(model, assets.tokenizer, out_dir, assets.generation_config())
-    if adapter:  # the base's config too, so the directory says what the adapter belongs to
+    if assets.lora is not None:
         assets.model_config.save_pretrained(out_dir)
         (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card
 
@@ -308,8 +314,8 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             if full_state is not None:
-                _save_dir(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)), self.hf,
-                          tmp / HF_DIR, adapter=self.hf.lora is not None)
+                _save_checkpoint_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)), self.hf,
+                                    tmp / HF_DIR)
             else:
                 save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
                 if self.hf.lora is not None:  # says the checkpoint's model carries these adapters

@@ -172,7 +172,5 @@ def peft_model_on_meta(base: torch.nn.Module, spec: LoraSpec, base_model: str):
     config = spec.peft_config()
     config.base_model_name_or_path = base_model
     config.inference_mode = True
-    wrapped = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
-    # get_peft_model names the directory the config was read from; the base is `base_model`.
-    wrapped.peft_config[ADAPTER_NAME].base_model_name_or_path = base_model
-    return wrapped
+    base.name_or_path = base_model  # what get_peft_model writes into adapter_config.json
+    return get_peft_model(base, config, adapter_name=ADAPTER_NAME)
