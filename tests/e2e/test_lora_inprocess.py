@@ -1,0 +1,53 @@
+"""LoRA on the sharded model in this process (one rank): what the sample copy, the RL reference
+and a bf16 compute dtype see, read from the trainer's own objects."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from workers.lora import adapters_disabled, is_adapter_param
+from test_sft_inprocess import make_trainer
+
+INPUT_IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2]])
+
+
+def logits(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=INPUT_IDS, use_cache=False).logits.float()
+
+
+def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_data, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.lora_rank=4", "model.lora_alpha=8",
+                           "model.target_modules=[q_proj,v_proj,down_proj]", "optim.lr=5e-2", "trainer.max_val_samples=2")
+    for index in range(2):
+        trainer.train_step(trainer.batches.micro_batches(0, index))
+
+    # Gradients and AdamW state for the adapters alone, every one of them.
+    adapters = {n: p for n, p in trainer.model.named_parameters() if is_adapter_param(n)}
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == set(adapters)
+    assert {n.split(".")[-4] for n in adapters} == {"q_proj", "v_proj", "down_proj"}
+    state_elements = sum(t.numel() for s in trainer.optimizer.state.values() for k, t in s.items() if k != "step")
+    assert state_elements == 2 * sum(p.numel() for p in adapters.values())  # exp_avg and exp_avg_sq
+
+    trained = logits(trainer.model)
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
+    assert not torch.allclose(trained, base, atol=1e-3)
+    # Rank 0's generation copy carries the adapters: it computes what the sharded model computes.
+    torch.testing.assert_close(logits(trainer.replica.refresh(trainer.model)), trained, rtol=0, atol=1e-5)
+    # The RL reference: the same sharded model with its adapters off is the base, and they come back on.
+    with adapters_disabled(trainer.model):
+        torch.testing.assert_close(logits(trainer.model), base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(trainer.model), trained, rtol=0, atol=0)
+    assert all(p.requires_grad for p in adapters.values())
+
+
+def test_frozen_base_is_kept_in_the_compute_dtype(tiny_model, tiny_data, tmp_path):
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.lora_rank=4", "model.fsdp_config.param_dtype=bf16",
+                           "optim.lr=5e-2", "trainer.max_val_samples=0")
+    dtypes = {n: p.dtype for n, p in trainer.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if is_adapter_param(n)} == {torch.float32}  # fp32 master weights of what trains
+    assert {d for n, d in dtypes.items() if not is_adapter_param(n)} == {torch.bfloat16}  # half the memory of the base
+    first = trainer.train_step(trainer.batches.micro_batches(0, 0))
+    second = trainer.train_step(trainer.batches.micro_batches(0, 1))
+    assert torch.isfinite(first["train/grad_norm"]) and first["train/grad_norm"] > 0
+    assert second["train/loss"] == second["train/loss"]  # trains, not NaN
