@@ -44,7 +44,7 @@ from workers.fsdp import (
     resolve_dtypes,
 )
 from workers.generation import Generated, GenerationSettings, generate
-from workers.lora import LoraSpec, trainable_summary_line
+from workers.lora import LoraSpec, check_fits, trainable_summary_line
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 
@@ -100,6 +100,8 @@ class FSDPSFTTrainer:
 
         torch.manual_seed(cfg.trainer.seed)
         self.lora = LoraSpec.from_model_config(cfg.model)
+        if self.lora is not None:
+            check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
         self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
         self.model = self._build_model(ShardingSpec(
             self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward

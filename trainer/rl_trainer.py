@@ -60,7 +60,7 @@ from workers.actor import (
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
 from workers.generation import GenerationSettings, encode_prompts, generate
-from workers.lora import LoraSpec, adapters_disabled, trainable_summary_line
+from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
@@ -136,6 +136,8 @@ class RLTrainer:
         self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
         self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward)
         self.lora = LoraSpec.from_model_config(cfg.model)
+        if self.lora is not None:
+            check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
         self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing, lora=self.lora)
         self.optimizer = build_optimizer(self.actor, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)

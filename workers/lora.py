@@ -97,6 +97,14 @@ def add_adapters(model: torch.nn.Module, spec: LoraSpec, frozen_dtype: Optional[
     return model
 
 
+def check_fits(spec: LoraSpec, model_config, trust_remote_code: bool = False) -> None:
+    """Raise the one-line error `add_adapters` would, on a model built on the meta device (no
+    memory, no weights read): a wrong `model.target_modules` is named before any model loads."""
+    from workers.model import build_from_config
+
+    add_adapters(build_from_config(model_config, torch.float32, "meta", trust_remote_code), spec, load_weights=False)
+
+
 def is_adapter_param(name: str) -> bool:
     return ".lora_" in name
 

@@ -1,10 +1,13 @@
 """LoRA on the sharded model in this process (one rank): what the sample copy, the RL reference
 and a bf16 compute dtype see, read from the trainer's own objects."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import workers.fsdp
 from workers.lora import adapters_disabled, is_adapter_param
+from workers.model import ModelLoadError
 from test_sft_inprocess import make_trainer
 
 INPUT_IDS = torch.tensor([[5, 17, 3, 42, 8, 11, 60, 2]])
@@ -51,3 +54,12 @@ def test_frozen_base_is_kept_in_the_compute_dtype(tiny_model, tiny_data, tmp_pat
     second = trainer.train_step(trainer.batches.micro_batches(0, 1))
     assert torch.isfinite(first["train/grad_norm"]) and first["train/grad_norm"] > 0
     assert second["train/loss"] == second["train/loss"]  # trains, not NaN
+
+
+def test_target_modules_that_match_nothing_are_named_before_the_model_loads(tiny_model, tiny_data, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(workers.fsdp, "load_pretrained", never)
+    with pytest.raises(ModelLoadError, match=r"^model.target_modules=\{'qkv_fused'\}: Target modules \{'qkv_fused'\} not found"):
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.lora_rank=4", "model.target_modules=[qkv_fused]")
