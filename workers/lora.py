@@ -7,8 +7,8 @@ not wrapped in a `PeftModel`: the sharded module stays the causal LM the rest of
 optimizer carry the adapter weights under their peft names (`...q_proj.lora_A.default.weight`,
 the frozen base under `...q_proj.base_layer.weight`). Every rank injects the same adapters (rank
 0 into the loaded model, the others into the meta one) before `fully_shard`, so the shards and
-rank 0's full state agree. A `PeftModel` is built only on one process, around an unsharded copy,
-to write or merge the adapter (`adapter_model`, `merged_model`).
+rank 0's full state agree. A `PeftModel` is built only on one process, around an unsharded copy
+(`peft_model_on_meta`), to write the adapter or merge it with peft's own code.
 
 FSDP2 with frozen and trainable parameters in one decoder-layer unit is fine as long as the
 trainable ones share one dtype (torch checks only those); the frozen base may then be stored in
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -29,8 +28,6 @@ from typing import Any, Iterator, Optional
 import torch
 
 from workers.model import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
