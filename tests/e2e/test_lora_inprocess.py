@@ -43,6 +43,13 @@ def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_
     torch.testing.assert_close(logits(trainer.model), trained, rtol=0, atol=0)
     assert all(p.requires_grad for p in adapters.values())
 
+    # model.lora_adapter_path: a new run starts from the exported adapter (its rank and targets).
+    trainer.checkpointer.export_hf_model(trainer.model, tmp_path / "adapter")
+    again = make_trainer(tiny_model, tiny_data, tmp_path / "again", f"model.lora_adapter_path={tmp_path / 'adapter'}",
+                         "trainer.max_val_samples=0")
+    assert {n for n, p in again.model.named_parameters() if p.requires_grad} == set(adapters)
+    torch.testing.assert_close(logits(again.model), trained, rtol=0, atol=1e-5)
+
 
 def test_frozen_base_is_kept_in_the_compute_dtype(tiny_model, tiny_data, tmp_path):
     trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.lora_rank=4", "model.fsdp_config.param_dtype=bf16",
