@@ -96,10 +96,37 @@ def add_adapters(model: torch.nn.Module, spec: LoraSpec, frozen_dtype: Optional[
 
 def check_fits(spec: LoraSpec, model_config, trust_remote_code: bool = False) -> None:
     """Raise the one-line error `add_adapters` would, on a model built on the meta device (no
-    memory, no weights read): a wrong `model.target_modules` is named before any model loads."""
+    memory, no weights read): a wrong `model.target_modules` is named before any model loads.
+    Every rank calls it, so an adapter that does not fit stops them all alike, not rank 0 alone
+    (which loads the adapter's weights) while the others wait in the first collective."""
     from workers.model import build_from_config
 
-    add_adapters(build_from_config(model_config, torch.float32, "meta", trust_remote_code), spec, load_weights=False)
+    model = add_adapters(build_from_config(model_config, torch.float32, "meta", trust_remote_code), spec, load_weights=False)
+    if spec.adapter_path:
+        _check_adapter_shapes(model, spec.adapter_path)
+
+
+def _check_adapter_shapes(model: torch.nn.Module, adapter_path: str) -> None:
+    """The adapter file's tensors (names and shapes, read from its header) against the model's."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelLoadError(f"model.lora_adapter_path={adapter_path}: no {ADAPTER_WEIGHTS} in it")
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters() if is_adapter_param(n)}
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {_our_name(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name in sorted(set(ours) | set(saved)):
+        if ours.get(name) != saved.get(name):
+            raise ModelLoadError(f"model.lora_adapter_path={adapter_path}: the adapter does not fit this model "
+                                 f"({name}: {saved.get(name, 'absent')} in the adapter, {ours.get(name, 'absent')} here)")
+
+
+def _our_name(saved: str) -> str:
+    """peft's file name of an adapter tensor (`base_model.model.<module>.lora_A.weight`) as the
+    injected model names it (`<module>.lora_A.default.weight`)."""
+    head, _, leaf = saved.removeprefix("base_model.model.").rpartition(".")
+    return f"{head}.{ADAPTER_NAME}.{leaf}"
 
 
 def is_adapter_param(name: str) -> bool:

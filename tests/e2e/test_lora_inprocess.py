@@ -3,6 +3,7 @@ and a bf16 compute dtype see, read from the trainer's own objects."""
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import workers.fsdp
@@ -49,6 +50,14 @@ def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_
                          "trainer.max_val_samples=0")
     assert {n for n, p in again.model.named_parameters() if p.requires_grad} == set(adapters)
     torch.testing.assert_close(logits(again.model), trained, rtol=0, atol=1e-5)
+    # An adapter that does not fit (here: one matrix of another rank) is named before any model loads.
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in weights if "q_proj.lora_A" in k)
+    weights[key] = torch.zeros(3, weights[key].shape[1])
+    save_file(weights, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"^model.lora_adapter_path=.*: the adapter does not fit this model \(.*q_proj"
+                                             r"\.lora_A\.default\.weight: \(3, 32\) in the adapter, \(4, 32\) here\)$"):
+        make_trainer(tiny_model, tiny_data, tmp_path / "third", f"model.lora_adapter_path={tmp_path / 'adapter'}")
 
 
 def test_frozen_base_is_kept_in_the_compute_dtype(tiny_model, tiny_data, tmp_path):
