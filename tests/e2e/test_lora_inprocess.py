@@ -79,3 +79,26 @@ def test_target_modules_that_match_nothing_are_named_before_the_model_loads(tiny
     monkeypatch.setattr(workers.fsdp, "load_pretrained", never)
     with pytest.raises(ModelLoadError, match=r"^model.target_modules=\{'qkv_fused'\}: Target modules \{'qkv_fused'\} not found"):
         make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.lora_rank=4", "model.target_modules=[qkv_fused]")
+
+
+@pytest.mark.parametrize("lora_rank, models_built", [(4, 1), (0, 2)])
+def test_rl_with_lora_builds_no_reference_model(lora_rank, models_built, tiny_model, rl_data, tmp_path, monkeypatch):
+    import trainer.rl_trainer as rl
+    from config.env import DistEnv
+    from trainer.api import create_rl_trainer
+    from trainer.distributed import init_distributed
+
+    built = []
+    real = rl.build_sharded_model
+
+    def counted(*args, **kwargs):
+        built.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "build_sharded_model", counted)
+    config = create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="grpo", batch_size=4,
+                               **{"trainer.default_local_dir": str(tmp_path / "run"), "model.lora_rank": lora_rank,
+                                  "algorithm.kl_coef": 0.1, "rollout.responses_per_prompt": 2}).config
+    trainer = rl.RLTrainer(config, init_distributed(DistEnv(0, 0, 1, False), "cpu"))
+    assert len(built) == models_built  # the actor, and without LoRA a frozen reference beside it
+    assert (trainer.reference is None) == (lora_rank > 0)
