@@ -41,9 +41,9 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from config.schema import CheckpointConfig
+from config.schema import CheckpointConfig, ConfigError
 from workers.fsdp import gather_full_state_dict
-from workers.lora import LoraSpec, peft_model_on_meta, write_adapter_config
+from workers.lora import ADAPTER_CONFIG, LoraSpec, peft_model_on_meta, write_adapter_config
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,12 @@ class Checkpointer:
         if not is_checkpoint(path):
             raise FileNotFoundError(f"trainer.resume_from_path={str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
         trainer_state = json.loads((path / STATE_FILE).read_text())
+        # Every rank reads the same file: a LoRA checkpoint and a full model refuse each other
+        # alike on all ranks, in one line, before DCP would fail on the names of the weights.
+        saved_lora = (path / HF_DIR / ADAPTER_CONFIG).is_file()
+        if saved_lora != (self.hf.lora is not None):
+            raise ConfigError(f"model.lora_rank: {path} holds a {'LoRA-adapted' if saved_lora else 'fully fine-tuned'} "
+                              f"model; resume it {'with model.lora_rank > 0 (its rank and targets)' if saved_lora else 'without LoRA'}")
         fresh = fresh_parts(self.load_contents, trainer_state.get("save_contents", LEGACY_CONTENTS))
         if fresh and self.rank == 0:
             log.warning("resuming from %s without %s: %s", path, " and ".join(f"{p} ({why})" for p, why in fresh.items()),

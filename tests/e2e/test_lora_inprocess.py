@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import workers.fsdp
+from config.schema import ConfigError
 from workers.lora import adapters_disabled, is_adapter_param
 from workers.model import ModelLoadError
 from test_sft_inprocess import make_trainer
@@ -43,6 +44,12 @@ def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_
         torch.testing.assert_close(logits(trainer.model), base, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits(trainer.model), trained, rtol=0, atol=0)
     assert all(p.requires_grad for p in adapters.values())
+
+    # A LoRA checkpoint does not resume a full fine-tuning run: one line naming the key.
+    trainer.step = 2  # train_step, unlike fit, leaves the count to its caller
+    trainer.save_checkpoint()
+    with pytest.raises(ConfigError, match=r"^model.lora_rank: .*global_step_2 holds a LoRA-adapted model; resume it with"):
+        make_trainer(tiny_model, tiny_data, tmp_path / "full", f"trainer.resume_from_path={tmp_path / 'run' / 'global_step_2'}")
 
     # model.lora_adapter_path: a new run starts from the exported adapter (its rank and targets).
     trainer.checkpointer.export_hf_model(trainer.model, tmp_path / "adapter")
