@@ -185,12 +185,49 @@ class ModelConfig:
         "`liger-kernel` package and a CUDA GPU.",
         False,
     )
+    lora_rank: int = doc(
+        "LoRA rank (peft); > 0 trains low-rank adapters only: the base weights are frozen (kept in the compute "
+        "dtype), gradients and AdamW state exist for the adapters alone. 0: full fine-tuning.",
+        0,
+    )
+    lora_alpha: float = doc("LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_rank.", 16)
+    target_modules: Any = doc(
+        "Modules that get adapters: `all-linear` (every linear layer but the LM head), or a list of module names "
+        "(e.g. [q_proj, v_proj]).",
+        "all-linear",
+    )
+    exclude_modules: Any = doc("Module names (a list, or a regex) left without adapters even when targeted.", None)
+    lora_adapter_path: Optional[str] = doc(
+        "A peft adapter directory (adapter_config.json, adapter_model.safetensors) to start from; its own "
+        "rank, alpha and target modules are used.",
+        None,
+    )
+    lora_export_merged: bool = doc(
+        "With LoRA, also write the base with the adapters merged in, as a plain model, to <run>/hf_model_merged "
+        "(<run>/hf_model holds the adapter).",
+        False,
+    )
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0 or bool(self.lora_adapter_path)
 
     def check(self) -> None:
         _require(bool(self.partial_pretrain), "model.partial_pretrain", "is required")
         _one_of(self.attn_implementation, "model.attn_implementation", ("sdpa", "eager", "flash_attention_2"))
         _require(self.ulysses_sequence_parallel_size >= 1, "model.ulysses_sequence_parallel_size", "must be >= 1")
         self.fsdp_config.check()
+        _require(self.lora_rank >= 0, "model.lora_rank", f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if not self.lora:
+            return
+        _require(self.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        names = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules or [])
+        _require(bool(names) and all(isinstance(n, str) and n for n in names), "model.target_modules",
+                 f"must be all-linear or a list of module names, got {self.target_modules!r}")
+        if self.lora_adapter_path:
+            self.lora_adapter_path = expand_paths(self.lora_adapter_path)
+            _require(os.path.isfile(os.path.join(self.lora_adapter_path, "adapter_config.json")), "model.lora_adapter_path",
+                     f"{self.lora_adapter_path!r} is not a peft adapter directory (no adapter_config.json)")
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -7,9 +7,9 @@ verl's FSDP GRPO example scripts use) is listed here with what it does in this p
   `actor_rollout_ref.rollout.n`, ...). Setting both to different values is an error.
 - `Inert`: nothing to do here (launch placement decided by torchrun, FSDP1 knobs, /dev/shm
   copies). Accepted; one log line says why it changes nothing, when it is set.
-- `Pending`: a capability this project does not have yet (LoRA, sequence parallelism,
-  padding-free batches, Liger). Refused in one line naming the feature, unless it asks for
-  nothing (`model.lora_rank=0`).
+- `Pending`: a capability this project does not have yet (sequence parallelism and padding-free
+  batches in RL; SFT has them). Refused in one line naming the feature, unless it asks for
+  nothing (`use_remove_padding=false`).
 - `Refused`: no meaning here (vLLM engine knobs, reward models, profilers): refused in one line
   with the reason, unless it asks for nothing (`use_kl_in_reward=false`). Never silently ignored.
 
@@ -26,9 +26,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from config.schema import ConfigError
 
 _ABSENT = object()
-
-PENDING_ISSUE = "the LoRA / sequence-parallelism issue"
-
 
 @dataclass
 class Context:
@@ -146,7 +143,7 @@ class Pending(VerlKey):
     feature: str = ""
 
     def apply(self, value: Any, ctx: Context) -> None:
-        ctx.refusals.append(f"{self.key}={value}: not available yet ({self.feature} comes with {PENDING_ISSUE})")
+        ctx.refusals.append(f"{self.key}={value}: not available yet ({self.feature})")
 
     def describe(self) -> str:
         unless = f" unless {self.default}" if self.default is not None else ""
@@ -237,10 +234,6 @@ SFT_KEYS: tuple[VerlKey, ...] = (
     Inert("model.fsdp_config.wrap_policy.min_num_params", 0, reason="FSDP2 shards each decoder layer, then the root"),
     Alias("model.fsdp_config.offload_params", False, target="model.fsdp_config.cpu_offload",
           why="FSDP2 offloads parameters, gradients and optimizer state together"),
-    Pending("model.lora_rank", 0, feature="LoRA"),
-    Inert("model.lora_alpha", 16, reason="used only with model.lora_rank > 0"),
-    Inert("model.target_modules", "all-linear", reason="used only with model.lora_rank > 0"),
-    Pending("model.lora_adapter_path", None, feature="LoRA (starting from an adapter)"),
     Refused("optim.optimizer", "AdamW", reason="the optimizer is torch.optim.AdamW here"),
     Refused("optim.optimizer_impl", "torch.optim", reason="the optimizer is torch.optim.AdamW here"),
     Inert("optim.total_training_steps", -1, reason="the trainer sets the schedule's length from the data and epochs"),
@@ -388,11 +381,11 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.model.trust_remote_code", False, target="model.trust_remote_code"),
     Alias(f"{ARA}.model.external_lib", None, target="model.external_lib"),
     Pending(f"{ARA}.model.use_remove_padding", False, feature="padding-free batches in RL (SFT has them: use_remove_padding)"),
-    Pending(f"{ARA}.model.lora_rank", 0, feature="LoRA"),
-    Inert(f"{ARA}.model.lora_alpha", 16, reason="used only with lora_rank > 0"),
-    Inert(f"{ARA}.model.target_modules", "all-linear", reason="used only with lora_rank > 0"),
-    Inert(f"{ARA}.model.exclude_modules", None, reason="used only with lora_rank > 0"),
-    Pending(f"{ARA}.model.lora_adapter_path", None, feature="LoRA (starting from an adapter)"),
+    Alias(f"{ARA}.model.lora_rank", 0, target="model.lora_rank", why="LoRA on the actor; the reference is its base"),
+    Alias(f"{ARA}.model.lora_alpha", 16, target="model.lora_alpha"),
+    Alias(f"{ARA}.model.target_modules", "all-linear", target="model.target_modules"),
+    Alias(f"{ARA}.model.exclude_modules", None, target="model.exclude_modules"),
+    Alias(f"{ARA}.model.lora_adapter_path", None, target="model.lora_adapter_path"),
     Refused(f"{ARA}.model.use_fused_kernels", False, reason="verl's fused log-prob kernels are not available here"),
     Inert(f"{ARA}.model.use_shm", False, reason="the model is loaded in place here"),
     Inert(f"{ARA}.hybrid_engine", True, reason="the actor's own weights always generate the rollouts here"),

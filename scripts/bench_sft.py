@@ -17,10 +17,13 @@ What it does, one step after another in one invocation:
      `data.max_token_len_per_gpu`) all off when a default turns one on, and with each key that
      is off by default turned on, to show what they bring (only keys the trainer's schema has);
    - ours, `torchrun --nproc_per_node=2`, 2 processes x 1 thread (FSDP2 over gloo), defaults;
+   - the same with LoRA (`model.lora_rank=16`, all linear layers): adapters only, frozen base;
    - TRL's SFTTrainer (prompt-completion data, loss on the completion, no packing), if installed;
    - HF Trainer on the same data pre-tokenised (labels -100 on the prompt, padded per batch).
 4. Per-rank peak memory of ours with 1 and 2 processes for a model large enough (~62M
-   parameters) that sharding the parameters, gradients and AdamW state shows.
+   parameters) that sharding the parameters, gradients and AdamW state shows; and with 2
+   processes, LoRA against full fine-tuning (tokens/s from step 3, memory on that model).
+   `--lora-only` runs just that comparison (the two 2-process rows and their memory runs).
 
 Reading the main table (each path runs 5 warm-up steps, left out, then `--steps`, default 60;
 tiny: 1 + 3):
@@ -131,6 +134,10 @@ SIZES = {
 }
 LR = 1e-3
 DEFAULT_ROW = "ours 1 proc x 2 threads"
+FULL_2P_ROW = "ours 2 proc x 1 thread (FSDP2, gloo)"
+LORA_RANK = 16
+LORA_KEYS = {"model.lora_rank": LORA_RANK, "model.lora_alpha": 2 * LORA_RANK, "model.target_modules": "all-linear"}
+LORA_ROW = f"ours 2 proc x 1 thread, LoRA r{LORA_RANK} (FSDP2, gloo)"
 SEED = 1
 # glibc keeps freed heap memory for reuse, so after a few steps of variable-size collective and
 # gradient buffers a rank's RSS drifts up to what one unsharded process holds. Serving every
@@ -760,6 +767,21 @@ def main_table(rows: list[Row], flops_per_token: float, peak_gflops: float) -> s
     return markdown_table(headers, body)
 
 
+def lora_params(hidden: int, intermediate: int, layers: int, rank: int = LORA_RANK) -> int:
+    """Adapter parameters of LoRA on every linear layer of a Llama decoder (q, k, v, o: hidden to
+    hidden; gate, up: hidden to intermediate; down: back): rank x (in + out) each."""
+    return layers * rank * (4 * 2 * hidden + 3 * (hidden + intermediate))
+
+
+def lora_table(entries: list[dict]) -> str:
+    body = [[e["path"], fmt(e.get("tokens_per_s"), ".0f"), fmt(e.get("s_per_step"), ".3f"), fmt(e["trainable"] / 1e6, ".2f", "M"),
+             fmt(e["estimate_mb"], ".1f"), *(fmt(e["rank_rss_mb"].get(r), ".0f") for r in (0, 1)),
+             fmt(e.get("trainer_peak_mb"), ".0f"), e.get("note", "")] for e in entries]
+    headers = ["path", "real tok/s", "s/step", "trainable", "weights+grads+AdamW MB/rank (est.)", "rank 0 peak RSS MB",
+               "rank 1 peak RSS MB", "trainer peak MB", "notes"]
+    return markdown_table(headers, body)
+
+
 def memory_table(entries: list[dict]) -> str:
     body = [[str(e["world_size"]), str(e["rank"]), fmt(e["estimate_mb"], ".0f"), fmt(e.get("peak_rss_mb_default"), ".0f"),
              fmt(e.get("trainer_peak_mb_default"), ".0f"), fmt(e.get("peak_rss_mb_mmap"), ".0f"), e.get("note", "")]
@@ -775,6 +797,7 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per path, after the warm-up (default: 60 full, 3 tiny)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_sft.json and bench_sft.md")
+    parser.add_argument("--lora-only", action="store_true", help="only LoRA against full fine-tuning, 2 processes")
     args = parser.parse_args()
     size = SIZES[args.size]
     if args.steps is not None:
@@ -817,30 +840,60 @@ def main() -> int:
             log(f"  done in {run.wall_s:.1f}s" + ("" if run.ok else f": {run.error}"))
 
         default_desc = describe(new_keys) or "plain path"
-        ours(DEFAULT_ROW, "ours_1p", 1, {}, f"config defaults ({default_desc})")
-        for i, (label, values) in enumerate(key_variants(new_keys, size.max_length)):
-            ours(f"ours 1 proc x 2 threads, {label}", f"ours_1p_variant{i}", 1, values,
-                 describe(values) + ("" if label == "keys off" else ", other keys at their defaults"))
+        if not args.lora_only:
+            ours(DEFAULT_ROW, "ours_1p", 1, {}, f"config defaults ({default_desc})")
+            for i, (label, values) in enumerate(key_variants(new_keys, size.max_length)):
+                ours(f"ours 1 proc x 2 threads, {label}", f"ours_1p_variant{i}", 1, values,
+                     describe(values) + ("" if label == "keys off" else ", other keys at their defaults"))
         # Switches that are measured, not assumed to help.
-        if size.switch_rows:
+        if size.switch_rows and not args.lora_only:
             ours("ours 1 proc x 2 threads, + torch.compile", "ours_1p_compile", 1, {"model.compile": True},
                  "model.compile=true, other keys at their defaults")
             ours("ours 1 proc x 2 threads, + activation checkpointing", "ours_1p_ckpt", 1,
                  {"model.enable_gradient_checkpointing": True}, "model.enable_gradient_checkpointing=true")
-        ours("ours 2 proc x 1 thread (FSDP2, gloo)", "ours_2p", 2, {}, "config defaults; peak RSS of the larger rank")
+        ours(FULL_2P_ROW, "ours_2p", 2, {}, "config defaults; peak RSS of the larger rank")
+        ours(LORA_ROW, "ours_2p_lora", 2, LORA_KEYS, f"{describe(LORA_KEYS)}: adapters only, same data and batch")
 
-        if peers["trl"] and peers["datasets"]:
+        if args.lora_only:
+            pass
+        elif peers["trl"] and peers["datasets"]:
             log("running TRL SFTTrainer ...")
             rows.append(run_peer("trl", "TRL SFTTrainer", work, size, total_steps))
         else:
             missing = " and ".join(p for p in ("trl", "datasets") if not peers[p])
             rows.append(Row("TRL SFTTrainer", note=f"{missing} not installed: {PEER_INSTALL}"))
-        log("running HF Trainer ...")
-        rows.append(run_peer("hf", "HF Trainer (pre-tokenised)", work, size, total_steps))
+        if not args.lora_only:
+            log("running HF Trainer ...")
+            rows.append(run_peer("hf", "HF Trainer (pre-tokenised)", work, size, total_steps))
+
+        # LoRA against full fine-tuning, 2 processes: tokens/s from the rows above (same data,
+        # batch and steps), per-rank memory on the memory model (mmap malloc: RSS follows live memory).
+        lora: list[dict] = []
+        m_hidden, m_inter, m_layers = ((size.mem_hidden, size.mem_intermediate, size.mem_layers) if size.mem_separate
+                                       else (size.hidden, size.intermediate, size.layers))
+        for slug, name, extra_keys in (("ours_2p", FULL_2P_ROW, {}), ("ours_2p_lora", LORA_ROW, LORA_KEYS)):
+            if size.mem_separate:
+                log(f"running per-rank memory, 2 processes, {name}, mmap malloc ...")
+                mem_run = run_ours(work, f"mem_lora_{slug}", assets.mem_model_dir, assets.data_file, 2, size.mem_batch,
+                                   size.mem_max_length, size.mem_steps,
+                                   ["data.truncation=right", *(f"{k}={yaml_value(v)}" for k, v in extra_keys.items())],
+                                   size.timeout_s, micro=size.mem_batch // 2, env=MMAP_ENV)
+            else:
+                mem_run = ours_runs[slug]
+            row = next(r for r in rows if r.name == name)
+            adapters = lora_params(m_hidden, m_inter, m_layers) if extra_keys else 0
+            trainable = adapters or assets.mem_params
+            # fp32 on CPU: weights 4 bytes each; gradients and AdamW's two moments 12 more for what trains.
+            estimate = (4 * (assets.mem_params + adapters) + 12 * trainable) / 2 / 2**20
+            lora.append({"path": name, "tokens_per_s": row.tokens_per_s, "s_per_step": row.s_per_step,
+                         "trainable": trainable, "estimate_mb": estimate, "rank_rss_mb": mem_run.rank_rss_mb,
+                         "trainer_peak_mb": max((m.get("train/peak_memory_mb", 0.0) for m in mem_run.steps.values()),
+                                                default=0.0) or None,
+                         "note": "" if mem_run.ok else f"memory run failed: {mem_run.error}"})
 
         memory: list[dict] = []
         mem_params = assets.mem_params
-        for nproc in (1, 2):
+        for nproc in (() if args.lora_only else (1, 2)):
             runs: dict[str, Optional[OursRun]] = {}
             if size.mem_separate:
                 for allocator, env in (("default", None), ("mmap", MMAP_ENV)):
@@ -908,14 +961,22 @@ def main() -> int:
         issue_share = 6 * assets.params * default.tokens_per_s / 1e9 / peak["best"]
         notes.append(f"The issue's own accounting (6 x all {assets.params / 1e6:.2f}M parameters per token, embedding "
                      f"table included, no attention) puts '{default.name}' at {issue_share:.1%} of peak.")
+    notes.append(f"LoRA: GFLOP/s counts the full model's 6 x parameters per token, but with a frozen base the "
+                 "weight-gradient matmuls of the base are skipped (about 4 x instead of 6 x), so its GFLOP/s overstates "
+                 "the work done; compare its real tok/s. Its memory estimate: fp32 weights for all (4 bytes each), "
+                 "gradients and AdamW state (12 bytes) only for the adapters.")
     table = main_table(rows, assets.flops_per_token, peak["best"])
-    mem = memory_table(memory)
+    mem = memory_table(memory) if memory else "(not run: --lora-only)"
     wall = time.perf_counter() - started
     text = "\n".join([
         f"## SFT throughput ({args.size})", "", table, "",
         (f"## Per-rank memory ({mem_params / 1e6:.1f}M parameters, batch {size.mem_batch}, "
          f"max length {size.mem_max_length}, {size.mem_steps} steps)" if size.mem_separate else
          f"## Per-rank memory (the throughput runs above, {mem_params / 1e6:.2f}M parameters)"), "", mem, "",
+        (f"## LoRA against full fine-tuning (2 processes; memory on the {mem_params / 1e6:.1f}M-parameter model, "
+         "mmap malloc)" if size.mem_separate else
+         f"## LoRA against full fine-tuning (2 processes, the throughput runs, {mem_params / 1e6:.2f}M parameters)"), "",
+        lora_table(lora), "",
         "Notes:", *(f"- {n}" for n in notes), f"- Benchmark wall time: {wall:.0f}s.",
     ])
     print(text, flush=True)
@@ -929,7 +990,7 @@ def main() -> int:
             "flops_per_token": assets.flops_per_token,
             "rows": [{**dataclasses.asdict(r), "gflops": assets.flops_per_token * r.tokens_per_s / 1e9 if r.ok else None}
                      for r in rows],
-            "memory": memory, "notes": notes, "wall_s": wall,
+            "memory": memory, "lora": lora, "notes": notes, "wall_s": wall,
         }, indent=2, default=str))
     return 0
 

@@ -8,7 +8,8 @@ Layout of a run directory:
         trainer_state.json           step, data position, counters, what was saved; the scheduler with `extra`
         rng/rank_<r>.pt              each rank's RNG states, with `extra` (tensors and ints only)
         huggingface/                 config.json, tokenizer, the original generation_config.json;
-                                     with `hf_model` also the full model (safetensors)
+                                     with `hf_model` also the full model (safetensors); with LoRA
+                                     adapter_config.json, and with `hf_model` the adapter's weights
     global_step_300.tmp/             being written; never read; removed on the next start
     latest_checkpointed_iteration.txt   pointer to the newest complete checkpoint
 
@@ -40,8 +41,9 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from config.schema import CheckpointConfig
+from config.schema import CheckpointConfig, ConfigError
 from workers.fsdp import gather_full_state_dict
+from workers.lora import ADAPTER_CONFIG, LoraSpec, peft_model_on_meta, write_adapter_config
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,8 @@ class HFAssets:
     model_path: str
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    lora: Optional[LoraSpec] = None  # the model carries these adapters: its directories hold the adapter
+    base_model: Optional[str] = None  # what adapter_config.json names as the base (default: model_path)
 
     def generation_config(self) -> Optional[Path]:
         return generation_config_file(self.model_path)
@@ -128,8 +132,19 @@ def declared_dtype(model_config: PretrainedConfig) -> torch.dtype:
 
 def hf_model_from_state(state: dict[str, torch.Tensor], assets: HFAssets, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (unsharded) model holding `state`, built on the meta device so no memory or time
-    goes into a random initialisation that is overwritten anyway."""
+    goes into a random initialisation that is overwritten anyway. With LoRA, a peft `PeftModel`
+    (base and adapters in fp32, whatever `dtype`: a merge in low precision would lose the small
+    update); its `save_pretrained` writes the adapter, `merge_and_unload` gives the merged model."""
     model = build_from_config(assets.model_config, dtype, "meta", assets.trust_remote_code, assets.attn_implementation)
+    if assets.lora is not None:
+        dtype = torch.float32
+        wrapped = peft_model_on_meta(model, assets.lora, assets.base_model or assets.model_path)
+        _fill(wrapped.base_model.model, state, dtype)
+        return wrapped
+    return _fill(model, state, dtype)
+
+
+def _fill(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
     try:
         # strict=False: a tied LM head may be absent from the state; tie_weights restores it.
         result = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
@@ -150,17 +165,36 @@ def _first_problem(err: RuntimeError) -> str:
     return lines[1] if len(lines) > 1 else lines[0]
 
 
-def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Path, dtype: Optional[torch.dtype] = None) -> Path:
+def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Path, dtype: Optional[torch.dtype] = None,
+                   merge: bool = False) -> Path:
     """A Hugging Face model directory from a full state dict, written to `<out_dir>.tmp` and
-    renamed into place. `dtype` defaults to the one the model config declares."""
-    model = hf_model_from_state(state, assets, dtype or declared_dtype(assets.model_config))
+    renamed into place. `dtype` defaults to the one the model config declares. With LoRA it
+    holds the adapter (adapter_config.json, adapter_model.safetensors, in fp32) and the tokenizer,
+    or with `merge` the base with the adapters merged in (in `dtype`)."""
+    dtype = dtype or declared_dtype(assets.model_config)
+    model = hf_model_from_state(state, assets, dtype)
+    if assets.lora is not None and merge:
+        model = model.merge_and_unload().to(dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # No config.json beside the adapter: `AutoModelForCausalLM.from_pretrained(out_dir)` then follows
+    # adapter_config.json to the base and loads the adapter onto it (with one, it looks for weights).
     save_hf(model, assets.tokenizer, tmp, assets.generation_config())
+    if assets.lora is not None and not merge:
+        (tmp / "README.md").unlink(missing_ok=True)  # peft's empty model card
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _save_checkpoint_hf(model: torch.nn.Module, assets: HFAssets, out_dir: Path) -> None:
+    """A checkpoint's `huggingface/` with the model; with LoRA the adapter and the base's config
+    (which `python -m trainer.export` builds the model from)."""
+    save_hf(model, assets.tokenizer, out_dir, assets.generation_config())
+    if assets.lora is not None:
+        assets.model_config.save_pretrained(out_dir)
+        (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model card
 
 
 def load_model_state(path: Path, part: str = MODEL) -> dict[str, torch.Tensor]:
@@ -280,10 +314,12 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             if full_state is not None:
-                save_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)),
-                        self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+                _save_checkpoint_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)), self.hf,
+                                    tmp / HF_DIR)
             else:
                 save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+                if self.hf.lora is not None:  # says the checkpoint's model carries these adapters
+                    write_adapter_config(self.hf.lora, self.hf.base_model or self.hf.model_path, tmp / HF_DIR)
             state = {**trainer_state, "world_size": self.world_size, "save_contents": self.save_contents}
             if "extra" in self.save_contents:
                 state["scheduler"] = scheduler.state_dict()
@@ -318,6 +354,12 @@ class Checkpointer:
         if not is_checkpoint(path):
             raise FileNotFoundError(f"trainer.resume_from_path={str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
         trainer_state = json.loads((path / STATE_FILE).read_text())
+        # Every rank reads the same file: a LoRA checkpoint and a full model refuse each other
+        # alike on all ranks, in one line, before DCP would fail on the names of the weights.
+        saved_lora = (path / HF_DIR / ADAPTER_CONFIG).is_file()
+        if saved_lora != (self.hf.lora is not None):
+            raise ConfigError(f"model.lora_rank: {path} holds a {'LoRA-adapted' if saved_lora else 'fully fine-tuned'} "
+                              f"model; resume it {'with model.lora_rank > 0 (its rank and targets)' if saved_lora else 'without LoRA'}")
         fresh = fresh_parts(self.load_contents, trainer_state.get("save_contents", LEGACY_CONTENTS))
         if fresh and self.rank == 0:
             log.warning("resuming from %s without %s: %s", path, " and ".join(f"{p} ({why})" for p, why in fresh.items()),
@@ -354,12 +396,17 @@ class Checkpointer:
         return self.latest()
 
     # ------------------------------------------------------------------ the end of a run
-    def export_hf_model(self, model: torch.nn.Module, out_dir: Path) -> Optional[Path]:
+    def export_hf_model(self, model: torch.nn.Module, out_dir: Path, merged_dir: Optional[Path] = None) -> Optional[Path]:
         """Collective. The model in Hugging Face format, in the dtype the original config
-        declared; rank 0 writes it beside `out_dir` and renames it into place."""
+        declared; rank 0 writes it beside `out_dir` and renames it into place. With LoRA,
+        `out_dir` holds the adapter, and `merged_dir` (when given) the merged model."""
         state = gather_full_state_dict(model)
         if self.rank != 0:
             return None
         write_hf_model(state, self.hf, out_dir)
-        log.info("exported the model in Hugging Face format to %s", out_dir)
+        what = "the LoRA adapter" if self.hf.lora is not None else "the model"
+        log.info("exported %s in Hugging Face format to %s", what, out_dir)
+        if self.hf.lora is not None and merged_dir is not None:
+            write_hf_model(state, self.hf, merged_dir, merge=True)
+            log.info("exported the base with the adapter merged in to %s", merged_dir)
         return out_dir

@@ -1,6 +1,6 @@
 """A checkpoint as a Hugging Face model directory, offline: one process, no process group, no GPU.
 
-    python -m trainer.export CHECKPOINT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--model-config DIR] [--force]
+    python -m trainer.export CHECKPOINT_DIR OUT_DIR [--dtype fp32|bf16|fp16] [--model-config DIR] [--merge] [--force]
 
 CHECKPOINT_DIR is a `global_step_N/` directory, or a run directory (its latest checkpoint is
 used, and named). The model part of the sharded checkpoint is read (for PPO: the actor, not the
@@ -9,11 +9,16 @@ safetensors with config, tokenizer and generation config; what verl's model merg
 (`verl.model_merger`, formerly `scripts/legacy_model_merger.py`) does for verl checkpoints.
 Checkpoints from before `huggingface/` was written need `--model-config DIR`: a directory with
 the model's config.json and tokenizer, e.g. the run's `model.partial_pretrain`.
+
+A LoRA run's checkpoint (its `huggingface/` has adapter_config.json) gives the adapter
+(adapter_config.json, adapter_model.safetensors: `PeftModel.from_pretrained(base, OUT_DIR)`), or
+with `--merge` the base with the adapter merged in, a plain model for `from_pretrained`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +36,7 @@ from trainer.checkpoint import (
     load_model_state,
     write_hf_model,
 )
+from workers.lora import ADAPTER_CONFIG, adapter_spec_of
 from workers.model import DTYPES, ModelLoadError, load_config, load_tokenizer
 
 
@@ -68,16 +74,23 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def export(checkpoint: Path, out: Path, dtype_name: Optional[str] = None, model_config: Optional[Path] = None,
-           force: bool = False) -> Path:
+           force: bool = False, merge: bool = False) -> Path:
     checkpoint, picked = find_checkpoint(checkpoint)
     if picked:
         print(f"using the latest checkpoint of the run: {checkpoint}")
     source, key = model_source(checkpoint, model_config)
     check_out_dir(out, force)
-    assets = HFAssets(load_config(str(source), key=key), load_tokenizer(str(source), key=key), str(source))
+    lora = adapter_spec_of(checkpoint / HF_DIR)
+    if merge and lora is None:
+        raise CheckpointError(f"--merge: {checkpoint} holds no LoRA adapter (no {HF_DIR}/{ADAPTER_CONFIG}); it is a whole model already")
+    base = json.loads((checkpoint / HF_DIR / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") if lora else None
+    assets = HFAssets(load_config(str(source), key=key), load_tokenizer(str(source), key=key), str(source), lora=lora,
+                      base_model=base)
     dtype = DTYPES[dtype_name] if dtype_name else declared_dtype(assets.model_config)
-    write_hf_model(load_model_state(checkpoint), assets, out, dtype)
-    print(f"exported {checkpoint} to {out} ({str(dtype).removeprefix('torch.')})")
+    write_hf_model(load_model_state(checkpoint), assets, out, dtype, merge=merge)
+    dtype_name = str(dtype).removeprefix("torch.")
+    what = dtype_name if lora is None else (f"the base with the LoRA adapter merged in, {dtype_name}" if merge else "the LoRA adapter, float32")
+    print(f"exported {checkpoint} to {out} ({what})")
     return out
 
 
@@ -87,11 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("out", metavar="OUT_DIR", type=Path, help="the Hugging Face model directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the one the model config declares)")
     parser.add_argument("--model-config", metavar="DIR", type=Path, help="config and tokenizer directory for checkpoints without huggingface/")
+    parser.add_argument("--merge", action="store_true", help="LoRA checkpoints: write the base with the adapter merged in")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     args = parser.parse_args(argv)
     transformers_logging.disable_progress_bar()
     try:
-        export(args.checkpoint, args.out, args.dtype, args.model_config, args.force)
+        export(args.checkpoint, args.out, args.dtype, args.model_config, args.force, args.merge)
     except (CheckpointError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -48,6 +48,7 @@ from workers.fsdp import (
 )
 from workers.generation import Generated, GenerationSettings, generate
 from workers.liger import liger_token_loss_sum
+from workers.lora import LoraSpec, check_fits, trainable_summary_line
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
 from workers.packing import Layout, choose_layout, model_inputs
 from workers.sequence_parallel import SequenceParallel
@@ -124,16 +125,22 @@ class FSDPSFTTrainer:
         self.total_steps = min(self.schedule_steps, cfg.trainer.total_training_steps or self.schedule_steps)
 
         torch.manual_seed(cfg.trainer.seed)
+        self.lora = LoraSpec.from_model_config(cfg.model)
+        if self.lora is not None:
+            check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
         self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
         self.model = self._build_model(ShardingSpec(
             self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward
         ))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)
+        if self.lora is not None and dist_ctx.is_primary:
+            log.info("LoRA (%s): %s", self.lora.describe(), trainable_summary_line(self.model, self.optimizer))
 
         self.checkpointer = Checkpointer(
             self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
-            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.model.attn_implementation),
+            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code,
+                     cfg.model.attn_implementation, self.lora),
         )
         self.step, self.epoch, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
         self.checkpointer.clean_partial()
@@ -150,7 +157,7 @@ class FSDPSFTTrainer:
         self.sample_logger = SampleLogger(self.tracking, history, report, cfg.generation.max_print_chars)
         self.replica = ModelReplica(
             self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
-            cfg.model.attn_implementation, cfg.model.trust_remote_code,
+            cfg.model.attn_implementation, cfg.model.trust_remote_code, self.lora,
         )
         self.sample_batches = self._sample_batches()
         self._last_validated = -1
@@ -169,7 +176,7 @@ class FSDPSFTTrainer:
         cfg = self.cfg.model
         model = build_sharded_model(
             cfg.partial_pretrain, self.model_config, spec, self.device, self.dist.world_size,
-            cfg.trust_remote_code, cfg.attn_implementation, cfg.enable_gradient_checkpointing,
+            cfg.trust_remote_code, cfg.attn_implementation, cfg.enable_gradient_checkpointing, lora=self.lora,
             before_sharding=liger.apply if cfg.use_liger else None,
         )
         sequence_parallel.enable(model, self.sp)
@@ -370,7 +377,8 @@ class FSDPSFTTrainer:
 
     def finish(self) -> None:
         if self.cfg.trainer.export_hf_model:
-            self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model")
+            merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
+            self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model", merged)
         finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
 
 

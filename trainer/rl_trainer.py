@@ -61,6 +61,7 @@ from workers.actor import (
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
 from workers.generation import GenerationSettings, encode_prompts, generate
+from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
@@ -135,11 +136,18 @@ class RLTrainer:
         fsdp = cfg.model.fsdp_config
         self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
         self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward)
-        self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing)
+        self.lora = LoraSpec.from_model_config(cfg.model)
+        if self.lora is not None:
+            check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
+        self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing, lora=self.lora)
         self.optimizer = build_optimizer(self.actor, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)
+        if self.lora is not None and dist_ctx.is_primary:
+            log.info("LoRA on the actor (%s): %s", self.lora.describe(), trainable_summary_line(self.actor, self.optimizer))
         self.reference = None
-        if cfg.algorithm.kl_coef > 0:
+        # With LoRA the reference policy is the actor's frozen base with its adapters switched
+        # off (`reference_log_probs`): no second copy of the weights is built.
+        if cfg.algorithm.kl_coef > 0 and self.lora is None:
             # No gradients: offloading its shards to CPU costs only the copy in at each forward.
             spec = replace(self.spec, cpu_offload=self.spec.cpu_offload or cfg.ref.cpu_offload)
             self.reference = self._build(spec=spec).eval().requires_grad_(False)
@@ -149,12 +157,15 @@ class RLTrainer:
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:
                 group["lr"] = cfg.critic.lr
+        reference = ", frozen reference" if self.reference else (
+            ", reference = the actor's base with adapters disabled" if cfg.algorithm.kl_coef > 0 else "")
         log.info("%s: actor %.2fM parameters over %d rank(s)%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
-                 dist_ctx.world_size, ", frozen reference" if self.reference else "", ", critic" if self.critic else "")
+                 dist_ctx.world_size, reference, ", critic" if self.critic else "")
 
         self.checkpointer = Checkpointer(
             self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
-            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.model.attn_implementation),
+            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code,
+                     cfg.model.attn_implementation, self.lora),
         )
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpointer.clean_partial()
@@ -170,13 +181,22 @@ class RLTrainer:
         self.sample_logger = SampleLogger(self.tracking, history, report=report)
         self.schedule = SampleSchedule(cfg.logging.sample_logging, self.total_steps)
         self.replica = ModelReplica(self.model_config, "auto", "auto", self.device, self.param_dtype,
-                                    cfg.model.attn_implementation, cfg.model.trust_remote_code)
+                                    cfg.model.attn_implementation, cfg.model.trust_remote_code, self.lora)
 
     def _build(self, gradient_checkpointing: bool = False, auto_class=None, spec: Optional[ShardingSpec] = None,
-               **kwargs) -> torch.nn.Module:
+               lora: Optional[LoraSpec] = None, **kwargs) -> torch.nn.Module:
         m = self.cfg.model
         return build_sharded_model(m.partial_pretrain, self.model_config, spec or self.spec, self.device, self.dist.world_size,
-                                   m.trust_remote_code, m.attn_implementation, gradient_checkpointing, auto_class, **kwargs)
+                                   m.trust_remote_code, m.attn_implementation, gradient_checkpointing, auto_class, lora,
+                                   **kwargs)
+
+    def reference_log_probs(self, batch: RolloutBatch, log_probs) -> torch.Tensor:
+        """The frozen reference's log-probs: its own model, or with LoRA the actor's base."""
+        mbs = self.cfg.ref.log_prob_micro_batch_size_per_gpu or self.cfg.actor.micro_batch_size_per_gpu
+        if self.reference is not None:
+            return forward_in_micro_batches(log_probs, self.reference, batch, mbs)
+        with adapters_disabled(self.actor):
+            return forward_in_micro_batches(log_probs, self.actor, batch, mbs)
 
     def _extra(self) -> dict:
         return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
@@ -230,9 +250,8 @@ class RLTrainer:
         log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature)
         batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
                                                       cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
-        if self.reference is not None:
-            batch.ref_log_prob = forward_in_micro_batches(log_probs, self.reference, batch,
-                                                          cfg.ref.log_prob_micro_batch_size_per_gpu or mbs)
+        if cfg.algorithm.kl_coef > 0:
+            batch.ref_log_prob = self.reference_log_probs(batch, log_probs)
         if self.critic is not None:
             batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
         a = cfg.algorithm
@@ -350,7 +369,8 @@ class RLTrainer:
     def finish(self) -> None:
         self._log_val_change()
         if self.cfg.trainer.export_hf_model:
-            self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model")
+            merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
+            self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model", merged)
         finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
 
 

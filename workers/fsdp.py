@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from workers.lora import LoraSpec, add_adapters
 from workers.model import DTYPES, build_from_config, decoder_layers, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -63,18 +64,23 @@ def build_sharded_model(
     attn_implementation: str = "sdpa",
     gradient_checkpointing: bool = False,
     auto_class=None,
+    lora: Optional[LoraSpec] = None,
     before_sharding: Optional[Callable[[torch.nn.Module], None]] = None,
     **model_kwargs,
 ) -> torch.nn.Module:
     """Collective. Load a pretrained model on rank 0 only, shard it over all ranks, fill every
-    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype. `before_sharding`
+    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype. With `lora`,
+    every rank injects the same adapters before sharding; the frozen base is stored in the
+    compute dtype, the adapters (the only trainable weights) in fp32. `before_sharding`
     patches the model (real on rank 0, meta elsewhere) first (liger-kernel)."""
-    if dist.get_rank() == 0:
+    rank0 = dist.get_rank() == 0
+    if rank0:
         model = load_pretrained(path, torch.float32, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
-        full_state = model.state_dict()
     else:
         model = build_from_config(model_config, torch.float32, "meta", trust_remote_code, attn_implementation, auto_class, **model_kwargs)
-        full_state = {}
+    if lora is not None:
+        add_adapters(model, lora, frozen_dtype=spec.param_dtype, load_weights=rank0)
+    full_state = model.state_dict() if rank0 else {}
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model.config, "use_cache"):

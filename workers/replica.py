@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from workers.fsdp import gather_full_state_dict
+from workers.lora import LoraSpec, add_adapters
 from workers.model import DTYPES, build_from_config
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ModelReplica:
         train_dtype: torch.dtype,
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        lora: Optional[LoraSpec] = None,
     ):
         self.model_config = model_config
         self.dtype = DTYPES.get(dtype_setting) or train_dtype
@@ -48,6 +50,7 @@ class ModelReplica:
         self.train_device = train_device
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.lora = lora  # the copy carries the same adapters, so samples come from the adapted model
         self.model: Optional[torch.nn.Module] = None
         self.last_gather_s = 0.0
 
@@ -68,6 +71,8 @@ class ModelReplica:
                 trust_remote_code=self.trust_remote_code,
                 attn_implementation=self.attn_implementation,
             )
+            if self.lora is not None:
+                add_adapters(self.model, self.lora, load_weights=False)
             self.model.eval()
             log.debug("built the generation copy on %s in %s", device, self.dtype)
         missing, unexpected = self.model.load_state_dict(state, strict=False)

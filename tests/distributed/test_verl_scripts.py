@@ -7,11 +7,12 @@ import math
 import pytest
 
 from helpers import gsm8k_rows, multiturn_rows, read_metrics, run_module, write_parquet
-from verl_scripts import SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, SFT_SEQUENCE_PARALLEL, command_line
+from verl_scripts import SFT_LORA, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, SFT_SEQUENCE_PARALLEL, command_line
 
 pytestmark = pytest.mark.distributed
 
-PLAIN = sorted(set(SFT_SCRIPTS) - set(SFT_NOT_YET) - set(SFT_NEEDS_GPU) - set(SFT_SEQUENCE_PARALLEL))
+# The LoRA-only script (gsm8k/run_qwen_05_peft.sh) trains in tests/distributed/test_lora.py.
+PLAIN = sorted(set(SFT_SCRIPTS) - set(SFT_NOT_YET) - set(SFT_NEEDS_GPU) - set(SFT_SEQUENCE_PARALLEL) - set(SFT_LORA))
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,11 @@ def multiturn(tmp_path_factory):
             "test": write_parquet(multiturn_rows(4, seed=8), root / "test.parquet")}
 
 
-def test_there_are_three_plain_scripts_and_three_sequence_parallel_ones():
+def test_which_scripts_run_where():
+    assert sorted(set(SFT_LORA) - set(SFT_SEQUENCE_PARALLEL)) == ["gsm8k/run_qwen_05_peft.sh"]
     assert PLAIN == ["gsm8k/run_deepseek_6b7.sh", "gsm8k/run_gemma_2b.sh", "gsm8k/run_gemma_7b.sh"]
-    assert SFT_SEQUENCE_PARALLEL == ["gsm8k/run_qwen_05_sp2.sh", "gsm8k/run_seed_oss_36b_sft.sh", "multiturn/run_qwen_05_sp2.sh"]
+    assert SFT_SEQUENCE_PARALLEL == ["gsm8k/run_qwen3_8b_sft_peft_sp2_npu.sh", "gsm8k/run_qwen_05_sp2.sh",
+                                     "gsm8k/run_seed_oss_36b_sft.sh", "multiturn/run_qwen_05_sp2.sh"]
 
 
 @pytest.mark.parametrize("script", SFT_SEQUENCE_PARALLEL)
@@ -39,9 +42,11 @@ def test_verl_sequence_parallel_script_trains_with_two_processes(script, tiny_mo
     paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
              "$HOME/data/multiturn/train.parquet": str(multiturn["train"]),
              "$HOME/data/multiturn/test.parquet": str(multiturn["test"]), "$save_path": str(run_dir),
-             "Qwen/Qwen2.5-0.5B-Instruct": str(tiny_model), "ByteDance-Seed/Seed-OSS-36B-Base": str(tiny_model)}
-    # The scripts stop after one step (trainer.total_training_steps=1); a small batch and 2 samples.
-    extra = ["data.train_batch_size=8", "trainer.max_val_samples=2", "generation.max_new_tokens=4"]
+             "Qwen/Qwen2.5-0.5B-Instruct": str(tiny_model), "ByteDance-Seed/Seed-OSS-36B-Base": str(tiny_model),
+             "Qwen/Qwen3-8B": str(tiny_model)}
+    # One step (most scripts set trainer.total_training_steps=1 themselves), a small batch and 2 samples.
+    extra = ["data.train_batch_size=8", "trainer.total_training_steps=1", "trainer.max_val_samples=2",
+             "generation.max_new_tokens=4"]
     proc = run_module("trainer.fsdp_sft_trainer", command_line(SFT_SCRIPTS[script], paths, extra), nproc=2)
     metrics = read_metrics(run_dir)
     assert metrics[1]["train/loss"] > 0 and metrics[1]["val/loss"] > 0
@@ -50,7 +55,9 @@ def test_verl_sequence_parallel_script_trains_with_two_processes(script, tiny_mo
     log = proc.stderr + proc.stdout
     assert log.count("this run uses length-grouped token-budget batches instead") == 1
     assert "=== Validation Samples (Step 1) ===" in proc.stdout
-    assert (run_dir / "global_step_1").is_dir() and (run_dir / "hf_model" / "model.safetensors").is_file()
+    # LoRA with sequence parallelism (the NPU script) exports the adapter
+    exported = "adapter_model.safetensors" if script in SFT_LORA else "model.safetensors"
+    assert (run_dir / "global_step_1").is_dir() and (run_dir / "hf_model" / exported).is_file()
 
 
 @pytest.mark.parametrize("script", PLAIN)

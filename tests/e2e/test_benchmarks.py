@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_script(name: str, *args: str, timeout: int = 240) -> str:
+def run_script(name: str, *args: str, timeout: int = 420) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
@@ -54,6 +54,7 @@ def test_sft_benchmark_tiny_prints_its_tables(tmp_path):
 
     ours = [name for name in by_name if name.startswith("ours")]
     assert "ours 1 proc x 2 threads" in ours and "ours 2 proc x 1 thread (FSDP2, gloo)" in ours
+    assert "ours 2 proc x 1 thread, LoRA r16 (FSDP2, gloo)" in ours
     measured = [*ours, "HF Trainer (pre-tokenised)"]
     trl_installed = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
     if trl_installed:
@@ -68,6 +69,13 @@ def test_sft_benchmark_tiny_prints_its_tables(tmp_path):
     assert sorted((r[0], r[1]) for r in memory) == [("1", "0"), ("2", "0"), ("2", "1")]
     for row in memory:
         assert number(row[2]) >= 0 and number(row[3]) > 0, row
+
+    lora = {r[0]: r for r in next(rows for h, rows in sections.items() if h.startswith("LoRA against full fine-tuning"))}
+    full, adapters = lora["ours 2 proc x 1 thread (FSDP2, gloo)"], lora["ours 2 proc x 1 thread, LoRA r16 (FSDP2, gloo)"]
+    for row in (full, adapters):
+        assert number(row[1]) > 0 and number(row[2]) > 0 and number(row[5]) > 0 and number(row[6]) > 0, row
+    assert number(adapters[3].rstrip("M")) < number(full[3].rstrip("M"))  # trainable parameters
+    assert number(adapters[4]) < number(full[4])  # weights + gradients + AdamW state per rank (estimate)
 
     saved = json.loads((tmp_path / "bench_sft.json").read_text())
     assert {r["name"] for r in saved["rows"]} == set(by_name)

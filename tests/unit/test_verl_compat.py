@@ -16,7 +16,7 @@ from config.rl_schema import RLConfig, lift_flat_sample_logging
 from config.schema import ConfigError, SFTConfig
 from config.verl import PPO_KEYS, SFT_KEYS
 from helpers import gsm8k_rows, multiturn_rows, write_parquet
-from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
+from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_LORA, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,17 +228,6 @@ def test_deprecated_micro_batch_size_and_inert_keys_are_logged(tiny_model, tiny_
         sft([*inputs, "data.micro_batch_size=2", "data.micro_batch_size_per_gpu=8"])
 
 
-@pytest.mark.parametrize("override, feature", [("model.lora_rank=8", "LoRA")])
-def test_capabilities_not_there_yet_are_refused_in_one_line(override, feature, tiny_model, tiny_data):
-    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
-    with pytest.raises(ConfigError) as err:
-        sft([*inputs, override])
-    message = str(err.value)
-    assert message.startswith(override.split("=")[0]) and feature in message and "not available yet" in message
-    assert "\n" not in message
-    sft([*inputs, "model.lora_rank=0", "ulysses_sequence_parallel_size=1", "use_remove_padding=false"])  # ask nothing
-
-
 def test_unknown_keys_are_still_errors(tiny_model, tiny_data):
     inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
     with pytest.raises(ConfigError, match=r"^model.lora_dropout: unknown key"):
@@ -261,33 +250,24 @@ def test_verl_sft_scripts_compose_unchanged(script, tiny_model, gsm8k, multiturn
     args = command_line(SFT_SCRIPTS[script], paths_for(tiny_model, gsm8k, multiturn, tmp_path / "run"),
                         ["data.train_batch_size=128"])  # what a user trying it on a small data set passes in `$@`
     sequence_parallel = "ulysses_sequence_parallel_size=2" in SFT_SCRIPTS[script]
-    if script not in SFT_NOT_YET:
-        cfg = sft(args, world_size=2).config
-        # verl's top-level keys set ours; Liger is a key here too (a GPU is checked when the run starts)
-        assert (cfg.model.ulysses_sequence_parallel_size, cfg.model.use_remove_padding) == (
-            (2, True) if sequence_parallel else (1, False))
-        assert cfg.model.use_liger == (script in SFT_NEEDS_GPU)
-        if cfg.data.multiturn.enable:
-            assert cfg.data.multiturn.messages_key == "messages" and cfg.data.micro_batch_size_per_gpu == 4
-            return
-        assert cfg.data.prompt_key == "extra_info" and cfg.data.prompt_dict_keys == ["question"]
-        assert cfg.data.response_dict_keys == ["answer"] and cfg.data.max_length == 1024  # verl's default
-        if not sequence_parallel:
-            assert cfg.trainer.logger == ["console", "wandb"] and cfg.optim.lr == 1e-5  # verl's defaults, as in verl
+    assert not SFT_NOT_YET  # every SFT script composes: nothing it asks for is pending
+    cfg = sft(args, world_size=2).config
+    # verl's top-level keys set ours; Liger is a key here too (a GPU is checked when the run starts)
+    assert (cfg.model.ulysses_sequence_parallel_size, cfg.model.use_remove_padding) == (
+        (2, True) if sequence_parallel else (1, False))
+    assert cfg.model.use_liger == (script in SFT_NEEDS_GPU)
+    if cfg.data.multiturn.enable:
+        assert cfg.data.multiturn.messages_key == "messages" and cfg.data.micro_batch_size_per_gpu == 4
         return
-    with pytest.raises(ConfigError) as err:
-        sft(args, world_size=2)
-    message = str(err.value)
-    assert "\n" not in message
-    for asked in SFT_NOT_YET[script]:
-        assert asked in message and "not available yet" in message, (asked, message)
-    # Those keys are all that stops it.
-    keys = [a.split("=")[0] for a in SFT_NOT_YET[script]]
-    cfg = sft(without(args, *keys), world_size=2).config
-    assert cfg.trainer.default_local_dir == str(tmp_path / "run")
-    assert cfg.model.ulysses_sequence_parallel_size == (2 if sequence_parallel else 1)
-    if "data.micro_batch_size=4" in args:
-        assert cfg.data.micro_batch_size_per_gpu == 4
+    assert cfg.data.prompt_key == "extra_info" and cfg.data.prompt_dict_keys == ["question"]
+    assert cfg.data.response_dict_keys == ["answer"] and cfg.data.max_length == 1024  # verl's default
+    if script in SFT_LORA:  # LoRA: the script's own lr and logger
+        assert (cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.target_modules) == (32, 16, "all-linear")
+        assert cfg.optim.lr == 1e-4 and cfg.trainer.logger == ["console"]
+        return
+    assert cfg.model.lora_rank == 0
+    if not sequence_parallel:
+        assert cfg.trainer.logger == ["console", "wandb"] and cfg.optim.lr == 1e-5  # verl's defaults, as in verl
 
 
 # ----------------------------------------------------------------------------- RL keys
@@ -415,3 +395,32 @@ def test_external_lib_and_optimizer_overrides(tiny_model):
     model = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(model, OptimConfig(override_optimizer_config={"eps": 1e-6}), torch.device("cpu"))
     assert optimizer.param_groups[0]["eps"] == 1e-6
+
+
+# ----------------------------------------------------------------------------- LoRA keys
+def test_lora_keys_are_ours_under_verls_names(tiny_model, tiny_data, rl_data, tmp_path):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    m = sft([*inputs, "model.lora_rank=8", "model.lora_alpha=32", "model.target_modules=[q_proj,v_proj]"]).config.model
+    assert (m.lora_rank, m.lora_alpha, m.target_modules, m.lora) == (8, 32, ["q_proj", "v_proj"], True)
+    assert sft(inputs).config.model.lora is False  # verl's default: lora_rank 0
+    r = rl([f"actor_rollout_ref.model.path={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+            "actor_rollout_ref.model.lora_rank=64", "actor_rollout_ref.model.lora_alpha=32",
+            "actor_rollout_ref.model.target_modules=all-linear", "actor_rollout_ref.model.exclude_modules=[o_proj]"]).config.model
+    assert (r.lora_rank, r.lora_alpha, r.target_modules, r.exclude_modules) == (64, 32, "all-linear", ["o_proj"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora_rank=-1", r"^model.lora_rank: must be >= 0"),
+    ("model.target_modules=[]", r"^model.target_modules: must be all-linear or a list of module names"),
+    ("model.lora_alpha=0", r"^model.lora_alpha: must be > 0"),
+])
+def test_wrong_lora_values_are_one_line_errors(override, message, tiny_model, tiny_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}", "model.lora_rank=8"]
+    with pytest.raises(ConfigError, match=message):
+        sft([*inputs, override])
+
+
+def test_an_adapter_path_without_an_adapter_is_named(tiny_model, tiny_data, tmp_path):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
+    with pytest.raises(ConfigError, match=r"^model.lora_adapter_path: .* is not a peft adapter directory \(no adapter_config.json\)$"):
+        sft([*inputs, f"model.lora_adapter_path={tmp_path}"])
