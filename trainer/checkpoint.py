@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config.schema import CheckpointConfig
+from trainer.faults import decided_by_primary
 from workers.fsdp import gather_full_state_dict
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
@@ -218,6 +219,7 @@ class Checkpointer:
     def __post_init__(self) -> None:
         self.save_contents = list(self.contents.save_contents)
         self.load_contents = self.contents.effective_load_contents()
+        self.last_saved_step: Optional[int] = None
 
     # ------------------------------------------------------------------ when
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -294,6 +296,7 @@ class Checkpointer:
             _write_atomic(self.run_dir / POINTER, str(step))
             self._prune()
         dist.barrier()
+        self.last_saved_step = step
         return final
 
     def _prune(self) -> None:
@@ -352,6 +355,16 @@ class Checkpointer:
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
             return path
         return self.latest()
+
+    def agree_on_resume(self, mode: str, resume_from_path: Optional[str]) -> Optional[Path]:
+        """Collective. Rank 0 decides what to resume (`resolve_resume`) and every rank gets its
+        answer: ranks that looked for themselves could disagree (a checkpoint visible on one node
+        only) and then some would enter the load's collectives while others start training."""
+        path = decided_by_primary(lambda: self.resolve_resume(mode, resume_from_path))
+        if path is not None and self.rank == 0 and self.run_dir.resolve() not in path.resolve().parents:
+            log.info("resuming from %s, outside the run directory %s (a checkpoint's .metadata is unpickled on load: "
+                     "resume only from checkpoints you trust)", path, self.run_dir)
+        return path
 
     # ------------------------------------------------------------------ the end of a run
     def export_hf_model(self, model: torch.nn.Module, out_dir: Path) -> Optional[Path]:

@@ -16,6 +16,8 @@ from transformers.utils import logging as transformers_logging
 from config.loading import Resolved, format_config
 from config.schema import ConfigError
 from trainer.data import DataError
+from trainer.distributed import teardown
+from trainer.faults import PREEMPTED_EXIT_CODE, Preempted
 from trainer.tracking import TrackerUnavailable, Tracking
 from workers.model import ModelLoadError
 from workers.rewards import RewardError
@@ -73,9 +75,23 @@ def user_errors_exit(rank: int) -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        if rank == 0:  # every rank hits the same error; say it once
-            print(f"error: {err}", file=sys.stderr)
+        # Every rank hits the same error; say it once, unless each node's log needs it.
+        if rank == 0 or getattr(err, "report_on_every_rank", False):
+            print(f"error: {err}" if rank == 0 else f"[rank {rank}] error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def preempted_exit(rank: int) -> Iterator[None]:
+    """A run stopped on SIGTERM (checkpoint written) ends its process with exit code 143, as a
+    process killed by SIGTERM would, so scripts and schedulers do not take it for a finished run."""
+    try:
+        yield
+    except Preempted as stop:
+        if rank == 0:
+            log.warning("%s", stop)
+        teardown()
+        exit_now(PREEMPTED_EXIT_CODE)
 
 
 def announce_config(resolved: Resolved, rank: int) -> None:
@@ -104,7 +120,7 @@ def finish_run(run_dir: Path, tracking: Tracking, write_report_file: bool, is_pr
     tracking.close()
 
 
-def exit_now() -> None:
+def exit_now(code: int = 0) -> None:
     """End a finished run's process here, after the process group is destroyed and the trackers
     closed: exit hooks run as usual, interpreter finalisation does not.
 
@@ -115,4 +131,4 @@ def exit_now() -> None:
     atexit._run_exitfuncs()  # trackers' and callers' exit hooks (also flushes logging)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -28,9 +28,12 @@ from config import env as env_config
 from config.loading import redact, resolve, to_dict
 from config.schema import SFTConfig
 from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import (
+    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+)
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.samples import SampleLogger, prompt_id, sample_seed
@@ -80,6 +83,8 @@ class FSDPSFTTrainer:
         self.device = dist_ctx.device
         self.run_dir = Path(cfg.trainer.default_local_dir)
         self.from_env = from_env or {}
+        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        self.preemption = PreemptionWatch()
 
         # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
         check_available(cfg.trainer.logger)
@@ -142,7 +147,7 @@ class FSDPSFTTrainer:
         return model
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
@@ -188,6 +193,9 @@ class FSDPSFTTrainer:
                 self.validate()
             if self.checkpointer.should_save(self.step, last):
                 self.save_checkpoint()
+            if not last and self.preemption.requested():
+                bar.close()
+                self.stop_preempted()
         bar.close()
         self.finish()
 
@@ -211,14 +219,16 @@ class FSDPSFTTrainer:
             (loss * self.dist.world_size).backward()
             loss_total += loss.detach()
         grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
-        if torch.isfinite(grad_norm):
+        all_reduce_sum(loss_total)
+        # Both are global (a sum and a norm over all ranks): a NaN on one rank skips the step on every rank.
+        if torch.isfinite(grad_norm) and torch.isfinite(loss_total):
             self.optimizer.step()
             self.scheduler.step()
-        else:  # the norm is global, so every rank skips alike
+        else:
             self.skipped_steps += 1
-            log.warning("step %d: non-finite gradient norm; update skipped (%d so far)", self.step + 1, self.skipped_steps)
+            log.warning("step %d: non-finite %s on some rank; update skipped on every rank (%d so far)", self.step + 1,
+                        "loss" if not torch.isfinite(loss_total) else "gradient norm", self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce_sum(loss_total)
         return {
             "train/loss": loss_total,
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -284,10 +294,14 @@ class FSDPSFTTrainer:
         }
 
     def log_validation_samples(self) -> None:
-        """All ranks take part in the gather; rank 0 alone generates; the others wait."""
+        """All ranks take part in the gather; rank 0 alone generates; the others wait.
+
+        The gather is a collective, so it stays outside the `try`: a rank failing inside it must
+        end the run, not go on to the barrier while the others are in the next all-gather (a hang).
+        What rank 0 then does alone may fail and only warn."""
+        start = time.perf_counter()
+        model = self.replica.refresh(self.model)
         try:
-            start = time.perf_counter()
-            model = self.replica.refresh(self.model)
             if self.dist.is_primary:
                 gather_s = time.perf_counter() - start
                 prompts: list[str] = []
@@ -311,7 +325,7 @@ class FSDPSFTTrainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints and the end
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         state = {
             "global_step": self.step,
             "epoch": self.epoch,
@@ -320,6 +334,13 @@ class FSDPSFTTrainer:
         }
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, state)
         log.info("saved checkpoint %s", path)
+        return path
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
+        path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
+        self.tracking.close()
+        raise Preempted(self.step, path)
 
     def finish(self) -> None:
         if self.cfg.trainer.export_hf_model:
@@ -337,7 +358,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
-    trainer.fit()
+    with preempted_exit(denv.rank):
+        trainer.fit()
     teardown()
 
 

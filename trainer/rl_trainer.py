@@ -40,8 +40,11 @@ from config.loading import redact, resolve, to_dict
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
 from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import (
+    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+)
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
@@ -110,6 +113,8 @@ class RLTrainer:
         self.dist = dist_ctx
         self.device = dist_ctx.device
         self.run_dir = Path(cfg.trainer.default_local_dir)
+        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        self.preemption = PreemptionWatch()
         check_registries(cfg)
         check_available(cfg.trainer.logger)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
@@ -180,7 +185,7 @@ class RLTrainer:
         return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
         state = self.checkpointer.load(path, self.actor, self.optimizer, self.scheduler, self._extra())
@@ -212,6 +217,9 @@ class RLTrainer:
                 self.log_samples(stage)
             if self.checkpointer.should_save(self.step, last):
                 self.save_checkpoint()
+            if not last and self.preemption.requested():
+                bar.close()
+                self.stop_preempted()
         bar.close()
         if self.cfg.logging.sample_logging.enabled:
             self.log_samples("post-train")
@@ -321,11 +329,12 @@ class RLTrainer:
         log.info("held-out rewards (%s), step %d -> %d: %s", mode, first_step, last_step, changes)
 
     def log_samples(self, stage: str) -> None:
-        """All ranks take part in the gather; rank 0 generates from its copy; the others wait."""
+        """All ranks take part in the gather; rank 0 generates from its copy; the others wait.
+        The gather (a collective) is outside the `try`: see FSDPSFTTrainer.log_validation_samples."""
         sl = self.cfg.logging.sample_logging
+        start = time.perf_counter()
+        model = self.replica.refresh(self.actor)
         try:
-            start = time.perf_counter()
-            model = self.replica.refresh(self.actor)
             if self.dist.is_primary:
                 texts = sl.effective_prompts[: sl.effective_num_samples]
                 prompt_ids = encode_prompts(self.tokenizer, texts)
@@ -340,10 +349,17 @@ class RLTrainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints and the end
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         path = self.checkpointer.save(self.step, self.actor, self.optimizer, self.scheduler, state, self._extra())
         log.info("saved checkpoint %s", path)
+        return path
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
+        path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
+        self.tracking.close()
+        raise Preempted(self.step, path)
 
     def finish(self) -> None:
         self._log_val_change()
@@ -366,7 +382,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = RLTrainer(resolved.config, ctx)
-    trainer.fit()
+    with preempted_exit(denv.rank):
+        trainer.fit()
     teardown()
 
 
