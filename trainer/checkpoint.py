@@ -17,8 +17,9 @@ What is saved and what a resume restores are `trainer.checkpoint.save_contents` 
 the step and marks the checkpoint complete.
 
 Everything is written under `<name>.tmp` and renamed into place by rank 0 after every rank has
-finished, so a crash never leaves a checkpoint that looks complete. All loads are
-`weights_only=True`: nothing is unpickled.
+finished, so a crash never leaves a checkpoint that looks complete. The RNG files are read with
+`weights_only=True`, but DCP reads each checkpoint's `.metadata` with pickle: load only
+checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -294,16 +295,21 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             _write_atomic(self.run_dir / POINTER, str(step))
-            self._prune()
+            self._prune(final)
         dist.barrier()
         self.last_saved_step = step
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, just_written: Path) -> None:
+        """Keep the newest `max_to_keep` checkpoints by write order (when trainer_state.json was
+        written), never the one just written. By step number, a run resumed from an older step
+        in a folder with newer checkpoints would delete its own new checkpoint."""
         if not self.max_to_keep:
             return
-        complete = self.complete_checkpoints()
-        for old in complete[: -self.max_to_keep]:
+        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written]
+        by_write = sorted(complete, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(_STEP_DIR.match(p.name).group(1))))
+        for old in by_write[: max(len(by_write) - (self.max_to_keep - 1), 0)]:
+            log.info("removing old checkpoint %s (trainer.max_ckpt_to_keep=%d)", old, self.max_to_keep)
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load

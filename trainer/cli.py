@@ -13,11 +13,12 @@ from typing import Iterator, Sequence
 
 from transformers.utils import logging as transformers_logging
 
-from config.loading import Resolved, format_config
+from config.loading import Resolved, format_config, redact_log_credentials
 from config.schema import ConfigError
 from trainer.data import DataError
 from trainer.distributed import teardown
 from trainer.faults import PREEMPTED_EXIT_CODE, Preempted
+from trainer.progress import line_buffered_stdout
 from trainer.tracking import TrackerUnavailable, Tracking
 from workers.model import ModelLoadError
 from workers.rewards import RewardError
@@ -65,6 +66,8 @@ def setup_logging(level: int, rank: int) -> None:
         stream=sys.stderr,
         force=True,
     )
+    redact_log_credentials(logging.getLogger())
+    line_buffered_stdout()
     for noisy in ("httpx", "urllib3", "filelock", "alembic", "git", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     transformers_logging.disable_progress_bar()

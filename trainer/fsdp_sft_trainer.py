@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from config import env as env_config
 from config.loading import redact, resolve, to_dict
@@ -36,6 +35,7 @@ from trainer.distributed import DistContext, all_reduce_sum, init_distributed, t
 from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.progress import progress
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers.fsdp import (
@@ -175,9 +175,7 @@ class FSDPSFTTrainer:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(self.cfg)))
         steps_per_epoch = self.batches.steps_per_epoch
-        # In a log file (no terminal) a bar redrawn every step would bury the samples.
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc="train",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        bar = progress(self.total_steps, self.step, "train", enabled=self.dist.is_primary)
         while self.step < self.total_steps:
             metrics = self.train_step(self.batches.micro_batches(self.epoch, self.batch_in_epoch))
             self.step += 1

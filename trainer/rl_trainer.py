@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tqdm import tqdm
 from transformers import AutoModelForTokenClassification
 
 from config import env as env_config
@@ -47,6 +46,7 @@ from trainer.distributed import DistContext, all_reduce_sum, init_distributed, t
 from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.progress import progress
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
@@ -196,8 +196,7 @@ class RLTrainer:
     def fit(self) -> None:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(self.cfg)))
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc=self.cfg.algorithm.name,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        bar = progress(self.total_steps, self.step, self.cfg.algorithm.name, enabled=self.dist.is_primary)
         if self.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
             self.validate()  # the starting point, to compare against
         while self.step < self.total_steps:

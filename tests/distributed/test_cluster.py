@@ -111,23 +111,34 @@ def test_two_nodes_preempted_by_sigterm_resume_and_export_the_weights_of_one_nod
 @pytest.mark.parametrize("fault", ["forward", "gather"])
 def test_a_failure_on_one_rank_ends_every_rank(tiny_model, tiny_data, tmp_path, fault):
     """A NaN loss on one rank skips the step on both; then an error on one rank (a forward on
-    rank 1, or inside the generation copy's gather on rank 0) ends the whole run with that error."""
+    rank 1 after the first validation, or inside the generation copy's gather on rank 0) ends
+    the whole run with that error. stdout and stderr go to one file, as under Slurm or nohup."""
     run_dir = tmp_path / "run"
     faults = {"FAULT_NAN_LOSS": "1:2"}
     if fault == "forward":
-        faults["FAULT_FORWARD_ERROR"] = "1:3"
-        injected, last_logged = "injected forward failure on rank 1 at step 3", 2
+        faults["FAULT_FORWARD_ERROR"] = "1:4"
+        injected, last_logged = "injected forward failure on rank 1 at step 4", 3
     else:
         faults["FAULT_GATHER_ERROR"] = "0"
         injected, last_logged = "injected failure inside the gather on rank 0", 3  # validation after step 3
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ENTRY),
            *args(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=6", "trainer.test_freq=3",
                  "trainer.max_val_samples=2", "generation.max_new_tokens=2")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(**faults), capture_output=True, text=True, timeout=BOUND_S)
-    text = proc.stdout + proc.stderr
+    log_file = tmp_path / "job.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env(**faults), stdout=out, stderr=subprocess.STDOUT, timeout=BOUND_S)
+    text = log_file.read_text()
     assert proc.returncode != 0
     assert injected in text, text[-4000:]
     assert "step 2: non-finite loss on some rank; update skipped on every rank (1 so far)" in text, text[-4000:]
     metrics = read_metrics(run_dir)
     assert metrics[2]["train/skipped_steps"] == 1.0 and metrics[1]["train/skipped_steps"] == 0.0
     assert max(metrics) == last_logged  # nothing trained past the failure
+    # A log people read in a file: no bar redrawn with carriage returns, and every sample block
+    # and metric line at the start of a line (what `grep '^=== Validation Samples'` needs).
+    assert "\r" not in text
+    for marker in ("=== Validation Samples (Step", "step 1: train/", "step 3: train/", "step 3: val/"):
+        assert marker in text or (marker.startswith("===") and fault == "gather"), marker
+        assert text.count(marker) == text.count("\n" + marker), marker
+    if fault == "forward":
+        assert "=== Validation Samples (Step 3) ===" in text.splitlines()

@@ -101,6 +101,28 @@ def test_latest_complete_checkpoint_and_tmp_never_read(tmp_path):
     assert latest_checkpoint(run) == run / "global_step_2"  # the pointer wins when complete
 
 
+def test_pruning_keeps_the_newest_by_write_order_and_never_the_one_just_written(tmp_path):
+    import os
+
+    from trainer.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    # A run that reached steps 10, 20 and 30, then resumed from step 10 (resume_from_path) and
+    # has just written step 12: by step number 12 would be the one to go.
+    for t, step in enumerate((10, 20, 30, 12)):
+        d = make_step(run, step)
+        os.utime(d / "trainer_state.json", ns=(10**18 + t * 10**9,) * 2)
+    ckpt = Checkpointer(run, save_freq=2, max_to_keep=2, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
+    ckpt._prune(run / "global_step_12")
+    assert sorted(p.name for p in run.iterdir()) == ["global_step_12", "global_step_30"]
+    # The one just written stays even when its file times say otherwise (a clock step back).
+    make_step(run, 14)
+    os.utime(run / "global_step_14" / "trainer_state.json", ns=(1, 1))
+    ckpt.max_to_keep = 1
+    ckpt._prune(run / "global_step_14")
+    assert sorted(p.name for p in run.iterdir()) == ["global_step_14"]
+
+
 # ---------------------------------------------------------------------- Hugging Face directories
 @pytest.fixture(scope="module")
 def trained_state(tiny_model):
