@@ -147,13 +147,17 @@ class DataConfig:
 # ----------------------------------------------------------------------------- model
 @dataclass
 class FSDPConfig:
-    param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", "auto")
+    param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16 (fp16 is refused: it needs loss scaling).", "auto")
     reduce_dtype: str = doc("Gradient reduction dtype: `auto` (fp32), fp32, bf16.", "auto")
     cpu_offload: bool = doc("Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).", False)
     reshard_after_forward: bool = doc("Free gathered parameters after forward (saves memory, costs an all-gather in backward).", True)
 
     def check(self) -> None:
-        _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16", "fp16"))
+        # fp16 gradients underflow without a (sharded) grad scaler, which this trainer does not
+        # run; verl's FSDP workers train in bf16 too. Refused rather than silently lossy.
+        _require(self.param_dtype != "fp16", "model.fsdp_config.param_dtype",
+                 "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory) or fp32")
+        _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16"))
         _one_of(self.reduce_dtype, "model.fsdp_config.reduce_dtype", ("auto", "fp32", "bf16"))
 
 

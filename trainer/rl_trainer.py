@@ -52,6 +52,7 @@ from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers import core_algos
 from workers.actor import (
+    CRITIC_MODEL_KWARGS,
     RolloutBatch,
     UpdateSettings,
     build_rollout_batch,
@@ -149,7 +150,8 @@ class RLTrainer:
             self.reference = self._build(spec=spec).eval().requires_grad_(False)
         self.critic = self.critic_optimizer = None
         if cfg.algorithm.adv_estimator == "gae":
-            self.critic = self._build(auto_class=AutoModelForTokenClassification, num_labels=1)
+            self.critic = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+                                      auto_class=AutoModelForTokenClassification, **CRITIC_MODEL_KWARGS)
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:
                 group["lr"] = cfg.critic.lr
