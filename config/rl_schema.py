@@ -255,6 +255,7 @@ class RLConfig:
                         self.trainer, self.samples):
             section.check()
         self.data.check(world_size)
+        self.model.fsdp_config.check_world(world_size)
         self.logging.sample_logging.check()
         if self.algorithm.adv_estimator == "gae" and self.algorithm.name != "ppo":
             raise ConfigError("algorithm.adv_estimator: gae needs a critic, which only algorithm.name=ppo trains")

@@ -105,7 +105,8 @@ class FSDPSFTTrainer:
         torch.manual_seed(cfg.trainer.seed)
         self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
         self.model = self._build_model(ShardingSpec(
-            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward
+            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward,
+            cfg.model.fsdp_config.fsdp_size,
         ))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)

@@ -139,7 +139,7 @@ class RLTrainer:
         torch.manual_seed(cfg.trainer.seed)
         fsdp = cfg.model.fsdp_config
         self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
-        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward)
+        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward, fsdp.fsdp_size)
         self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing)
         self.optimizer = build_optimizer(self.actor, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)

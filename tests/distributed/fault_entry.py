@@ -59,14 +59,14 @@ def install() -> None:
 
     gather_rank = os.environ.get("FAULT_GATHER_ERROR")
     if gather_rank is not None:
-        original_gather = replica.gather_full_state_dict
+        original_gather = replica.gather_full_state_dict_as
 
-        def gather(model):
+        def gather(model, dtype):
             if dist.get_rank() == int(gather_rank):
                 raise RuntimeError(f"injected failure inside the gather on rank {dist.get_rank()}")
-            return original_gather(model)
+            return original_gather(model, dtype)
 
-        replica.gather_full_state_dict = gather
+        replica.gather_full_state_dict_as = gather
 
 
 if __name__ == "__main__":

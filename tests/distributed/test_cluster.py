@@ -112,7 +112,9 @@ def test_two_nodes_preempted_by_sigterm_resume_and_export_the_weights_of_one_nod
 def test_a_failure_on_one_rank_ends_every_rank(tiny_model, tiny_data, tmp_path, fault):
     """A NaN loss on one rank skips the step on both; then an error on one rank (a forward on
     rank 1 after the first validation, or inside the generation copy's gather on rank 0) ends
-    the whole run with that error. stdout and stderr go to one file, as under Slurm or nohup."""
+    the whole run with that error. stdout and stderr go to one file, as under Slurm or nohup.
+    The parameters are offloaded to the host (cpu_offload): clipping and the generation copy's
+    gather then run on CPU tensors, as they do over `cpu:gloo,cuda:nccl` on GPUs."""
     run_dir = tmp_path / "run"
     faults = {"FAULT_NAN_LOSS": "1:2"}
     if fault == "forward":
@@ -123,7 +125,7 @@ def test_a_failure_on_one_rank_ends_every_rank(tiny_model, tiny_data, tmp_path, 
         injected, last_logged = "injected failure inside the gather on rank 0", 3  # validation after step 3
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ENTRY),
            *args(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=6", "trainer.test_freq=3",
-                 "trainer.max_val_samples=2", "generation.max_new_tokens=2")]
+                 "trainer.max_val_samples=2", "generation.max_new_tokens=2", "model.fsdp_config.cpu_offload=true")]
     log_file = tmp_path / "job.log"
     with open(log_file, "w") as out:
         proc = subprocess.run(cmd, cwd=tmp_path, env=env(**faults), stdout=out, stderr=subprocess.STDOUT, timeout=BOUND_S)
