@@ -5,7 +5,7 @@ read here only (test code):
 
     FAULT_NAN_LOSS=RANK:STEP         that rank's loss is NaN in that step (1-based)
     FAULT_FORWARD_ERROR=RANK:STEP    that rank's forward raises in that step
-    FAULT_GATHER_ERROR=RANK          that rank raises inside the generation copy's gather
+    FAULT_GATHER_ERROR=RANK:CALL     that rank raises inside its CALL-th gather of the generation copy
     FAULT_HOLD_AT=STEP:MARKER        rank 0 writes MARKER (its agent's pid) before that step and
                                      waits there until it has received SIGTERM
 """
@@ -57,13 +57,15 @@ def install() -> None:
 
     sft.FSDPSFTTrainer.train_step = train_step
 
-    gather_rank = os.environ.get("FAULT_GATHER_ERROR")
+    gather_rank, gather_call = _rank_step("FAULT_GATHER_ERROR")
     if gather_rank is not None:
         original_gather = replica.gather_full_state_dict_as
+        calls = [0]
 
         def gather(model, dtype):
-            if dist.get_rank() == int(gather_rank):
-                raise RuntimeError(f"injected failure inside the gather on rank {dist.get_rank()}")
+            calls[0] += 1
+            if dist.get_rank() == gather_rank and calls[0] == gather_call:
+                raise RuntimeError(f"injected failure inside the gather on rank {dist.get_rank()} (gather {calls[0]})")
             return original_gather(model, dtype)
 
         replica.gather_full_state_dict_as = gather
