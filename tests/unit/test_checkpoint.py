@@ -123,6 +123,21 @@ def test_pruning_keeps_the_newest_by_write_order_and_never_the_one_just_written(
     assert sorted(p.name for p in run.iterdir()) == ["global_step_14"]
 
 
+def test_resume_from_outside_the_run_directory_says_where_from(tmp_path, caplog):
+    import logging
+
+    from trainer.checkpoint import Checkpointer
+
+    elsewhere = make_step(tmp_path / "other_run", 4)
+    ckpt = Checkpointer(tmp_path / "run", save_freq=2, max_to_keep=None, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint"):
+        assert ckpt.agree_on_resume("auto", str(elsewhere)) == elsewhere
+    assert f"resuming from {elsewhere}, outside the run directory" in caplog.text
+    assert ckpt.agree_on_resume("auto", None) is None  # nothing in the run directory yet
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        ckpt.agree_on_resume("auto", str(tmp_path / "missing"))
+
+
 # ---------------------------------------------------------------------- Hugging Face directories
 @pytest.fixture(scope="module")
 def trained_state(tiny_model):
