@@ -360,9 +360,11 @@ class RLTrainer:
         """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
         path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
         self.tracking.close()
+        self.preemption.restore()
         raise Preempted(self.step, path)
 
     def finish(self) -> None:
+        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
         self._log_val_change()
         if self.cfg.trainer.export_hf_model:
             self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model")

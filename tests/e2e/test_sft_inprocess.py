@@ -95,3 +95,16 @@ def test_total_training_steps_is_an_early_exit_and_the_schedule_spans_the_epochs
     for index in range(2):
         trainer.train_step(trainer.batches.micro_batches(0, index))
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 12)))
+
+
+def test_sigterm_is_handled_during_fit_only(tiny_model, tiny_data, tmp_path):
+    """While a trainer runs, SIGTERM asks for a checkpoint and a stop; once it is done, the
+    caller's own handler is back (an API user's process must still stop on SIGTERM)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_training_steps=1", "trainer.max_val_samples=0",
+                           "trainer.export_hf_model=false", "samples.report=false")
+    assert signal.getsignal(signal.SIGTERM) == trainer.preemption._on_signal
+    trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) == before
