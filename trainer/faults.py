@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from config.schema import ConfigError
+from trainer.distributed import broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def check_shared_run_dir(run_dir: Path, key: str = "trainer.default_local_dir") 
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f"{PROBE_PREFIX}{token}"
         probe.write_text(token)
-    token = broadcast_from_primary(token)
+    token = broadcast_object(token)
     mine = run_dir / f"{PROBE_PREFIX}{token}"
     try:
         seen = mine.read_text() == token
@@ -86,12 +87,6 @@ def check_shared_run_dir(run_dir: Path, key: str = "trainer.default_local_dir") 
 
 
 # ---------------------------------------------------------------------- decisions made once
-def broadcast_from_primary(value: T) -> T:
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def decided_by_primary(decide: Callable[[], T]) -> T:
     """Collective. Rank 0 runs `decide`; every rank returns its result, or raises the same
     user error (one line) if it raised one. Ranks that decide alone (reading a directory each)
@@ -103,7 +98,7 @@ def decided_by_primary(decide: Callable[[], T]) -> T:
         except (ConfigError, FileNotFoundError) as err:
             outcome = (type(err).__name__, str(err))
     if dist.is_initialized() and dist.get_world_size() > 1:
-        outcome = broadcast_from_primary(outcome)
+        outcome = broadcast_object(outcome)
     kind, value = outcome
     if kind == "ok":
         return value  # type: ignore[return-value]
