@@ -368,8 +368,8 @@ class Checkpointer:
         only) and then some would enter the load's collectives while others start training."""
         path = decided_by_primary(lambda: self.resolve_resume(mode, resume_from_path))
         if path is not None and self.rank == 0 and self.run_dir.resolve() not in path.resolve().parents:
-            log.info("resuming from %s, outside the run directory %s (a checkpoint's .metadata is unpickled on load: "
-                     "resume only from checkpoints you trust)", path, self.run_dir)
+            log.info("the checkpoint to resume, %s, is outside the run directory %s (a checkpoint's .metadata is "
+                     "unpickled on load: resume only from checkpoints you trust)", path, self.run_dir)
         return path
 
     # ------------------------------------------------------------------ the end of a run

@@ -132,7 +132,7 @@ def test_resume_from_outside_the_run_directory_says_where_from(tmp_path, caplog)
     ckpt = Checkpointer(tmp_path / "run", save_freq=2, max_to_keep=None, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
     with caplog.at_level(logging.INFO, logger="trainer.checkpoint"):
         assert ckpt.agree_on_resume("auto", str(elsewhere)) == elsewhere
-    assert f"resuming from {elsewhere}, outside the run directory" in caplog.text
+    assert f"the checkpoint to resume, {elsewhere}, is outside the run directory {tmp_path / 'run'}" in caplog.text
     assert ckpt.agree_on_resume("auto", None) is None  # nothing in the run directory yet
     with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
         ckpt.agree_on_resume("auto", str(tmp_path / "missing"))
