@@ -7,6 +7,8 @@ wrong types fail naming the key), runs the value checks, and reports where value
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Type, TypeVar
@@ -124,6 +126,33 @@ def redact(value: Any, name: str = "") -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v, name) for v in value]
     return value
+
+
+_URI_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """`scheme://user:token@host` -> `scheme://***@host`, wherever it appears in `text` (a
+    tracker URI in a log line or in an exception's message)."""
+    return _URI_CREDENTIALS.sub(r"\1***@", text)
+
+
+class _RedactCredentials(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_credentials(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def redact_log_credentials(logger: logging.Logger) -> None:
+    """Every line `logger`'s handlers write, without the credentials of a URI in it: the root
+    logger's (ours and most libraries'), and those of libraries with their own handler (MLflow
+    names its tracking URI in its lines)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, _RedactCredentials) for f in handler.filters):
+            handler.addFilter(_RedactCredentials())
 
 
 def format_config(typed: Any, from_env: Mapping[str, str]) -> str:

@@ -255,6 +255,7 @@ class RLConfig:
                         self.trainer, self.samples):
             section.check()
         self.data.check(world_size)
+        self.model.fsdp_config.check_world(world_size)
         self.logging.sample_logging.check()
         # The model section is SFT's; these of its keys are SFT-only so far (never silently ignored).
         for key, asks_nothing in (("ulysses_sequence_parallel_size", 1), ("use_remove_padding", False), ("use_liger", False)):

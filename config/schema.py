@@ -147,14 +147,25 @@ class DataConfig:
 # ----------------------------------------------------------------------------- model
 @dataclass
 class FSDPConfig:
-    param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.", "auto")
+    param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16 (fp16 is refused: it needs loss scaling).", "auto")
     reduce_dtype: str = doc("Gradient reduction dtype: `auto` (fp32), fp32, bf16.", "auto")
     cpu_offload: bool = doc("Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).", False)
     reshard_after_forward: bool = doc("Free gathered parameters after forward (saves memory, costs an all-gather in backward).", True)
+    fsdp_size: int = doc(
+        "Ranks one model is sharded over (verl's key): -1 all ranks (FSDP); k: HSDP, sharded within groups of k consecutive "
+        "ranks and replicated across them (multi-node: the GPUs per node). Must divide the number of processes.", -1)
 
     def check(self) -> None:
-        _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16", "fp16"))
+        # fp16 gradients underflow without a (sharded) grad scaler, which this trainer does not
+        # run; verl's FSDP workers train in bf16 too. Refused rather than silently lossy.
+        _require(self.param_dtype != "fp16", "model.fsdp_config.param_dtype",
+                 "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory) or fp32")
+        _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16"))
         _one_of(self.reduce_dtype, "model.fsdp_config.reduce_dtype", ("auto", "fp32", "bf16"))
+
+    def check_world(self, world_size: int) -> None:
+        _require(self.fsdp_size == -1 or (self.fsdp_size > 0 and world_size % self.fsdp_size == 0),
+                 "model.fsdp_config.fsdp_size", f"got {self.fsdp_size}: must be -1 (all ranks) or divide the {world_size} processes")
 
 
 @dataclass
@@ -441,6 +452,7 @@ class SFTConfig:
         self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
         self.data.check()
         self.model.check()
+        self.model.fsdp_config.check_world(world_size)
         self.optim.check()
         self.generation.check()
         self.trainer.check()

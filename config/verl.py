@@ -433,6 +433,7 @@ PPO_KEYS: tuple[VerlKey, ...] = (
           convert=_dtype(f"{ARA}.actor.fsdp_config.mixed_precision.reduce_dtype")),
     Refused(f"{ARA}.actor.fsdp_config.mixed_precision.buffer_dtype", None, allowed=("fp32", "float32"),
             reason="buffers stay fp32 here"),
+    Alias(f"{ARA}.actor.fsdp_config.fsdp_size", -1, target="model.fsdp_config.fsdp_size"),
     Inert(f"{ARA}.actor.fsdp_config.forward_prefetch", False, reason=FSDP1),
     Inert(f"{ARA}.actor.fsdp_config.use_orig_params", False, reason=FSDP1),
     Inert(f"{ARA}.actor.fsdp_config.wrap_policy.min_num_params", 0, reason="FSDP2 shards each decoder layer, then the root"),

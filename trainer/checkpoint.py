@@ -18,8 +18,9 @@ What is saved and what a resume restores are `trainer.checkpoint.save_contents` 
 the step and marks the checkpoint complete.
 
 Everything is written under `<name>.tmp` and renamed into place by rank 0 after every rank has
-finished, so a crash never leaves a checkpoint that looks complete. All loads are
-`weights_only=True`: nothing is unpickled.
+finished, so a crash never leaves a checkpoint that looks complete. The RNG files are read with
+`weights_only=True`, but DCP reads each checkpoint's `.metadata` with pickle: load only
+checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config.schema import CheckpointConfig, ConfigError
+from trainer.faults import decided_by_primary
 from workers.fsdp import gather_full_state_dict
 from workers.lora import ADAPTER_CONFIG, LoraSpec, peft_model_on_meta, write_adapter_config
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
@@ -252,6 +254,7 @@ class Checkpointer:
     def __post_init__(self) -> None:
         self.save_contents = list(self.contents.save_contents)
         self.load_contents = self.contents.effective_load_contents()
+        self.last_saved_step: Optional[int] = None
 
     # ------------------------------------------------------------------ when
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -328,15 +331,21 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             _write_atomic(self.run_dir / POINTER, str(step))
-            self._prune()
+            self._prune(final)
         dist.barrier()
+        self.last_saved_step = step
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, just_written: Path) -> None:
+        """Keep the newest `max_to_keep` checkpoints by write order (when trainer_state.json was
+        written), never the one just written. By step number, a run resumed from an older step
+        in a folder with newer checkpoints would delete its own new checkpoint."""
         if not self.max_to_keep:
             return
-        complete = self.complete_checkpoints()
-        for old in complete[: -self.max_to_keep]:
+        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written]
+        by_write = sorted(complete, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(_STEP_DIR.match(p.name).group(1))))
+        for old in by_write[: max(len(by_write) - (self.max_to_keep - 1), 0)]:
+            log.info("removing old checkpoint %s (trainer.max_ckpt_to_keep=%d)", old, self.max_to_keep)
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
@@ -394,6 +403,16 @@ class Checkpointer:
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
             return path
         return self.latest()
+
+    def agree_on_resume(self, mode: str, resume_from_path: Optional[str]) -> Optional[Path]:
+        """Collective. Rank 0 decides what to resume (`resolve_resume`) and every rank gets its
+        answer: ranks that looked for themselves could disagree (a checkpoint visible on one node
+        only) and then some would enter the load's collectives while others start training."""
+        path = decided_by_primary(lambda: self.resolve_resume(mode, resume_from_path))
+        if path is not None and self.rank == 0 and self.run_dir.resolve() not in path.resolve().parents:
+            log.info("the checkpoint to resume, %s, is outside the run directory %s (a checkpoint's .metadata is "
+                     "unpickled on load: resume only from checkpoints you trust)", path, self.run_dir)
+        return path
 
     # ------------------------------------------------------------------ the end of a run
     def export_hf_model(self, model: torch.nn.Module, out_dir: Path, merged_dir: Optional[Path] = None) -> Optional[Path]:

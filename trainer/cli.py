@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from transformers.utils import logging as transformers_logging
 
-from config.loading import Resolved, format_config
+from config.loading import Resolved, format_config, redact_log_credentials
 from config.schema import ConfigError
 from trainer.data import DataError
+from trainer.distributed import teardown
+from trainer.faults import PREEMPTED_EXIT_CODE, Preempted
+from trainer.progress import line_buffered_stdout
 from trainer.tracking import TrackerUnavailable, Tracking
 from workers.model import ModelLoadError
 from workers.rewards import RewardError
@@ -66,6 +69,8 @@ def setup_logging(level: int, rank: int) -> None:
         stream=sys.stderr,
         force=True,
     )
+    redact_log_credentials(logging.getLogger())
+    line_buffered_stdout()
     for noisy in ("httpx", "urllib3", "filelock", "alembic", "git", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     transformers_logging.disable_progress_bar()
@@ -76,9 +81,23 @@ def user_errors_exit(rank: int) -> Iterator[None]:
     try:
         yield
     except USER_ERRORS as err:
-        if rank == 0:  # every rank hits the same error; say it once
-            print(f"error: {err}", file=sys.stderr)
+        # Every rank hits the same error; say it once, unless each node's log needs it.
+        if rank == 0 or getattr(err, "report_on_every_rank", False):
+            print(f"error: {err}" if rank == 0 else f"[rank {rank}] error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextlib.contextmanager
+def preempted_exit(rank: int) -> Iterator[None]:
+    """A run stopped on SIGTERM (checkpoint written) ends its process with exit code 143, as a
+    process killed by SIGTERM would, so scripts and schedulers do not take it for a finished run."""
+    try:
+        yield
+    except Preempted as stop:
+        if rank == 0:
+            log.warning("%s", stop)
+        teardown()
+        exit_now(PREEMPTED_EXIT_CODE)
 
 
 def announce_config(resolved: Resolved, rank: int) -> None:
@@ -109,7 +128,7 @@ def finish_run(run_dir: Path, tracking: Tracking, report: Optional["LiveReport"]
     tracking.close()
 
 
-def exit_now() -> None:
+def exit_now(code: int = 0) -> None:
     """End a finished run's process here, after the process group is destroyed and the trackers
     closed: exit hooks run as usual, interpreter finalisation does not.
 
@@ -120,4 +139,4 @@ def exit_now() -> None:
     atexit._run_exitfuncs()  # trackers' and callers' exit hooks (also flushes logging)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

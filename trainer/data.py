@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -55,30 +56,42 @@ def read_rows(path: str, columns: Sequence[str], key: str, optional: Sequence[st
         raise DataError(f"{key}: file not found: {path}")
     suffix = file.suffix.lower()
     if suffix == ".parquet":
-        schema_names = pq.read_schema(file).names
-        missing = [c for c in columns if c not in schema_names]
-        if missing:
-            raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
-        table = pq.read_table(file, columns=list(columns) + [c for c in optional if c in schema_names and c not in columns])
+        try:
+            schema_names = pq.read_schema(file).names
+            missing = [c for c in columns if c not in schema_names]
+            if missing:
+                raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
+            table = pq.read_table(file, columns=list(columns) + [c for c in optional if c in schema_names and c not in columns])
+        except (pa.ArrowException, OSError) as err:  # not parquet, truncated, a corrupt page
+            raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         return [Row(path, i, values) for i, values in enumerate(table.to_pylist())]
     if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(file, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: row {line_no}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}: row {line_no}: expected a JSON object, got {type(record).__name__}")
-                for c in columns:
-                    if c not in record:
-                        raise DataError(f"{path}: row {line_no}: column {c!r} not found")
-                rows.append(Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}))
-        return rows
+        return _read_jsonl(file, path, columns, optional)
     raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
+
+
+def _read_jsonl(file: Path, path: str, columns: Sequence[str], optional: Sequence[str]) -> list[Row]:
+    """Rows of a JSONL file (one JSON object per line); the error names the file and row."""
+    rows = []
+    with open(file, "rb") as handle:
+        for line_no, raw in enumerate(handle):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: row {line_no}: not UTF-8 text (a JSONL file is one JSON object per line)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {line_no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: row {line_no}: expected a JSON object, got {type(record).__name__}")
+            for c in columns:
+                if c not in record:
+                    raise DataError(f"{path}: row {line_no}: column {c!r} not found")
+            rows.append(Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}))
+    return rows
 
 
 def dig(row: Row, column: str, dict_keys: Optional[Sequence[str]]) -> Any:

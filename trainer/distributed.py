@@ -39,7 +39,10 @@ def init_distributed(env: DistEnv, device_setting: str, timeout_seconds: int = 1
     """
     device = pick_device(device_setting, env.local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # On GPUs, CPU tensors get gloo: offloaded gradients (clip_grad_norm_, the full-model
+        # gather with cpu_offload; pytorch#148532) and the per-step SIGTERM flag. torchtitan's
+        # `cpu:gloo,cuda:nccl` (torchtitan/distributed/utils.py, init_distributed).
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_seconds)
         if env.launched:
             dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)

@@ -23,18 +23,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from config import env as env_config
 from config.loading import redact, resolve, to_dict
 from config.schema import SFTConfig
 from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import (
+    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+)
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.progress import progress
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers import liger, sequence_parallel
@@ -101,6 +104,8 @@ class FSDPSFTTrainer:
         self.device = dist_ctx.device
         self.run_dir = Path(cfg.trainer.default_local_dir)
         self.from_env = from_env or {}
+        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        self.preemption = PreemptionWatch()
 
         # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
         check_available(cfg.trainer.logger)
@@ -130,7 +135,8 @@ class FSDPSFTTrainer:
             check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
         self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
         self.model = self._build_model(ShardingSpec(
-            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward
+            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward,
+            cfg.model.fsdp_config.fsdp_size,
         ))
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)
@@ -189,7 +195,7 @@ class FSDPSFTTrainer:
         return model
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
@@ -217,9 +223,7 @@ class FSDPSFTTrainer:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(self.cfg)))
         steps_per_epoch = self.batches.steps_per_epoch
-        # In a log file (no terminal) a bar redrawn every step would bury the samples.
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc="train",
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        bar = progress(self.total_steps, self.step, "train", enabled=self.dist.is_primary)
         while self.step < self.total_steps:
             metrics = self.train_step(self.batches.micro_batches(self.epoch, self.batch_in_epoch))
             self.step += 1
@@ -235,6 +239,9 @@ class FSDPSFTTrainer:
                 self.validate()
             if self.checkpointer.should_save(self.step, last):
                 self.save_checkpoint()
+            if not last and self.preemption.requested():
+                bar.close()
+                self.stop_preempted()
         bar.close()
         self.finish()
 
@@ -243,12 +250,15 @@ class FSDPSFTTrainer:
         self.model.train()
         loss_total, real_tokens, padded_tokens = self.accumulate_gradients(micro_batches)
         grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
-        if torch.isfinite(grad_norm):
+        all_reduce_sum(loss_total)
+        # Both are global (a sum and a norm over all ranks): a NaN on one rank skips the step on every rank.
+        if torch.isfinite(grad_norm) and torch.isfinite(loss_total):
             self.optimizer.step()
             self.scheduler.step()
-        else:  # the norm is global, so every rank skips alike
+        else:
             self.skipped_steps += 1
-            log.warning("step %d: non-finite gradient norm; update skipped (%d so far)", self.step + 1, self.skipped_steps)
+            log.warning("step %d: non-finite %s on some rank; update skipped on every rank (%d so far)", self.step + 1,
+                        "loss" if not torch.isfinite(loss_total) else "gradient norm", self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
         return {
             "train/loss": loss_total,
@@ -338,10 +348,14 @@ class FSDPSFTTrainer:
         }
 
     def log_validation_samples(self) -> None:
-        """All ranks take part in the gather; rank 0 alone generates; the others wait."""
+        """All ranks take part in the gather; rank 0 alone generates; the others wait.
+
+        The gather is a collective, so it stays outside the `try`: a rank failing inside it must
+        end the run, not go on to the barrier while the others are in the next all-gather (a hang).
+        What rank 0 then does alone may fail and only warn."""
+        start = time.perf_counter()
+        model = self.replica.refresh(self.model)
         try:
-            start = time.perf_counter()
-            model = self.replica.refresh(self.model)
             if self.dist.is_primary:
                 gather_s = time.perf_counter() - start
                 prompts: list[str] = []
@@ -365,7 +379,7 @@ class FSDPSFTTrainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints and the end
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         state = {
             "global_step": self.step,
             "epoch": self.epoch,
@@ -374,8 +388,17 @@ class FSDPSFTTrainer:
         }
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, state)
         log.info("saved checkpoint %s", path)
+        return path
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
+        path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
+        self.tracking.close()
+        self.preemption.restore()
+        raise Preempted(self.step, path)
 
     def finish(self) -> None:
+        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
         if self.cfg.trainer.export_hf_model:
             merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
             self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model", merged)
@@ -392,7 +415,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
-    trainer.fit()
+    with preempted_exit(denv.rank):
+        trainer.fit()
     teardown()
 
 

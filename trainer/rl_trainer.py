@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from tqdm import tqdm
 from transformers import AutoModelForTokenClassification
 
 from config import env as env_config
@@ -40,16 +39,21 @@ from config.loading import redact, resolve, to_dict
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
 from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import announce_config, exit_now, finish_run, normalize_config_path, setup_logging, user_errors_exit
+from trainer.cli import (
+    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+)
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
+from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.progress import progress
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers import core_algos
 from workers.actor import (
+    CRITIC_MODEL_KWARGS,
     RolloutBatch,
     UpdateSettings,
     build_rollout_batch,
@@ -112,6 +116,8 @@ class RLTrainer:
         self.dist = dist_ctx
         self.device = dist_ctx.device
         self.run_dir = Path(cfg.trainer.default_local_dir)
+        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        self.preemption = PreemptionWatch()
         check_registries(cfg)
         check_available(cfg.trainer.logger)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
@@ -135,7 +141,7 @@ class RLTrainer:
         torch.manual_seed(cfg.trainer.seed)
         fsdp = cfg.model.fsdp_config
         self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
-        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward)
+        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward, fsdp.fsdp_size)
         self.lora = LoraSpec.from_model_config(cfg.model)
         if self.lora is not None:
             check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
@@ -153,7 +159,8 @@ class RLTrainer:
             self.reference = self._build(spec=spec).eval().requires_grad_(False)
         self.critic = self.critic_optimizer = None
         if cfg.algorithm.adv_estimator == "gae":
-            self.critic = self._build(auto_class=AutoModelForTokenClassification, num_labels=1)
+            self.critic = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+                                      auto_class=AutoModelForTokenClassification, **CRITIC_MODEL_KWARGS)
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:
                 group["lr"] = cfg.critic.lr
@@ -202,7 +209,7 @@ class RLTrainer:
         return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
 
     def _resume(self) -> None:
-        path = self.checkpointer.resolve_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return
         state = self.checkpointer.load(path, self.actor, self.optimizer, self.scheduler, self._extra())
@@ -213,8 +220,7 @@ class RLTrainer:
     def fit(self) -> None:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(self.cfg)))
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_primary, desc=self.cfg.algorithm.name,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        bar = progress(self.total_steps, self.step, self.cfg.algorithm.name, enabled=self.dist.is_primary)
         if self.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
             self.validate()  # the starting point, to compare against
         while self.step < self.total_steps:
@@ -234,6 +240,9 @@ class RLTrainer:
                 self.log_samples(stage)
             if self.checkpointer.should_save(self.step, last):
                 self.save_checkpoint()
+            if not last and self.preemption.requested():
+                bar.close()
+                self.stop_preempted()
         bar.close()
         if self.cfg.logging.sample_logging.enabled:
             self.log_samples("post-train")
@@ -342,11 +351,12 @@ class RLTrainer:
         log.info("held-out rewards (%s), step %d -> %d: %s", mode, first_step, last_step, changes)
 
     def log_samples(self, stage: str) -> None:
-        """All ranks take part in the gather; rank 0 generates from its copy; the others wait."""
+        """All ranks take part in the gather; rank 0 generates from its copy; the others wait.
+        The gather (a collective) is outside the `try`: see FSDPSFTTrainer.log_validation_samples."""
         sl = self.cfg.logging.sample_logging
+        start = time.perf_counter()
+        model = self.replica.refresh(self.actor)
         try:
-            start = time.perf_counter()
-            model = self.replica.refresh(self.actor)
             if self.dist.is_primary:
                 texts = sl.effective_prompts[: sl.effective_num_samples]
                 prompt_ids = encode_prompts(self.tokenizer, texts)
@@ -361,12 +371,21 @@ class RLTrainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ checkpoints and the end
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
         path = self.checkpointer.save(self.step, self.actor, self.optimizer, self.scheduler, state, self._extra())
         log.info("saved checkpoint %s", path)
+        return path
+
+    def stop_preempted(self) -> None:
+        """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
+        path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
+        self.tracking.close()
+        self.preemption.restore()
+        raise Preempted(self.step, path)
 
     def finish(self) -> None:
+        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
         self._log_val_change()
         if self.cfg.trainer.export_hf_model:
             merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
@@ -388,7 +407,8 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = RLTrainer(resolved.config, ctx)
-    trainer.fit()
+    with preempted_exit(denv.rank):
+        trainer.fit()
     teardown()
 
 

@@ -94,6 +94,12 @@ def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature:
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+# The value head's model: one output per token and no dropout, so training-mode values match the
+# eval-mode ones they are clipped against (HF's token-classification head keeps dropout 0.1 by
+# default). verl sets the same in its critic worker (fsdp_workers.py, _build_critic_model_optimizer).
+CRITIC_MODEL_KWARGS = {"num_labels": 1, "classifier_dropout": 0.0, "hidden_dropout": 0.0}
+
+
 def response_values(critic: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
     """A token-classification model with one label: the value of the state before each token."""
     return _response_logits(critic, batch).float().squeeze(-1)
@@ -192,12 +198,25 @@ def update_policy(
             skipped += not finite
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
     steps = settings.ppo_epochs * settings.mini_batches
-    out = {f"actor/{k}": v / counts for k, v in sums.items() if k != "grad_norm"}
-    # pg_loss was summed over micro-batches of a mini-batch (each a share of its loss).
-    out["actor/pg_loss"] = sums.get("pg_loss", 0.0) / steps
-    out["actor/grad_norm"] = sums.get("grad_norm", 0.0) / steps
+    grad_norm_sum = sums.pop("grad_norm", 0.0)  # already global: the same on every rank
+    out = {f"actor/{k}": v for k, v in global_means(sums, counts, steps, shares=("pg_loss", "kl_loss"), device=device).items()}
+    out["actor/grad_norm"] = grad_norm_sum / steps
     out["actor/skipped_updates"] = float(skipped)
     return out
+
+
+def global_means(sums: dict[str, float], counts: int, steps: int, shares: Sequence[str], device: torch.device) -> dict[str, float]:
+    """Collective. The logged value of each metric over all ranks, so it does not change with the
+    number of GPUs. `shares` are each rank's share of a globally normalised loss (summed over its
+    micro-batches): their sum over ranks is the loss, averaged over the `steps` optimizer steps.
+    The others are per-micro-batch means: averaged over every rank's micro-batches."""
+    keys = sorted(sums)  # the same keys on every rank (same loss functions), in the same order
+    totals = torch.tensor([sums[k] for k in keys] + [float(counts)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    values = totals.tolist()
+    all_counts = max(values[-1], 1.0)
+    return {k: v / steps if k in shares else v / all_counts for k, v in zip(keys, values)}
 
 
 def update_critic(
@@ -230,4 +249,5 @@ def update_critic(
             grad_norm, _ = _optimizer_step(critic, optimizer, None, settings.clip_grad)
             grad_norm_sum += float(grad_norm)
     steps = settings.ppo_epochs * settings.mini_batches
-    return {"critic/vf_loss": loss_sum / steps, "critic/vf_clipfrac": clipfrac_sum / counts, "critic/grad_norm": grad_norm_sum / steps}
+    means = global_means({"vf_loss": loss_sum, "vf_clipfrac": clipfrac_sum}, counts, steps, shares=("vf_loss",), device=device)
+    return {"critic/vf_loss": means["vf_loss"], "critic/vf_clipfrac": means["vf_clipfrac"], "critic/grad_norm": grad_norm_sum / steps}

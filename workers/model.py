@@ -123,6 +123,12 @@ def load_pretrained(
 ) -> torch.nn.Module:
     auto_class = auto_class or AutoModelForCausalLM
     try:
+        if model_kwargs:  # config attributes (num_labels, classifier_dropout): set on the config, as
+            # build_from_config does; from_pretrained passes attributes its config lacks to __init__.
+            config = load_config(path, trust_remote_code)
+            for key, value in model_kwargs.items():
+                setattr(config, key, value)
+            model_kwargs = {"config": config}
         model = auto_class.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **model_kwargs
         )

@@ -1,8 +1,9 @@
 """Rank 0's unsharded copy of a sharded model, for generation and export.
 
-`refresh` is a collective: every rank takes part in the full-state-dict gather, rank 0 loads the
-tensors into its copy, the others get nothing and keep no copy. The copy is built once and kept,
-so later validations pay only the gather. No sharded module is used by rank 0 alone.
+`refresh` is a collective: every rank takes part in the full-state-dict gather (one tensor at a
+time, cast to the copy's dtype), rank 0 loads the tensors into its copy, the others get nothing
+and keep no copy. The copy is built once and kept, so later validations pay only the gather;
+where it lives (GPU or host) is decided again at each refresh. No sharded module is used by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -15,21 +16,29 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
-from workers.fsdp import gather_full_state_dict
+from workers.fsdp import gather_full_state_dict_as
 from workers.lora import LoraSpec, add_adapters
 from workers.model import DTYPES, build_from_config
 
 log = logging.getLogger(__name__)
 
 
-def pick_replica_device(setting: str, train_device: torch.device, param_bytes: int) -> torch.device:
+def fits_on_device(param_bytes: int, free_bytes: int, reusable_bytes: int, own_bytes: int = 0) -> bool:
+    """Room for the copy plus its KV cache and activations (twice its weights)? `free_bytes` is
+    what the driver reports (`mem_get_info`), which counts memory our caching allocator holds
+    but does not use as taken: `reusable_bytes` (reserved - allocated) is free to us too, and
+    so is the copy's own memory (`own_bytes`) when it is already on the device."""
+    return free_bytes + reusable_bytes + own_bytes > 2 * param_bytes
+
+
+def pick_replica_device(setting: str, train_device: torch.device, param_bytes: int, own_bytes: int = 0) -> torch.device:
     if setting == "cpu" or train_device.type != "cuda":
         return torch.device("cpu")
     if setting == "cuda":
         return train_device
     free, _ = torch.cuda.mem_get_info(train_device)
-    # Room for the copy plus its KV cache and activations; otherwise keep it on the host.
-    return train_device if free > 2 * param_bytes else torch.device("cpu")
+    reusable = torch.cuda.memory_reserved(train_device) - torch.cuda.memory_allocated(train_device)
+    return train_device if fits_on_device(param_bytes, free, reusable, own_bytes) else torch.device("cpu")
 
 
 class ModelReplica:
@@ -57,13 +66,17 @@ class ModelReplica:
     def refresh(self, sharded_model: torch.nn.Module) -> Optional[torch.nn.Module]:
         """Collective. Returns the up-to-date full model on rank 0, None elsewhere."""
         start = time.perf_counter()
-        state = gather_full_state_dict(sharded_model)
+        state = gather_full_state_dict_as(sharded_model, self.dtype)
         is_primary = not dist.is_initialized() or dist.get_rank() == 0
         if not is_primary:
             return None
+        # Where the copy lives is decided again at every refresh: the memory training leaves free
+        # changes (the caching allocator grows, other jobs come and go).
+        param_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        current = next(self.model.parameters()).device if self.model is not None else None
+        device = pick_replica_device(self.device_setting, self.train_device, param_bytes,
+                                     own_bytes=param_bytes if current is not None and current.type == "cuda" else 0)
         if self.model is None:
-            param_bytes = sum(t.numel() for t in state.values()) * torch.tensor([], dtype=self.dtype).element_size()
-            device = pick_replica_device(self.device_setting, self.train_device, param_bytes)
             self.model = build_from_config(
                 self.model_config,
                 dtype=self.dtype,
@@ -75,6 +88,9 @@ class ModelReplica:
                 add_adapters(self.model, self.lora, load_weights=False)
             self.model.eval()
             log.debug("built the generation copy on %s in %s", device, self.dtype)
+        elif current != device:
+            self.model.to(device)
+            log.info("generation copy moved from %s to %s (memory on %s changed)", current, device, self.train_device)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         # Tied weights appear under one name only; anything else missing is a real mismatch.
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])

@@ -89,3 +89,23 @@ def test_ppo_two_processes_with_critic_and_kl(tiny_model, rl_data, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     for key, value in AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").state_dict().items():
         assert torch.equal(exported[key], value), key
+
+
+def test_logged_losses_do_not_depend_on_the_number_of_ranks(tiny_model, rl_data, tmp_path):
+    """pg_loss, kl_loss and vf_loss are each rank's share of a globally normalised loss: logged
+    as their sum over ranks, a run on 1 and on 2 processes logs the same values."""
+    extra = ["trainer.total_training_steps=1", "critic.warmup_steps=0", "algorithm.kl_coef=0.05", "trainer.test_freq=-1",
+             "logging.sample_logging.enabled=false", "trainer.export_hf_model=false", "trainer.logger=[file]",
+             "samples.report=false", "data.val_files=null",
+             # One update per step on the whole batch: with more, each rank's mini-batches are drawn
+             # from its own rollouts, a different split of the data than one rank's.
+             "actor.ppo_epochs=1", "actor.mini_batches_per_step=1"]
+    logged = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"ranks{nproc}"
+        # 1 rank: a plain process (no torchrun), the command most users run first.
+        run_module(MODULE, ["--config-name", "ppo_trainer", *rl_args(tiny_model, rl_data, run_dir, *extra)],
+                   nproc=0 if nproc == 1 else nproc)
+        logged[nproc] = read_metrics(run_dir)
+    for key in ("actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/pg_clipfrac", "train/reward_mean"):
+        assert logged[1][1][key] == pytest.approx(logged[2][1][key], rel=1e-4, abs=1e-6), key

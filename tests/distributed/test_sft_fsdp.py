@@ -127,3 +127,19 @@ def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     assert not list(crashed.glob("*.tmp"))
     assert len(list(crashed.glob("global_step_*"))) == 2  # max_ckpt_to_keep
+
+
+def test_hsdp_2x2_trains_like_fsdp_over_4(tiny_model, tiny_data, tmp_path):
+    """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them."""
+    common = ["trainer.total_training_steps=2", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=2",
+              "trainer.test_freq=-1", "trainer.max_val_samples=0", "trainer.export_hf_model=false"]
+    fsdp, hsdp = tmp_path / "fsdp", tmp_path / "hsdp"
+    run_module(MODULE, args(tiny_model, tiny_data, fsdp, *common), nproc=4)
+    proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *common, "model.fsdp_config.fsdp_size=2"), nproc=4)
+    assert "HSDP: 2 replica groups × 2 shards" in proc.stderr
+    a, b = read_metrics(fsdp), read_metrics(hsdp)
+    for step in (1, 2):
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5), step
+        assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4), step
+    # The checkpoint of an HSDP run resumes like any other (its shards are the 2-rank groups').
+    assert (hsdp / "global_step_2" / ".metadata").is_file()

@@ -106,3 +106,16 @@ def test_liger_without_a_gpu_stops_before_the_model_is_built(tiny_model, tiny_da
         make_trainer(tiny_model, tiny_data, tmp_path / "run", "model.use_liger=true")
     message = str(err.value)
     assert message.startswith("model.use_liger=true: ") and "CUDA GPU" in message and "\n" not in message
+
+
+def test_sigterm_is_handled_during_fit_only(tiny_model, tiny_data, tmp_path):
+    """While a trainer runs, SIGTERM asks for a checkpoint and a stop; once it is done, the
+    caller's own handler is back (an API user's process must still stop on SIGTERM)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_training_steps=1", "trainer.max_val_samples=0",
+                           "trainer.export_hf_model=false", "samples.report=false")
+    assert signal.getsignal(signal.SIGTERM) == trainer.preemption._on_signal
+    trainer.fit()
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -101,6 +101,43 @@ def test_latest_complete_checkpoint_and_tmp_never_read(tmp_path):
     assert latest_checkpoint(run) == run / "global_step_2"  # the pointer wins when complete
 
 
+def test_pruning_keeps_the_newest_by_write_order_and_never_the_one_just_written(tmp_path):
+    import os
+
+    from trainer.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    # A run that reached steps 10, 20 and 30, then resumed from step 10 (resume_from_path) and
+    # has just written step 12: by step number 12 would be the one to go.
+    for t, step in enumerate((10, 20, 30, 12)):
+        d = make_step(run, step)
+        os.utime(d / "trainer_state.json", ns=(10**18 + t * 10**9,) * 2)
+    ckpt = Checkpointer(run, save_freq=2, max_to_keep=2, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
+    ckpt._prune(run / "global_step_12")
+    assert sorted(p.name for p in run.iterdir()) == ["global_step_12", "global_step_30"]
+    # The one just written stays even when its file times say otherwise (a clock step back).
+    make_step(run, 14)
+    os.utime(run / "global_step_14" / "trainer_state.json", ns=(1, 1))
+    ckpt.max_to_keep = 1
+    ckpt._prune(run / "global_step_14")
+    assert sorted(p.name for p in run.iterdir()) == ["global_step_14"]
+
+
+def test_resume_from_outside_the_run_directory_says_where_from(tmp_path, caplog):
+    import logging
+
+    from trainer.checkpoint import Checkpointer
+
+    elsewhere = make_step(tmp_path / "other_run", 4)
+    ckpt = Checkpointer(tmp_path / "run", save_freq=2, max_to_keep=None, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint"):
+        assert ckpt.agree_on_resume("auto", str(elsewhere)) == elsewhere
+    assert f"the checkpoint to resume, {elsewhere}, is outside the run directory {tmp_path / 'run'}" in caplog.text
+    assert ckpt.agree_on_resume("auto", None) is None  # nothing in the run directory yet
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+        ckpt.agree_on_resume("auto", str(tmp_path / "missing"))
+
+
 # ---------------------------------------------------------------------- Hugging Face directories
 @pytest.fixture(scope="module")
 def trained_state(tiny_model):

@@ -48,6 +48,7 @@ def test_with_generation_example_has_the_documented_values(tiny_model, tiny_data
         ("trainer.logger=[console,graphite]", "trainer.logger"),
         ("data.micro_batch_size_per_gpu=0", "data.micro_batch_size_per_gpu"),
         ("data.max_token_len_per_gpu=16", "data.max_token_len_per_gpu"),  # below max_length 32
+        ("model.fsdp_config.param_dtype=fp16", "model.fsdp_config.param_dtype"),  # no loss scaling: refused
     ],
 )
 def test_bad_values_name_the_key(override, key):

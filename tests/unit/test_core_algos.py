@@ -372,3 +372,19 @@ def test_batch_whitening_over_ranks_equals_whitening_the_whole_batch():
     assert torch.allclose(torch.cat(shards), whole, atol=1e-5)
     alone = get_adv_estimator("gae")(AdvantageInputs(rewards[:3], mask[:3], torch.arange(3), values[:3]), AdvantageConfig(gamma=0.9, lam=0.8))[0]
     assert not torch.allclose(alone, whole[:3], atol=1e-3)  # whitening one share alone would differ
+
+
+def test_the_critic_model_has_no_dropout(tiny_model):
+    """The value head's train-mode values equal its eval-mode ones (HF's default keeps dropout 0.1)."""
+    from transformers import AutoModelForTokenClassification
+
+    from workers.actor import CRITIC_MODEL_KWARGS
+    from workers.model import load_pretrained
+
+    ids = torch.arange(3, 19).reshape(2, 8)
+    for kwargs, same in ((CRITIC_MODEL_KWARGS, True), ({"num_labels": 1}, False)):
+        critic = load_pretrained(str(tiny_model), torch.float32, auto_class=AutoModelForTokenClassification, **kwargs)
+        torch.manual_seed(0)
+        trained = critic.train()(input_ids=ids).logits
+        evaluated = critic.eval()(input_ids=ids).logits
+        assert torch.equal(trained, evaluated) is same, kwargs

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from config.schema import DataConfig, MultiturnConfig
 from helpers import DEMO_MODEL, write_jsonl, write_parquet
-from trainer.data import IGNORE, DataError, SFTBatches, load_sft_examples, validation_micro_batches
+from trainer.data import IGNORE, DataError, SFTBatches, load_sft_examples, read_rows, validation_micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,23 @@ def test_chat_template_kwargs_reach_the_template(tmp_path, tok):
     first, second = load_sft_examples(str(multi), "data.train_files", custom, cfg(multiturn=MultiturnConfig(enable=True)))
     assert custom.decode(first.prompt_ids) == "T2;user:1+1=;assistant:"  # its own tools, thinking off
     assert custom.decode(second.prompt_ids) == "think;user:1+1=;assistant:"
+
+
+def test_corrupt_data_files_are_one_line_naming_the_file(tmp_path):
+    not_parquet = tmp_path / "train.parquet"
+    not_parquet.write_text("prompt,response\n1+1=,2\n")  # a CSV under the wrong name
+    with pytest.raises(DataError, match=r"train.parquet: not a readable parquet file \(") as err:
+        read_rows(str(not_parquet), ["prompt"], "data.train_files")
+    assert "\n" not in str(err.value)
+    truncated = tmp_path / "cut.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a"] * 100}), truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut.parquet: not a readable parquet file"):
+        read_rows(str(truncated), ["prompt"], "data.train_files")
+    binary = tmp_path / "train.jsonl"
+    binary.write_bytes(b'{"prompt": "a"}\n\xff\xfe\x00garbage\n')
+    with pytest.raises(DataError, match=r"train.jsonl: row 1: not UTF-8 text"):
+        read_rows(str(binary), ["prompt"], "data.train_files")

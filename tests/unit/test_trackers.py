@@ -400,3 +400,28 @@ def test_jsonl_reader_keeps_every_complete_record_and_survives_any_broken_line(t
     assert read_records(path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
     assert read_metrics(tmp_path) == {1: {"loss": 1.0}, 2: {"loss": 0.5}}
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_credentials_in_a_tracker_uri_never_reach_the_log(tmp_path, monkeypatch, capfd):
+    """MLflow names its tracking URI in its errors; a URI with credentials must not reach the
+    console or a log file (stderr), from our lines or a library's."""
+    pytest.importorskip("mlflow")
+    from trainer.cli import setup_logging
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a refused port: fail at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(logging.INFO, 0)
+        env = TrackerEnv(mlflow_tracking_uri="http://alice:s3cr3t-token@127.0.0.1:9", swanlab_mode=None, wandb_mode=None)
+        tracking = Tracking(["mlflow"], TrackerContext(tmp_path / "run", PROJECT, EXPERIMENT, env), is_primary=True)
+        logging.getLogger("mlflow.anything").warning("connecting to %s", env.mlflow_tracking_uri)  # a library's own line
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capfd.readouterr().err
+    assert tracking.names == []  # it failed to start, with a warning naming where
+    assert "tracker mlflow failed to start" in err and "http://***@127.0.0.1:9" in err, err
+    assert "connecting to http://***@127.0.0.1:9" in err
+    assert "s3cr3t" not in err and "alice" not in err

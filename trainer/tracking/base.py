@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from config.env import TrackerEnv
+from config.loading import redact_credentials
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,15 @@ class Tracking:
             try:
                 self.backends.append(cls(ctx))
             except Exception as err:  # noqa: BLE001 - one tracker must not stop training
-                log.warning("tracker %s failed to start and is disabled: %s: %s", name, type(err).__name__, err)
+                log.warning("tracker %s failed to start and is disabled: %s: %s", name, type(err).__name__, redact_credentials(str(err)))
 
     def _each(self, method: str, *args: Any, only: Callable[[Tracker], bool] = lambda backend: True) -> None:
         for backend in [b for b in self.backends if only(b)]:
             try:
                 getattr(backend, method)(*args)
             except Exception as err:  # noqa: BLE001
-                log.warning("tracker %s failed in %s and is disabled: %s: %s", backend.name, method, type(err).__name__, err)
+                log.warning("tracker %s failed in %s and is disabled: %s: %s", backend.name, method, type(err).__name__,
+                            redact_credentials(str(err)))
                 self.backends.remove(backend)
                 try:
                     backend.close()

@@ -45,6 +45,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from config.loading import redact_credentials, redact_log_credentials
 from trainer.tracking.base import SampleEvent, Tracker, TrackerContext, register_tracker
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class MlflowTracker(Tracker):
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
         _disable_telemetry()
+        redact_log_credentials(logging.getLogger("mlflow"))  # MLflow's own handler bypasses the root logger's
         run_dir = Path(ctx.run_dir).resolve()
         self.tracking_uri = ctx.env.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -134,7 +136,7 @@ class MlflowTracker(Tracker):
             self._client.update_run(self.run_id, status="RUNNING")
             self._params = dict(run.data.params)
             self._resumed = True
-            log.info("mlflow: resuming run %s (%s) in %s", ctx.experiment_name, self.run_id, self.tracking_uri)
+            log.info("mlflow: resuming run %s (%s) in %s", ctx.experiment_name, self.run_id, redact_credentials(self.tracking_uri))
         else:
             self.run_id = self._client.create_run(experiment_id, run_name=ctx.experiment_name).info.run_id
             self._params = {}
