@@ -250,7 +250,6 @@ class FSDPSFTTrainer:
         self.model.train()
         loss_total, real_tokens, padded_tokens = self.accumulate_gradients(micro_batches)
         grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
-        all_reduce_sum(loss_total)
         # Both are global (a sum and a norm over all ranks): a NaN on one rank skips the step on every rank.
         if torch.isfinite(grad_norm) and torch.isfinite(loss_total):
             self.optimizer.step()

@@ -41,8 +41,8 @@ def install() -> None:
             while self.preemption.signalled is None and time.time() < deadline:
                 time.sleep(0.05)
 
-        def loss(model, batch):
-            value = original_loss(model, batch)
+        def loss(model, batch, *feed):
+            value = original_loss(model, batch, *feed)
             if self.dist.rank == nan_rank and step == nan_step:
                 return value * float("nan")
             if self.dist.rank == err_rank and step == err_step:
