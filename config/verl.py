@@ -380,7 +380,10 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.model.enable_gradient_checkpointing", True, target="model.enable_gradient_checkpointing"),
     Alias(f"{ARA}.model.trust_remote_code", False, target="model.trust_remote_code"),
     Alias(f"{ARA}.model.external_lib", None, target="model.external_lib"),
-    Pending(f"{ARA}.model.use_remove_padding", False, feature="padding-free batches in RL (SFT has them: use_remove_padding)"),
+    # In almost every verl GRPO script. Packing only saves compute: RL micro-batches here are padded and give
+    # the same log-probs, so the key is accepted rather than making users edit every command line.
+    Inert(f"{ARA}.model.use_remove_padding", False, reason="RL micro-batches are padded here, with the same results; "
+          "padding-free packing is SFT's use_remove_padding"),
     Alias(f"{ARA}.model.lora_rank", 0, target="model.lora_rank", why="LoRA on the actor; the reference is its base"),
     Alias(f"{ARA}.model.lora_alpha", 16, target="model.lora_alpha"),
     Alias(f"{ARA}.model.target_modules", "all-linear", target="model.target_modules"),

@@ -146,10 +146,10 @@ def test_verl_grpo_lora_script_reference_is_the_base(tiny_model, gsm8k, tmp_path
         "trainer.total_training_steps=2", f"trainer.default_local_dir={run_dir}", "trainer.logger=[console,file]",
         "actor_rollout_ref.actor.optim.lr=1e-2",
         "reward.functions=[{name: short, fn: length_penalty, kwargs: {max_chars: 2}}]"])
-    # What the one-line error asks: drop the vLLM knobs and what is not available yet.
+    # What the one-line error asks: drop the vLLM knobs (use_remove_padding stays: accepted in RL).
     args = without(args, "actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
                    "actor_rollout_ref.rollout.gpu_memory_utilization", "actor_rollout_ref.rollout.load_format",
-                   "actor_rollout_ref.rollout.layered_summon", "actor_rollout_ref.model.use_remove_padding")
+                   "actor_rollout_ref.rollout.layered_summon")
     proc = run_module("trainer.rl_trainer", ["--config-name", "grpo_trainer", *args], nproc=2)
     log = proc.stdout + proc.stderr
     assert "LoRA on the actor (rank 64, alpha 32, targets all-linear)" in log

@@ -281,7 +281,7 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16", "trainer.critic_warmup=0",
             "trainer.val_before_train=False", "trainer.n_gpus_per_node=2", "trainer.nnodes=1", "trainer.logger=console",
             "actor_rollout_ref.actor.entropy_coeff=0", "algorithm.use_kl_in_reward=False",
-            "actor_rollout_ref.actor.fsdp_config.param_offload=False"]
+            "actor_rollout_ref.actor.fsdp_config.param_offload=False", "actor_rollout_ref.model.use_remove_padding=True"]
     resolved = rl(args, world_size=2)
     c = resolved.config
     assert str(c.model.partial_pretrain) == str(tiny_model)
@@ -291,6 +291,7 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
     assert c.rollout.log_prob_micro_batch_size_per_gpu == 16 and c.trainer.val_before_train is False
     assert c.trainer.logger == ["console"] and c.model.fsdp_config.cpu_offload is False
     assert any("trainer.n_gpus_per_node=2" in n for n in resolved.notes)
+    assert any(n.startswith("actor_rollout_ref.model.use_remove_padding=True: changes nothing here") for n in resolved.notes)
 
 
 @pytest.mark.parametrize("override, reason", [
@@ -300,7 +301,7 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
     ("reward_model.enable=True", "reward models are not available"),
     ("algorithm.use_kl_in_reward=True", "no KL penalty in the reward"),
     ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
-    ("actor_rollout_ref.model.use_remove_padding=True", "not available yet"),
+    ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "not available yet"),
     ("actor_rollout_ref.actor.kl_loss_type=abs", "the estimators here are"),
     ("trainer.n_gpus_per_node=8", "torchrun started 2 process(es)"),
     ("actor_rollout_ref.actor.ppo_mini_batch_size=5", "must divide data.train_batch_size"),
