@@ -77,13 +77,20 @@ def setup_logging(level: int, rank: int) -> None:
 
 
 @contextlib.contextmanager
-def user_errors_exit(rank: int) -> Iterator[None]:
+def user_errors_exit(rank: int, during_training: bool = False) -> Iterator[None]:
+    """Bad input ends the process with one line and exit code 2.
+
+    Before training every rank meets the same error and rank 0 says it. During training the
+    error is the raising rank's alone (a row that no longer reads, a reward function failing):
+    it says so on its own log and ends its process at once, while the other ranks wait in a
+    collective; torchrun then ends them (and on other nodes their collectives fail)."""
     try:
         yield
     except USER_ERRORS as err:
-        # Every rank hits the same error; say it once, unless each node's log needs it.
-        if rank == 0 or getattr(err, "report_on_every_rank", False):
+        if rank == 0 or during_training or getattr(err, "report_on_every_rank", False):
             print(f"error: {err}" if rank == 0 else f"[rank {rank}] error: {err}", file=sys.stderr)
+        if during_training:
+            exit_now(2)  # no teardown: the process group waits on ranks that are still in a collective
         sys.exit(2)
 
 

@@ -18,7 +18,7 @@ import socket
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, NoReturn, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -134,3 +134,11 @@ class PreemptionWatch:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def checkpoint_and_stop(self, step: int, checkpointer: Any, save_checkpoint: Callable[[], Path], tracking: Any) -> NoReturn:
+        """After `requested()`: checkpoint this step (whatever save_freq says, unless it was just
+        saved), close the trackers, hand SIGTERM back and stop with `Preempted`."""
+        path = checkpointer.step_dir(step) if checkpointer.last_saved_step == step else save_checkpoint()
+        tracking.close()
+        self.restore()
+        raise Preempted(step, path)

@@ -744,7 +744,7 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
         f"<script>{_asset('errors.js')}</script></head>\n<body><main>"
         + "\n".join(parts)
         + '</main><div id="js-errors" hidden></div>'
-        f"<script>{_asset('report.js')}</script></body></html>\n"
+        f"<script>{_asset('page.js')}{_asset('report.js')}</script></body></html>\n"
     )
 
 

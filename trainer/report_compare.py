@@ -238,7 +238,7 @@ def render_compare(runs: list[Run]) -> str:
         f"<script>{_asset('errors.js')}</script></head>\n<body><main>"
         + "\n".join(parts)
         + '</main><div id="js-errors" hidden></div>'
-        f"<script>{_asset('compare.js')}</script></body></html>\n"
+        f"<script>{_asset('page.js')}{_asset('compare.js')}</script></body></html>\n"
     )
 
 

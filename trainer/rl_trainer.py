@@ -43,7 +43,7 @@ from trainer.cli import (
     announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
 )
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
-from trainer.faults import Preempted, PreemptionWatch, check_shared_run_dir
+from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
@@ -242,7 +242,7 @@ class RLTrainer:
                 self.save_checkpoint()
             if not last and self.preemption.requested():
                 bar.close()
-                self.stop_preempted()
+                self.preemption.checkpoint_and_stop(self.step, self.checkpointer, self.save_checkpoint, self.tracking)
         bar.close()
         if self.cfg.logging.sample_logging.enabled:
             self.log_samples("post-train")
@@ -377,13 +377,6 @@ class RLTrainer:
         log.info("saved checkpoint %s", path)
         return path
 
-    def stop_preempted(self) -> None:
-        """SIGTERM reached some rank: checkpoint this step (whatever save_freq says) and stop."""
-        path = self.checkpointer.step_dir(self.step) if self.checkpointer.last_saved_step == self.step else self.save_checkpoint()
-        self.tracking.close()
-        self.preemption.restore()
-        raise Preempted(self.step, path)
-
     def finish(self) -> None:
         self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
         self._log_val_change()
@@ -407,7 +400,7 @@ def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = RLTrainer(resolved.config, ctx)
-    with preempted_exit(denv.rank):
+    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
         trainer.fit()
     teardown()
 

@@ -76,10 +76,13 @@ def table_rows(world_size: int) -> list[str]:
     out = []
     for name, make in MODELS.items():
         for layout, fsdp_size in LAYOUTS[world_size]:
-            b = measure(make(), world_size, fsdp_size)
-            out.append(f"| {name} | {world_size} | {layout} | {_gb(b.params)} | {_gb(b.grads)} | {_gb(b.optimizer)} | "
-                       f"{_gb(b.params + b.grads + b.optimizer)} |")
+            out.append(table_row(name, world_size, layout, measure(make(), world_size, fsdp_size)))
     return out
+
+
+def table_row(name: str, world_size: int, layout: str, b: RankBytes) -> str:
+    return (f"| {name} | {world_size} | {layout} | {_gb(b.params)} | {_gb(b.grads)} | {_gb(b.optimizer)} | "
+            f"{_gb(b.params + b.grads + b.optimizer)} |")
 
 
 if __name__ == "__main__":

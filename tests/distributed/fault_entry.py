@@ -5,6 +5,8 @@ read here only (test code):
 
     FAULT_NAN_LOSS=RANK:STEP         that rank's loss is NaN in that step (1-based)
     FAULT_FORWARD_ERROR=RANK:STEP    that rank's forward raises in that step
+    FAULT_DATA_ERROR=RANK:STEP       that rank's batches of that step raise a DataError (a row
+                                     that no longer reads, as when a file changes mid-run)
     FAULT_GATHER_ERROR=RANK:CALL     that rank raises inside its CALL-th gather of the generation copy
     FAULT_HOLD_AT=STEP:MARKER        rank 0 writes MARKER (its agent's pid) before that step and
                                      waits there until it has received SIGTERM
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 import trainer.fsdp_sft_trainer as sft
 import workers.replica as replica
+from trainer.data import DataError
 
 
 def _rank_step(name: str):
@@ -56,6 +59,19 @@ def install() -> None:
             sft.token_loss_sum = original_loss
 
     sft.FSDPSFTTrainer.train_step = train_step
+
+    data_rank, data_step = _rank_step("FAULT_DATA_ERROR")
+    if data_rank is not None:
+        original_batches = sft.SFTBatches.micro_batches
+        seen = [0]
+
+        def micro_batches(self, epoch, index):
+            seen[0] += 1
+            if self.rank == data_rank and seen[0] == data_step:
+                raise DataError(f"injected.jsonl: row {index}: column 'response' is list, expected text")
+            return original_batches(self, epoch, index)
+
+        sft.SFTBatches.micro_batches = micro_batches
 
     gather_rank, gather_call = _rank_step("FAULT_GATHER_ERROR")
     if gather_rank is not None:

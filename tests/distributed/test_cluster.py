@@ -135,3 +135,29 @@ def test_a_failure_on_one_rank_ends_every_rank(tiny_model, tiny_data, tmp_path):
     assert "=== Validation Samples (Step 2) ===" in text.splitlines()
     for marker in ("=== Validation Samples (Step", "step 1: train/", "step 2: val/", "step 4: train/"):
         assert marker in text and text.count(marker) == text.count("\n" + marker), marker
+
+
+def test_a_failing_forward_or_a_bad_row_mid_run_on_one_rank_ends_every_rank(tiny_model, tiny_data, tmp_path):
+    """TRL's rank-local forward failure: rank 1's forward raises in step 3 while rank 0 waits
+    in that step's collectives; both end, with rank 1's error. Then two "nodes": a data error
+    on node 1 mid-run (a row that no longer reads) is one line on that node's log, and node 0,
+    whose rank waits in a collective, ends too."""
+    run_dir = tmp_path / "forward"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ENTRY),
+           *args(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=8")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(FAULT_FORWARD_ERROR="1:3"), capture_output=True, text=True,
+                          timeout=BOUND_S)
+    assert proc.returncode != 0
+    assert "injected forward failure on rank 1 at step 3" in proc.stderr, proc.stderr[-4000:]
+    assert max(read_metrics(run_dir)) == 2
+
+    shared = tmp_path / "data"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    procs = two_nodes(nodes, args(tiny_model, tiny_data, shared, "trainer.total_training_steps=8"), free_port(), [str(ENTRY)],
+                      {"FAULT_DATA_ERROR": "1:3"})
+    logs = outputs(procs)  # raises on a hang
+    assert all(p.returncode != 0 for p in procs), "\n".join(logs)[-4000:]
+    said = [l for l in logs[1].splitlines() if "error: injected.jsonl: row" in l]
+    assert said == ["[rank 1] error: injected.jsonl: row 2: column 'response' is list, expected text"], logs[1][-4000:]
+    assert "Traceback" not in logs[1].split(said[0])[0][-2000:]  # the line, not a stack, says what went wrong
+    assert max(read_metrics(shared)) == 2

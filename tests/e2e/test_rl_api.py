@@ -2,7 +2,10 @@
 
 import json
 
+import torch
+
 from config.rl_schema import DEFAULT_SAMPLE_PROMPTS
+from helpers import read_metrics
 from trainer.api import create_rl_trainer
 
 
@@ -53,3 +56,21 @@ def test_callables_as_reward_functions_are_named_and_scored(tiny_model, rl_data,
     out = capsys.readouterr().out
     assert "[Sample 1/1] Rewards: {'reward_0': " in out and "'reward_1': 0.81}" in out
     assert "step 1: " not in out  # metric lines are the console tracker's, which is off
+
+
+def test_ppo_critic_has_no_dropout_and_checkpoints_activations_when_asked(tiny_model, rl_data, tmp_path):
+    """verl's critic: no dropout (training-mode values equal the eval-mode ones they are clipped
+    against) and activation checkpointing like the actor's when `enable_gradient_checkpointing`."""
+    run = create_rl_trainer(
+        model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", num_epochs=1, batch_size=16,
+        **{"trainer.default_local_dir": str(tmp_path / "run"), "rollout.max_new_tokens": 3, "data.max_val_prompts": 2,
+           "model.enable_gradient_checkpointing": True, "trainer.save_freq": -1},
+    )
+    trainer = run.train()
+    for model in (trainer.actor, trainer.critic):
+        assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    assert all(m.p == 0 for m in trainer.critic.modules() if isinstance(m, torch.nn.Dropout))
+    assert trainer.critic.config.classifier_dropout == 0.0
+    # Checkpointed or not, the critic learns: its loss was computed and logged at both steps.
+    metrics = read_metrics(tmp_path / "run")
+    assert sorted(s for s, m in metrics.items() if "critic/vf_loss" in m) == [1, 2], metrics

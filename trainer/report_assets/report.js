@@ -1,10 +1,6 @@
 (function () {
   "use strict";
   var body = document.body;
-  var box = document.getElementById("js-errors");
-  if (box && window.__reportErrors && window.__reportErrors.length) {
-    box.hidden = false; box.textContent = window.__reportErrors.join("\n") + "\n";
-  }
   var timelines = Array.prototype.slice.call(document.querySelectorAll("details.timeline"));
   var texts = timelines.map(function (d) {
     var p = d.querySelector(".prompt-text"), r = d.querySelector(".reference-text");
@@ -34,57 +30,12 @@
   var diff = document.getElementById("show-diff");
   diff.addEventListener("change", function () { body.classList.toggle("no-diff", !diff.checked); });
 
-  function fragment(hash) {
-    try { return decodeURIComponent(hash.slice(1)); } catch (err) { return hash.slice(1); }
-  }
-
-  // Open everything around an anchor (its <details>, un-hiding a filtered timeline) and flash it.
-  function reveal(id) {
-    var el = id && document.getElementById(id);
-    if (!el) return false;
-    var t = el.closest("details.timeline");
-    if (t && t.hidden) { filter.value = ""; onlyAlerts.checked = false; apply(); }
-    for (var p = el.parentElement; p; p = p.parentElement) {
-      if (p.tagName === "DETAILS") p.open = true;
-    }
-    var old = document.querySelectorAll(".flash");
-    for (var i = 0; i < old.length; i++) old[i].classList.remove("flash");
-    el.classList.add("flash");
-    return el;
-  }
-  document.addEventListener("click", function (e) {
-    var a = e.target && e.target.closest ? e.target.closest("a") : null;
-    if (!a) return;
-    var href = a.getAttribute("href") || "";
-    if (href.charAt(0) !== "#" || href.length < 2) return;
-    var el = reveal(fragment(href));
-    // native fragment navigation then scrolls to the (now visible) row; do it too when the
-    // hash already points there and the browser would not scroll again
-    if (el && location.hash === href) { e.preventDefault(); el.scrollIntoView({block: "center"}); }
-  });
-  window.addEventListener("hashchange", function () {
-    var el = reveal(fragment(location.hash));
-    if (el) el.scrollIntoView({block: "center"});
-  });
-  if (location.hash.length > 1) {
-    var first = reveal(fragment(location.hash));
-    if (first) first.scrollIntoView({block: "center"});
-  }
-
-  // Chart legends: click to hide / show a series.
-  Array.prototype.forEach.call(document.querySelectorAll("svg.chart .legend-item[data-series]"), function (item) {
-    item.addEventListener("click", function () {
-      var name = item.getAttribute("data-series"), svg = item.closest("svg");
-      var off = !item.classList.contains("off");
-      item.classList.toggle("off", off);
-      Array.prototype.forEach.call(svg.querySelectorAll("g.series"), function (g) {
-        if (g.getAttribute("data-series") === name) g.classList.toggle("off", off);
-      });
-    });
-  });
+  var fragment = window.reportPage("details.timeline", function () {
+    filter.value = ""; onlyAlerts.checked = false; apply();
+  }).fragment;
 
   // The grid: hovering a cell shows the generation of the timeline row it links to (the page
-  // holds each text once); clicking it is an ordinary link, which reveal() above opens.
+  // holds each text once); clicking it is an ordinary link, which page.js opens.
   var grid = document.getElementById("grid"), tip = document.getElementById("grid-tip");
   function cellText(cell) {
     var row = document.getElementById(fragment(cell.getAttribute("href")));
