@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
+from typing import MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,24 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+# nccl's watchdog thread: a collective stuck past the process group's timeout (a peer dead or
+# hung) aborts the communicator and ends this rank instead of blocking forever, and the flight
+# recorder dumps the last collectives of every rank to see which one did not arrive. The values
+# torchtitan sets (torchtitan/distributed/utils.py, init_distributed); a user's own wins.
+NCCL_WATCHDOG_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # abort the communicator, skip its clean-up, raise
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",  # flight recorder: the last 20,000 collectives
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out when the watchdog fires
+}
+
+
+def set_nccl_watchdog_env(environ: MutableMapping[str, str]) -> dict[str, str]:
+    """Set the watchdog's variables the user has not set; returns what was set."""
+    added = {k: v for k, v in NCCL_WATCHDOG_ENV.items() if k not in environ}
+    environ.update(added)
+    return added
+
+
 def init_distributed(env: DistEnv, device_setting: str, timeout_seconds: int = 1800) -> DistContext:
     """Always runs a process group (world size 1 without torchrun), so one code path serves all.
 
@@ -43,6 +63,8 @@ def init_distributed(env: DistEnv, device_setting: str, timeout_seconds: int = 1
         # gather with cpu_offload; pytorch#148532) and the per-step SIGTERM flag. torchtitan's
         # `cpu:gloo,cuda:nccl` (torchtitan/distributed/utils.py, init_distributed).
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            set_nccl_watchdog_env(os.environ)  # read by nccl's process group when it is created
         timeout = datetime.timedelta(seconds=timeout_seconds)
         if env.launched:
             dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
