@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import re
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 RewardFn = Callable[..., Optional[float]]
@@ -104,8 +106,19 @@ class NamedReward:
     kwargs: dict = field(default_factory=dict)
 
     def __call__(self, prompt: str, response: str, ground_truth: Optional[str]) -> Optional[float]:
-        value = self.fn(prompt, response, ground_truth, **self.kwargs)
-        return None if value is None else float(value)
+        on = f"prompt {prompt[:60]!r}, response {response[:60]!r}"
+        try:
+            value = self.fn(prompt, response, ground_truth, **self.kwargs)
+        except Exception as err:  # noqa: BLE001 - the user's code: say which function, where, on what
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            raise RewardError(f"reward function {self.name!r} raised {type(err).__name__}: {err} "
+                              f"(at {Path(frame.filename).name}:{frame.lineno}; {on})") from err
+        if value is None:
+            return None  # not applicable to this prompt
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward function {self.name!r} returned {value!r}, not a number or None ({on})") from None
 
 
 class RewardSet:

@@ -126,6 +126,15 @@ def test_reward_registry_and_user_functions():
     with pytest.raises(RewardError, match=r"'no_such_module:f' cannot be imported"):
         build_reward_set([{"name": "x", "fn": "no_such_module:f"}])
 
+    def buggy(prompt, response, ground_truth):
+        return {"score": 1}[response]  # a KeyError for anything but "score"
+
+    with pytest.raises(RewardError, match=r"reward function 'buggy' raised KeyError: 'oops' \(at test_rl_config.py:\d+; "
+                                          r"prompt '1\+1=', response 'oops'\)"):
+        build_reward_set([("buggy", buggy)]).score("1+1=", "oops", "2")
+    with pytest.raises(RewardError, match=r"reward function 'reward_0' returned 'high', not a number or None"):
+        build_reward_set([lambda p, r, g: "high"]).score("1+1=", "2", "2")
+
 
 def test_api_rejects_unknown_backend_listing_what_exists(tiny_model, rl_data):
     with pytest.raises(ConfigError, match=r"^backend='unsloth' is not available; backends: fsdp .*; auto "):
