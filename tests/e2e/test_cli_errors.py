@@ -1,10 +1,14 @@
 """Bad input stops the run with one line naming the culprit, before any model is built."""
 
-from concurrent.futures import ThreadPoolExecutor
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 
-from helpers import run_module, write_parquet
+from helpers import ROOT, write_parquet
 
 
 def first_error_line(proc):
@@ -26,43 +30,53 @@ CASES = [
 ]
 
 
+def run_cases(module: str, cases: list[dict]) -> list[SimpleNamespace]:
+    """`python -m module ARGS` for each case, as processes forked after one import (tests/cli_cases.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), module], input=json.dumps(cases), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every case's process, three at a time: each spends its seconds importing torch and transformers."""
+    """Every case of this file, one CLI run each (the last two: a bad row, and no arguments at all)."""
     root = tmp_path_factory.mktemp("cli_errors")
-
-    def one(index):
-        overrides, env, _ = CASES[index]
-        args = ["--config-name", "demo", f"trainer.default_local_dir={root}/run{index}", *overrides]
-        return run_module("trainer.fsdp_sft_trainer", args, nproc=0, env=env, check=False), root / f"run{index}"
-
-    with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(one, range(len(CASES))))
+    bad = write_parquet([{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": None}], root / "bad.parquet")
+    home = root / "home"
+    home.mkdir()
+    cases = [{"args": ["--config-name", "demo", f"trainer.default_local_dir={root}/run{i}", *overrides], "env": env}
+             for i, (overrides, env, _) in enumerate(CASES)]
+    cases.append({"args": ["--config-name", "demo", f"data.train_files={bad}", f"trainer.default_local_dir={root}/bad_run"]})
+    # The seed document's `python -m verl.trainer.fsdp_sft_trainer` with no arguments, where verl's default paths are empty.
+    cases.append({"args": [], "env": {"HOME": str(home)}, "cwd": str(home)})
+    procs = run_cases("trainer.fsdp_sft_trainer", cases)
+    return SimpleNamespace(cases=[(proc, root / f"run{i}") for i, proc in enumerate(procs[: len(CASES)])],
+                           bad_row=(procs[-2], bad), no_arguments=(procs[-1], home))
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c[2].split(":")[1].strip() for c in CASES])
 def test_one_line_errors(index, runs):
-    proc, run_dir = runs[index]
+    proc, run_dir = runs.cases[index]
     assert proc.returncode == 2
     assert first_error_line(proc).startswith(CASES[index][2])
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
 
 
-def test_bad_row_is_named_before_the_model_is_built(tmp_path):
-    bad = write_parquet([{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": None}], tmp_path / "bad.parquet")
-    proc = run_module("trainer.fsdp_sft_trainer", ["--config-name", "demo", f"data.train_files={bad}",
-                                                   f"trainer.default_local_dir={tmp_path}/run"], nproc=0, check=False)
+def test_bad_row_is_named_before_the_model_is_built(runs):
+    proc, bad = runs.bad_row
     assert proc.returncode == 2
     assert first_error_line(proc) == f"error: {bad}: row 1: column 'response' is NoneType, expected text"
     assert "trainer.sft: model: " not in proc.stderr  # the model was never loaded
 
 
-def test_a_run_without_model_or_data_says_how_to_start_the_demo(tmp_path):
-    # The seed document's `python -m verl.trainer.fsdp_sft_trainer` with no arguments, where verl's default paths are empty.
-    proc = run_module("trainer.fsdp_sft_trainer", [], nproc=0, check=False, cwd=tmp_path, env={"HOME": str(tmp_path)})
+def test_a_run_without_model_or_data_says_how_to_start_the_demo(runs):
+    proc, home = runs.no_arguments
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = first_error_line(proc)
-    assert line.startswith(f"error: model.partial_pretrain={tmp_path}/models/gemma-1.1-7b-it and data.train_files={tmp_path}/data/gsm8k/train.parquet: not found")
+    assert line.startswith(f"error: model.partial_pretrain={home}/models/gemma-1.1-7b-it and data.train_files={home}/data/gsm8k/train.parquet: not found")
     assert line.endswith("python -m trainer.fsdp_sft_trainer --config-name demo")
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (home / "checkpoints").exists()
