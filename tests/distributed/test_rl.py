@@ -93,7 +93,7 @@ def test_ppo_two_processes_with_critic_and_kl(tiny_model, rl_data, tmp_path):
 
 def test_logged_losses_do_not_depend_on_the_number_of_ranks(tiny_model, rl_data, tmp_path):
     """pg_loss, kl_loss and vf_loss are each rank's share of a globally normalised loss: logged
-    as their sum over ranks, a run on 1 and on 2 processes logs the same values."""
+    as their sum over ranks, a run on 1 and on 2 processes (here as HSDP) logs the same values."""
     extra = ["trainer.total_training_steps=1", "critic.warmup_steps=0", "algorithm.kl_coef=0.05", "trainer.test_freq=-1",
              "logging.sample_logging.enabled=false", "trainer.export_hf_model=false", "trainer.logger=[file]",
              "samples.report=false", "data.val_files=null",
@@ -103,9 +103,13 @@ def test_logged_losses_do_not_depend_on_the_number_of_ranks(tiny_model, rl_data,
     logged = {}
     for nproc in (1, 2):
         run_dir = tmp_path / f"ranks{nproc}"
-        # 1 rank: a plain process (no torchrun), the command most users run first.
-        run_module(MODULE, ["--config-name", "ppo_trainer", *rl_args(tiny_model, rl_data, run_dir, *extra)],
-                   nproc=0 if nproc == 1 else nproc)
+        # 1 rank: a plain process (no torchrun), the command most users run first. 2 ranks as
+        # HSDP (fsdp_size=1: each rank a whole replica), the multi-node layout, for actor,
+        # reference and critic alike.
+        layout = ["model.fsdp_config.fsdp_size=1"] if nproc == 2 else []
+        proc = run_module(MODULE, ["--config-name", "ppo_trainer", *rl_args(tiny_model, rl_data, run_dir, *extra, *layout)],
+                          nproc=0 if nproc == 1 else nproc)
+        assert ("HSDP: 2 replica groups × 1 shards" in proc.stderr) == (nproc == 2)
         logged[nproc] = read_metrics(run_dir)
     for key in ("actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/pg_clipfrac", "train/reward_mean"):
         assert logged[1][1][key] == pytest.approx(logged[2][1][key], rel=1e-4, abs=1e-6), key

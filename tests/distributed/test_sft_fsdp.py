@@ -135,17 +135,21 @@ def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path
     assert len(list(crashed.glob("global_step_*"))) == 2  # max_ckpt_to_keep
 
 
-def test_hsdp_2x2_trains_like_fsdp_over_4(tiny_model, tiny_data, tmp_path):
-    """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them."""
-    common = ["trainer.total_training_steps=2", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=2",
-              "trainer.test_freq=-1", "trainer.max_val_samples=0", "trainer.export_hf_model=false"]
+def test_hsdp_2x2_trains_like_fsdp_over_4_and_resumes(tiny_model, tiny_data, tmp_path):
+    """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them;
+    its checkpoint (each pair's shards, replicas once) resumes to the same step 3."""
+    common = ["data.train_batch_size=16", "data.micro_batch_size_per_gpu=2", "trainer.test_freq=-1", "trainer.max_val_samples=0",
+              "trainer.export_hf_model=false", "optim.lr_scheduler=constant"]
     fsdp, hsdp = tmp_path / "fsdp", tmp_path / "hsdp"
-    run_module(MODULE, args(tiny_model, tiny_data, fsdp, *common), nproc=4)
-    proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *common, "model.fsdp_config.fsdp_size=2"), nproc=4)
+    run_module(MODULE, args(tiny_model, tiny_data, fsdp, *common, "trainer.total_training_steps=3"), nproc=4)
+    hsdp_args = [*common, "model.fsdp_config.fsdp_size=2"]
+    proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *hsdp_args, "trainer.total_training_steps=2"), nproc=4)
     assert "HSDP: 2 replica groups × 2 shards" in proc.stderr
+    assert (hsdp / "global_step_2" / ".metadata").is_file()
+    proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *hsdp_args, "trainer.total_training_steps=3"), nproc=4)
+    assert "resumed from" in proc.stderr
     a, b = read_metrics(fsdp), read_metrics(hsdp)
-    for step in (1, 2):
+    assert sorted(b) == [1, 2, 3]
+    for step in (1, 2, 3):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5), step
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4), step
-    # The checkpoint of an HSDP run resumes like any other (its shards are the 2-rank groups').
-    assert (hsdp / "global_step_2" / ".metadata").is_file()
