@@ -203,6 +203,8 @@ class CriticConfig:
     lr: float = doc("Critic learning rate (PPO with gae).", 1e-4)
     cliprange_value: float = doc("PPO value clipping range.", 0.5)
     warmup_steps: int = doc("Steps that train only the critic before the actor starts.", 0)
+    enable_gradient_checkpointing: Optional[bool] = doc(
+        "Recompute the critic's activations in backward; null: as the actor (model.enable_gradient_checkpointing).", None)
 
     def check(self) -> None:
         _require(self.lr > 0, "critic.lr", "must be > 0")

@@ -20,6 +20,8 @@ defaults, into Hydra's config store, which the base YAML files list in their def
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -342,6 +344,15 @@ def _placement(value: Any, ctx: Context) -> None:
                      "torchrun started (torchrun decides the placement)")
 
 
+def _critic_path(value: Any, ctx: Context) -> None:
+    """verl builds the critic from its own path; here it is the actor's model with a value head."""
+    actor = ctx.get("model.partial_pretrain")
+    if os.path.expanduser(str(value)) != os.path.expanduser(str(actor)):
+        raise ConfigError(f"critic.model.path={value}: the critic starts from the actor's model (model.partial_pretrain={actor}) "
+                          "with a value head; a critic from another model is not available here")
+    ctx.notes.append(f"critic.model.path={value}: the actor's model, with a value head")
+
+
 def _engine(key: str, default: Any) -> Refused:
     return Refused(f"{ARA}.rollout.{key}", default, reason=f"an inference-engine setting: {ENGINE}", when_written=True)
 
@@ -520,6 +531,14 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     # trainer
     Alias("trainer.critic_warmup", 0, target="critic.warmup_steps"),
     Alias("critic.optim.lr", 1e-5, target="critic.lr"),
+    # the critic: the actor's backbone with a one-output value head, sharded like the actor
+    Rule("critic.model.path", "~/models/deepseek-llm-7b-chat", fn=_critic_path,
+         doc="checked: must be the actor's model (the critic starts from it, with a value head)"),
+    Alias("critic.model.enable_gradient_checkpointing", True, target="critic.enable_gradient_checkpointing"),
+    Inert("critic.model.use_remove_padding", False, reason="RL micro-batches are padded here, with the same values"),
+    Inert("critic.ppo_micro_batch_size_per_gpu", None, reason="the critic's micro-batches are the actor's (actor.micro_batch_size_per_gpu)"),
+    Inert("critic.model.fsdp_config.param_offload", False, reason=f"the critic is sharded like the actor (model.fsdp_config); {OFFLOAD}"),
+    Inert("critic.model.fsdp_config.optimizer_offload", False, reason=f"the critic is sharded like the actor (model.fsdp_config); {OFFLOAD}"),
     Alias("trainer.max_actor_ckpt_to_keep", None, target="trainer.max_ckpt_to_keep"),
     Inert("trainer.max_critic_ckpt_to_keep", None, reason="the actor and the critic are saved together"),
     Inert("trainer.balance_batch", True, reason="each rank holds the same number of whole prompt groups"),

@@ -271,6 +271,52 @@ GRPO_SCRIPTS = {
 }
 
 
+# verl's PPO example (examples/ppo_trainer/run_deepseek7b_llm.sh at 2ddb493): an actor, a critic
+# from the same model, GAE.
+PPO_SCRIPTS = {
+    "run_deepseek7b_llm.sh": """
+    algorithm.adv_estimator=gae
+    data.train_files=$HOME/data/gsm8k/train.parquet
+    data.val_files=$HOME/data/gsm8k/test.parquet
+    data.train_batch_size=1024
+    data.max_prompt_length=512
+    data.max_response_length=512
+    data.filter_overlong_prompts=True
+    data.truncation='error'
+    actor_rollout_ref.model.path=deepseek-ai/deepseek-llm-7b-chat
+    actor_rollout_ref.actor.optim.lr=1e-6
+    actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.actor.ppo_mini_batch_size=256
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16
+    actor_rollout_ref.actor.fsdp_config.param_offload=False
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=False
+    actor_rollout_ref.actor.use_kl_loss=False
+    actor_rollout_ref.model.enable_gradient_checkpointing=True
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32
+    actor_rollout_ref.rollout.tensor_model_parallel_size=4
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.gpu_memory_utilization=0.4
+    critic.optim.lr=1e-5
+    critic.model.use_remove_padding=False
+    critic.model.path=deepseek-ai/deepseek-llm-7b-chat
+    critic.model.enable_gradient_checkpointing=True
+    critic.ppo_micro_batch_size_per_gpu=32
+    critic.model.fsdp_config.param_offload=False
+    critic.model.fsdp_config.optimizer_offload=False
+    algorithm.use_kl_in_reward=False
+    trainer.critic_warmup=0
+    trainer.logger=['console']
+    trainer.project_name='verl_example_gsm8k'
+    trainer.experiment_name='deepseek_llm_7b_function_rm'
+    trainer.n_gpus_per_node=8
+    trainer.nnodes=1
+    trainer.total_training_steps=2
+    trainer.use_legacy_worker_impl=False
+    trainer.total_epochs=15 $@
+    """,
+}
+
+
 def command_line(body: str, paths: dict[str, str], extra: list[str] = ()) -> list[str]:
     """The script's overrides as the shell hands them to Python: `$HOME/...` data files and hub
     model ids replaced by `paths` (keyed by the text they replace), `$@` by `extra`."""

@@ -159,7 +159,8 @@ class RLTrainer:
             self.reference = self._build(spec=spec).eval().requires_grad_(False)
         self.critic = self.critic_optimizer = None
         if cfg.algorithm.adv_estimator == "gae":
-            self.critic = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+            checkpointing = cfg.critic.enable_gradient_checkpointing
+            self.critic = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing if checkpointing is None else checkpointing,
                                       auto_class=AutoModelForTokenClassification, **CRITIC_MODEL_KWARGS)
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:

@@ -60,15 +60,20 @@ def test_callables_as_reward_functions_are_named_and_scored(tiny_model, rl_data,
 
 def test_ppo_critic_has_no_dropout_and_checkpoints_activations_when_asked(tiny_model, rl_data, tmp_path):
     """verl's critic: no dropout (training-mode values equal the eval-mode ones they are clipped
-    against) and activation checkpointing like the actor's when `enable_gradient_checkpointing`."""
+    against), and activation checkpointing when asked (`critic.enable_gradient_checkpointing`;
+    null: as the actor)."""
     run = create_rl_trainer(
         model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", num_epochs=1, batch_size=16,
         **{"trainer.default_local_dir": str(tmp_path / "run"), "rollout.max_new_tokens": 3, "data.max_val_prompts": 2,
-           "model.enable_gradient_checkpointing": True, "trainer.save_freq": -1},
+           "model.enable_gradient_checkpointing": False, "critic.enable_gradient_checkpointing": True, "trainer.save_freq": -1},
     )
     trainer = run.train()
-    for model in (trainer.actor, trainer.critic):
-        assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+    def checkpointing(model) -> bool:
+        return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
+
+    # verl's critic.model.enable_gradient_checkpointing, apart from the actor's.
+    assert checkpointing(trainer.critic) and not checkpointing(trainer.actor)
     assert all(m.p == 0 for m in trainer.critic.modules() if isinstance(m, torch.nn.Dropout))
     assert trainer.critic.config.classifier_dropout == 0.0
     # Checkpointed or not, the critic learns: its loss was computed and logged at both steps.

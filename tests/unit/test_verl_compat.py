@@ -16,7 +16,7 @@ from config.rl_schema import RLConfig, lift_flat_sample_logging
 from config.schema import ConfigError, SFTConfig
 from config.verl import PPO_KEYS, SFT_KEYS
 from helpers import gsm8k_rows, multiturn_rows, write_parquet
-from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, SFT_LORA, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
+from verl_scripts import GRPO_KEYS_USED, GRPO_SCRIPTS, PPO_SCRIPTS, SFT_LORA, SFT_NEEDS_GPU, SFT_NOT_YET, SFT_SCRIPTS, command_line, without
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -331,6 +331,28 @@ def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script,
     cleaned = without(args, *refused)
     c = rl(cleaned, world_size=2).config
     assert c.algorithm.adv_estimator == "grpo" and c.rollout.responses_per_prompt == 5 and c.algorithm.kl_coef == 0.001
+
+
+@pytest.mark.parametrize("script", sorted(PPO_SCRIPTS))
+def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_the_inference_engine(script, tiny_model, gsm8k):
+    # verl's main_ppo with gae is our ppo_trainer config (--config-name ppo_trainer).
+    paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
+             "deepseek-ai/deepseek-llm-7b-chat": str(tiny_model)}
+    args = command_line(PPO_SCRIPTS[script], paths, ["data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
+                                                     "trainer.n_gpus_per_node=2"])
+    with pytest.raises(ConfigError) as err:
+        rl(args, world_size=2, name="ppo_trainer")
+    refused = set(re.findall(r"(?:^|; )([\w.]+)=", str(err.value)))
+    assert refused == {"actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
+                       "actor_rollout_ref.rollout.gpu_memory_utilization"}, str(err.value)
+    resolved = rl(without(args, *refused), world_size=2, name="ppo_trainer")
+    c = resolved.config
+    assert c.algorithm.adv_estimator == "gae" and c.critic.lr == 1e-5 and c.critic.enable_gradient_checkpointing is True
+    assert any(n.startswith("critic.model.path=") and "the actor's model" in n for n in resolved.notes)
+    # A critic from another model is not what happens here: one line says so.
+    other = [a.replace(f"critic.model.path={tiny_model}", "critic.model.path=/models/other-7b") for a in without(args, *refused)]
+    with pytest.raises(ConfigError, match=r"^critic.model.path=/models/other-7b: the critic starts from the actor's model"):
+        rl(other, world_size=2, name="ppo_trainer")
 
 
 def readme_verl_rl_table() -> dict[str, str]:
