@@ -1,8 +1,10 @@
 """SFT data: read parquet/JSONL, tokenize with the loss on response tokens only, batch.
 
-Every example is tokenized up front, so a bad row (missing column, wrong type, too long with
-`truncation=error`) stops the run naming file, row and column before any model is built, and
-lengths are known for token-balanced batching.
+Files are read as a stream and tokenized a chunk of rows at a time into the token cache
+(trainer/token_cache.py: written once, memory-mapped by every rank), so a bad row (missing
+column, wrong type, too long with `truncation=error`) stops the run at its chunk, naming file,
+row and column, before any model is built; and lengths are known for token-balanced batching
+without holding the examples in memory.
 
 Loss convention: `labels[i]` is the token id when token i is a training target and -100
 otherwise; the model's logits at i-1 predict token i.
