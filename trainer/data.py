@@ -486,12 +486,11 @@ def load_sft_examples(
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"data.cache_dir: cannot create {root} ({err.strerror or err})") from None
-    entry = root / token_cache.entry_key(paths, tokenizer, token_settings(cfg, max_rows))
     meta = {"key": key, "files": paths, "settings": token_settings(cfg, max_rows)}
     start = time.perf_counter()
-    hit = token_cache.build_once(
-        entry,
-        lambda: token_cache.write_entry(entry, lambda: tokenized_chunks(paths, key, tokenizer, cfg, max_rows), meta),
+    entry, hit = token_cache.build_once(
+        lambda: root / token_cache.entry_key(paths, tokenizer, token_settings(cfg, max_rows)),
+        lambda entry: token_cache.write_entry(entry, lambda: tokenized_chunks(paths, key, tokenizer, cfg, max_rows), meta),
         ranks if cache_dir else token_cache.Ranks(),
         DataError,
     )

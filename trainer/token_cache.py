@@ -224,31 +224,39 @@ class Ranks:
 _WAIT_TIMEOUT = timedelta(days=7)
 
 
-def build_once(final: Path, write: Callable[[], int], ranks: Ranks, error_type: type[Exception]) -> bool:
-    """Make sure the entry `final` exists on every node; returns True when it already did (on
-    this node's writer). A writer's error (a bad row) reaches every rank, raised as `error_type`
-    with the writer's message, so no rank waits for a writer that has given up."""
+def build_once(locate: Callable[[], Path], write: Callable[[Path], int], ranks: Ranks, error_type: type[Exception]) -> tuple[Path, bool]:
+    """Make sure this node's entry exists; returns (entry, whether it already existed on this
+    node's writer). Only the writers read the files to find the entry's key (`locate`); the
+    others get the path from their node's writer. A writer's error (a bad row) reaches every
+    rank, raised as `error_type` with the writer's message, so no rank waits for a writer that
+    has given up."""
+    entry: Optional[Path] = None
     hit = False
     failure: Optional[BaseException] = None
     if ranks.writes:
         try:
-            hit = (final / "meta.json").is_file()
+            entry = locate()
+            hit = (entry / "meta.json").is_file()
             if not hit:
-                write()
+                write(entry)
         except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised here
             failure = err
     if ranks.world_size > 1 and dist.is_available() and dist.is_initialized():
         group = dist.new_group(backend="gloo", timeout=_WAIT_TIMEOUT)
         try:
-            messages: list[Optional[str]] = [None] * ranks.world_size
-            dist.all_gather_object(messages, None if failure is None else _describe(failure), group=group)
+            found: list[Optional[tuple[Optional[str], Optional[str]]]] = [None] * ranks.world_size
+            sent = (None if entry is None else str(entry), None if failure is None else _describe(failure))
+            dist.all_gather_object(found, sent, group=group)
         finally:
             dist.destroy_process_group(group)
-        if failure is None and (first := next((m for m in messages if m), None)) is not None:
-            raise error_type(first)
+        if failure is None:
+            if (first := next((error for _, error in found if error), None)) is not None:
+                raise error_type(first)
+            if entry is None:  # torchrun numbers a node's ranks consecutively: its local rank 0 is rank - local_rank
+                entry = Path(found[ranks.rank - ranks.local_rank][0])
     if failure is not None:
         raise failure
-    return hit
+    return entry, hit
 
 
 def _describe(err: BaseException) -> str:

@@ -22,12 +22,15 @@ def main(model_dir: str, good: str, bad: str, cache_dir: str, out: str) -> None:
     writes = []
     original = token_cache.write_entry
     token_cache.write_entry = lambda final, *a, **k: writes.append(str(final)) or original(final, *a, **k)
+    hashed = []
+    digest = token_cache.file_digest
+    token_cache.file_digest = lambda path: hashed.append(path) or digest(path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     cfg = DataConfig(prompt_key="prompt", response_key="response", max_length=16)
     report = {}
     for attempt in ("first", "second"):
         data = load_sft_examples(good, "data.train_files", tok, cfg, cache_dir=cache_dir, ranks=ranks)
-        report[attempt] = {"writes": len(writes), "folder": str(data.folder), "lengths": data.lengths.tolist(),
+        report[attempt] = {"writes": len(writes), "hashed": len(hashed), "folder": str(data.folder), "lengths": data.lengths.tolist(),
                            "example": data[len(data) // 2].input_ids}
     try:
         load_sft_examples(bad, "data.train_files", tok, cfg, cache_dir=cache_dir, ranks=ranks)

@@ -1,5 +1,5 @@
-"""The token cache on 2 gloo ranks of one node: only local rank 0 tokenizes and writes, both
-map the same entry, a second load writes nothing, and a bad row found by the writer stops
+"""The token cache on 2 gloo ranks of one node: only local rank 0 hashes the files, tokenizes
+and writes, both map the same entry, a second load writes nothing, and a bad row found by the writer stops
 the waiting rank too, with the writer's message. One torchrun launch, no model."""
 
 import json
@@ -21,6 +21,7 @@ def test_local_rank_zero_writes_both_map_and_errors_reach_every_rank(tiny_model,
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert zero["first"]["writes"] == 1 and one["first"]["writes"] == 0  # only local rank 0 tokenizes
     assert zero["second"]["writes"] == 1 and one["second"]["writes"] == 0  # the second load is a hit
+    assert zero["second"]["hashed"] == 2 and one["second"]["hashed"] == 0  # only the writer reads the files for the key
     assert zero["first"]["folder"] == one["first"]["folder"] == zero["second"]["folder"]
     assert zero["first"]["lengths"] == one["first"]["lengths"] and len(one["first"]["lengths"]) == 64
     assert zero["first"]["example"] == one["first"]["example"]
