@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from config.schema import ConfigError
@@ -89,6 +90,12 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, tuple[object, str]]:
             raise ConfigError(f"{spec.variable}={raw!r} is not valid: expected {spec.accepts}") from None
         found[spec.key] = (value, spec.variable)
     return found
+
+
+def token_cache_dir(env: Mapping[str, str]) -> str:
+    """The token cache's default folder (data.cache_dir=null), after the XDG convention."""
+    root = env.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return str(Path(root) / "sample-aware-trainer" / "tokens")
 
 
 def log_level(env: Mapping[str, str]) -> int:

@@ -115,6 +115,12 @@ class DataConfig:
     apply_chat_template_kwargs: dict = doc(
         "Extra keyword arguments for the chat template (e.g. {enable_thinking: false}).", factory=dict
     )
+    cache_dir: Optional[str] = doc(
+        "Folder of the token cache: each data set is tokenized once (per file content, tokenizer and the "
+        "settings that change tokens) into memory-mapped arrays that every rank of a node shares. null: "
+        "`$XDG_CACHE_HOME/sample-aware-trainer/tokens` (`~/.cache/...`).",
+        None,
+    )
 
     def token_budget(self) -> Optional[int]:
         """Tokens per forward on one rank, or None for fixed `micro_batch_size_per_gpu` micro-batches."""

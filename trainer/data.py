@@ -1,8 +1,10 @@
 """SFT data: read parquet/JSONL, tokenize with the loss on response tokens only, batch.
 
-Every example is tokenized up front, so a bad row (missing column, wrong type, too long with
-`truncation=error`) stops the run naming file, row and column before any model is built, and
-lengths are known for token-balanced batching.
+Files are read as a stream and tokenized a chunk of rows at a time into the token cache
+(trainer/token_cache.py: written once, memory-mapped by every rank), so a bad row (missing
+column, wrong type, too long with `truncation=error`) stops the run at its chunk, naming file,
+row and column, before any model is built; and lengths are known for token-balanced batching
+without holding the examples in memory.
 
 Loss convention: `labels[i]` is the token id when token i is a training target and -100
 otherwise; the model's logits at i-1 predict token i.
@@ -11,17 +13,28 @@ otherwise; the model's logits at i-1 predict token i.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence as SequenceABC
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from config.schema import DataConfig
+from trainer import token_cache
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -46,52 +59,97 @@ class Row:
     file: str
     index: int  # 0-based row number within the file
     values: dict
+    locator: int = -1  # where to read the row again: its byte offset (JSONL) or its index (parquet)
+
+
+CHUNK_ROWS = 1024  # rows read and tokenized at a time: memory stays bounded, a bad row stops the run early
 
 
 def read_rows(path: str, columns: Sequence[str], key: str, optional: Sequence[str] = ()) -> list[Row]:
     """Rows of one parquet or JSONL file, keeping only `columns` (which must all exist) and the
     `optional` columns the file has."""
+    return [row for chunk in iter_row_chunks(path, columns, key, optional) for row in chunk]
+
+
+def iter_row_chunks(
+    path: str, columns: Sequence[str], key: str, optional: Sequence[str] = (), chunk_rows: int = CHUNK_ROWS
+) -> Iterator[list[Row]]:
+    """The rows of one parquet or JSONL file, `chunk_rows` at a time, read as a stream."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{key}: file not found: {path}")
     suffix = file.suffix.lower()
     if suffix == ".parquet":
+        yield from _parquet_chunks(file, path, columns, optional, chunk_rows)
+    elif suffix in (".jsonl", ".json"):
+        yield from _jsonl_chunks(file, path, columns, optional, chunk_rows)
+    else:
+        raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
+
+
+def _parquet_error(path: str, err: Exception) -> DataError:  # not parquet, truncated, a corrupt page
+    return DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+
+
+def _parquet_chunks(file: Path, path: str, columns: Sequence[str], optional: Sequence[str], chunk_rows: int) -> Iterator[list[Row]]:
+    try:
+        parquet = pq.ParquetFile(file)
+        schema_names = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as err:
+        raise _parquet_error(path, err) from None
+    missing = [c for c in columns if c not in schema_names]
+    if missing:
+        raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
+    wanted = list(columns) + [c for c in optional if c in schema_names and c not in columns]
+    batches = parquet.iter_batches(batch_size=chunk_rows, columns=wanted)
+    start = 0
+    while True:
         try:
-            schema_names = pq.read_schema(file).names
-            missing = [c for c in columns if c not in schema_names]
-            if missing:
-                raise DataError(f"{path}: column {missing[0]!r} not found (columns: {', '.join(schema_names)})")
-            table = pq.read_table(file, columns=list(columns) + [c for c in optional if c in schema_names and c not in columns])
-        except (pa.ArrowException, OSError) as err:  # not parquet, truncated, a corrupt page
-            raise DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        return [Row(path, i, values) for i, values in enumerate(table.to_pylist())]
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(file, path, columns, optional)
-    raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            raise _parquet_error(path, err) from None
+        if batch is None:
+            return
+        values = batch.to_pylist()
+        yield [Row(path, start + i, v, start + i) for i, v in enumerate(values)]
+        start += len(values)
 
 
-def _read_jsonl(file: Path, path: str, columns: Sequence[str], optional: Sequence[str]) -> list[Row]:
+def _jsonl_chunks(file: Path, path: str, columns: Sequence[str], optional: Sequence[str], chunk_rows: int) -> Iterator[list[Row]]:
     """Rows of a JSONL file (one JSON object per line); the error names the file and row."""
-    rows = []
+    rows: list[Row] = []
+    offset = 0
     with open(file, "rb") as handle:
         for line_no, raw in enumerate(handle):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(f"{path}: row {line_no}: not UTF-8 text (a JSONL file is one JSON object per line)") from None
-            if not line.strip():
+            row = _jsonl_row(raw, path, line_no, offset, columns, optional)
+            offset += len(raw)
+            if row is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: row {line_no}: expected a JSON object, got {type(record).__name__}")
-            for c in columns:
-                if c not in record:
-                    raise DataError(f"{path}: row {line_no}: column {c!r} not found")
-            rows.append(Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}))
-    return rows
+            rows.append(row)
+            if len(rows) == chunk_rows:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
+
+
+def _jsonl_row(raw: bytes, path: str, line_no: int, offset: int, columns: Sequence[str], optional: Sequence[str]) -> Optional[Row]:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: row {line_no}: not UTF-8 text (a JSONL file is one JSON object per line)") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: row {line_no}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: row {line_no}: expected a JSON object, got {type(record).__name__}")
+    for c in columns:
+        if c not in record:
+            raise DataError(f"{path}: row {line_no}: column {c!r} not found")
+    return Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}, offset)
 
 
 def dig(row: Row, column: str, dict_keys: Optional[Sequence[str]]) -> Any:
@@ -118,17 +176,44 @@ def text_field(row: Row, column: str, dict_keys: Optional[Sequence[str]]) -> str
 
 
 # ----------------------------------------------------------------------------- tokenizing
-@dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
-    prompt_ids: list[int]  # what generation starts from (templated, ends with the assistant prefix)
-    prompt_text: str  # what a person reads as the prompt
-    reference: str  # the response the data set holds for it
+    """One tokenized example. Its texts (for samples and errors) may be read from the source file
+    only when asked for: a data set of millions of rows keeps none of them in memory."""
+
+    __slots__ = ("input_ids", "labels", "prompt_ids", "_texts", "_read_texts")
+
+    def __init__(
+        self,
+        input_ids: list[int],
+        labels: list[int],
+        prompt_ids: list[int],  # what generation starts from (templated, ends with the assistant prefix)
+        prompt_text: Optional[str] = None,  # what a person reads as the prompt
+        reference: Optional[str] = None,  # the response the data set holds for it
+        read_texts: Optional[Callable[[], tuple[str, str]]] = None,
+    ):
+        self.input_ids, self.labels, self.prompt_ids = input_ids, labels, prompt_ids
+        self._texts = None if read_texts is not None else (prompt_text or "", reference or "")
+        self._read_texts = read_texts
+
+    def _load_texts(self) -> tuple[str, str]:
+        if self._texts is None:
+            self._texts = self._read_texts()
+        return self._texts
+
+    @property
+    def prompt_text(self) -> str:
+        return self._load_texts()[0]
+
+    @property
+    def reference(self) -> str:
+        return self._load_texts()[1]
 
     @property
     def num_loss_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
+
+    def __repr__(self) -> str:
+        return f"Example({len(self.input_ids)} tokens, {self.num_loss_tokens} trained)"
 
 
 def _truncate(ids: list[int], labels: list[int], cfg: DataConfig, row: Row) -> tuple[list[int], list[int]]:
@@ -246,37 +331,178 @@ def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg
             rendered = full
         prompt_ids = tokenizer(prompt_text_so_far, add_special_tokens=False)["input_ids"][-cfg.max_length:]
         ids, labels = _truncate(ids, labels, cfg, row)
-        user_turns = [m["content"] for m in msgs[:last_assistant] if m["role"] == "user"]
-        examples.append(Example(ids, labels, list(prompt_ids), user_turns[-1] if user_turns else "", msgs[last_assistant]["content"]))
+        examples.append(Example(ids, labels, list(prompt_ids), *conversation_texts(msgs)))
     return examples
+
+
+def conversation_texts(messages: list[dict]) -> tuple[str, str]:
+    """(prompt, reference) a person reads for a conversation: the last user turn before the last
+    assistant turn, and that assistant turn."""
+    last_assistant = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+    user_turns = [m["content"] for m in messages[:last_assistant] if m["role"] == "user"]
+    return (user_turns[-1] if user_turns else ""), messages[last_assistant]["content"]
+
+
+# ----------------------------------------------------------------------------- the tokenized data set
+def _columns(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """Required and optional columns of a row."""
+    if cfg.multiturn.enable:
+        return [cfg.multiturn.messages_key], [cfg.multiturn.tools_key, cfg.multiturn.enable_thinking_key]
+    return list(dict.fromkeys([cfg.prompt_key, cfg.response_key])), []
+
+
+def token_settings(cfg: DataConfig, max_rows: int) -> dict:
+    """The settings that change an example's tokens: part of the token cache's key."""
+    shared = {"max_length": cfg.max_length, "truncation": cfg.truncation, "max_rows": max_rows,
+              "apply_chat_template_kwargs": cfg.apply_chat_template_kwargs}
+    if cfg.multiturn.enable:
+        return {**shared, "multiturn": asdict(cfg.multiturn)}
+    return {**shared, "prompt_key": cfg.prompt_key, "response_key": cfg.response_key,
+            "prompt_dict_keys": cfg.prompt_dict_keys, "response_dict_keys": cfg.response_dict_keys}
+
+
+def tokenized_chunks(paths: Sequence[str], key: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, max_rows: int) -> Iterator[token_cache.Chunk]:
+    """Read and tokenize the files a chunk of rows at a time; a bad row stops it at its chunk."""
+    columns, optional = _columns(cfg)
+    tokenize = tokenize_multi_turn if cfg.multiturn.enable else tokenize_single_turn
+    done = 0
+    for file_no, path in enumerate(paths):
+        if 0 < max_rows <= done:
+            break
+        empty = True
+        for rows in iter_row_chunks(path, columns, key, optional):
+            empty = False
+            if max_rows > 0:
+                rows = rows[: max_rows - done]
+            examples = tokenize(rows, tokenizer, cfg)
+            yield token_cache.Chunk(
+                [e.input_ids for e in examples],
+                [[int(label != IGNORE) for label in e.labels] for e in examples],
+                [e.prompt_ids for e in examples],
+                [(file_no, r.locator) for r in rows],
+            )
+            done += len(rows)
+            if 0 < max_rows <= done:
+                break
+        if empty:
+            raise DataError(f"{path}: no rows ({key})")
+    if done == 0:
+        raise DataError(f"{key}: no examples")
+
+
+class SourceTexts:
+    """Reads an example's prompt and reference texts again from its source file, by byte offset
+    (JSONL) or row number (parquet), for samples: nothing of the texts stays in memory."""
+
+    def __init__(self, paths: Sequence[str], cfg: DataConfig):
+        self.paths, self.cfg = list(paths), cfg
+        self._row_group: tuple[Any, int, list[dict]] = (None, -1, [])  # (file, first row, rows): samples read neighbours
+
+    def read(self, file_no: int, locator: int) -> tuple[str, str]:
+        path = self.paths[file_no]
+        columns, optional = _columns(self.cfg)
+        if path.lower().endswith(".parquet"):
+            row = Row(path, locator, self._parquet_row(path, locator, columns + optional), locator)
+        else:
+            with open(path, "rb") as handle:
+                handle.seek(locator)
+                row = _jsonl_row(handle.readline(), path, -1, locator, columns, optional)
+        if self.cfg.multiturn.enable:
+            messages = row.values[self.cfg.multiturn.messages_key]
+            return conversation_texts([{"role": m["role"], "content": m["content"]} for m in messages])
+        c = self.cfg
+        return text_field(row, c.prompt_key, c.prompt_dict_keys), text_field(row, c.response_key, c.response_dict_keys)
+
+    def _parquet_row(self, path: str, index: int, columns: list[str]) -> dict:
+        cached_path, first, rows = self._row_group
+        if cached_path != path or not first <= index < first + len(rows):
+            parquet = pq.ParquetFile(path)
+            first = 0
+            for group in range(parquet.num_row_groups):
+                size = parquet.metadata.row_group(group).num_rows
+                if index < first + size:
+                    names = [c for c in columns if c in parquet.schema_arrow.names]
+                    self._row_group = (path, first, parquet.read_row_group(group, columns=names).to_pylist())
+                    break
+                first += size
+            _, first, rows = self._row_group
+        return rows[index - first]
+
+
+class TokenizedDataset(SequenceABC):
+    """The examples of a token-cache entry, built on demand from the memory-mapped arrays: it
+    stands where a `list[Example]` stood (len, indexing, slicing, iteration), and `lengths` is
+    the mapped int32 array, so batching never walks the examples."""
+
+    def __init__(self, arrays: token_cache.TokenArrays, texts: SourceTexts):
+        self.arrays, self.texts = arrays, texts
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.arrays.lengths
+
+    @property
+    def folder(self) -> Path:
+        return self.arrays.folder
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index):  # int -> Example, slice -> list[Example]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        ids, mask = self.arrays.tokens(i)
+        file_no, locator = (int(v) for v in self.arrays.sources[i])
+        return Example(
+            ids.tolist(), np.where(mask, ids, IGNORE).tolist(), self.arrays.prompt(i).tolist(),
+            read_texts=partial(self.texts.read, file_no, locator),
+        )
 
 
 def load_sft_examples(
-    files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, max_rows: int = -1
-) -> list[Example]:
+    files: Any,
+    key: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    max_rows: int = -1,
+    cache_dir: Optional[str] = None,
+    ranks: token_cache.Ranks = token_cache.Ranks(),
+) -> TokenizedDataset:
     """Every example of `files`, or the first `max_rows` rows over the files in order (verl's
-    `train_max_samples` / `val_max_samples` without data.shuffle)."""
+    `train_max_samples` / `val_max_samples` without data.shuffle), tokenized once into the token
+    cache under `cache_dir` (None: a temporary folder of this process, removed with the data set)
+    and memory-mapped. `ranks` says who writes (local rank 0 of each node) and who waits."""
     paths = as_file_list(files, key)
-    optional: list[str] = []
-    if cfg.multiturn.enable:
-        columns = [cfg.multiturn.messages_key]
-        optional = [cfg.multiturn.tools_key, cfg.multiturn.enable_thinking_key]
-    else:
-        columns = list(dict.fromkeys([cfg.prompt_key, cfg.response_key]))
-    examples: list[Example] = []
     for path in paths:
-        if 0 < max_rows <= len(examples):
-            break
-        rows = read_rows(path, columns, key, optional)
-        if not rows:
-            raise DataError(f"{path}: no rows ({key})")
-        if max_rows > 0:
-            rows = rows[: max_rows - len(examples)]
-        tokenize = tokenize_multi_turn if cfg.multiturn.enable else tokenize_single_turn
-        examples.extend(tokenize(rows, tokenizer, cfg))
-    if not examples:
-        raise DataError(f"{key}: no examples")
-    return examples
+        if not Path(path).is_file():
+            raise DataError(f"{key}: file not found: {path}")
+    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.mkdtemp(prefix="sft-tokens-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.cache_dir: cannot create {root} ({err.strerror or err})") from None
+    meta = {"key": key, "files": paths, "settings": token_settings(cfg, max_rows)}
+    start = time.perf_counter()
+    entry, hit = token_cache.build_once(
+        lambda: root / token_cache.entry_key(paths, tokenizer, token_settings(cfg, max_rows)),
+        lambda entry: token_cache.write_entry(entry, lambda: tokenized_chunks(paths, key, tokenizer, cfg, max_rows), meta),
+        ranks if cache_dir else token_cache.Ranks(),
+        DataError,
+    )
+    dataset = TokenizedDataset(token_cache.TokenArrays(entry), SourceTexts(paths, cfg))
+    if not cache_dir:
+        weakref.finalize(dataset, shutil.rmtree, root, True)
+    elif ranks.rank == 0:
+        if hit:
+            log.info("%s: %d examples from the token cache %s (tokenization skipped)", key, len(dataset), entry)
+        else:
+            log.info("%s: %d examples tokenized in %.1fs into the token cache %s", key, len(dataset), time.perf_counter() - start, entry)
+    return dataset
 
 
 # ----------------------------------------------------------------------------- batching
@@ -339,11 +565,13 @@ def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epo
     into batches; then the batches are shuffled. Every epoch differs, every run with the same
     seed is the same, and a global batch is almost free of padding.
     """
-    order = epoch_order(len(lengths), seed, epoch, True)
+    order = np.asarray(epoch_order(len(lengths), seed, epoch, True), dtype=np.int64)
+    lengths = np.asarray(lengths)
     mega = batch_size * MEGABATCH_FACTOR
     batches = []
     for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        chunk = order[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")].tolist()  # longest first, ties in shuffled order
         batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     full = [b for b in batches if len(b) == batch_size]
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
@@ -413,9 +641,11 @@ class SFTBatches:
     (workers/packing.py).
     """
 
-    def __init__(self, examples: list[Example], cfg: DataConfig, seed: int, rank: int, world_size: int, pad_id: int):
+    def __init__(self, examples: Sequence[Example], cfg: DataConfig, seed: int, rank: int, world_size: int, pad_id: int):
         self.examples = examples
-        self.lengths = [len(e.input_ids) for e in examples]
+        # A TokenizedDataset's lengths are its mapped int32 array: no walk over the examples.
+        lengths = getattr(examples, "lengths", None)
+        self.lengths = lengths if lengths is not None else np.array([len(e.input_ids) for e in examples], dtype=np.int32)
         self.cfg = cfg
         self.seed = seed
         self.rank = rank

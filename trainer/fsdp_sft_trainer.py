@@ -39,6 +39,7 @@ from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import progress
 from trainer.samples import SampleLogger, prompt_id, sample_seed
+from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers import liger, sequence_parallel
 from workers.fsdp import (
@@ -119,9 +120,13 @@ class FSDPSFTTrainer:
         self.sp = sequence_parallel.setup(sp_size, self.device)  # collective: the (dp, sp) mesh
         self.feed = ModelFeed(self.tokenizer.pad_token_id, self._layout(), self.sp, cfg.model.use_liger)
         d = cfg.data
-        train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples)
+        # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
+        cache_dir = d.cache_dir or env_config.token_cache_dir(env_config.environ())
+        ranks = Ranks(dist_ctx.rank, dist_ctx.local_rank, dist_ctx.world_size)
+        train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples, cache_dir, ranks)
         self.val_examples = (
-            load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples) if d.val_files else []
+            load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples, cache_dir, ranks)
+            if d.val_files else []
         )
         # The ranks of a sequence-parallel group hold the same micro-batches.
         self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, self.sp.dp_rank, self.sp.dp_size, self.tokenizer.pad_token_id)

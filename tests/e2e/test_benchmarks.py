@@ -94,3 +94,19 @@ def test_generation_benchmark_quick_prints_its_table(tmp_path):
         assert rows[name][3] in ("yes", "NO"), rows[name]
     assert number(rows["validations per run"][1]) >= 1
     assert json.loads((tmp_path / "bench_generation.json").read_text())["batched_speedup"] > 0
+
+
+@pytest.mark.distributed
+def test_data_benchmark_quick_prints_its_table(tmp_path):
+    out = run_script("bench_data.py", "--quick", "--out", str(tmp_path))
+    rows = {r[0]: r for r in next(rows for h, rows in tables(out).items() if h.startswith("Data at scale"))}
+    before, cached = rows["before"], rows["token cache"]
+    assert before[3] == "(no cache)" and cached[1] == before[1] == "400"
+    for row in (before, cached):
+        assert number(row[2]) > 0 and number(row[4]) > 0 and number(row[5].replace(",", "")) > 0, row  # first step, RSS, tokens/s
+    assert number(cached[3]) > 0 and number(cached[6]) > 0, cached  # the second run started; the bad row was reported
+    saved = json.loads((tmp_path / "bench_data.json").read_text())["runs"]
+    kinds = {(r["code"], r["kind"]): r for r in saved}
+    assert kinds[("token cache", "first")]["ok"] and kinds[("token cache", "second")]["ok"] and kinds[("before", "first")]["ok"]
+    assert not kinds[("token cache", "bad")]["ok"] and "row 5: " in kinds[("token cache", "bad")]["error"]
+    assert (tmp_path / "bench_data.md").read_text() == out
