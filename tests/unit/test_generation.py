@@ -1,6 +1,7 @@
 """The sample generator: batched, left-padded, per-prompt seeds."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -172,14 +173,17 @@ def test_response_log_probs_are_those_of_the_logits_divided_by_the_temperature(h
     tok = hub.tok
     model = AutoModelForCausalLM.from_pretrained(hub.plain)
     generated = generate(model, tok, encode_prompts(tok, PROMPTS[:2]), SAMPLED, [5, 6])
+    generated[1] = replace(generated[1], token_ids=generated[1].token_ids[:3])  # as if it had stopped early
     batch = build_rollout_batch(generated, [0, 1], tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
         p, r = batch.prompt_width, batch.response_mask.shape[1]
         targets = batch.input_ids[:, p:, None]
-        by_hand = {t: torch.log_softmax(logits[:, p - 1 : p - 1 + r].float() / t, dim=-1).gather(-1, targets).squeeze(-1)
+        mask = batch.response_mask  # the LM head runs on response positions only: 0 elsewhere
+        assert 0 < mask.sum() < mask.numel()  # some rows stopped early: positions to leave out
+        by_hand = {t: torch.log_softmax(logits[:, p - 1 : p - 1 + r].float() / t, dim=-1).gather(-1, targets).squeeze(-1) * mask
                    for t in (0.6, 1.0, 1.7)}
         for t, expected in by_hand.items():
             torch.testing.assert_close(response_log_probs(model, batch, temperature=t), expected)
-        assert torch.equal(response_log_probs(model, batch), by_hand[1.0])  # T = 1 exactly as before
+        assert not response_log_probs(model, batch)[mask == 0].any()  # after a stop: no log-prob, no logits
     assert not torch.allclose(by_hand[0.6], by_hand[1.0])
