@@ -3,7 +3,7 @@
     python scripts/bench_rl.py [--size full|tiny] [--runs N] [--steps N] [--no-trl] [--out DIR]
 
 Both trainers run the same GRPO step: the same model, prompts, group size, completion length,
-learning rate and number of steps, fp32 on CPU with 2 threads, no vLLM, no KL (`beta=0`), DAPO's
+learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no vLLM, no KL (`beta=0`), DAPO's
 token-mean loss (`loss_type="dapo"`, our `token-mean` over the step's tokens), one generation
 batch per optimizer step (TRL: `steps_per_generation=1`, `num_iterations=1`; ours: one mini-batch,
 one epoch), sampling at temperature 1 without top-k/top-p. TRL's defaults that differ are set off:
@@ -170,7 +170,7 @@ def ours_overrides(task: Task, size: Size, run_dir: Path, extra: list[str]) -> l
     ]
 
 
-def run_ours(work: Path, slug: str, task: Task, size: Size, extra: list[str] = (), nproc: int = 1) -> Run:
+def run_ours(work: Path, slug: str, task: Task, size: Size, extra: list[str] = (), nproc: int = 1, threads: int = 2) -> Run:
     run_dir, rss_dir = work / "runs" / slug, work / "rss" / slug
     rss_dir.mkdir(parents=True)
     inner = [str(THIS), "--_wrap", str(rss_dir), "trainer.rl_trainer", *ours_overrides(task, size, run_dir, list(extra))]
@@ -178,7 +178,7 @@ def run_ours(work: Path, slug: str, task: Task, size: Size, extra: list[str] = (
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *inner]
     load = OtherLoad()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(2 if nproc == 1 else 1), capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads if nproc == 1 else 1), capture_output=True, text=True,
                               timeout=size.timeout_s)
         rc, err = proc.returncode, tail_errors(proc.stderr + proc.stdout)
     except subprocess.TimeoutExpired:
@@ -204,7 +204,7 @@ def peer_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     for name in ("--task", "--out"):
         p.add_argument(name, type=Path, required=True)
-    for name in ("--prompts", "--group", "--new-tokens", "--steps"):
+    for name in ("--prompts", "--group", "--new-tokens", "--steps", "--threads"):
         p.add_argument(name, type=int, required=True)
     a = p.parse_args(argv)
 
@@ -217,7 +217,7 @@ def peer_main(argv: list[str]) -> None:
     sys.path.insert(0, str(ROOT))
     from workers.rewards import resolve_function
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     task = json.loads(a.task.read_text())
     rows = [json.loads(line) for line in Path(task["data_file"]).read_text().splitlines()]
     reward_fn = resolve_function(task["reward"]["fn"])
@@ -262,16 +262,16 @@ def peer_main(argv: list[str]) -> None:
     }))
 
 
-def run_trl(work: Path, slug: str, task: Task, size: Size) -> Run:
+def run_trl(work: Path, slug: str, task: Task, size: Size, threads: int = 2) -> Run:
     out = work / "trl" / slug / "result.json"
     out.parent.mkdir(parents=True)
     spec = out.parent / "task.json"
     spec.write_text(json.dumps({"model_dir": str(task.model_dir), "data_file": str(task.data_file), "reward": task.reward}))
     cmd = [sys.executable, str(THIS), "--_peer", "--task", str(spec), "--out", str(out), "--prompts", str(size.prompts),
-           "--group", str(size.group), "--new-tokens", str(size.new_tokens), "--steps", str(size.steps)]
+           "--group", str(size.group), "--new-tokens", str(size.new_tokens), "--steps", str(size.steps), "--threads", str(threads)]
     load = OtherLoad()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(2), capture_output=True, text=True, timeout=size.timeout_s)
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=size.timeout_s)
         rc, err = proc.returncode, tail_errors(proc.stderr + proc.stdout)
     except subprocess.TimeoutExpired:
         rc, err = -1, f"timed out after {size.timeout_s}s"
@@ -343,6 +343,7 @@ def main() -> int:
     parser.add_argument("--models", default="demo,bpe", help="comma-separated: demo, bpe")
     parser.add_argument("--no-trl", action="store_true", help="ours only")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_rl.json and bench_rl.md")
     args = parser.parse_args()
     size = SIZES[args.size]
@@ -369,7 +370,8 @@ def main() -> int:
         results[name] = {"ours": [], "TRL": []}
         for i in range(size.runs):
             for trainer in ("ours", "TRL") if use_trl else ("ours",):
-                run = run_ours(work, f"{name}_ours_{i}", task, size) if trainer == "ours" else run_trl(work, f"{name}_{i}", task, size)
+                run = (run_ours(work, f"{name}_ours_{i}", task, size, threads=args.threads) if trainer == "ours"
+                       else run_trl(work, f"{name}_{i}", task, size, args.threads))
                 results[name][trainer].append(run)
                 log(f"  {trainer} run {i + 1}: " + (f"{run.tokens_per_s:.0f} completion tok/s, {statistics.median(run.dts):.3f} s/step"
                                                    if run.ok else f"FAILED {run.error}"))
@@ -381,7 +383,7 @@ def main() -> int:
                 memory.append((label, run))
                 log(f"  memory: {label}: " + ", ".join(f"rank {k} {v:.0f} MB" for k, v in sorted(run.peak_rss_mb.items())))
     table, saved = main_table(results, size, trl_note)
-    text = f"## RL throughput: ours against TRL GRPOTrainer ({args.size})\n\n{table}\n"
+    text = f"## RL throughput: ours against TRL GRPOTrainer ({args.size}, {args.threads} thread(s))\n\n{table}\n"
     if memory:
         text += f"\n## Per-rank peak memory\n\n{memory_table(memory)}\n"
     print(text)
