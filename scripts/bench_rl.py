@@ -27,7 +27,7 @@ optimizer step), sample logging (`logging.sample_logging`, every 10 steps here, 
 (metric logging). Peak RSS is each process's high-water mark (the rollout's unsharded copy of the
 weights is freed before the update, so it is not held at once with the gradients).
 
-`--size tiny` (the test suite's) runs ours only, 1 run of 4 steps per model, with a small BPE
+`--size tiny` (the test suite's) runs ours only, 1 run of 3 steps per model, with a small BPE
 vocabulary: it checks that the benchmark works; its numbers mean nothing.
 TRL (`trl`, `datasets`) is the optional `bench` extra: pip install 'sample-aware-trainer[bench]'.
 """
@@ -79,7 +79,7 @@ class Size:
 SIZES = {
     "full": Size(prompts=16, group=8, new_tokens=8, steps=25, warmup=3, runs=3, bpe_vocab=32000, trl=True, timeout_s=1800,
                  sample_every=10),
-    "tiny": Size(prompts=4, group=4, new_tokens=4, steps=4, warmup=1, runs=1, bpe_vocab=600, trl=False, timeout_s=300,
+    "tiny": Size(prompts=4, group=4, new_tokens=4, steps=3, warmup=1, runs=1, bpe_vocab=600, trl=False, timeout_s=300,
                  sample_every=2),
 }
 
