@@ -124,10 +124,17 @@ class RolloutConfig:
     val_top_k: Optional[int] = doc("Top-k of sampled validation responses (null: `top_k`).", None)
     val_top_p: Optional[float] = doc("Top-p of sampled validation responses (null: `top_p`).", None)
     log_prob_micro_batch_size_per_gpu: Optional[int] = doc(
-        "Sequences per no-grad forward for the rollout's log-probs on one rank (null: actor.micro_batch_size_per_gpu).", None
+        "Sequences per no-grad forward for the rollout's log-probs on one rank (null: actor.micro_batch_size_per_gpu); "
+        "not run when the update is on-policy (one mini-batch, one epoch).", None
+    )
+    micro_batch_size_per_gpu: Optional[int] = doc(
+        "Sequences per `generate` call on one rank, rollouts and validation (null: all of the rank's in one call). "
+        "Bounds the KV cache; the samples do not depend on it (one seed per sequence).", None
     )
 
     def check(self) -> None:
+        _require(self.micro_batch_size_per_gpu is None or self.micro_batch_size_per_gpu > 0,
+                 "rollout.micro_batch_size_per_gpu", "must be > 0")
         _require(self.responses_per_prompt > 0, "rollout.responses_per_prompt", "must be > 0")
         _require(self.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")

@@ -58,6 +58,7 @@ from workers.actor import (
     UpdateSettings,
     build_rollout_batch,
     forward_in_micro_batches,
+    on_policy,
     response_log_probs,
     response_values,
     update_critic,
@@ -132,6 +133,7 @@ class RLTrainer:
             if cfg.data.val_files else []
         )
         self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process
+        self.samples_s = 0.0  # sample logging since the last step's metrics
         self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
                                      dist_ctx.rank, dist_ctx.world_size)
         self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
@@ -257,20 +259,22 @@ class RLTrainer:
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
         mbs = cfg.actor.micro_batch_size_per_gpu
+        settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
+                                  self.dist.world_size, cfg.trainer.seed)
         log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature)
-        batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
-                                                      cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
+        if not on_policy(settings):  # on-policy the update uses its own detached log-probs (ratio 1)
+            batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
+                                                          cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
         if cfg.algorithm.kl_coef > 0:
             batch.ref_log_prob = self.reference_log_probs(batch, log_probs)
         if self.critic is not None:
             batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
+        log_probs_s = time.perf_counter() - start - rollout_s
         a = cfg.algorithm
         batch.advantages, batch.returns = core_algos.get_adv_estimator(a.adv_estimator)(
             core_algos.AdvantageInputs(batch.token_level_rewards, batch.response_mask, batch.group_index, batch.values),
             core_algos.AdvantageConfig(a.gamma, a.lam, a.norm_adv_by_std_in_grpo, reduce=all_reduce_sum),
         )
-        settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
-                                  self.dist.world_size, cfg.trainer.seed)
         metrics: dict[str, float] = {}
         if self.critic is not None:
             metrics.update(update_critic(self.critic, self.critic_optimizer, batch, cfg.critic.cliprange_value,
@@ -282,8 +286,14 @@ class RLTrainer:
                                          loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step,
                                          temperature=cfg.rollout.temperature))
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
+        step_s = time.perf_counter() - start
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
-                        "train/step_s": time.perf_counter() - start, "train/epoch": float(self.epoch)})
+                        "train/step_s": step_s, "train/epoch": float(self.epoch),
+                        # The step's phases (advantages and rewards' metrics count with the update);
+                        # sample logging is timed when it runs, after the previous step.
+                        "timing/rollout_s": rollout_s, "timing/log_probs_s": log_probs_s,
+                        "timing/update_s": step_s - rollout_s - log_probs_s, "timing/samples_s": self.samples_s})
+        self.samples_s = 0.0
         return metrics
 
     def rollout(self, indices: Sequence[int], prompts: Sequence[RLPrompt]) -> tuple[RolloutBatch, list[dict[str, float]]]:
@@ -293,7 +303,8 @@ class RLTrainer:
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
         seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
+            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids,
+                                 micro_batch_size=r.micro_batch_size_per_gpu)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
         # The outcome reward sits on the last generated token.
@@ -332,7 +343,8 @@ class RLTrainer:
         )
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
         with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids)
+            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids,
+                                 micro_batch_size=r.micro_batch_size_per_gpu)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.tracking.log_metrics(metrics, self.step)
@@ -370,6 +382,7 @@ class RLTrainer:
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("qualitative samples (%s) failed at step %d: %s: %s", stage, self.step, type(err).__name__, err)
         dist.barrier()
+        self.samples_s += time.perf_counter() - start
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> Path:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
+from workers.model import lm_head_rows
 
 
 @dataclass
@@ -81,16 +82,36 @@ def _response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tenso
 
 
 def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probabilities of the response tokens under the distribution they were sampled from.
+    """Log-probabilities of the response tokens under the distribution they were sampled from
+    ([N, R], 0 outside `response_mask`).
 
     Rollouts sample from softmax(logits / T), so the logits are divided by the rollout
     temperature before the log-softmax, for old, reference and current log-probs alike
     (verl's `dp_actor.py` does the same: `logits.div_(temperature)`). T = 1 is left untouched.
+
+    The LM head runs only on the positions that predict a response token (`lm_head_rows`, as
+    in SFT): no logits over the vocabulary for prompts, padding or what follows a stop, work
+    that grows with the vocabulary (TRL's GRPOTrainer does the same with `logits_to_keep`).
     """
-    logits = _response_logits(model, batch).float()
+    width = batch.response_mask.shape[1]
+    keep = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    # Position t predicts token t + 1: the response tokens are predicted from P - 1 .. P + R - 2.
+    keep[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width] = batch.response_mask.bool()
+    with lm_head_rows(model, keep) as only_responses:
+        if not only_responses:  # no output embeddings to hook: every position, then the window
+            return _log_probs_of(_response_logits(model, batch), batch.input_ids[:, batch.prompt_width :], temperature)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    use_cache=False)
+    targets = batch.input_ids[:, batch.prompt_width :]
+    mask = batch.response_mask.bool()
+    rows = _log_probs_of(out.logits, targets[mask], temperature)  # [tokens]
+    return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
+
+
+def _log_probs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = batch.input_ids[:, batch.prompt_width :]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -136,6 +157,12 @@ class UpdateSettings:
     seed: int  # shuffles mini-batches reproducibly
 
 
+def on_policy(settings: UpdateSettings) -> bool:
+    """One optimizer step on the rollout (one mini-batch, one epoch): the policy that sampled is
+    the one being updated, so the old log-probs equal the current ones and need no forward."""
+    return settings.ppo_epochs == 1 and settings.mini_batches == 1
+
+
 def _mini_batches(n: int, count: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if count > 1 else torch.arange(n)
     return [chunk for chunk in order.chunk(count) if len(chunk)]
@@ -166,7 +193,8 @@ def update_policy(
     *,
     temperature: float,
 ) -> dict[str, float]:
-    """`temperature`: the rollout's, as for the old log-probs the ratios compare against."""
+    """`temperature`: the rollout's, as for the old log-probs the ratios compare against.
+    `batch.old_log_prob` None: the update is on-policy (`on_policy`), the ratio is 1."""
     device = batch.input_ids.device
     generator = torch.Generator().manual_seed(settings.seed * 7919 + step)
     sums: dict[str, float] = {}
@@ -180,7 +208,10 @@ def update_policy(
             for i in range(0, len(mini), settings.micro_batch_size):
                 micro = mini.select(slice(i, i + settings.micro_batch_size))
                 log_prob = response_log_probs(actor, micro, temperature)
-                pg_loss, metrics = policy_loss(micro.old_log_prob, log_prob, micro.advantages, micro.response_mask, loss_cfg, denominator)
+                # On-policy (no old log-probs: one mini-batch, one epoch) the sampling policy is the
+                # current one, so the ratio is exactly 1: its detached log-probs stand in (as TRL does).
+                old = micro.old_log_prob if micro.old_log_prob is not None else log_prob.detach()
+                pg_loss, metrics = policy_loss(old, log_prob, micro.advantages, micro.response_mask, loss_cfg, denominator)
                 loss = pg_loss
                 if kl_coef > 0:
                     kl = core_algos.kl_penalty(log_prob, micro.ref_log_prob, kl_estimator)

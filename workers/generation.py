@@ -59,14 +59,38 @@ class SeededSampler(LogitsProcessor):
 
     `generate` then runs in greedy mode and picks exactly the sampled token, which keeps the
     library's batching, caching and stopping while making every row reproducible on its own.
+
+    Vectorised, with the samples of `torch.multinomial(probs[i], 1, generator=g_i)` row by row:
+    for one sample, multinomial draws q ~ Exp(1) over the vocabulary from the row's generator
+    and takes argmax(p / q) (ATen's `multinomial`, the exponential form of the Gumbel-max trick).
+    Here each row's exponentials for a block of token steps come in one draw from its generator
+    (the same stream, checked bit for bit in tests/unit/test_generation.py), and each token step
+    is one `argmax` over the whole batch instead of one `multinomial` launch per row.
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device):
+    # Noise elements held at once (B x steps x vocabulary): bounds the block of steps drawn ahead.
+    NOISE_BUDGET_ELEMENTS = 1 << 24
+
+    def __init__(self, seeds: Sequence[int], device: torch.device, max_steps: int = 1):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.device = device
+        self.max_steps = max(1, max_steps)
+        self.noise: Optional[torch.Tensor] = None  # [B, block steps, V]
+        self.used = 0
+
+    def _draw(self, vocab: int) -> None:
+        block = max(1, min(self.max_steps, self.NOISE_BUDGET_ELEMENTS // max(1, len(self.generators) * vocab)))
+        noise = torch.empty((len(self.generators), block, vocab), dtype=torch.float32, device=self.device)
+        for row, g in zip(noise, self.generators):
+            row.exponential_(generator=g)
+        self.noise, self.used = noise, 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1)
-        picks = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        if self.noise is None or self.used == self.noise.shape[1]:
+            self._draw(scores.shape[-1])
+        picks = (probs / self.noise[:, self.used]).argmax(dim=-1, keepdim=True)
+        self.used += 1
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, picks, 0.0)
 
@@ -81,7 +105,7 @@ def _processors(settings: GenerationSettings, seeds: Sequence[int], device: torc
         processors.append(TopKLogitsWarper(settings.top_k))
     if settings.top_p < 1.0:
         processors.append(TopPLogitsWarper(settings.top_p))
-    processors.append(SeededSampler(seeds, device))
+    processors.append(SeededSampler(seeds, device, settings.max_new_tokens))
     return processors
 
 
@@ -128,16 +152,35 @@ def generate(
     seeds: Optional[Sequence[int]] = None,
     synced_gpus: bool = False,
     stop_ids: Optional[Sequence[int]] = None,
+    micro_batch_size: Optional[int] = None,
 ) -> list[Generated]:
-    """One `generate` call for the whole batch of prompts (token ids, already templated).
+    """Batched `generate` calls over the prompts (token ids, already templated).
 
     `stop_ids`: every token that ends a generation (default: the tokenizer's EOS).
+    `micro_batch_size`: prompts per `generate` call (None: all in one). The KV cache grows with
+    the rows of a call, so this bounds the rollout's memory; each row samples from its own seed,
+    so the samples do not depend on it. With `synced_gpus` every rank must make the same number
+    of calls (the same number of prompts and the same micro-batch size).
     """
     if not prompt_ids:
         return []
-    device = next(model.parameters()).device
     seeds = list(seeds) if seeds is not None else list(range(len(prompt_ids)))
     stop_ids = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
+    size = micro_batch_size or len(prompt_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        return [g for i in range(0, len(prompt_ids), size)
+                for g in _generate_batch(model, tokenizer, prompt_ids[i : i + size], settings, seeds[i : i + size],
+                                         synced_gpus, stop_ids)]
+    finally:
+        model.train(was_training)
+
+
+def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, seeds, synced_gpus: bool,
+                    stop_ids: list[int]) -> list[Generated]:
+    """One `generate` call for a batch of prompts."""
+    device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -147,19 +190,14 @@ def generate(
         eos_token_id=stop_ids,
         use_cache=True,
     )
-    was_training = model.training
-    model.eval()
-    try:
-        with _only_this_config(model, config):
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                logits_processor=_processors(settings, seeds, device),
-                synced_gpus=synced_gpus,
-            )
-    finally:
-        model.train(was_training)
+    with _only_this_config(model, config):
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=_processors(settings, seeds, device),
+            synced_gpus=synced_gpus,
+        )
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     results = []
     for prompt, row in zip(prompt_ids, new_tokens):

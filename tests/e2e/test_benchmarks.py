@@ -110,3 +110,20 @@ def test_data_benchmark_quick_prints_its_table(tmp_path):
     assert not any(code == "before" for code, _ in kinds)  # quick: the code before is not run (it needs git history)
     assert not kinds[("token cache", "bad")]["ok"] and "row 5: " in kinds[("token cache", "bad")]["error"]
     assert (tmp_path / "bench_data.md").read_text() == out
+
+
+def test_rl_benchmark_tiny_prints_its_table(tmp_path):
+    """Ours only (TRL is not a test dependency): both models, every phase share of our step."""
+    out = run_script("bench_rl.py", "--size", "tiny", "--out", str(tmp_path))
+    rows = {(r[0], r[1]): r for r in next(rows for h, rows in tables(out).items() if h.startswith("RL throughput"))}
+    assert set(rows) == {(m, t) for m in ("demo", "bpe") for t in ("ours GRPO", "TRL GRPOTrainer")}
+    for model in ("demo", "bpe"):
+        runs, s_step, tok_s, _, *shares, peak = rows[(model, "ours GRPO")][2:12]
+        assert number(runs) == 1 and number(s_step) > 0 and number(tok_s) > 0 and number(peak) > 0, rows[(model, "ours GRPO")]
+        rollout, log_probs, update, samples, other = (number(c) for c in shares)
+        assert rollout > 0 and update > 0 and samples > 0, shares  # samples every 2 steps in tiny
+        assert abs(rollout + log_probs + update + samples + other - 100) <= 3, shares
+        assert "not run" in rows[(model, "TRL GRPOTrainer")][-1]
+    saved = json.loads((tmp_path / "bench_rl.json").read_text())
+    assert saved["summary"]["bpe"]["ours"]["tokens_per_s"] > 0
+    assert (tmp_path / "bench_rl.md").read_text().strip() == out.strip()

@@ -1,13 +1,15 @@
 """The sample generator: batched, left-padded, per-prompt seeds."""
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from helpers import make_tiny_model, with_generation_config
+from workers import generation
 from workers.actor import build_rollout_batch, response_log_probs
 from workers.generation import GenerationSettings, encode_prompts, generate, left_pad
 from workers.model import ModelLoadError, build_from_config, load_config, load_stop_ids
@@ -48,6 +50,50 @@ def test_generation_restores_train_mode_and_reports_eos(tiny_model):
     assert model.training
     assert out[0].stopped_at_eos == (tok.eos_token_id in out[0].token_ids)
     assert out[0].num_tokens <= 3
+
+
+class PerRowSampler(LogitsProcessor):
+    """The sampler as it was before it was vectorised: one `multinomial` per row per token step."""
+
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks, 0.0)
+
+
+def test_vectorised_sampler_draws_the_samples_of_the_per_row_sampler(tiny_model, monkeypatch):
+    """The same tokens as one multinomial per row and step, for the same seeds, with top-k/top-p
+    masking, and whatever the noise block (one step at a time, or all steps in one draw)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = encode_prompts(tok, ["1+2=", "33+44=", "5+60=", "hello there, how are you", "9+9=", "70+1="])
+    seeds = [3, 1_000_003, 77, 2**31 - 2, 5, 5]
+    runs = {}
+    for settings in (GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.7, top_k=0, top_p=1.0),
+                     GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.3, top_k=20, top_p=0.9)):
+        for budget in (1, 1 << 24):  # one step per draw / every step in one draw
+            monkeypatch.setattr(generation.SeededSampler, "NOISE_BUDGET_ELEMENTS", budget)
+            new = [g.token_ids for g in generate(model, tok, prompts, settings, seeds)]
+            runs.setdefault(settings, []).append(new)
+        monkeypatch.setattr(generation, "SeededSampler", lambda seeds, device, max_steps=1: PerRowSampler(seeds, device))
+        old = [g.token_ids for g in generate(model, tok, prompts, settings, seeds)]
+        monkeypatch.undo()
+        assert runs[settings] == [old, old], settings
+        assert len({tuple(t) for t in old}) > 2  # sampled at temperature > 1: the rows differ
+
+
+def test_generation_micro_batches_give_the_same_samples(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = encode_prompts(tok, ["1+2=", "33+44=", "5+60=", "hello there, how are you", "9+9="])
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+    seeds = [10, 20, 30, 40, 50]
+    whole = [g.token_ids for g in generate(model, tok, prompts, settings, seeds)]
+    for size in (1, 2, 3):
+        assert [g.token_ids for g in generate(model, tok, prompts, settings, seeds, micro_batch_size=size)] == whole, size
 
 
 # ---------------------------------------------------------------------- hub models as they come
@@ -127,14 +173,17 @@ def test_response_log_probs_are_those_of_the_logits_divided_by_the_temperature(h
     tok = hub.tok
     model = AutoModelForCausalLM.from_pretrained(hub.plain)
     generated = generate(model, tok, encode_prompts(tok, PROMPTS[:2]), SAMPLED, [5, 6])
+    generated[1] = replace(generated[1], token_ids=generated[1].token_ids[:3])  # as if it had stopped early
     batch = build_rollout_batch(generated, [0, 1], tok.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
         p, r = batch.prompt_width, batch.response_mask.shape[1]
         targets = batch.input_ids[:, p:, None]
-        by_hand = {t: torch.log_softmax(logits[:, p - 1 : p - 1 + r].float() / t, dim=-1).gather(-1, targets).squeeze(-1)
+        mask = batch.response_mask  # the LM head runs on response positions only: 0 elsewhere
+        assert 0 < mask.sum() < mask.numel()  # some rows stopped early: positions to leave out
+        by_hand = {t: torch.log_softmax(logits[:, p - 1 : p - 1 + r].float() / t, dim=-1).gather(-1, targets).squeeze(-1) * mask
                    for t in (0.6, 1.0, 1.7)}
         for t, expected in by_hand.items():
             torch.testing.assert_close(response_log_probs(model, batch, temperature=t), expected)
-        assert torch.equal(response_log_probs(model, batch), by_hand[1.0])  # T = 1 exactly as before
+        assert not response_log_probs(model, batch)[mask == 0].any()  # after a stop: no log-prob, no logits
     assert not torch.allclose(by_hand[0.6], by_hand[1.0])

@@ -153,3 +153,12 @@ def test_api_finds_train_and_validation_files_in_a_folder(tiny_model, rl_data):
     c = run.config
     assert c.data.train_files == [str(rl_data["train"])] and c.data.val_files == [str(rl_data["val"])]
     assert (c.data.prompts_per_step, c.rollout.max_new_tokens, c.algorithm.policy_loss) == (4, 3, "gspo")
+
+
+def test_rollout_micro_batch_size_is_checked_and_defaults_to_one_call():
+    from config.rl_schema import RolloutConfig
+
+    assert RolloutConfig().micro_batch_size_per_gpu is None
+    RolloutConfig(micro_batch_size_per_gpu=16).check()
+    with pytest.raises(ConfigError, match=r"^rollout.micro_batch_size_per_gpu: must be > 0"):
+        RolloutConfig(micro_batch_size_per_gpu=0).check()

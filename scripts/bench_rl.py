@@ -1,0 +1,409 @@
+"""RL throughput benchmark: our GRPO against TRL's GRPOTrainer, side by side on this machine.
+
+    python scripts/bench_rl.py [--size full|tiny] [--runs N] [--steps N] [--no-trl] [--out DIR]
+
+Both trainers run the same GRPO step: the same model, prompts, group size, completion length,
+learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no vLLM, no KL (`beta=0`), DAPO's
+token-mean loss (`loss_type="dapo"`, our `token-mean` over the step's tokens), one generation
+batch per optimizer step (TRL: `steps_per_generation=1`, `num_iterations=1`; ours: one mini-batch,
+one epoch), sampling at temperature 1 without top-k/top-p. TRL's defaults that differ are set off:
+activation checkpointing (`gradient_checkpointing=True`) and bf16. Each run is a fresh process;
+the two alternate (ours, TRL, ours, TRL, ...) so that other load on the machine falls on both.
+
+Two models, both Llama-style, 4 layers, hidden 128, from a config:
+- `demo`: config/demo_assets/model (the demo's 103-token vocabulary), on the RL demo's arithmetic
+  prompts (chat messages through its chat template), exact-match reward;
+- `bpe`: the same body with a byte-level BPE vocabulary of 32,000 tokens trained here on synthetic
+  text, where the LM head and the softmax over the vocabulary dominate; plain-text prompts and a
+  length reward.
+
+Reading the table: s/step is the median time between steps (ours: between the steps' metric
+records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
+callbacks); completion tokens/s is the completions' tokens over the time of the measured steps
+(the first `warmup` steps of each run are left out); "vs TRL" divides by TRL's median of runs.
+Our phases are shares of our step time: rollout (generation and rewards), log-probs (the
+no-grad forwards before the update: none on-policy without KL), update (forward, backward and
+optimizer step), sample logging (`logging.sample_logging`, every 10 steps here, the demo every 100) and the rest
+(metric logging). Peak RSS is each process's high-water mark (the rollout's unsharded copy of the
+weights is freed before the update, so it is not held at once with the gradients).
+
+`--size tiny` (the test suite's) runs ours only, 1 run of 3 steps per model, with a small BPE
+vocabulary: it checks that the benchmark works; its numbers mean nothing.
+TRL (`trl`, `datasets`) is the optional `bench` extra: pip install 'sample-aware-trainer[bench]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, however this is launched
+from bench_sft import (  # noqa: E402
+    ROOT, OtherLoad, _lexicon, _sentence, busy_note, child_env, markdown_table, metrics_records, peer_status,
+    tail_errors, train_tokenizer, wrap_main,
+)
+
+THIS = Path(__file__).resolve()
+DEMO_MODEL = ROOT / "config" / "demo_assets" / "model"
+DEMO_PROMPTS = ROOT / "config" / "demo_assets" / "arithmetic" / "rl_train.parquet"
+PEER_INSTALL = "pip install 'sample-aware-trainer[bench]'"
+LR = 5e-5
+SEED = 1
+
+
+@dataclass(frozen=True)
+class Size:
+    prompts: int  # per step
+    group: int  # responses per prompt
+    new_tokens: int
+    steps: int
+    warmup: int
+    runs: int
+    bpe_vocab: int
+    trl: bool
+    timeout_s: int
+    sample_every: int  # steps between our qualitative samples (the demo: 100)
+
+
+SIZES = {
+    "full": Size(prompts=16, group=8, new_tokens=8, steps=25, warmup=3, runs=3, bpe_vocab=32000, trl=True, timeout_s=1800,
+                 sample_every=10),
+    "tiny": Size(prompts=4, group=4, new_tokens=4, steps=3, warmup=1, runs=1, bpe_vocab=600, trl=False, timeout_s=300,
+                 sample_every=2),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench_rl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- models and prompts
+@dataclass
+class Task:
+    name: str
+    model_dir: Path
+    data_file: Path
+    vocab: int
+    reward: dict  # our reward function spec; TRL calls the same function
+
+
+def demo_task(work: Path, n_prompts: int) -> Task:
+    import pandas as pd
+
+    rows = pd.read_parquet(DEMO_PROMPTS).head(n_prompts)
+    data = [{"prompt": [{"role": m["role"], "content": m["content"]} for m in r["prompt"]],
+             "answer": str(r["reward_model"]["ground_truth"])} for _, r in rows.iterrows()]
+    out = work / "demo_prompts.jsonl"
+    out.write_text("".join(json.dumps(d) + "\n" for d in data))
+    return Task("demo", DEMO_MODEL, out, 103, {"name": "exact", "fn": "arithmetic_exact_match"})
+
+
+def bpe_task(work: Path, n_prompts: int, vocab: int) -> Task:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(SEED)
+    words, cum = _lexicon(rng, max(3000, vocab + vocab // 4))
+    # Every word once (so BPE can reach the vocabulary size), then Zipf-like sentences.
+    texts = [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
+    texts += [_sentence(rng, words, cum, rng.randint(8, 40), ".") for _ in range(2000)]
+    tokenizer = train_tokenizer(texts, vocab, 256)
+    model_dir = work / "bpe_model"
+    config = LlamaConfig.from_pretrained(DEMO_MODEL)  # the demo's body, with the big vocabulary
+    config.vocab_size, config.pad_token_id, config.eos_token_id = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    data = [{"prompt": _sentence(rng, words, cum, rng.randint(6, 14), "?"), "answer": ""} for _ in range(n_prompts)]
+    out = work / "bpe_prompts.jsonl"
+    out.write_text("".join(json.dumps(d) + "\n" for d in data))
+    return Task("bpe", model_dir, out, len(tokenizer), {"name": "length", "fn": "length_penalty", "kwargs": {"max_chars": 20}})
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class Run:
+    name: str  # ours / TRL
+    task: str
+    ok: bool
+    error: str = ""
+    dts: list[float] = field(default_factory=list)  # measured steps
+    completion_tokens: list[float] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # ours: seconds summed over measured steps
+    peak_rss_mb: dict[int, float] = field(default_factory=dict)
+    other_cores: Optional[float] = None
+    version: str = ""
+
+    @property
+    def tokens_per_s(self) -> Optional[float]:
+        return sum(self.completion_tokens) / sum(self.dts) if self.ok and self.dts else None
+
+
+def ours_overrides(task: Task, size: Size, run_dir: Path, extra: list[str]) -> list[str]:
+    reward = "{name: %s, fn: %s%s}" % (task.reward["name"], task.reward["fn"], "".join(
+        f", kwargs: {{{k}: {v}}}" for k, v in task.reward.get("kwargs", {}).items()))
+    return [
+        "--config-name", "grpo_trainer", f"model.partial_pretrain={task.model_dir}", f"data.train_files={task.data_file}",
+        "data.val_files=null", "data.prompt_key=prompt", "data.answer_key=answer", "data.max_prompt_length=64",
+        f"data.prompts_per_step={size.prompts}", f"rollout.responses_per_prompt={size.group}",
+        f"rollout.max_new_tokens={size.new_tokens}", "rollout.temperature=1.0", "rollout.top_k=0", "rollout.top_p=1.0",
+        f"actor.micro_batch_size_per_gpu={size.prompts * size.group}", "actor.mini_batches_per_step=1", "actor.ppo_epochs=1",
+        "algorithm.kl_coef=0", "algorithm.loss_agg_mode=token-mean", "algorithm.clip_ratio_high=0.2",
+        f"optim.lr={LR}", "optim.weight_decay=0.0", "optim.clip_grad=1.0", "model.enable_gradient_checkpointing=false",
+        "model.fsdp_config.param_dtype=fp32", "model.fsdp_config.reduce_dtype=fp32", f"reward.functions=[{reward}]",
+        f"trainer.total_training_steps={size.steps}", "trainer.total_epochs=1000", "trainer.val_before_train=false",
+        "trainer.logger=[file]", "trainer.log_freq=1", "trainer.device=cpu", "trainer.resume_mode=disable",
+        "trainer.save_freq=-1", "trainer.export_hf_model=false", f"trainer.seed={SEED}", f"trainer.default_local_dir={run_dir}",
+        "samples.report=false", "samples.history=false", "logging.sample_logging.enabled=true",
+        f"logging.sample_logging.interval_steps={size.sample_every}", "logging.sample_logging.max_new_tokens=8", *extra,
+    ]
+
+
+def run_ours(work: Path, slug: str, task: Task, size: Size, extra: list[str] = (), nproc: int = 1, threads: int = 2) -> Run:
+    run_dir, rss_dir = work / "runs" / slug, work / "rss" / slug
+    rss_dir.mkdir(parents=True)
+    inner = [str(THIS), "--_wrap", str(rss_dir), "trainer.rl_trainer", *ours_overrides(task, size, run_dir, list(extra))]
+    cmd = [sys.executable, *inner] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *inner]
+    load = OtherLoad()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads if nproc == 1 else 1), capture_output=True, text=True,
+                              timeout=size.timeout_s)
+        rc, err = proc.returncode, tail_errors(proc.stderr + proc.stdout)
+    except subprocess.TimeoutExpired:
+        rc, err = -1, f"timed out after {size.timeout_s}s"
+    run = Run("ours", task.name, rc == 0, "" if rc == 0 else f"exit {rc}: {err}", other_cores=load.cores())
+    records = sorted((r for r in metrics_records(run_dir) if "train/step_s" in r), key=lambda r: r["step"])
+    for f in rss_dir.glob("rank*.json"):
+        data = json.loads(f.read_text())
+        run.peak_rss_mb[int(data["rank"])] = data["peak_rss_mb"]
+    if not run.ok:
+        return run
+    times = [float(r["time"]) for r in records]
+    for prev_time, this_time, r in list(zip(times, times[1:], records[1:]))[size.warmup - 1 :]:
+        run.dts.append(this_time - prev_time)  # the whole step: samples and logging of the step before count
+        run.completion_tokens.append(float(r["train/response_length"]) * size.prompts * size.group)
+        for phase in ("rollout", "log_probs", "update", "samples"):
+            run.phases[phase] = run.phases.get(phase, 0.0) + float(r[f"timing/{phase}_s"])
+    return run
+
+
+def peer_main(argv: list[str]) -> None:
+    """Child process: TRL's GRPOTrainer on one task; writes per-step times and completion tokens."""
+    p = argparse.ArgumentParser()
+    for name in ("--task", "--out"):
+        p.add_argument(name, type=Path, required=True)
+    for name in ("--prompts", "--group", "--new-tokens", "--steps", "--threads"):
+        p.add_argument(name, type=int, required=True)
+    a = p.parse_args(argv)
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    sys.path.insert(0, str(ROOT))
+    from workers.rewards import resolve_function
+
+    torch.set_num_threads(a.threads)
+    task = json.loads(a.task.read_text())
+    rows = [json.loads(line) for line in Path(task["data_file"]).read_text().splitlines()]
+    reward_fn = resolve_function(task["reward"]["fn"])
+    kwargs = task["reward"].get("kwargs", {})
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(reward_fn("", t, g, **kwargs) or 0.0) for t, g in zip(texts, answer)]
+
+    reward.__name__ = task["reward"]["name"]
+    ends: list[float] = []
+    lengths: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(float(logs["completions/mean_length"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(task["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(task["model_dir"], dtype=torch.float32)
+    args = GRPOConfig(
+        output_dir=str(a.out.parent / "trl_out"), per_device_train_batch_size=a.prompts * a.group,
+        num_generations=a.group, max_completion_length=a.new_tokens, steps_per_generation=1, num_iterations=1,
+        gradient_accumulation_steps=1, beta=0.0, loss_type="dapo", epsilon=0.2, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        max_grad_norm=1.0, temperature=1.0, top_k=0, top_p=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=True, use_vllm=False, logging_steps=1, report_to="none", save_strategy="no", max_steps=a.steps,
+        seed=SEED, disable_tqdm=True, log_completions=False, dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer.train()
+    a.out.write_text(json.dumps({
+        "dts": [b - e for e, b in zip(ends, ends[1:])], "lengths": lengths, "version": f"trl {trl.__version__}",
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def run_trl(work: Path, slug: str, task: Task, size: Size, threads: int = 2) -> Run:
+    out = work / "trl" / slug / "result.json"
+    out.parent.mkdir(parents=True)
+    spec = out.parent / "task.json"
+    spec.write_text(json.dumps({"model_dir": str(task.model_dir), "data_file": str(task.data_file), "reward": task.reward}))
+    cmd = [sys.executable, str(THIS), "--_peer", "--task", str(spec), "--out", str(out), "--prompts", str(size.prompts),
+           "--group", str(size.group), "--new-tokens", str(size.new_tokens), "--steps", str(size.steps), "--threads", str(threads)]
+    load = OtherLoad()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=size.timeout_s)
+        rc, err = proc.returncode, tail_errors(proc.stderr + proc.stdout)
+    except subprocess.TimeoutExpired:
+        rc, err = -1, f"timed out after {size.timeout_s}s"
+    if rc != 0 or not out.exists():
+        return Run("TRL", task.name, False, f"exit {rc}: {err}", other_cores=load.cores())
+    data = json.loads(out.read_text())
+    dts, lengths = data["dts"][size.warmup :], data["lengths"][size.warmup :]
+    ok = len(dts) == len(lengths) and bool(dts)
+    return Run("TRL", task.name, ok, "" if ok else f"{len(dts)} step times, {len(lengths)} logged lengths", dts,
+               [n * size.prompts * size.group for n in lengths], {}, {0: data["peak_rss_mb"]}, load.cores(), data["version"])
+
+
+# ----------------------------------------------------------------------------- tables
+def fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def summary(runs: list[Run]) -> dict:
+    ok = [r for r in runs if r.ok]
+    if not ok:
+        return {}
+    out = {"tokens_per_s": statistics.median(r.tokens_per_s for r in ok),
+           "s_per_step": statistics.median(statistics.median(r.dts) for r in ok),
+           "runs": len(ok), "peak_rss_mb": max(max(r.peak_rss_mb.values(), default=0.0) for r in ok),
+           "other_cores": max((r.other_cores or 0.0) for r in ok)}
+    total = sum(sum(r.dts) for r in ok)
+    if ok[0].phases:
+        shares = {k: sum(r.phases.get(k, 0.0) for r in ok) / total for k in ("rollout", "log_probs", "update", "samples")}
+        shares["other"] = max(0.0, 1 - sum(shares.values()))
+        out["shares"] = shares
+    return out
+
+
+def main_table(results: dict[str, dict[str, list[Run]]], size: Size, trl_note: str) -> tuple[str, dict]:
+    rows, saved = [], {}
+    for task, by_name in results.items():
+        s_ours, s_trl = summary(by_name.get("ours", [])), summary(by_name.get("TRL", []))
+        saved[task] = {"ours": s_ours, "TRL": s_trl}
+        for name, s in (("ours", s_ours), ("TRL", s_trl)):
+            if name == "TRL" and not by_name.get("TRL"):
+                rows.append([task, "TRL GRPOTrainer", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", trl_note])
+                continue
+            failed = [r.error for r in by_name.get(name, []) if not r.ok]
+            ratio = s["tokens_per_s"] / s_trl["tokens_per_s"] if s and s_trl and name == "ours" else None
+            shares = s.get("shares", {}) if s else {}
+            version = next((r.version for r in by_name[name] if r.version), "")
+            note = "; ".join(n for n in (version, busy_note(s.get("other_cores")) if s else "", *failed[:1]) if n)
+            rows.append([task, "ours GRPO" if name == "ours" else "TRL GRPOTrainer", fmt(s.get("runs"), "d"),
+                         fmt(s.get("s_per_step"), ".3f"), fmt(s.get("tokens_per_s"), ".0f"), fmt(ratio, ".2f", "x"),
+                         *(fmt(100 * shares[k], ".0f", "%") if k in shares else "n/a"
+                           for k in ("rollout", "log_probs", "update", "samples", "other")),
+                         fmt(s.get("peak_rss_mb"), ".0f"), note])
+    headers = ["model", "trainer", "runs", "s/step", "completion tok/s", "vs TRL", "rollout", "log-probs", "update",
+               "samples", "other", "peak RSS MB", "notes"]
+    return markdown_table(headers, rows), saved
+
+
+def memory_table(entries: list[tuple[str, Run]]) -> str:
+    rows = [[label, str(rank), fmt(mb, ".0f"), fmt(run.tokens_per_s, ".0f")] for label, run in entries
+            for rank, mb in sorted(run.peak_rss_mb.items())]
+    return markdown_table(["run (bpe model)", "rank", "peak RSS MB", "completion tok/s"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--runs", type=int, default=None, help="runs of each trainer per model (default: 3 full, 1 tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included (default: 25 full)")
+    parser.add_argument("--models", default="demo,bpe", help="comma-separated: demo, bpe")
+    parser.add_argument("--no-trl", action="store_true", help="ours only")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for bench_rl.json and bench_rl.md")
+    args = parser.parse_args()
+    size = SIZES[args.size]
+    if args.runs is not None:
+        size = replace(size, runs=max(1, args.runs))
+    if args.steps is not None:
+        if args.steps <= size.warmup + 1:
+            parser.error(f"--steps must be more than {size.warmup + 1} (the warm-up and one measured step)")
+        size = replace(size, steps=args.steps)
+    peers = peer_status()
+    use_trl = size.trl and not args.no_trl and all(peers.values())
+    trl_note = ("not run (--size tiny)" if not size.trl else "not run (--no-trl)" if args.no_trl
+                else "" if use_trl else f"not installed: {PEER_INSTALL}")
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix=f"bench_rl_{args.size}_"))
+    n_prompts = size.prompts * size.steps  # one epoch covers the run: no prompt is seen twice
+    tasks = {"demo": lambda: demo_task(work, n_prompts), "bpe": lambda: bpe_task(work, n_prompts, size.bpe_vocab)}
+    results: dict[str, dict[str, list[Run]]] = {}
+    memory: list[tuple[str, Run]] = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        task = tasks[name]()
+        log(f"{name}: vocabulary {task.vocab}, {size.prompts} prompts x {size.group} responses, {size.new_tokens} new tokens, "
+            f"{size.steps} steps ({size.warmup} warm-up), {size.runs} run(s) each")
+        results[name] = {"ours": [], "TRL": []}
+        for i in range(size.runs):
+            for trainer in ("ours", "TRL") if use_trl else ("ours",):
+                run = (run_ours(work, f"{name}_ours_{i}", task, size, threads=args.threads) if trainer == "ours"
+                       else run_trl(work, f"{name}_{i}", task, size, args.threads))
+                results[name][trainer].append(run)
+                log(f"  {trainer} run {i + 1}: " + (f"{run.tokens_per_s:.0f} completion tok/s, {statistics.median(run.dts):.3f} s/step"
+                                                   if run.ok else f"FAILED {run.error}"))
+        if name == "bpe" and not args.no_memory and size.trl:
+            # Per-rank peaks: 2 ranks, the whole rollout in one generate call vs micro-batches of 16.
+            for label, extra in (("2 ranks, rollout in one call", []),
+                                 ("2 ranks, rollout.micro_batch_size_per_gpu=16", ["rollout.micro_batch_size_per_gpu=16"])):
+                run = run_ours(work, f"mem_{len(memory)}", task, size, extra, nproc=2)
+                memory.append((label, run))
+                log(f"  memory: {label}: " + ", ".join(f"rank {k} {v:.0f} MB" for k, v in sorted(run.peak_rss_mb.items())))
+    table, saved = main_table(results, size, trl_note)
+    text = f"## RL throughput: ours against TRL GRPOTrainer ({args.size}, {args.threads} thread(s))\n\n{table}\n"
+    if memory:
+        text += f"\n## Per-rank peak memory\n\n{memory_table(memory)}\n"
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_rl.md").write_text(text)
+        (args.out / "bench_rl.json").write_text(json.dumps({
+            "size": args.size, "settings": size.__dict__, "summary": saved, "wall_s": time.perf_counter() - started,
+            "memory": [{"run": label, "peak_rss_mb": run.peak_rss_mb, "tokens_per_s": run.tokens_per_s} for label, run in memory],
+            "runs": {t: {n: [{"ok": r.ok, "error": r.error, "dts": r.dts, "tokens": r.completion_tokens, "phases": r.phases,
+                              "peak_rss_mb": r.peak_rss_mb} for r in rs] for n, rs in by.items()} for t, by in results.items()},
+        }, indent=1))
+    failed = [r for by in results.values() for rs in by.values() for r in rs if not r.ok]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_wrap":
+        wrap_main(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--_peer":
+        peer_main(sys.argv[2:])
+    else:
+        sys.exit(main())

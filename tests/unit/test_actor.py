@@ -1,0 +1,49 @@
+"""The policy update: on-policy it needs no old-log-prob forward (the ratio is exactly 1)."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers import core_algos
+from workers.actor import UpdateSettings, build_rollout_batch, forward_in_micro_batches, on_policy, response_log_probs, update_policy
+from workers.generation import GenerationSettings, encode_prompts, generate
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy_loss", ["vanilla", "gspo"])
+def test_on_policy_update_without_old_log_probs_equals_the_one_with_them(tiny_model, one_rank, policy_loss):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = encode_prompts(tok, ["1+2=", "33+44=", "5+60="])
+    generated = generate(model, tok, [p for p in prompts for _ in range(2)],
+                         GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(6)))
+    batch = build_rollout_batch(generated, [0, 0, 1, 1, 2, 2], tok.pad_token_id)
+    batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * batch.response_mask
+    settings = UpdateSettings(micro_batch_size=4, ppo_epochs=1, mini_batches=1, clip_grad=1.0, world_size=1, seed=0)
+    assert on_policy(settings) and not on_policy(UpdateSettings(4, 1, 2, 1.0, 1, 0))
+    results = []
+    for with_old in (True, False):
+        actor = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-2)
+        b = copy.copy(batch)
+        b.old_log_prob = forward_in_micro_batches(response_log_probs, actor, b, 4) if with_old else None
+        metrics = update_policy(actor, optimizer, None, b, core_algos.get_policy_loss(policy_loss),
+                                core_algos.PolicyLossConfig(), 0.0, "k3", settings, step=0, temperature=1.0)
+        results.append((metrics, [p.detach().clone() for p in actor.parameters()]))
+    (m_old, p_old), (m_new, p_new) = results
+    assert m_new["actor/ppo_kl"] == 0 and m_new["actor/pg_clipfrac"] == 0  # ratio exactly 1
+    assert m_new["actor/pg_loss"] == pytest.approx(m_old["actor/pg_loss"], abs=1e-6)
+    assert m_new["actor/grad_norm"] == pytest.approx(m_old["actor/grad_norm"], rel=1e-5) and m_new["actor/grad_norm"] > 0
+    for a, b in zip(p_old, p_new):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b0) for a, b0 in zip(p_new, model.parameters()))  # the update did move the weights
