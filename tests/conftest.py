@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The token cache's default folder (data.cache_dir=null) is under XDG_CACHE_HOME: the suite's runs
+# and their subprocesses write theirs in a folder of their own, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sample-aware-trainer-tests-")
 
 from helpers import addition_rows, make_tiny_model, rl_rows, write_parquet  # noqa: E402
 
