@@ -14,6 +14,12 @@ from workers.generation import GenerationSettings, encode_prompts, generate
 
 @pytest.fixture
 def one_rank(tmp_path):
+    """A one-process group; in-process trainer tests run before may have left theirs (the
+    trainers reuse an existing group, as this does)."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1
+        yield
+        return
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
