@@ -259,9 +259,11 @@ class RLTrainer:
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
         mbs = cfg.actor.micro_batch_size_per_gpu
+        # A group's responses share their prompt: one forward of it per group (the same on every rank).
+        shared = cfg.rollout.responses_per_prompt > 1
         settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
-                                  self.dist.world_size, cfg.trainer.seed)
-        log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature)
+                                  self.dist.world_size, cfg.trainer.seed, shared_prompts=shared)
+        log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature, shared_prompts=shared)
         if not on_policy(settings):  # on-policy the update uses its own detached log-probs (ratio 1)
             batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
                                                           cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)

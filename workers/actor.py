@@ -19,7 +19,7 @@ import torch.distributed as dist
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
-from workers.model import lm_head_rows
+from workers.model import activation_checkpointing, cache_arguments, lm_head_rows, output_cache
 
 
 @dataclass
@@ -81,7 +81,8 @@ def _response_logits(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tenso
     return out.logits[:, batch.prompt_width - 1 : batch.prompt_width - 1 + width]
 
 
-def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float = 1.0,
+                       shared_prompts: bool = False) -> torch.Tensor:
     """Log-probabilities of the response tokens under the distribution they were sampled from
     ([N, R], 0 outside `response_mask`).
 
@@ -92,7 +93,16 @@ def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature:
     The LM head runs only on the positions that predict a response token (`lm_head_rows`, as
     in SFT): no logits over the vocabulary for prompts, padding or what follows a stop, work
     that grows with the vocabulary (TRL's GRPOTrainer does the same with `logits_to_keep`).
+
+    `shared_prompts` (a group's rows answer one prompt, as in GRPO): each distinct prompt runs
+    once and its rows' responses read its keys and values (`_shared_prompt_log_probs`). It is a
+    setting, not a property of the batch, because it sets how many forwards (collectives) run:
+    every rank must pass the same value.
     """
+    if shared_prompts and not _checkpointing_with_grad(model):
+        shared = _shared_prompt_log_probs(model, batch, temperature)
+        if shared is not None:
+            return shared
     width = batch.response_mask.shape[1]
     keep = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
     # Position t predicts token t + 1: the response tokens are predicted from P - 1 .. P + R - 2.
@@ -108,11 +118,72 @@ def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature:
     return torch.zeros(mask.shape, dtype=rows.dtype, device=rows.device).masked_scatter(mask, rows)
 
 
-def _log_probs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _checkpointing_with_grad(model: torch.nn.Module) -> bool:
+    """HF drops the KV cache inside checkpointed layers when gradients are on (a replayed layer
+    would write it twice), so the shared-prompt forward cannot run there."""
+    return torch.is_grad_enabled() and model.training and activation_checkpointing(model)
+
+
+def prompt_groups(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first row of each distinct prompt, each row's prompt among them)."""
+    groups, inverse = torch.unique(group_index, return_inverse=True)
+    rows = torch.arange(len(group_index), device=group_index.device)
+    first = torch.full((len(groups),), len(group_index), dtype=torch.long, device=group_index.device)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
+
+
+def _shared_prompt_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Optional[torch.Tensor]:
+    """`response_log_probs` with each distinct prompt computed once (None: the model has no
+    output embeddings to hook; the caller runs the plain forward).
+
+    GRPO's n responses to a prompt share it token for token, and the prompt is usually most of
+    the sequence; the plain forward computes it n times. Here forward 1 runs the distinct
+    prompts with the KV cache on, forward 2 runs every row's response against its prompt's cached
+    keys and values (rows picked with `index_select`, so gradients from all n responses flow back
+    into the one prompt computation). The logits are those of the plain forward (tested to
+    rounding) and so are the gradients; the tokens computed go from N·(P+R) to G·P + N·R
+    (PrefixGrouper, arXiv:2506.05433, does the same for GRPO with an attention mask). The first
+    response token is predicted by the prompt's last position, the others by the response's.
+    Two forwards on every rank, whatever the rows: the caller decides by setting, not by data.
+    """
+    if model.get_output_embeddings() is None:
+        return None
+    P, R = batch.prompt_width, batch.response_mask.shape[1]
+    first, inverse = prompt_groups(batch.group_index)
+    prompts = batch.input_ids[first, :P]
+    if not torch.equal(prompts[inverse], batch.input_ids[:, :P]):
+        raise RuntimeError("shared_prompts: rows with the same group_index have different prompts")
+    mask = batch.response_mask.bool()
+    last_position = torch.zeros((len(first), P), dtype=torch.bool, device=mask.device)
+    last_position[:, -1] = True
+    with lm_head_rows(model, last_position):
+        out = model(input_ids=prompts, attention_mask=batch.attention_mask[first, :P],
+                    position_ids=batch.position_ids[first, :P], **cache_arguments(model))
+    cache = output_cache(out)
+    cache.reorder_cache(inverse)  # each row reads its prompt's keys and values
+    # Response position j predicts token j + 1; the last position predicts nothing.
+    predicts = torch.zeros_like(mask)
+    predicts[:, :-1] = mask[:, 1:]
+    with lm_head_rows(model, predicts):
+        rest = model(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids[:, P:], **cache_arguments(model, cache)).logits
+    targets = batch.input_ids[:, P:]
+    first_token = _log_softmax(out.logits, temperature)[inverse].gather(-1, targets[:, :1]).squeeze(-1)
+    first_token = torch.where(mask[:, 0], first_token, torch.zeros_like(first_token))
+    rows = _log_probs_of(rest, targets[:, 1:][mask[:, 1:]], temperature)
+    later = torch.zeros((len(mask), R - 1), dtype=rows.dtype, device=rows.device).masked_scatter(mask[:, 1:], rows)
+    return torch.cat([first_token.unsqueeze(1), later], dim=1)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _log_probs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _log_softmax(logits, temperature).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 # The value head's model: one output per token and no dropout, so training-mode values match the
@@ -155,6 +226,7 @@ class UpdateSettings:
     clip_grad: float
     world_size: int
     seed: int  # shuffles mini-batches reproducibly
+    shared_prompts: bool = False  # `response_log_probs`: rows of a group share one prompt forward
 
 
 def on_policy(settings: UpdateSettings) -> bool:
@@ -207,7 +279,7 @@ def update_policy(
             denominator = loss_denominator(loss_cfg.loss_agg_mode, mini.response_mask, device)
             for i in range(0, len(mini), settings.micro_batch_size):
                 micro = mini.select(slice(i, i + settings.micro_batch_size))
-                log_prob = response_log_probs(actor, micro, temperature)
+                log_prob = response_log_probs(actor, micro, temperature, settings.shared_prompts)
                 # On-policy (no old log-probs: one mini-batch, one epoch) the sampling policy is the
                 # current one, so the ratio is exactly 1: its detached log-probs stand in (as TRL does).
                 old = micro.old_log_prob if micro.old_log_prob is not None else log_prob.detach()

@@ -24,6 +24,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from workers.model import cache_arguments, output_cache
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -190,6 +192,8 @@ def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, 
         eos_token_id=stop_ids,
         use_cache=True,
     )
+    cache = None if synced_gpus else _shared_prompt_cache(model, prompt_ids, tokenizer.pad_token_id, device)
+    extra = {} if cache is None else {k: v for k, v in cache_arguments(model, cache).items() if k != "use_cache"}
     with _only_this_config(model, config):
         out = model.generate(
             input_ids=input_ids,
@@ -197,6 +201,7 @@ def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, 
             generation_config=config,
             logits_processor=_processors(settings, seeds, device),
             synced_gpus=synced_gpus,
+            **extra,
         )
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     results = []
@@ -207,6 +212,28 @@ def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, 
         text = tokenizer.decode(tokens if stop is None else tokens[:-1], skip_special_tokens=True)
         results.append(Generated(list(prompt), tokens, text, stop is not None))
     return results
+
+
+def _shared_prompt_cache(model, prompt_ids, pad_id: int, device: torch.device):
+    """The KV cache of every row's prompt but its last token, each distinct prompt computed once
+    (None when no prompt repeats, or one is too short to split).
+
+    A GRPO rollout asks for n responses to each prompt; `generate` alone would run each prompt n
+    times in the prefill. `generate` continues from a cache that covers all but the last input
+    token (transformers' prefix-caching recipe), so it runs only that token per row, then decodes
+    as usual. Not with `synced_gpus`: there every rank must run the same forwards.
+    """
+    distinct: dict[tuple[int, ...], int] = {}
+    rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    if len(distinct) == len(prompt_ids) or min(len(p) for p in prompt_ids) < 2:
+        return None
+    ids, mask = left_pad(list(distinct), pad_id, device)  # the batch's width: every prompt ends in the last column
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+                **cache_arguments(model))
+    cache = output_cache(out)
+    cache.reorder_cache(torch.tensor(rows, device=device))
+    return cache
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import inspect
 import logging
 import shutil
 from pathlib import Path
@@ -220,3 +221,22 @@ def lm_head_rows(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[bool]:
         yield True
     finally:
         handle.remove()
+
+
+def cache_arguments(model: torch.nn.Module, cache=None) -> dict:
+    """The forward keyword that passes a KV cache in: `cache` since transformers 5.x renamed it,
+    `past_key_values` before (the range in pyproject admits both), with `use_cache` on."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps with **kwargs
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(out):
+    """The KV cache a forward with `use_cache` returned, under either name (`cache_arguments`)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether HF gradient checkpointing is on (`is_activation_checkpointing` since 5.x)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)

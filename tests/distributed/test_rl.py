@@ -99,7 +99,8 @@ def test_logged_losses_do_not_depend_on_the_number_of_ranks(tiny_model, rl_data,
              "samples.report=false", "data.val_files=null",
              # One update per step on the whole batch: with more, each rank's mini-batches are drawn
              # from its own rollouts, a different split of the data than one rank's.
-             "actor.ppo_epochs=1", "actor.mini_batches_per_step=1"]
+             "actor.ppo_epochs=1", "actor.mini_batches_per_step=1",
+             "rollout.responses_per_prompt=2"]  # groups of 2: the shared-prompt forward on 1 and 2 ranks
     logged = {}
     for nproc in (1, 2):
         run_dir = tmp_path / f"ranks{nproc}"
@@ -111,5 +112,7 @@ def test_logged_losses_do_not_depend_on_the_number_of_ranks(tiny_model, rl_data,
                           nproc=0 if nproc == 1 else nproc)
         assert ("HSDP: 2 replica groups × 1 shards" in proc.stderr) == (nproc == 2)
         logged[nproc] = read_metrics(run_dir)
-    for key in ("actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/pg_clipfrac", "train/reward_mean"):
-        assert logged[1][1][key] == pytest.approx(logged[2][1][key], rel=1e-4, abs=1e-6), key
+    for key in ("actor/pg_loss", "actor/kl_loss", "critic/vf_loss", "actor/pg_clipfrac", "train/reward_mean", "actor/grad_norm"):
+        # GAE advantages are whitened over all tokens, so pg_loss (their mean) is 0 up to rounding
+        # of terms of size ~1, while each rank's share alone is not: abs 1e-5 tells them apart.
+        assert logged[1][1][key] == pytest.approx(logged[2][1][key], rel=1e-4, abs=1e-5), key

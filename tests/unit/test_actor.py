@@ -53,3 +53,28 @@ def test_on_policy_update_without_old_log_probs_equals_the_one_with_them(tiny_mo
     for a, b in zip(p_old, p_new):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, b0) for a, b0 in zip(p_new, model.parameters()))  # the update did move the weights
+
+
+def test_shared_prompt_forward_on_an_fsdp_model_gives_the_plain_gradients(tiny_model, one_rank):
+    """Two forwards of the sharded model (the distinct prompts, then the responses) before one
+    backward: FSDP2 reduces the gradients of both, the same as one plain forward's."""
+    from workers.fsdp import ShardingSpec, device_mesh, shard_model
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = encode_prompts(tok, ["1+2=", "33+44=", "hello there"])
+    generated = generate(plain, tok, [p for p in prompts for _ in range(3)],
+                         GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(9)))
+    batch = build_rollout_batch(generated, [i for i in range(3) for _ in range(3)], tok.pad_token_id)
+    sharded = shard_model(copy.deepcopy(plain), device_mesh(torch.device("cpu"), 1),
+                          ShardingSpec(torch.float32, torch.float32, False, True, -1))
+    grads = []
+    for model, shared in ((plain, False), (sharded, True)):
+        model.train()
+        weights = torch.linspace(-1.0, 2.0, batch.response_mask.numel()).view_as(batch.response_mask)
+        (response_log_probs(model, batch, shared_prompts=shared) * weights).sum().backward()
+        grads.append({n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for n, p in model.named_parameters()})
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(float(g.abs().sum()) for g in grads[1].values()) > 0
