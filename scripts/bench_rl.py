@@ -1,6 +1,6 @@
 """RL throughput benchmark: our GRPO against TRL's GRPOTrainer, side by side on this machine.
 
-    python scripts/bench_rl.py [--size full|tiny] [--runs N] [--steps N] [--no-trl] [--out DIR]
+    python scripts/bench_rl.py [--size full|tiny] [--models demo,bpe,long] [--runs N] [--steps N] [--no-trl] [--out DIR]
 
 Both trainers run the same GRPO step: the same model, prompts, group size, completion length,
 learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no vLLM, no KL (`beta=0`), DAPO's
@@ -10,12 +10,15 @@ one epoch), sampling at temperature 1 without top-k/top-p. TRL's defaults that d
 activation checkpointing (`gradient_checkpointing=True`) and bf16. Each run is a fresh process;
 the two alternate (ours, TRL, ours, TRL, ...) so that other load on the machine falls on both.
 
-Two models, both Llama-style, 4 layers, hidden 128, from a config:
+Three tasks on Llama-style models of 4 layers, hidden 128, from a config:
 - `demo`: config/demo_assets/model (the demo's 103-token vocabulary), on the RL demo's arithmetic
-  prompts (chat messages through its chat template), exact-match reward;
+  prompts (chat messages through its chat template, 8 tokens), exact-match reward;
 - `bpe`: the same body with a byte-level BPE vocabulary of 32,000 tokens trained here on synthetic
-  text, where the LM head and the softmax over the vocabulary dominate; plain-text prompts and a
-  length reward.
+  text, where the LM head and the softmax over the vocabulary dominate; short plain-text prompts
+  and a length reward;
+- `long`: the bpe model on prompts as math sets have them (instructions and worked examples,
+  ~150 tokens, the same for the whole group) and 32 new tokens, where computing each group's
+  prompt once (ours) against once per response (TRL) shows.
 
 Reading the table: s/step is the median time between steps (ours: between the steps' metric
 records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
@@ -96,6 +99,10 @@ class Task:
     data_file: Path
     vocab: int
     reward: dict  # our reward function spec; TRL calls the same function
+    new_tokens: Optional[int] = None  # None: the size's
+
+    def max_new_tokens(self, size: "Size") -> int:
+        return self.new_tokens or size.new_tokens
 
 
 def demo_task(work: Path, n_prompts: int) -> Task:
@@ -109,26 +116,53 @@ def demo_task(work: Path, n_prompts: int) -> Task:
     return Task("demo", DEMO_MODEL, out, 103, {"name": "exact", "fn": "arithmetic_exact_match"})
 
 
-def bpe_task(work: Path, n_prompts: int, vocab: int) -> Task:
+def _bpe_model(work: Path, vocab: int, rng: random.Random) -> tuple[Path, int, list[str], list[float]]:
+    """The demo's body with a byte-level BPE vocabulary of `vocab` tokens trained on the lexicon."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    rng = random.Random(SEED)
     words, cum = _lexicon(rng, max(3000, vocab + vocab // 4))
     # Every word once (so BPE can reach the vocabulary size), then Zipf-like sentences.
     texts = [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
     texts += [_sentence(rng, words, cum, rng.randint(8, 40), ".") for _ in range(2000)]
-    tokenizer = train_tokenizer(texts, vocab, 256)
-    model_dir = work / "bpe_model"
-    config = LlamaConfig.from_pretrained(DEMO_MODEL)  # the demo's body, with the big vocabulary
-    config.vocab_size, config.pad_token_id, config.eos_token_id = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
-    torch.manual_seed(SEED)
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = work / f"bpe_model_{vocab}"
+    if not model_dir.exists():  # built once for the bpe and long tasks
+        tokenizer = train_tokenizer(texts, vocab, 256)
+        config = LlamaConfig.from_pretrained(DEMO_MODEL)  # the demo's body, with the big vocabulary
+        config.vocab_size, config.pad_token_id, config.eos_token_id = len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id
+        torch.manual_seed(SEED)
+        LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+    return model_dir, len(_tokenizer(model_dir)), words, cum
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def bpe_task(work: Path, n_prompts: int, vocab: int) -> Task:
+    rng = random.Random(SEED)
+    model_dir, size, words, cum = _bpe_model(work, vocab, rng)
     data = [{"prompt": _sentence(rng, words, cum, rng.randint(6, 14), "?"), "answer": ""} for _ in range(n_prompts)]
     out = work / "bpe_prompts.jsonl"
     out.write_text("".join(json.dumps(d) + "\n" for d in data))
-    return Task("bpe", model_dir, out, len(tokenizer), {"name": "length", "fn": "length_penalty", "kwargs": {"max_chars": 20}})
+    return Task("bpe", model_dir, out, size, {"name": "length", "fn": "length_penalty", "kwargs": {"max_chars": 20}})
+
+
+def long_task(work: Path, n_prompts: int, vocab: int) -> Task:
+    """GRPO as on math sets: a long prompt (instructions and worked examples, ~150 tokens here)
+    shared by the group, and longer answers (32 new tokens). The bpe model."""
+    rng = random.Random(SEED + 1)
+    model_dir, size, words, cum = _bpe_model(work, vocab, random.Random(SEED))
+    examples = " ".join(_sentence(rng, words, cum, rng.randint(10, 18), ".") for _ in range(8))
+    data = [{"prompt": f"{examples} {_sentence(rng, words, cum, rng.randint(6, 14), '?')}", "answer": ""}
+            for _ in range(n_prompts)]
+    out = work / "long_prompts.jsonl"
+    out.write_text("".join(json.dumps(d) + "\n" for d in data))
+    return Task("long", model_dir, out, size, {"name": "length", "fn": "length_penalty", "kwargs": {"max_chars": 80}},
+                new_tokens=32)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -155,9 +189,9 @@ def ours_overrides(task: Task, size: Size, run_dir: Path, extra: list[str]) -> l
         f", kwargs: {{{k}: {v}}}" for k, v in task.reward.get("kwargs", {}).items()))
     return [
         "--config-name", "grpo_trainer", f"model.partial_pretrain={task.model_dir}", f"data.train_files={task.data_file}",
-        "data.val_files=null", "data.prompt_key=prompt", "data.answer_key=answer", "data.max_prompt_length=64",
+        "data.val_files=null", "data.prompt_key=prompt", "data.answer_key=answer", "data.max_prompt_length=224",
         f"data.prompts_per_step={size.prompts}", f"rollout.responses_per_prompt={size.group}",
-        f"rollout.max_new_tokens={size.new_tokens}", "rollout.temperature=1.0", "rollout.top_k=0", "rollout.top_p=1.0",
+        f"rollout.max_new_tokens={task.max_new_tokens(size)}", "rollout.temperature=1.0", "rollout.top_k=0", "rollout.top_p=1.0",
         f"actor.micro_batch_size_per_gpu={size.prompts * size.group}", "actor.mini_batches_per_step=1", "actor.ppo_epochs=1",
         "algorithm.kl_coef=0", "algorithm.loss_agg_mode=token-mean", "algorithm.clip_ratio_high=0.2",
         f"optim.lr={LR}", "optim.weight_decay=0.0", "optim.clip_grad=1.0", "model.enable_gradient_checkpointing=false",
@@ -268,7 +302,7 @@ def run_trl(work: Path, slug: str, task: Task, size: Size, threads: int = 2) -> 
     spec = out.parent / "task.json"
     spec.write_text(json.dumps({"model_dir": str(task.model_dir), "data_file": str(task.data_file), "reward": task.reward}))
     cmd = [sys.executable, str(THIS), "--_peer", "--task", str(spec), "--out", str(out), "--prompts", str(size.prompts),
-           "--group", str(size.group), "--new-tokens", str(size.new_tokens), "--steps", str(size.steps), "--threads", str(threads)]
+           "--group", str(size.group), "--new-tokens", str(task.max_new_tokens(size)), "--steps", str(size.steps), "--threads", str(threads)]
     load = OtherLoad()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=child_env(threads), capture_output=True, text=True, timeout=size.timeout_s)
@@ -340,7 +374,7 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--runs", type=int, default=None, help="runs of each trainer per model (default: 3 full, 1 tiny)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included (default: 25 full)")
-    parser.add_argument("--models", default="demo,bpe", help="comma-separated: demo, bpe")
+    parser.add_argument("--models", default="demo,bpe,long", help="comma-separated: demo, bpe, long")
     parser.add_argument("--no-trl", action="store_true", help="ours only")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
@@ -360,12 +394,13 @@ def main() -> int:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix=f"bench_rl_{args.size}_"))
     n_prompts = size.prompts * size.steps  # one epoch covers the run: no prompt is seen twice
-    tasks = {"demo": lambda: demo_task(work, n_prompts), "bpe": lambda: bpe_task(work, n_prompts, size.bpe_vocab)}
+    tasks = {"demo": lambda: demo_task(work, n_prompts), "bpe": lambda: bpe_task(work, n_prompts, size.bpe_vocab),
+             "long": lambda: long_task(work, n_prompts, size.bpe_vocab)}
     results: dict[str, dict[str, list[Run]]] = {}
     memory: list[tuple[str, Run]] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         task = tasks[name]()
-        log(f"{name}: vocabulary {task.vocab}, {size.prompts} prompts x {size.group} responses, {size.new_tokens} new tokens, "
+        log(f"{name}: vocabulary {task.vocab}, {size.prompts} prompts x {size.group} responses, {task.max_new_tokens(size)} new tokens, "
             f"{size.steps} steps ({size.warmup} warm-up), {size.runs} run(s) each")
         results[name] = {"ours": [], "TRL": []}
         for i in range(size.runs):

@@ -113,11 +113,11 @@ def test_data_benchmark_quick_prints_its_table(tmp_path):
 
 
 def test_rl_benchmark_tiny_prints_its_table(tmp_path):
-    """Ours only (TRL is not a test dependency): both models, every phase share of our step."""
+    """Ours only (TRL is not a test dependency): the three models, every phase share of our step."""
     out = run_script("bench_rl.py", "--size", "tiny", "--out", str(tmp_path))
     rows = {(r[0], r[1]): r for r in next(rows for h, rows in tables(out).items() if h.startswith("RL throughput"))}
-    assert set(rows) == {(m, t) for m in ("demo", "bpe") for t in ("ours GRPO", "TRL GRPOTrainer")}
-    for model in ("demo", "bpe"):
+    assert set(rows) == {(m, t) for m in ("demo", "bpe", "long") for t in ("ours GRPO", "TRL GRPOTrainer")}
+    for model in ("demo", "bpe", "long"):
         runs, s_step, tok_s, _, *shares, peak = rows[(model, "ours GRPO")][2:12]
         assert number(runs) == 1 and number(s_step) > 0 and number(tok_s) > 0 and number(peak) > 0, rows[(model, "ours GRPO")]
         rollout, log_probs, update, samples, other = (number(c) for c in shares)
