@@ -158,6 +158,7 @@ def write_entry(final: Path, chunks: Callable[[], Any], meta: dict) -> int:
 
     Two writers of the same entry (nodes sharing a cache folder) race harmlessly: the entries
     are equal, the first rename wins and the other folder is dropped."""
+    remove_dead_writers(final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -173,6 +174,26 @@ def write_entry(final: Path, chunks: Callable[[], Any], meta: dict) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return count
+
+
+def remove_dead_writers(folder: Path) -> None:
+    """Delete the temporary folders of writers on this host whose process is gone (killed
+    mid-write: SIGKILL, the OOM killer), which nothing else would ever remove. Other hosts'
+    folders are left alone: their processes cannot be checked from here."""
+    for tmp in folder.glob(f"*.tmp-{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- reading

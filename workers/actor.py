@@ -346,7 +346,7 @@ def update_critic(
                                                       cliprange_value, loss_agg_mode, denominator,
                                                       max_response_length=micro.response_mask.shape[1])
                 (loss * settings.world_size).backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 clipfrac_sum += float(metrics["vf_clipfrac"])
                 counts += 1
             grad_norm, _ = _optimizer_step(critic, optimizer, None, settings.clip_grad)

@@ -3,6 +3,7 @@ makes a new entry, a bad row stops the run at its chunk, and the memory-mapped d
 the examples that tokenizing in memory gives (texts read back from the files by row)."""
 
 import json
+import os
 import logging
 
 import numpy as np
@@ -143,3 +144,24 @@ def test_multi_turn_examples_and_texts_come_back_from_the_file(tmp_path, tok):
     assert len(data) == 12 and all(same(data[i], expected[i]) for i in range(12))
     meta = json.loads((data.folder / "meta.json").read_text())
     assert meta["examples"] == 12 and meta["tokens"] == int(data.lengths.sum())
+
+
+def test_a_writer_killed_mid_write_leaves_no_folder_behind_the_next_write(tmp_path, tok):
+    """A writer killed mid-write (SIGKILL: no `finally`) leaves its temporary folder; the next
+    write on the host removes it, and leaves a live writer's and another host's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache = tmp_path / "cache"
+    host = socket.gethostname()
+    dead = cache / f"0123abcd.tmp-{host}-{int(gone.stdout)}"
+    live = cache / f"4567abcd.tmp-{host}-{os.getpid()}"
+    elsewhere = cache / f"89abcdef.tmp-other-host-{int(gone.stdout)}"
+    for folder in (dead, live, elsewhere):
+        (folder).mkdir(parents=True)
+        (folder / "input_ids.npy").write_bytes(b"partial")
+    data = write_jsonl(addition_rows(20), tmp_path / "d.jsonl")
+    loaded = load_sft_examples(str(data), "data.train_files", tok, cfg(), cache_dir=str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == sorted([loaded.folder.name, live.name, elsewhere.name])
