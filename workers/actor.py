@@ -19,7 +19,7 @@ import torch.distributed as dist
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
-from workers.model import activation_checkpointing, cache_arguments, lm_head_rows, output_cache
+from workers.model import activation_checkpointing, cache_arguments, cache_keyword, lm_head_rows, output_cache
 
 
 @dataclass
@@ -134,7 +134,7 @@ def prompt_groups(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _shared_prompt_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Optional[torch.Tensor]:
     """`response_log_probs` with each distinct prompt computed once (None: the model has no
-    output embeddings to hook; the caller runs the plain forward).
+    output embeddings to hook or takes no KV cache; the caller runs the plain forward).
 
     GRPO's n responses to a prompt share it token for token, and the prompt is usually most of
     the sequence; the plain forward computes it n times. Here forward 1 runs the distinct
@@ -146,7 +146,7 @@ def _shared_prompt_log_probs(model: torch.nn.Module, batch: RolloutBatch, temper
     response token is predicted by the prompt's last position, the others by the response's.
     Two forwards on every rank, whatever the rows: the caller decides by setting, not by data.
     """
-    if model.get_output_embeddings() is None:
+    if model.get_output_embeddings() is None or cache_keyword(model) is None:
         return None
     P, R = batch.prompt_width, batch.response_mask.shape[1]
     first, inverse = prompt_groups(batch.group_index)

@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from workers.model import cache_arguments, output_cache
+from workers.model import cache_arguments, cache_keyword, output_cache
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, 
 
 def _shared_prompt_cache(model, prompt_ids, pad_id: int, device: torch.device):
     """The KV cache of every row's prompt but its last token, each distinct prompt computed once
-    (None when no prompt repeats, or one is too short to split).
+    (None when no prompt repeats, one is too short to split, or the model takes no cache).
 
     A GRPO rollout asks for n responses to each prompt; `generate` alone would run each prompt n
     times in the prefill. `generate` continues from a cache that covers all but the last input
@@ -225,7 +225,7 @@ def _shared_prompt_cache(model, prompt_ids, pad_id: int, device: torch.device):
     """
     distinct: dict[tuple[int, ...], int] = {}
     rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
-    if len(distinct) == len(prompt_ids) or min(len(p) for p in prompt_ids) < 2:
+    if len(distinct) == len(prompt_ids) or min(len(p) for p in prompt_ids) < 2 or cache_keyword(model) is None:
         return None
     ids, mask = left_pad(list(distinct), pad_id, device)  # the batch's width: every prompt ends in the last column
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -223,12 +223,18 @@ def lm_head_rows(model: torch.nn.Module, keep: torch.Tensor) -> Iterator[bool]:
         handle.remove()
 
 
-def cache_arguments(model: torch.nn.Module, cache=None) -> dict:
+def cache_keyword(model: torch.nn.Module) -> Optional[str]:
     """The forward keyword that passes a KV cache in: `cache` since transformers 5.x renamed it,
-    `past_key_values` before (the range in pyproject admits both), with `use_cache` on."""
+    `past_key_values` before (the range in pyproject admits both); None when the forward takes
+    neither (remote code, state-space models), and callers then run without a cache."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps with **kwargs
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+    parameters = inspect.signature(base.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def cache_arguments(model: torch.nn.Module, cache=None) -> dict:
+    """Forward keywords that pass `cache` in (None: start one) and ask for it back."""
+    return {cache_keyword(model): cache, "use_cache": True}
 
 
 def output_cache(out):

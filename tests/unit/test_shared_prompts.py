@@ -92,6 +92,31 @@ def test_gradient_checkpointing_in_training_takes_the_plain_forward(model_and_ba
     assert count.tokens < batch.input_ids.numel()
 
 
+class NoCacheLM(torch.nn.Module):
+    """A causal LM whose forward takes no KV cache (remote code, state-space models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def test_a_model_that_takes_no_cache_gets_the_plain_forward(model_and_batch):
+    model, batch = model_and_batch
+    expected, _, _ = _log_probs_and_grads(model, batch, shared=False)
+    log_probs, _, tokens = _log_probs_and_grads(NoCacheLM(model), batch, shared=True)
+    assert tokens == batch.input_ids.numel()
+    torch.testing.assert_close(log_probs, expected)
+
+
 def test_rows_of_one_group_with_different_prompts_are_refused(model_and_batch):
     model, batch = model_and_batch
     wrong = replace(batch, group_index=torch.zeros_like(batch.group_index))
