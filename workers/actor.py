@@ -19,7 +19,8 @@ import torch.distributed as dist
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
-from workers.model import activation_checkpointing, cache_arguments, cache_keyword, lm_head_rows, output_cache
+from workers import prompt_cache
+from workers.model import activation_checkpointing, cache_arguments, cache_keyword, lm_head_rows
 
 
 @dataclass
@@ -99,7 +100,7 @@ def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature:
     setting, not a property of the batch, because it sets how many forwards (collectives) run:
     every rank must pass the same value.
     """
-    if shared_prompts and not _checkpointing_with_grad(model):
+    if shared_prompts:
         shared = _shared_prompt_log_probs(model, batch, temperature)
         if shared is not None:
             return shared
@@ -119,56 +120,52 @@ def response_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature:
 
 
 def _checkpointing_with_grad(model: torch.nn.Module) -> bool:
-    """HF drops the KV cache inside checkpointed layers when gradients are on (a replayed layer
-    would write it twice), so the shared-prompt forward cannot run there."""
     return torch.is_grad_enabled() and model.training and activation_checkpointing(model)
-
-
-def prompt_groups(group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the first row of each distinct prompt, each row's prompt among them)."""
-    groups, inverse = torch.unique(group_index, return_inverse=True)
-    rows = torch.arange(len(group_index), device=group_index.device)
-    first = torch.full((len(groups),), len(group_index), dtype=torch.long, device=group_index.device)
-    return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
 
 
 def _shared_prompt_log_probs(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> Optional[torch.Tensor]:
     """`response_log_probs` with each distinct prompt computed once (None: the model has no
-    output embeddings to hook or takes no KV cache; the caller runs the plain forward).
+    output embeddings to hook, takes no KV cache, or has layers `workers.prompt_cache` cannot
+    serve; the caller runs the plain forward).
 
-    GRPO's n responses to a prompt share it token for token, and the prompt is usually most of
-    the sequence; the plain forward computes it n times. Here forward 1 runs the distinct
-    prompts with the KV cache on, forward 2 runs every row's response against its prompt's cached
-    keys and values (rows picked with `index_select`, so gradients from all n responses flow back
-    into the one prompt computation). The logits are those of the plain forward (tested to
-    rounding) and so are the gradients; the tokens computed go from N·(P+R) to G·P + N·R
-    (PrefixGrouper, arXiv:2506.05433, does the same for GRPO with an attention mask). The first
-    response token is predicted by the prompt's last position, the others by the response's.
-    Two forwards on every rank, whatever the rows: the caller decides by setting, not by data.
+    GRPO's n responses to a prompt share it token for token, and the prompt is often most of the
+    sequence; the plain forward computes it n times. Here forward 1 runs the distinct prompts,
+    keeping their keys and values; forward 2 runs every row's response against its prompt's
+    (rows picked with `index_select`, so the gradients of all n responses flow back into the one
+    prompt computation). The logits are those of the plain forward (tested to rounding) and so
+    are the gradients, with activation checkpointing too; the tokens computed go from N·(P+R) to
+    G·P + N·R (PrefixGrouper, arXiv:2506.05433, does the same for GRPO with an attention mask).
+    The first response token is predicted by the prompt's last position, the others by the
+    response's. Two forwards on every rank, whatever the rows: the caller decides by setting,
+    and the checks here depend on the model only.
     """
     if model.get_output_embeddings() is None or cache_keyword(model) is None:
         return None
+    if not prompt_cache.usable_with(model, _checkpointing_with_grad(model)):
+        return None
+    cache = prompt_cache.new_prompt_cache(model)
+    if cache is None:
+        return None
     P, R = batch.prompt_width, batch.response_mask.shape[1]
-    first, inverse = prompt_groups(batch.group_index)
+    first, inverse = prompt_cache.prompt_groups(batch.group_index)
     prompts = batch.input_ids[first, :P]
     if not torch.equal(prompts[inverse], batch.input_ids[:, :P]):
         raise RuntimeError("shared_prompts: rows with the same group_index have different prompts")
     mask = batch.response_mask.bool()
     last_position = torch.zeros((len(first), P), dtype=torch.bool, device=mask.device)
     last_position[:, -1] = True
-    with lm_head_rows(model, last_position):
-        out = model(input_ids=prompts, attention_mask=batch.attention_mask[first, :P],
-                    position_ids=batch.position_ids[first, :P], **cache_arguments(model))
-    cache = output_cache(out)
-    cache.reorder_cache(inverse)  # each row reads its prompt's keys and values
+    with lm_head_rows(model, last_position), prompt_cache.caches_through_checkpoints(model):
+        prompt_logits = model(input_ids=prompts, attention_mask=batch.attention_mask[first, :P],
+                              position_ids=batch.position_ids[first, :P], **cache_arguments(model, cache)).logits
+    prefix = prompt_cache.PrefixCache.rows_of(cache, model.config, inverse)
     # Response position j predicts token j + 1; the last position predicts nothing.
     predicts = torch.zeros_like(mask)
     predicts[:, :-1] = mask[:, 1:]
-    with lm_head_rows(model, predicts):
+    with lm_head_rows(model, predicts), prompt_cache.caches_through_checkpoints(model):
         rest = model(input_ids=batch.input_ids[:, P:], attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids[:, P:], **cache_arguments(model, cache)).logits
+                     position_ids=batch.position_ids[:, P:], **cache_arguments(model, prefix)).logits
     targets = batch.input_ids[:, P:]
-    first_token = _log_softmax(out.logits, temperature)[inverse].gather(-1, targets[:, :1]).squeeze(-1)
+    first_token = _log_softmax(prompt_logits, temperature)[inverse].gather(-1, targets[:, :1]).squeeze(-1)
     first_token = torch.where(mask[:, 0], first_token, torch.zeros_like(first_token))
     rows = _log_probs_of(rest, targets[:, 1:][mask[:, 1:]], temperature)
     later = torch.zeros((len(mask), R - 1), dtype=rows.dtype, device=rows.device).masked_scatter(mask[:, 1:], rows)

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import DEMO_MODEL
-from workers.actor import build_rollout_batch, prompt_groups, response_log_probs
+from workers.actor import build_rollout_batch, response_log_probs
+from workers.prompt_cache import prompt_groups
 from workers.generation import GenerationSettings, encode_prompts, generate
 
 PROMPTS = ["1+2=", "33+44=", "hello there, how are you", "5+60="]
@@ -73,23 +74,42 @@ def test_first_row_of_each_prompt_and_each_rows_prompt():
     assert first.tolist() == [1, 3, 0] and inverse.tolist() == [2, 0, 2, 1, 0]
 
 
-def test_gradient_checkpointing_in_training_takes_the_plain_forward(model_and_batch):
-    """HF drops the KV cache inside checkpointed layers when gradients are on, so the shared
-    forward cannot run there; without gradients (old and reference log-probs) it still does."""
+def test_with_activation_checkpointing_the_prompt_is_shared_with_the_same_gradients(model_and_batch, monkeypatch):
+    """The backward runs each checkpointed layer again; the prompt and prefix caches give the
+    replay what the first run got (a plain cache would append the states a second time)."""
     model, batch = model_and_batch
     plain = copy.deepcopy(model).train()
     expected, expected_grads, _ = _log_probs_and_grads(plain, batch, shared=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    from transformers.models.llama import modeling_llama
+
+    mlp_calls = []
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: mlp_calls.append(1) or mlp_forward(self, x))
     log_probs, grads, tokens = _log_probs_and_grads(model, batch, shared=True)
-    assert tokens == batch.input_ids.numel()
+    n, width = batch.input_ids.shape
+    assert tokens == len(PROMPTS) * batch.prompt_width + n * (width - batch.prompt_width)
     torch.testing.assert_close(log_probs, expected, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    count = TokenCount(model)
-    with torch.no_grad():
-        torch.testing.assert_close(response_log_probs(model, batch, 0.7, shared_prompts=True), expected, rtol=1e-5, atol=1e-5)
-    assert count.tokens < batch.input_ids.numel()
+    # 2 forwards x layers, then each layer of both again in the backward: they were checkpointed.
+    assert len(mlp_calls) == 4 * len(model.model.layers)
+    assert all("_can_checkpoint_with_cache" not in vars(layer) for layer in model.model.layers)  # restored
+
+
+def test_sliding_window_layers_get_the_plain_forward(tmp_path, model_and_batch):
+    """What a sliding-window layer keeps is not every state: its model takes the plain forward."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, batch = model_and_batch
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, sliding_window=4)).train()
+    expected, _, _ = _log_probs_and_grads(model, batch, shared=False)
+    log_probs, _, tokens = _log_probs_and_grads(model, batch, shared=True)
+    assert tokens == batch.input_ids.numel()
+    torch.testing.assert_close(log_probs, expected)
 
 
 class NoCacheLM(torch.nn.Module):
