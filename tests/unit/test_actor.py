@@ -55,9 +55,11 @@ def test_on_policy_update_without_old_log_probs_equals_the_one_with_them(tiny_mo
     assert any(not torch.equal(a, b0) for a, b0 in zip(p_new, model.parameters()))  # the update did move the weights
 
 
-def test_shared_prompt_forward_on_an_fsdp_model_gives_the_plain_gradients(tiny_model, one_rank):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_forward_on_an_fsdp_model_gives_the_plain_gradients(tiny_model, one_rank, checkpointing):
     """Two forwards of the sharded model (the distinct prompts, then the responses) before one
-    backward: FSDP2 reduces the gradients of both, the same as one plain forward's."""
+    backward: FSDP2 reduces the gradients of both, the same as one plain forward's, also with
+    its layers checkpointed (FSDP2's hooks stay outside HF's checkpoint)."""
     from workers.fsdp import ShardingSpec, device_mesh, shard_model
 
     torch.manual_seed(0)
@@ -67,8 +69,10 @@ def test_shared_prompt_forward_on_an_fsdp_model_gives_the_plain_gradients(tiny_m
     generated = generate(plain, tok, [p for p in prompts for _ in range(3)],
                          GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(9)))
     batch = build_rollout_batch(generated, [i for i in range(3) for _ in range(3)], tok.pad_token_id)
-    sharded = shard_model(copy.deepcopy(plain), device_mesh(torch.device("cpu"), 1),
-                          ShardingSpec(torch.float32, torch.float32, False, True, -1))
+    sharded = copy.deepcopy(plain)
+    if checkpointing:
+        sharded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharded = shard_model(sharded, device_mesh(torch.device("cpu"), 1), ShardingSpec(torch.float32, torch.float32, False, True, -1))
     grads = []
     for model, shared in ((plain, False), (sharded, True)):
         model.train()
