@@ -102,6 +102,12 @@ class RLDataConfig:
     )
     apply_chat_template_kwargs: dict = doc("Extra keyword arguments for the chat template (e.g. {enable_thinking: false}).",
                                            factory=dict)
+    cache_dir: Optional[str] = doc(
+        "Folder of the token cache: the prompts are tokenized once (per file content, tokenizer and the settings "
+        "that change tokens) into memory-mapped arrays that every rank of a node shares. null: "
+        "`$XDG_CACHE_HOME/sample-aware-trainer/tokens` (`~/.cache/...`).",
+        None,
+    )
 
     def check(self, world_size: int) -> None:
         _require(self.train_files not in (None, "", []), "data.train_files", "is required")

@@ -1,17 +1,32 @@
 """RL prompts: verl's RL layout (a `prompt` column of chat messages, `reward_model.ground_truth`,
-`data_source`) or plain text columns chosen with `data.prompt_key` / `data.answer_key`."""
+`data_source`) or plain text columns chosen with `data.prompt_key` / `data.answer_key`.
+
+Prompts go through the token cache as SFT data does (`trainer.token_cache`): read as a stream,
+tokenized once per (files' content, tokenizer, settings) by one rank per node, memory-mapped by
+every rank. Each prompt's text and answer (what the rewards read) are stored beside its tokens,
+so a step's prompts come from the mapped arrays, not from the source files.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from config.rl_schema import RLDataConfig
-from trainer.data import DataError, Row, as_file_list, dig, epoch_order, read_rows
+from trainer import token_cache
+from trainer.data import DataError, Row, as_file_list, dig, epoch_order, iter_row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +59,117 @@ def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], te
     return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
 
 
-def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig) -> list[RLPrompt]:
+def _settings(cfg: RLDataConfig) -> dict:
+    """The settings that change a prompt's tokens or whether it is kept: part of the cache key."""
+    return {"kind": "rl_prompts", "prompt_key": cfg.prompt_key, "answer_key": cfg.answer_key,
+            "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation,
+            "filter_overlong_prompts": cfg.filter_overlong_prompts, "apply_chat_template_kwargs": cfg.apply_chat_template_kwargs}
+
+
+def _prompt(row: Row, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig) -> Optional[RLPrompt]:
+    """The row's prompt, or None when data.filter_overlong_prompts leaves it out."""
     answer_column, answer_path = _split_key(cfg.answer_key)
-    prompts: list[RLPrompt] = []
-    too_long = 0
-    for path in as_file_list(files, key):
-        rows = read_rows(path, list(dict.fromkeys([cfg.prompt_key, answer_column])), key)
-        if not rows:
+    messages = _messages(row, cfg.prompt_key)
+    answer = dig(row, answer_column, answer_path)
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise DataError(f"{row.file}: row {row.index}: column {cfg.answer_key!r} is {type(answer).__name__}, expected text")
+    ids = encode_messages(tokenizer, messages, cfg.apply_chat_template_kwargs)
+    if len(ids) > cfg.max_prompt_length:
+        if cfg.filter_overlong_prompts:  # verl's filter: the prompt is left out
+            return None
+        if cfg.truncation == "error":
+            raise DataError(f"{row.file}: row {row.index}: prompt has {len(ids)} tokens, more than "
+                            f"data.max_prompt_length={cfg.max_prompt_length}")
+        ids = ids[-cfg.max_prompt_length:] if cfg.truncation == "left" else ids[: cfg.max_prompt_length]
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    return RLPrompt(ids, user[-1] if user else messages[-1]["content"], None if answer is None else str(answer))
+
+
+def _chunks(paths: list[str], key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig, stats: dict) -> Iterator[token_cache.Chunk]:
+    """Read and tokenize the files a chunk of rows at a time; a bad row stops it at its chunk.
+    `stats["left_out"]` counts the prompts data.filter_overlong_prompts left out."""
+    columns = list(dict.fromkeys([cfg.prompt_key, _split_key(cfg.answer_key)[0]]))
+    kept = 0
+    for file_no, path in enumerate(paths):
+        empty = True
+        for rows in iter_row_chunks(path, columns, key):
+            empty = False
+            pairs = [(row, _prompt(row, tokenizer, cfg)) for row in rows]
+            pairs = [(row, p) for row, p in pairs if p is not None]
+            stats["left_out"] += len(rows) - len(pairs)
+            kept += len(pairs)
+            yield token_cache.Chunk(
+                [[] for _ in pairs], [[] for _ in pairs], [p.prompt_ids for _, p in pairs],
+                [(file_no, row.locator) for row, _ in pairs],
+                [json.dumps([p.text, p.ground_truth]).encode() for _, p in pairs],
+            )
+        if empty:
             raise DataError(f"{path}: no rows ({key})")
-        for row in rows:
-            messages = _messages(row, cfg.prompt_key)
-            answer = dig(row, answer_column, answer_path)
-            if answer is not None and not isinstance(answer, (str, int, float)):
-                raise DataError(f"{row.file}: row {row.index}: column {cfg.answer_key!r} is {type(answer).__name__}, expected text")
-            ids = encode_messages(tokenizer, messages, cfg.apply_chat_template_kwargs)
-            if len(ids) > cfg.max_prompt_length:
-                if cfg.filter_overlong_prompts:  # verl's filter: the prompt is left out
-                    too_long += 1
-                    continue
-                if cfg.truncation == "error":
-                    raise DataError(f"{row.file}: row {row.index}: prompt has {len(ids)} tokens, more than "
-                                    f"data.max_prompt_length={cfg.max_prompt_length}")
-                ids = ids[-cfg.max_prompt_length:] if cfg.truncation == "left" else ids[: cfg.max_prompt_length]
-            user = [m["content"] for m in messages if m["role"] == "user"]
-            prompts.append(RLPrompt(ids, user[-1] if user else messages[-1]["content"], None if answer is None else str(answer)))
-    if too_long:
-        log.info("%s: %d prompt(s) longer than data.max_prompt_length=%d left out (data.filter_overlong_prompts)",
-                 key, too_long, cfg.max_prompt_length)
-    if not prompts:
-        raise DataError(f"{key}: no prompts" + (" left after data.filter_overlong_prompts" if too_long else ""))
+    if not kept:
+        raise DataError(f"{key}: no prompts" + (" left after data.filter_overlong_prompts" if stats["left_out"] else ""))
+
+
+class PromptSet(SequenceABC):
+    """The prompts of a token-cache entry, built on demand from the memory-mapped arrays: it
+    stands where a `list[RLPrompt]` stood (len, indexing, slicing, iteration)."""
+
+    def __init__(self, arrays: token_cache.TokenArrays):
+        self.arrays = arrays
+
+    @property
+    def folder(self) -> Path:
+        return self.arrays.folder
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index):  # int -> RLPrompt, slice -> list[RLPrompt]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"prompt {index} of {len(self)}")
+        text, answer = json.loads(self.arrays.record(i))
+        return RLPrompt(self.arrays.prompt(i).tolist(), text, answer)
+
+
+def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig,
+                    cache_dir: Optional[str] = None, ranks: token_cache.Ranks = token_cache.Ranks()) -> PromptSet:
+    """Every prompt of `files`, tokenized once into the token cache under `cache_dir` (None: a
+    temporary folder of this process, removed with the set) and memory-mapped. `ranks` says who
+    writes (local rank 0 of each node) and who waits; a bad row stops every rank."""
+    paths = as_file_list(files, key)
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{key}: file not found: {path}")
+    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.mkdtemp(prefix="rl-prompts-"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"data.cache_dir: cannot create {root} ({err.strerror or err})") from None
+    stats = {"left_out": 0}
+    meta = {"key": key, "files": paths, "settings": _settings(cfg), "stats": stats}  # stats filled while writing
+    start = time.perf_counter()
+    entry, hit = token_cache.build_once(
+        lambda: root / token_cache.entry_key(paths, tokenizer, _settings(cfg)),
+        lambda entry: token_cache.write_entry(entry, lambda: _chunks(paths, key, tokenizer, cfg, stats), meta),
+        ranks if cache_dir else token_cache.Ranks(),
+        DataError,
+    )
+    prompts = PromptSet(token_cache.TokenArrays(entry))
+    if not cache_dir:
+        weakref.finalize(prompts, shutil.rmtree, root, True)
+    if ranks.rank == 0:
+        left_out = prompts.arrays.meta.get("stats", {}).get("left_out", 0)
+        if left_out:
+            log.info("%s: %d prompt(s) longer than data.max_prompt_length=%d left out (data.filter_overlong_prompts)",
+                     key, left_out, cfg.max_prompt_length)
+        if cache_dir and hit:
+            log.info("%s: %d prompts from the token cache %s (tokenization skipped)", key, len(prompts), entry)
+        elif cache_dir:
+            log.info("%s: %d prompts tokenized in %.1fs into the token cache %s", key, len(prompts), time.perf_counter() - start, entry)
     return prompts
 
 
@@ -82,7 +179,7 @@ class PromptBatches:
     A pure function of (seed, epoch, index), so resume needs no iteration over the data.
     """
 
-    def __init__(self, prompts: list[RLPrompt], prompts_per_step: int, seed: int, shuffle: bool, rank: int, world_size: int):
+    def __init__(self, prompts: Sequence[RLPrompt], prompts_per_step: int, seed: int, shuffle: bool, rank: int, world_size: int):
         self.prompts = prompts
         self.prompts_per_step = prompts_per_step
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
@@ -92,11 +189,15 @@ class PromptBatches:
 
     def rank_prompts(self, epoch: int, index: int) -> tuple[list[int], list[RLPrompt]]:
         """(global indices, prompts) of this rank's share of step `index` of `epoch`."""
-        order = epoch_order(len(self.prompts), self.seed, epoch, self.shuffle)
+        order = self._order(epoch)
         step = order[index * self.prompts_per_step : (index + 1) * self.prompts_per_step]
         per_rank = self.prompts_per_step // self.world_size
         mine = step[self.rank * per_rank : (self.rank + 1) * per_rank]
         return mine, [self.prompts[i] for i in mine]
+
+    @lru_cache(maxsize=1)
+    def _order(self, epoch: int) -> list[int]:  # once per epoch, not per step: a permutation of every prompt
+        return epoch_order(len(self.prompts), self.seed, epoch, self.shuffle)
 
 
 def rollout_seed(seed: int, step: int, prompt_index: int, response: int) -> int:

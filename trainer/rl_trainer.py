@@ -50,6 +50,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import progress
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.samples import SampleLogger, prompt_id, sample_seed
+from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers import core_algos
 from workers.actor import (
@@ -127,9 +128,12 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
-        self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data)
+        # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
+        cache_dir = cfg.data.cache_dir or env_config.token_cache_dir(env_config.environ())
+        ranks = Ranks(dist_ctx.rank, dist_ctx.local_rank, dist_ctx.world_size)
+        self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data, cache_dir, ranks)
         self.val_prompts = (
-            load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data)[: cfg.data.max_val_prompts]
+            load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data, cache_dir, ranks)[: cfg.data.max_val_prompts]
             if cfg.data.val_files else []
         )
         self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process

@@ -10,6 +10,8 @@ One entry, `<cache_dir>/<key>/` (key: a hash of the files' bytes, the tokenizer 
     prompt_ids.npy      int32 [prompt tokens]  what generation starts from
     prompt_offsets.npy  int64 [n + 1]
     sources.npy         int64 [n, 2]           (file number, JSONL byte offset or parquet row)
+    records.npy         uint8 [bytes]          per example, bytes the reader needs beside its tokens
+    record_offsets.npy  int64 [n + 1]          (RL prompts: their text and answer, as JSON); empty for SFT
     meta.json           counts and settings, written last
 
 The arrays are `.npy` files that grow as chunks are tokenized (the header, a fixed 128 bytes, is
@@ -37,7 +39,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records
 HEADER_BYTES = 128  # a .npy v1.0 header of a 1-D or [n, 2] array, padded to 64-byte alignment
 _HASH_CHUNK_BYTES = 8 << 20
 
@@ -115,6 +117,7 @@ class Chunk:
     loss_masks: Sequence[Sequence[int]]
     prompt_ids: Sequence[Sequence[int]]
     sources: Sequence[tuple[int, int]]
+    records: Optional[Sequence[bytes]] = None  # None: no record per example
 
 
 class EntryWriter:
@@ -127,6 +130,8 @@ class EntryWriter:
         self.prompt_ids = _GrowingNpy(folder / "prompt_ids.npy", np.int32)
         self.prompt_lengths = _GrowingNpy(folder / "prompt_lengths.npy", np.int32)
         self.sources = _GrowingNpy(folder / "sources.npy", np.int64, width=2)
+        self.records = _GrowingNpy(folder / "records.npy", np.uint8)
+        self.record_lengths = _GrowingNpy(folder / "record_lengths.npy", np.int64)
 
     def append(self, chunk: Chunk) -> None:
         self.input_ids.append(_flat(chunk.input_ids))
@@ -135,11 +140,16 @@ class EntryWriter:
         self.prompt_ids.append(_flat(chunk.prompt_ids))
         self.prompt_lengths.append(np.fromiter((len(x) for x in chunk.prompt_ids), np.int32, len(chunk.prompt_ids)))
         self.sources.append(np.asarray(chunk.sources, dtype=np.int64).reshape(-1, 2))
+        records = chunk.records if chunk.records is not None else [b""] * len(chunk.input_ids)
+        self.records.append(np.frombuffer(b"".join(records), dtype=np.uint8))
+        self.record_lengths.append(np.fromiter((len(r) for r in records), np.int64, len(records)))
 
     def close(self, meta: dict) -> int:
-        for part in (self.input_ids, self.loss_mask, self.lengths, self.prompt_ids, self.prompt_lengths, self.sources):
+        for part in (self.input_ids, self.loss_mask, self.lengths, self.prompt_ids, self.prompt_lengths, self.sources,
+                     self.records, self.record_lengths):
             part.close()
-        for name, lengths in (("offsets.npy", "lengths.npy"), ("prompt_offsets.npy", "prompt_lengths.npy")):
+        for name, lengths in (("offsets.npy", "lengths.npy"), ("prompt_offsets.npy", "prompt_lengths.npy"),
+                              ("record_offsets.npy", "record_lengths.npy")):
             counts = np.load(self.folder / lengths, mmap_mode="r")
             offsets = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
@@ -214,6 +224,8 @@ class TokenArrays:
         self.prompt_ids = load("prompt_ids.npy")
         self.prompt_offsets = load("prompt_offsets.npy")
         self.sources = load("sources.npy")
+        self.records = load("records.npy")
+        self.record_offsets = load("record_offsets.npy")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -224,6 +236,9 @@ class TokenArrays:
 
     def prompt(self, i: int) -> np.ndarray:
         return self.prompt_ids[int(self.prompt_offsets[i]) : int(self.prompt_offsets[i + 1])]
+
+    def record(self, i: int) -> bytes:
+        return self.records[int(self.record_offsets[i]) : int(self.record_offsets[i + 1])].tobytes()
 
 
 # ----------------------------------------------------------------------------- one writer per node
