@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence as SequenceABC
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -429,33 +428,22 @@ class SourceTexts:
         return rows[index - first]
 
 
-class TokenizedDataset(SequenceABC):
+class TokenizedDataset(token_cache.MappedRows):
     """The examples of a token-cache entry, built on demand from the memory-mapped arrays: it
-    stands where a `list[Example]` stood (len, indexing, slicing, iteration), and `lengths` is
-    the mapped int32 array, so batching never walks the examples."""
+    stands where a `list[Example]` stood, and `lengths` is the mapped int32 array, so batching
+    never walks the examples."""
+
+    item_name = "example"
 
     def __init__(self, arrays: token_cache.TokenArrays, texts: SourceTexts):
-        self.arrays, self.texts = arrays, texts
+        super().__init__(arrays)
+        self.texts = texts
 
     @property
     def lengths(self) -> np.ndarray:
         return self.arrays.lengths
 
-    @property
-    def folder(self) -> Path:
-        return self.arrays.folder
-
-    def __len__(self) -> int:
-        return len(self.arrays)
-
-    def __getitem__(self, index):  # int -> Example, slice -> list[Example]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"example {index} of {len(self)}")
+    def _row(self, i: int) -> Example:
         ids, mask = self.arrays.tokens(i)
         file_no, locator = (int(v) for v in self.arrays.sources[i])
         return Example(
@@ -474,35 +462,58 @@ def load_sft_examples(
     ranks: token_cache.Ranks = token_cache.Ranks(),
 ) -> TokenizedDataset:
     """Every example of `files`, or the first `max_rows` rows over the files in order (verl's
-    `train_max_samples` / `val_max_samples` without data.shuffle), tokenized once into the token
-    cache under `cache_dir` (None: a temporary folder of this process, removed with the data set)
-    and memory-mapped. `ranks` says who writes (local rank 0 of each node) and who waits."""
+    `train_max_samples` / `val_max_samples` without data.shuffle), through the token cache
+    (`load_cached`)."""
+    return load_cached(
+        files, key, tokenizer, token_settings(cfg, max_rows),
+        lambda paths, stats: tokenized_chunks(paths, key, tokenizer, cfg, max_rows),
+        lambda arrays, paths: TokenizedDataset(arrays, SourceTexts(paths, cfg)),
+        cache_dir, ranks,
+    )
+
+
+def load_cached(
+    files: Any,
+    key: str,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: dict,
+    chunks: Callable[[list[str], dict], Iterable[token_cache.Chunk]],
+    rows: Callable[[token_cache.TokenArrays, list[str]], token_cache.MappedRows],
+    cache_dir: Optional[str] = None,
+    ranks: token_cache.Ranks = token_cache.Ranks(),
+) -> token_cache.MappedRows:
+    """The rows of `files`, tokenized once (`chunks(paths, stats)`, which may count things in
+    `stats`: kept in the entry's meta.json) into the token cache under `cache_dir` (None: a
+    temporary folder of this process, removed with the rows) and memory-mapped. `settings`: all
+    that changes the tokens, part of the entry's key. `ranks` says who writes (local rank 0 of
+    each node) and who waits; a bad row stops every rank."""
     paths = as_file_list(files, key)
     for path in paths:
         if not Path(path).is_file():
             raise DataError(f"{key}: file not found: {path}")
-    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.mkdtemp(prefix="sft-tokens-"))
+    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.mkdtemp(prefix="tokens-"))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"data.cache_dir: cannot create {root} ({err.strerror or err})") from None
-    meta = {"key": key, "files": paths, "settings": token_settings(cfg, max_rows)}
+    meta = {"key": key, "files": paths, "settings": settings, "stats": {}}  # stats filled while writing
     start = time.perf_counter()
     entry, hit = token_cache.build_once(
-        lambda: root / token_cache.entry_key(paths, tokenizer, token_settings(cfg, max_rows)),
-        lambda entry: token_cache.write_entry(entry, lambda: tokenized_chunks(paths, key, tokenizer, cfg, max_rows), meta),
+        lambda: root / token_cache.entry_key(paths, tokenizer, settings),
+        lambda entry: token_cache.write_entry(entry, lambda: chunks(paths, meta["stats"]), meta),
         ranks if cache_dir else token_cache.Ranks(),
         DataError,
     )
-    dataset = TokenizedDataset(token_cache.TokenArrays(entry), SourceTexts(paths, cfg))
+    mapped = rows(token_cache.TokenArrays(entry), paths)
+    what = f"{len(mapped)} {mapped.item_name}s"
     if not cache_dir:
-        weakref.finalize(dataset, shutil.rmtree, root, True)
+        weakref.finalize(mapped, shutil.rmtree, root, True)
     elif ranks.rank == 0:
         if hit:
-            log.info("%s: %d examples from the token cache %s (tokenization skipped)", key, len(dataset), entry)
+            log.info("%s: %s from the token cache %s (tokenization skipped)", key, what, entry)
         else:
-            log.info("%s: %d examples tokenized in %.1fs into the token cache %s", key, len(dataset), time.perf_counter() - start, entry)
-    return dataset
+            log.info("%s: %s tokenized in %.1fs into the token cache %s", key, what, time.perf_counter() - start, entry)
+    return mapped
 
 
 # ----------------------------------------------------------------------------- batching

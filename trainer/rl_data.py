@@ -11,14 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-import time
-import weakref
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -26,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from config.rl_schema import RLDataConfig
 from trainer import token_cache
-from trainer.data import DataError, Row, as_file_list, dig, epoch_order, iter_row_chunks
+from trainer.data import DataError, Row, dig, epoch_order, iter_row_chunks, load_cached
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +83,7 @@ def _chunks(paths: list[str], key: str, tokenizer: PreTrainedTokenizerBase, cfg:
     """Read and tokenize the files a chunk of rows at a time; a bad row stops it at its chunk.
     `stats["left_out"]` counts the prompts data.filter_overlong_prompts left out."""
     columns = list(dict.fromkeys([cfg.prompt_key, _split_key(cfg.answer_key)[0]]))
-    kept = 0
+    kept = stats["left_out"] = 0
     for file_no, path in enumerate(paths):
         empty = True
         for rows in iter_row_chunks(path, columns, key):
@@ -109,67 +103,27 @@ def _chunks(paths: list[str], key: str, tokenizer: PreTrainedTokenizerBase, cfg:
         raise DataError(f"{key}: no prompts" + (" left after data.filter_overlong_prompts" if stats["left_out"] else ""))
 
 
-class PromptSet(SequenceABC):
+class PromptSet(token_cache.MappedRows):
     """The prompts of a token-cache entry, built on demand from the memory-mapped arrays: it
-    stands where a `list[RLPrompt]` stood (len, indexing, slicing, iteration)."""
+    stands where a `list[RLPrompt]` stood."""
 
-    def __init__(self, arrays: token_cache.TokenArrays):
-        self.arrays = arrays
+    item_name = "prompt"
 
-    @property
-    def folder(self) -> Path:
-        return self.arrays.folder
-
-    def __len__(self) -> int:
-        return len(self.arrays)
-
-    def __getitem__(self, index):  # int -> RLPrompt, slice -> list[RLPrompt]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"prompt {index} of {len(self)}")
+    def _row(self, i: int) -> RLPrompt:
         text, answer = json.loads(self.arrays.record(i))
         return RLPrompt(self.arrays.prompt(i).tolist(), text, answer)
 
 
 def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig,
                     cache_dir: Optional[str] = None, ranks: token_cache.Ranks = token_cache.Ranks()) -> PromptSet:
-    """Every prompt of `files`, tokenized once into the token cache under `cache_dir` (None: a
-    temporary folder of this process, removed with the set) and memory-mapped. `ranks` says who
-    writes (local rank 0 of each node) and who waits; a bad row stops every rank."""
-    paths = as_file_list(files, key)
-    for path in paths:
-        if not Path(path).is_file():
-            raise DataError(f"{key}: file not found: {path}")
-    root = Path(cache_dir).expanduser() if cache_dir else Path(tempfile.mkdtemp(prefix="rl-prompts-"))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"data.cache_dir: cannot create {root} ({err.strerror or err})") from None
-    stats = {"left_out": 0}
-    meta = {"key": key, "files": paths, "settings": _settings(cfg), "stats": stats}  # stats filled while writing
-    start = time.perf_counter()
-    entry, hit = token_cache.build_once(
-        lambda: root / token_cache.entry_key(paths, tokenizer, _settings(cfg)),
-        lambda entry: token_cache.write_entry(entry, lambda: _chunks(paths, key, tokenizer, cfg, stats), meta),
-        ranks if cache_dir else token_cache.Ranks(),
-        DataError,
-    )
-    prompts = PromptSet(token_cache.TokenArrays(entry))
-    if not cache_dir:
-        weakref.finalize(prompts, shutil.rmtree, root, True)
-    if ranks.rank == 0:
-        left_out = prompts.arrays.meta.get("stats", {}).get("left_out", 0)
-        if left_out:
-            log.info("%s: %d prompt(s) longer than data.max_prompt_length=%d left out (data.filter_overlong_prompts)",
-                     key, left_out, cfg.max_prompt_length)
-        if cache_dir and hit:
-            log.info("%s: %d prompts from the token cache %s (tokenization skipped)", key, len(prompts), entry)
-        elif cache_dir:
-            log.info("%s: %d prompts tokenized in %.1fs into the token cache %s", key, len(prompts), time.perf_counter() - start, entry)
+    """Every prompt of `files`, through the token cache (`trainer.data.load_cached`)."""
+    prompts = load_cached(files, key, tokenizer, _settings(cfg),
+                          lambda paths, stats: _chunks(paths, key, tokenizer, cfg, stats),
+                          lambda arrays, paths: PromptSet(arrays), cache_dir, ranks)
+    left_out = prompts.arrays.meta["stats"].get("left_out", 0)
+    if left_out and ranks.rank == 0:
+        log.info("%s: %d prompt(s) longer than data.max_prompt_length=%d left out (data.filter_overlong_prompts)",
+                 key, left_out, cfg.max_prompt_length)
     return prompts
 
 

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -239,6 +240,36 @@ class TokenArrays:
 
     def record(self, i: int) -> bytes:
         return self.records[int(self.record_offsets[i]) : int(self.record_offsets[i + 1])].tobytes()
+
+
+class MappedRows(SequenceABC):
+    """An entry's rows as a sequence built on demand from the mapped arrays: it stands where a
+    list stood (len, indexing, slicing, iteration); subclasses build row `i` in `_row`."""
+
+    item_name = "row"
+
+    def __init__(self, arrays: TokenArrays):
+        self.arrays = arrays
+
+    @property
+    def folder(self) -> Path:
+        return self.arrays.folder
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, index):  # int -> one row, slice -> a list of rows
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = int(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.item_name} {index} of {len(self)}")
+        return self._row(i)
+
+    def _row(self, i: int) -> Any:
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- one writer per node

@@ -65,11 +65,12 @@ def test_second_load_tokenizes_nothing_and_a_changed_setting_makes_a_new_entry(t
     cache = str(tmp_path / "cache")
     first = load_rl_prompts(str(path), "data.train_files", tok, RLDataConfig(), cache_dir=cache)
     assert count_encodes["prompts"] == 50
-    with caplog.at_level(logging.INFO, logger="trainer.rl_data"):
+    with caplog.at_level(logging.INFO, logger="trainer.data"):
         second = load_rl_prompts(str(path), "data.train_files", tok, RLDataConfig(), cache_dir=cache)
     assert count_encodes["prompts"] == 50  # nothing tokenized again
     assert second.folder == first.folder
-    assert any("tokenization skipped" in r.message and str(second.folder) in r.message for r in caplog.records)
+    assert any("50 prompts from the token cache" in r.message and "tokenization skipped" in r.message
+               and str(second.folder) in r.message for r in caplog.records)
     assert [p.prompt_ids for p in second] == [p.prompt_ids for p in first]
     truncated = load_rl_prompts(str(path), "data.train_files", tok, RLDataConfig(max_prompt_length=5, truncation="left"),
                                 cache_dir=cache)
