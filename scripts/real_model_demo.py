@@ -26,8 +26,9 @@ What it does:
 5. prints, and writes to OUT/samples.md, one prompt's answers event by event in both runs: how
    they move from the model's own style to the data's format.
 
---lora-rank R > 0 trains a LoRA adapter instead of the full model (model.lora_rank, verl's key)
-once LoRA has landed; until then the trainer refuses the key with a one-line error.
+--lora-rank R > 0 trains a LoRA adapter (rank R, alpha 2R, every linear layer: verl's keys
+model.lora_rank / lora_alpha / target_modules) instead of the full model; LoRA wants learning
+rates ~10x a full fine-tune's (--lr 1e-4 1e-3).
 --reports-only redoes steps 3-5 from the run directories of an earlier call.
 """
 
@@ -167,7 +168,7 @@ def train_command(model_dir: Path, data: dict[str, Path], run_dir: Path, lr: flo
         "trainer.checkpoint.save_contents=[model]", f"trainer.default_local_dir={run_dir}",
         "trainer.project_name=real_model_demo", f"trainer.experiment_name={run_dir.name}", "trainer.resume_mode=disable",
     ]
-    if lora_rank > 0:  # verl's LoRA keys: live once LoRA lands (until then the trainer refuses them)
+    if lora_rank > 0:  # verl's LoRA keys
         overrides += [f"model.lora_rank={lora_rank}", f"model.lora_alpha={2 * lora_rank}", "model.target_modules=all-linear"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "trainer.fsdp_sft_trainer", *overrides]
@@ -255,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--val-samples", type=int, default=4, help="generations per validation")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lora-rank", type=int, default=0, help="> 0: train a LoRA adapter (once LoRA lands)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="> 0: train a LoRA adapter (model.lora_rank) instead of the full model")
     parser.add_argument("--images", type=Path, default=None, help="save screenshots of the pages here (e.g. docs/images)")
     parser.add_argument("--reports-only", action="store_true", help="only redo the pages from an earlier call's runs")
     args = parser.parse_args(argv)

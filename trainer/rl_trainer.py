@@ -132,10 +132,8 @@ class RLTrainer:
         cache_dir = cfg.data.cache_dir or env_config.token_cache_dir(env_config.environ())
         ranks = Ranks(dist_ctx.rank, dist_ctx.local_rank, dist_ctx.world_size)
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data, cache_dir, ranks)
-        self.val_prompts = (
-            load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data, cache_dir, ranks)[: cfg.data.max_val_prompts]
-            if cfg.data.val_files else []
-        )
+        val = load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data, cache_dir, ranks) if cfg.data.val_files else []
+        self.val_prompts = val if cfg.data.max_val_prompts is None else val[: cfg.data.max_val_prompts]
         self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process
         self.samples_s = 0.0  # sample logging since the last step's metrics
         self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
