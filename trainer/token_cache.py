@@ -1,5 +1,6 @@
-"""The token cache: a tokenized SFT data set as flat NumPy arrays on disk, written once per
-(files' content, tokenizer, settings that change tokens) and memory-mapped by every rank.
+"""The token cache: a tokenized data set (SFT examples, RL prompts) as flat NumPy arrays on
+disk, written once per (files' content, tokenizer, settings that change tokens) and
+memory-mapped by every rank.
 
 One entry, `<cache_dir>/<key>/` (key: a hash of the files' bytes, the tokenizer and the settings):
 
