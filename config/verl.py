@@ -353,6 +353,28 @@ def _critic_path(value: Any, ctx: Context) -> None:
     ctx.notes.append(f"critic.model.path={value}: the actor's model, with a value head")
 
 
+def _critic_as_actor(key: str, ours: str, actors: Callable[[Context], Any], convert: Callable[[Any, Context], Any] = lambda v, ctx: v):
+    """A critic setting that here is the actor's (`ours`): accepted when it asks for the actor's value."""
+    def check(value: Any, ctx: Context) -> None:
+        try:
+            same = _same(convert(value, ctx), ctx.get(ours))
+        except (TypeError, ValueError, ZeroDivisionError):
+            same = False
+        if not same:
+            ctx.refusals.append(f"{key}={value}: the critic uses the actor's setting here ({ours}={ctx.get(ours)}, "
+                                f"i.e. {actors(ctx)}); give the critic the same value or drop {key}")
+        else:
+            ctx.notes.append(f"{key}={value}: the actor's setting ({ours}), as here the critic shares it")
+    return check
+
+
+def _mini_batch_prompts(value: Any, ctx: Context) -> int:
+    prompts = int(ctx.get("data.prompts_per_step"))
+    if int(value) <= 0 or prompts % int(value):
+        raise ValueError(value)
+    return prompts // int(value)
+
+
 def _engine(key: str, default: Any) -> Refused:
     return Refused(f"{ARA}.rollout.{key}", default, reason=f"an inference-engine setting: {ENGINE}", when_written=True)
 
@@ -546,6 +568,16 @@ PPO_KEYS: tuple[VerlKey, ...] = (
             feature="Ulysses sequence parallelism in RL (SFT has it: ulysses_sequence_parallel_size)"),
     Refused("critic.optim.lr_warmup_steps_ratio", 0.0, allowed=(0,),
             reason="the critic's learning rate is constant here (critic.lr); it must be 0"),
+    Rule("critic.ppo_mini_batch_size", 256, doc="checked: must ask for the actor's mini-batches (the critic shares them here)",
+         fn=_critic_as_actor("critic.ppo_mini_batch_size", "actor.mini_batches_per_step",
+                             lambda ctx: f"mini-batches of {int(ctx.get('data.prompts_per_step')) // max(1, int(ctx.get('actor.mini_batches_per_step')))} prompts",
+                             _mini_batch_prompts)),
+    Rule("critic.ppo_epochs", 1, doc="checked: must be the actor's (actor.ppo_epochs; the critic shares them here)",
+         fn=_critic_as_actor("critic.ppo_epochs", "actor.ppo_epochs", lambda ctx: f"{ctx.get('actor.ppo_epochs')} epoch(s)",
+                             lambda v, ctx: int(v))),
+    Rule("critic.grad_clip", 1.0, doc="checked: must be the actor's (optim.clip_grad; the critic shares it here)",
+         fn=_critic_as_actor("critic.grad_clip", "optim.clip_grad", lambda ctx: f"clipped at {ctx.get('optim.clip_grad')}",
+                             lambda v, ctx: float(v))),
     Alias("trainer.max_actor_ckpt_to_keep", None, target="trainer.max_ckpt_to_keep"),
     Inert("trainer.max_critic_ckpt_to_keep", None, reason="the actor and the critic are saved together"),
     Inert("trainer.balance_batch", True, reason="each rank holds the same number of whole prompt groups"),

@@ -305,6 +305,9 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
     ("critic.ulysses_sequence_parallel_size=2", "not available yet"),
     ("critic.use_dynamic_bsz=True", "token-budget micro-batches are not available in RL"),
     ("critic.optim.lr_warmup_steps_ratio=0.05", "the critic's learning rate is constant here"),
+    ("critic.ppo_mini_batch_size=8", "the critic uses the actor's setting here (actor.mini_batches_per_step=4, i.e. mini-batches of 4 prompts)"),
+    ("critic.ppo_epochs=2", "the critic uses the actor's setting here (actor.ppo_epochs=1"),
+    ("critic.grad_clip=0.5", "the critic uses the actor's setting here (optim.clip_grad=1.0"),
     ("actor_rollout_ref.actor.kl_loss_type=abs", "the estimators here are"),
     ("trainer.n_gpus_per_node=8", "torchrun started 2 process(es)"),
     ("actor_rollout_ref.actor.ppo_mini_batch_size=5", "must divide data.train_batch_size"),
@@ -315,6 +318,17 @@ def test_verl_keys_with_no_meaning_here_are_refused_with_the_reason(override, re
         rl([*inputs, override], world_size=2)
     message = str(err.value)
     assert message.startswith(override.split("=")[0]) and reason in message and "\n" not in message, message
+
+
+def test_verl_critic_settings_that_ask_for_the_actors_are_accepted(tiny_model, rl_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+              "actor_rollout_ref.actor.ppo_mini_batch_size=8", "actor_rollout_ref.actor.ppo_epochs=2",
+              "actor_rollout_ref.actor.grad_clip=0.5"]
+    critic = ["critic.ppo_mini_batch_size=8", "critic.ppo_epochs=2", "critic.grad_clip=0.5"]
+    resolved = rl([*inputs, *critic], world_size=2, name="ppo_trainer")
+    c = resolved.config
+    assert (c.actor.mini_batches_per_step, c.actor.ppo_epochs, c.optim.clip_grad) == (2, 2, 0.5)
+    assert all(any(n.startswith(k.split("=")[0]) and "the actor's setting" in n for n in resolved.notes) for k in critic)
 
 
 @pytest.mark.parametrize("script", sorted(GRPO_SCRIPTS))
