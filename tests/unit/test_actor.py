@@ -25,15 +25,21 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
+def sampled_groups(tiny_model, texts: list[str], group: int):
+    """The tiny model, its tokenizer and a rollout batch of `group` sampled responses per prompt."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = encode_prompts(tok, texts)
+    generated = generate(model, tok, [p for p in prompts for _ in range(group)],
+                         GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(len(texts) * group)))
+    batch = build_rollout_batch(generated, [i for i in range(len(texts)) for _ in range(group)], tok.pad_token_id)
+    return model, tok, batch
+
+
 @pytest.mark.parametrize("policy_loss", ["vanilla", "gspo"])
 def test_on_policy_update_without_old_log_probs_equals_the_one_with_them(tiny_model, one_rank, policy_loss):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    prompts = encode_prompts(tok, ["1+2=", "33+44=", "5+60="])
-    generated = generate(model, tok, [p for p in prompts for _ in range(2)],
-                         GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(6)))
-    batch = build_rollout_batch(generated, [0, 0, 1, 1, 2, 2], tok.pad_token_id)
+    model, tok, batch = sampled_groups(tiny_model, ["1+2=", "33+44=", "5+60="], group=2)
     batch.advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * batch.response_mask
     settings = UpdateSettings(micro_batch_size=4, ppo_epochs=1, mini_batches=1, clip_grad=1.0, world_size=1, seed=0)
     assert on_policy(settings) and not on_policy(UpdateSettings(4, 1, 2, 1.0, 1, 0))
@@ -63,12 +69,7 @@ def test_shared_prompt_forward_on_an_fsdp_model_gives_the_plain_gradients(tiny_m
     from workers.fsdp import ShardingSpec, device_mesh, shard_model
 
     torch.manual_seed(0)
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    prompts = encode_prompts(tok, ["1+2=", "33+44=", "hello there"])
-    generated = generate(plain, tok, [p for p in prompts for _ in range(3)],
-                         GenerationSettings(max_new_tokens=5, temperature=1.5, top_k=0), seeds=list(range(9)))
-    batch = build_rollout_batch(generated, [i for i in range(3) for _ in range(3)], tok.pad_token_id)
+    plain, tok, batch = sampled_groups(tiny_model, ["1+2=", "33+44=", "hello there"], group=3)
     sharded = copy.deepcopy(plain)
     if checkpointing:
         sharded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
