@@ -53,7 +53,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, however this is launched
 from bench_sft import (  # noqa: E402
     ROOT, OtherLoad, _lexicon, _sentence, busy_note, child_env, markdown_table, metrics_records, peer_status,
-    tail_errors, train_tokenizer, wrap_main,
+    step_clock, tail_errors, train_tokenizer, wrap_main,
 )
 
 THIS = Path(__file__).resolve()
@@ -244,7 +244,7 @@ def peer_main(argv: list[str]) -> None:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(ROOT))
@@ -264,13 +264,7 @@ def peer_main(argv: list[str]) -> None:
     ends: list[float] = []
     lengths: list[float] = []
 
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            ends.append(time.perf_counter())
-
+    class Clock(step_clock(ends)):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
                 lengths.append(float(logs["completions/mean_length"]))

@@ -624,6 +624,21 @@ def wrap_main(rss_dir: str, module: str, args: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- peers (TRL, HF Trainer)
+def step_clock(ends: list[float]):
+    """A `transformers` callback class that appends the clock at the start of training and at
+    the end of every step to `ends` (a peer's seconds per step are the differences)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    return StepClock
+
+
 def peer_main(argv: list[str]) -> None:
     """Child process: train one peer and write per-step token counts and times as JSON."""
     p = argparse.ArgumentParser()
@@ -637,7 +652,7 @@ def peer_main(argv: list[str]) -> None:
 
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
     model_dir = a.work / "model"
@@ -648,12 +663,7 @@ def peer_main(argv: list[str]) -> None:
     padded: list[int] = []
     ends: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+    StepClock = step_clock(ends)
 
     def counting(base):
         # Counted at training_step, not in the collator: the dataloader fetches a batch ahead,
@@ -961,7 +971,7 @@ def main() -> int:
         issue_share = 6 * assets.params * default.tokens_per_s / 1e9 / peak["best"]
         notes.append(f"The issue's own accounting (6 x all {assets.params / 1e6:.2f}M parameters per token, embedding "
                      f"table included, no attention) puts '{default.name}' at {issue_share:.1%} of peak.")
-    notes.append(f"LoRA: GFLOP/s counts the full model's 6 x parameters per token, but with a frozen base the "
+    notes.append("LoRA: GFLOP/s counts the full model's 6 x parameters per token, but with a frozen base the "
                  "weight-gradient matmuls of the base are skipped (about 4 x instead of 6 x), so its GFLOP/s overstates "
                  "the work done; compare its real tok/s. Its memory estimate: fp32 weights for all (4 bytes each), "
                  "gradients and AdamW state (12 bytes) only for the adapters.")
