@@ -14,7 +14,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # and their subprocesses write theirs in a folder of their own, not the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sample-aware-trainer-tests-")
 
-from helpers import addition_rows, make_tiny_model, rl_rows, write_parquet  # noqa: E402
+from helpers import DEMO_MODEL, addition_rows, make_tiny_model, rl_rows, write_parquet  # noqa: E402
+
+
+@pytest.fixture()
+def tok():
+    """The demo model's tokenizer (a fresh one per test: tests may add tokens or a template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -138,6 +137,7 @@ class PromptBatches:
         self.prompts_per_step = prompts_per_step
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.steps_per_epoch = len(prompts) // prompts_per_step
+        self._epoch_order: tuple[Optional[int], list[int]] = (None, [])
         if self.steps_per_epoch == 0:
             raise DataError(f"data.prompts_per_step={prompts_per_step} is larger than the training set ({len(prompts)} prompts)")
 
@@ -149,9 +149,11 @@ class PromptBatches:
         mine = step[self.rank * per_rank : (self.rank + 1) * per_rank]
         return mine, [self.prompts[i] for i in mine]
 
-    @lru_cache(maxsize=1)
-    def _order(self, epoch: int) -> list[int]:  # once per epoch, not per step: a permutation of every prompt
-        return epoch_order(len(self.prompts), self.seed, epoch, self.shuffle)
+    def _order(self, epoch: int) -> list[int]:
+        """The epoch's permutation of every prompt, computed once per epoch, not per step."""
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, epoch_order(len(self.prompts), self.seed, epoch, self.shuffle))
+        return self._epoch_order[1]
 
 
 def rollout_seed(seed: int, step: int, prompt_index: int, response: int) -> int:

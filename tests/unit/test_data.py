@@ -3,16 +3,10 @@
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from config.schema import DataConfig, MultiturnConfig
 from helpers import DEMO_MODEL, write_jsonl, write_parquet
 from trainer.data import IGNORE, DataError, SFTBatches, load_sft_examples, read_rows, validation_micro_batches
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 def cfg(**kw) -> DataConfig:

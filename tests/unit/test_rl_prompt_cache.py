@@ -5,18 +5,12 @@ row stops the load at its chunk, and the prompt batches are those of a list."""
 import logging
 
 import pytest
-from transformers import AutoTokenizer
 
 from config.rl_schema import RLDataConfig
-from helpers import DEMO_MODEL, rl_rows, write_jsonl, write_parquet
+from helpers import rl_rows, write_jsonl, write_parquet
 from trainer import rl_data
 from trainer.data import CHUNK_ROWS, DataError, Row
 from trainer.rl_data import PromptBatches, load_rl_prompts
-
-
-@pytest.fixture()
-def tok():
-    return AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
 @pytest.fixture()

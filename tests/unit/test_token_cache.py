@@ -19,11 +19,6 @@ from trainer.data import (
 
 
 @pytest.fixture()
-def tok():
-    return AutoTokenizer.from_pretrained(DEMO_MODEL)
-
-
-@pytest.fixture()
 def count_texts(monkeypatch):
     """How many texts the tokenizer has been given (its batched calls count each text)."""
     calls = {"texts": 0}
@@ -90,7 +85,7 @@ def test_a_bad_row_in_a_large_file_stops_at_its_chunk(tmp_path, tok, count_texts
     rows = addition_rows(50_000)
     rows[5] = {"prompt": "1+1=", "response": " ".join(["7"] * 200)}  # too long with truncation=error
     data = write_jsonl(rows, tmp_path / "big.jsonl")
-    with pytest.raises(DataError, match=rf"big.jsonl: row 5: \d+ tokens exceed data.max_length=64"):
+    with pytest.raises(DataError, match=r"big.jsonl: row 5: \d+ tokens exceed data.max_length=64"):
         load_sft_examples(str(data), "data.train_files", tok, cfg(), cache_dir=str(tmp_path / "cache"))
     # one chunk of prompts and responses was tokenized, not the 50,000 rows
     assert 0 < count_texts["texts"] <= 2 * CHUNK_ROWS < 0.05 * 2 * len(rows)
