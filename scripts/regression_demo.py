@@ -121,7 +121,7 @@ class ShardSwitch:
         self.steps_per_epoch = self.good.steps_per_epoch
 
     def micro_batches(self, epoch: int, index: int):
-        return (self.bad if self.trainer.step >= self.start else self.good).micro_batches(epoch, index)
+        return (self.bad if self.trainer.run.step >= self.start else self.good).micro_batches(epoch, index)
 
 
 def inject_bad_shard(trainer: FSDPSFTTrainer, shard: Path, start: int) -> None:

@@ -81,7 +81,7 @@ class RLRun:
     def train(self) -> RLTrainer:
         denv = env_config.dist_env()
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
-        ctx = init_distributed(denv, self.config.trainer.device)
+        ctx = init_distributed(denv, self.config.trainer.device, self.config.trainer.collective_timeout_seconds)
         rewards = build_reward_set(self.reward_functions) if self.reward_functions else None
         self.trainer = RLTrainer(self.config, ctx, rewards)
         self.trainer.fit()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,28 +18,18 @@ from typing import Any, Optional, Sequence
 
 import hydra
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from config import env as env_config
-from config.loading import redact, resolve, to_dict
+from config.loading import Resolved, resolve
 from config.schema import SFTConfig
-from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import (
-    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
-)
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
-from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
-from trainer.faults import PreemptionWatch, check_shared_run_dir
-from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.progress import progress
-from trainer.samples import SampleLogger, prompt_id, sample_seed
-from trainer.token_cache import Ranks
-from trainer.tracking import TrackerContext, Tracking, check_available
+from trainer.run import Run, SampleEventSpec, Samples, cli_main, launch
+from trainer.samples import prompt_id, sample_seed
 from workers import liger, sequence_parallel
 from workers.fsdp import (
     ShardingSpec,
@@ -50,15 +39,15 @@ from workers.fsdp import (
     param_count,
     resolve_dtypes,
 )
-from workers.generation import Generated, GenerationSettings, generate
+from workers.generation import GenerationSettings, generate
 from workers.liger import liger_token_loss_sum
 from workers.lora import LoraSpec, check_fits, trainable_summary_line
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
 from workers.packing import Layout, choose_layout, model_inputs
 from workers.sequence_parallel import SequenceParallel
-from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.sft")
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocations on a GPU, resident set size on CPU."""
@@ -96,20 +85,16 @@ def token_loss_sum(model: torch.nn.Module, batch: MicroBatch, feed: ModelFeed = 
 
 
 class FSDPSFTTrainer:
-    """setup (in __init__) → fit() → finish(). Each periodic action decides itself whether this
-    step is its step, so the loop in `fit` stays short."""
+    """setup (in __init__) → fit() → finish(). The run's services, position and sample event are
+    `self.run`'s (trainer/run.py); what is SFT's own is here: data, loss, validation."""
 
-    def __init__(self, cfg: SFTConfig, dist_ctx: DistContext, from_env: Optional[dict[str, str]] = None):
+    def __init__(self, cfg: SFTConfig, dist_ctx: DistContext):
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run_dir = Path(cfg.trainer.default_local_dir)
-        self.from_env = from_env or {}
-        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
-        self.preemption = PreemptionWatch()
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
 
-        # Cheap things that can be wrong come first: trackers, tokenizer, data. Then the model.
-        check_available(cfg.trainer.logger)
+        # Cheap things that can be wrong come first: trackers (in Run), tokenizer, data. Then the model.
         liger.check(cfg.model.use_liger, self.device)
         import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code, cfg.data.chat_template)
@@ -121,8 +106,7 @@ class FSDPSFTTrainer:
         self.feed = ModelFeed(self.tokenizer.pad_token_id, self._layout(), self.sp, cfg.model.use_liger)
         d = cfg.data
         # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
-        cache_dir = d.cache_dir or env_config.token_cache_dir(env_config.environ())
-        ranks = Ranks(dist_ctx.rank, dist_ctx.local_rank, dist_ctx.world_size)
+        cache_dir, ranks = self.run.token_cache(d.cache_dir)
         train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples, cache_dir, ranks)
         self.val_examples = (
             load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples, cache_dir, ranks)
@@ -132,7 +116,7 @@ class FSDPSFTTrainer:
         self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, self.sp.dp_rank, self.sp.dp_size, self.tokenizer.pad_token_id)
         # total_training_steps is an early exit (as in verl): the schedule still spans every epoch.
         self.schedule_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
-        self.total_steps = min(self.schedule_steps, cfg.trainer.total_training_steps or self.schedule_steps)
+        total_steps = min(self.schedule_steps, cfg.trainer.total_training_steps or self.schedule_steps)
 
         torch.manual_seed(cfg.trainer.seed)
         self.lora = LoraSpec.from_model_config(cfg.model)
@@ -148,28 +132,10 @@ class FSDPSFTTrainer:
         if self.lora is not None and dist_ctx.is_primary:
             log.info("LoRA (%s): %s", self.lora.describe(), trainable_summary_line(self.model, self.optimizer))
 
-        self.checkpointer = Checkpointer(
-            self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
-            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code,
-                     cfg.model.attn_implementation, self.lora),
-        )
-        self.step, self.epoch, self.batch_in_epoch, self.skipped_steps = 0, 0, 0, 0
-        self.checkpointer.clean_partial()
-        self._resume()
-
-        self.tracking = Tracking(
-            # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
-            [*cfg.trainer.logger, "file"],
-            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env()),
-            is_primary=dist_ctx.is_primary,
-        )
-        history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
-        report = LiveReport(self.run_dir, self.total_steps, self.tracking) if cfg.samples.report and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, report, cfg.generation.max_print_chars)
-        self.replica = ModelReplica(
-            self.model_config, cfg.generation.gather_dtype, cfg.generation.gather_device, self.device, self.param_dtype,
-            cfg.model.attn_implementation, cfg.model.trust_remote_code, self.lora,
-        )
+        self.run.attach(self.model_config, self.tokenizer, self.lora, total_steps,
+                        lambda: (self.model, self.optimizer, self.scheduler, {}),
+                        cfg.generation.gather_dtype, cfg.generation.gather_device, self.param_dtype,
+                        cfg.generation.max_print_chars)
         self.sample_batches = self._sample_batches()
         self._last_validated = -1
 
@@ -199,15 +165,6 @@ class FSDPSFTTrainer:
                  if self.sp.size > 1 else "")
         return model
 
-    def _resume(self) -> None:
-        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
-        if path is None:
-            return
-        state = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
-        self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        self.skipped_steps = state.get("skipped_steps", 0)
-        log.info("resumed from %s: step %d, epoch %d, batch %d", path, self.step, self.epoch, self.batch_in_epoch)
-
     def _sample_batches(self) -> list[MicroBatch]:
         """The first validation examples with distinct prompts, the same ones at every validation
         (like with like). A repeated prompt would get the same seed, so the same sample again."""
@@ -225,33 +182,21 @@ class FSDPSFTTrainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
-        if self.dist.is_primary:
-            self.tracking.log_config(redact(to_dict(self.cfg)))
-        steps_per_epoch = self.batches.steps_per_epoch
-        bar = progress(self.total_steps, self.step, "train", enabled=self.dist.is_primary)
-        while self.step < self.total_steps:
-            metrics = self.train_step(self.batches.micro_batches(self.epoch, self.batch_in_epoch))
-            self.step += 1
-            epoch_end = self.batch_in_epoch + 1 == steps_per_epoch
-            self.epoch, self.batch_in_epoch = (self.epoch + 1, 0) if epoch_end else (self.epoch, self.batch_in_epoch + 1)
-            last = self.step == self.total_steps
-            bar.update(1)
-            if self.step % self.cfg.trainer.log_freq == 0 or last:
-                metrics = {k: float(v) for k, v in metrics.items()}
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                self.tracking.log_metrics(metrics, self.step)
-            if self.should_validate(epoch_end, last):
+        run = self.run
+        run.begin(self.cfg, "train")
+        while not run.done:
+            metrics = self.train_step(self.batches.micro_batches(run.position.epoch, run.position.batch_in_epoch))
+            epoch_end = run.advance(self.batches.steps_per_epoch)
+            run.log_step(metrics, bar={"loss": "train/loss"})
+            if self.val_examples and run.due(self.cfg.trainer.test_freq, epoch_end):
                 self.validate()
-            if self.checkpointer.should_save(self.step, last):
-                self.save_checkpoint()
-            if not last and self.preemption.requested():
-                bar.close()
-                self.preemption.checkpoint_and_stop(self.step, self.checkpointer, self.save_checkpoint, self.tracking)
-        bar.close()
+            run.end_step(self.save_checkpoint)
+        run.end_loop()
         self.finish()
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, Any]:
         start = time.perf_counter()
+        position = self.run.position
         self.model.train()
         loss_total, real_tokens, padded_tokens = self.accumulate_gradients(micro_batches)
         grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
@@ -260,9 +205,9 @@ class FSDPSFTTrainer:
             self.optimizer.step()
             self.scheduler.step()
         else:
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite %s on some rank; update skipped on every rank (%d so far)", self.step + 1,
-                        "loss" if not torch.isfinite(loss_total) else "gradient norm", self.skipped_steps)
+            position.skipped_steps += 1
+            log.warning("step %d: non-finite %s on some rank; update skipped on every rank (%d so far)", position.global_step + 1,
+                        "loss" if not torch.isfinite(loss_total) else "gradient norm", position.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
         return {
             "train/loss": loss_total,
@@ -271,8 +216,8 @@ class FSDPSFTTrainer:
             "train/tokens_per_second": real_tokens / (time.perf_counter() - start),
             "train/padding_fraction": 1.0 - real_tokens / padded_tokens.clamp(min=1.0),
             "train/peak_memory_mb": peak_memory_mb(self.device),
-            "train/skipped_steps": self.skipped_steps,
-            "train/epoch": self.epoch,
+            "train/skipped_steps": position.skipped_steps,
+            "train/epoch": position.epoch,
         }
 
     def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,20 +244,16 @@ class FSDPSFTTrainer:
         return all_reduce_sum(loss_total), real_tokens, padded_tokens
 
     # ------------------------------------------------------------------ validation
-    def should_validate(self, epoch_end: bool, last: bool) -> bool:
-        if not self.val_examples:
-            return False
-        freq = self.cfg.trainer.test_freq
-        return epoch_end or last or (freq > 0 and self.step % freq == 0)
-
     def validate(self) -> dict[str, float]:
-        if self._last_validated == self.step:
+        step = self.run.step
+        if self._last_validated == step:
             return {}
-        self._last_validated = self.step
+        self._last_validated = step
         metrics = {"val/loss": self.validation_loss()}
-        self.tracking.log_metrics(metrics, self.step)
+        self.run.tracking.log_metrics(metrics, step)
         if self.sample_batches:
-            self.log_validation_samples()
+            self.run.sample_event(self.model, self.generate_validation_samples,
+                                  SampleEventSpec("validation", "val", "validation", "validation sample generation"))
         return metrics
 
     @torch.no_grad()
@@ -339,7 +280,7 @@ class FSDPSFTTrainer:
         Runs on the primary rank with the gathered full model (`model`, refreshed by the caller);
         one batched `generate` call per validation batch.
         """
-        model = model if model is not None else self.replica.model
+        model = model if model is not None else self.run.replica.model
         prompt_ids = [e.prompt_ids for e in batch.examples]
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
         generated = generate(model, self.tokenizer, prompt_ids, self.generation_settings(), seeds, stop_ids=self.stop_ids)
@@ -351,81 +292,35 @@ class FSDPSFTTrainer:
             "seeds": seeds,
         }
 
-    def log_validation_samples(self) -> None:
-        """All ranks take part in the gather; rank 0 alone generates; the others wait.
-
-        The gather is a collective, so it stays outside the `try`: a rank failing inside it must
-        end the run, not go on to the barrier while the others are in the next all-gather (a hang).
-        What rank 0 then does alone may fail and only warn."""
-        start = time.perf_counter()
-        model = self.replica.refresh(self.model)
-        try:
-            if self.dist.is_primary:
-                gather_s = time.perf_counter() - start
-                prompts: list[str] = []
-                generated: list[Generated] = []
-                references: list[Optional[str]] = []
-                seeds: list[int] = []
-                for batch in self.sample_batches:
-                    out = self.generate_samples(batch, model)
-                    prompts += out["prompts"]
-                    generated += out["generated"]
-                    references += out["references"]
-                    seeds += out["seeds"]
-                generation_s = time.perf_counter() - start - gather_s
-                settings = self.generation_settings()
-                log.debug("validation samples: gather %.3fs, generation %.3fs, %s", gather_s, generation_s, settings.describe())
-                self.sample_logger.log(
-                    self.step, "validation", "val", "validation", prompts, generated, references, settings, seeds, generation_s
-                )
-        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
-            log.warning("validation sample generation failed at step %d: %s: %s", self.step, type(err).__name__, err)
-        dist.barrier()
+    def generate_validation_samples(self, model: torch.nn.Module) -> Samples:
+        """Rank 0, on its gathered copy: every sample batch, one `generate` call each."""
+        out: dict[str, list] = {"prompts": [], "generated": [], "references": [], "seeds": []}
+        for batch in self.sample_batches:
+            for key, values in self.generate_samples(batch, model).items():
+                if key in out:
+                    out[key] += values
+        return Samples(out["prompts"], out["generated"], out["references"], self.generation_settings(), out["seeds"])
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> Path:
-        state = {
-            "global_step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "skipped_steps": self.skipped_steps,
-        }
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler, state)
-        log.info("saved checkpoint %s", path)
-        return path
+        return self.run.save(self.model, self.optimizer, self.scheduler)
 
     def finish(self) -> None:
-        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
-        if self.cfg.trainer.export_hf_model:
-            merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
-            self.checkpointer.export_hf_model(self.model, self.run_dir / "hf_model", merged)
-        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+        self.run.finish(self.model)
 
 
 # ---------------------------------------------------------------------- entry point
-def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
-    denv = env_config.dist_env()
-    with user_errors_exit(denv.rank):
-        setup_logging(env_config.log_level(env_config.environ()), denv.rank)
-        resolved = resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), denv.world_size)
-        announce_config(resolved, denv.rank)
-        t = resolved.config.trainer
-        ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
-        trainer = FSDPSFTTrainer(resolved.config, ctx, resolved.from_env)
-    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
-        trainer.fit()
-    teardown()
+def resolve_sft(cfg: DictConfig, cli_overrides: Sequence[str], world_size: int) -> Resolved:
+    return resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), world_size)
 
 
 @hydra.main(config_path="pkg://config", config_name="sft_trainer", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().overrides.task)
+    launch(cfg, HydraConfig.get().overrides.task, resolve_sft, FSDPSFTTrainer)
 
 
 def main() -> None:
-    sys.argv = normalize_config_path(sys.argv, Path.cwd())
-    _hydra_main()
-    exit_now()
+    cli_main(_hydra_main)
 
 
 if __name__ == "__main__":

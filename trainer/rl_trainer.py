@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import replace
 from functools import partial
@@ -29,29 +28,19 @@ from typing import Optional, Sequence
 
 import hydra
 import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from transformers import AutoModelForTokenClassification
 
 from config import env as env_config
-from config.loading import redact, resolve, to_dict
+from config.loading import resolve
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
-from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import (
-    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
-)
-from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
-from trainer.faults import PreemptionWatch, check_shared_run_dir
-from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.progress import progress
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
-from trainer.samples import SampleLogger, prompt_id, sample_seed
-from trainer.token_cache import Ranks
-from trainer.tracking import TrackerContext, Tracking, check_available
+from trainer.run import Run, SampleEventSpec, Samples, cli_main, launch
+from trainer.samples import prompt_id, sample_seed
 from workers import core_algos
 from workers.actor import (
     CRITIC_MODEL_KWARGS,
@@ -69,7 +58,6 @@ from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve
 from workers.generation import GenerationSettings, encode_prompts, generate
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
-from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
 
 log = logging.getLogger("trainer.rl")
@@ -117,11 +105,8 @@ class RLTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run_dir = Path(cfg.trainer.default_local_dir)
-        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
-        self.preemption = PreemptionWatch()
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
         check_registries(cfg)
-        check_available(cfg.trainer.logger)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
 
         import_external_lib(cfg.model.external_lib)
@@ -129,18 +114,16 @@ class RLTrainer:
         self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
-        cache_dir = cfg.data.cache_dir or env_config.token_cache_dir(env_config.environ())
-        ranks = Ranks(dist_ctx.rank, dist_ctx.local_rank, dist_ctx.world_size)
+        cache_dir, ranks = self.run.token_cache(cfg.data.cache_dir)
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data, cache_dir, ranks)
         val = load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data, cache_dir, ranks) if cfg.data.val_files else []
         self.val_prompts = val if cfg.data.max_val_prompts is None else val[: cfg.data.max_val_prompts]
         self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process
-        self.samples_s = 0.0  # sample logging since the last step's metrics
         self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
                                      dist_ctx.rank, dist_ctx.world_size)
-        self.total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
+        total_steps = self.batches.steps_per_epoch * cfg.trainer.total_epochs
         if cfg.trainer.total_training_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.trainer.total_training_steps)
+            total_steps = min(total_steps, cfg.trainer.total_training_steps)
 
         torch.manual_seed(cfg.trainer.seed)
         fsdp = cfg.model.fsdp_config
@@ -151,7 +134,7 @@ class RLTrainer:
             check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
         self.actor = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing, lora=self.lora)
         self.optimizer = build_optimizer(self.actor, cfg.optim, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps * cfg.actor.ppo_epochs * cfg.actor.mini_batches_per_step)
         if self.lora is not None and dist_ctx.is_primary:
             log.info("LoRA on the actor (%s): %s", self.lora.describe(), trainable_summary_line(self.actor, self.optimizer))
         self.reference = None
@@ -174,26 +157,10 @@ class RLTrainer:
         log.info("%s: actor %.2fM parameters over %d rank(s)%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
                  dist_ctx.world_size, reference, ", critic" if self.critic else "")
 
-        self.checkpointer = Checkpointer(
-            self.run_dir, cfg.trainer.save_freq, cfg.trainer.max_ckpt_to_keep, dist_ctx.rank, dist_ctx.world_size, cfg.trainer.checkpoint,
-            HFAssets(self.model_config, self.tokenizer, cfg.model.partial_pretrain, cfg.model.trust_remote_code,
-                     cfg.model.attn_implementation, self.lora),
-        )
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.checkpointer.clean_partial()
-        self._resume()
-
-        self.tracking = Tracking(
-            [*cfg.trainer.logger, "file"],
-            TrackerContext(self.run_dir, cfg.trainer.project_name, cfg.trainer.experiment_name, env_config.tracker_env()),
-            is_primary=dist_ctx.is_primary,
-        )
-        history = SampleHistory(self.run_dir, cfg.samples.alerts, resume_step=self.step) if cfg.samples.history and dist_ctx.is_primary else None
-        report = LiveReport(self.run_dir, self.total_steps, self.tracking) if cfg.samples.report and dist_ctx.is_primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, report=report)
-        self.schedule = SampleSchedule(cfg.logging.sample_logging, self.total_steps)
-        self.replica = ModelReplica(self.model_config, "auto", "auto", self.device, self.param_dtype,
-                                    cfg.model.attn_implementation, cfg.model.trust_remote_code, self.lora)
+        self.run.attach(self.model_config, self.tokenizer, self.lora, total_steps,
+                        lambda: (self.actor, self.optimizer, self.scheduler, self._extra()),
+                        "auto", "auto", self.param_dtype)
+        self.schedule = SampleSchedule(cfg.logging.sample_logging, total_steps)
 
     def _build(self, gradient_checkpointing: bool = False, auto_class=None, spec: Optional[ShardingSpec] = None,
                lora: Optional[LoraSpec] = None, **kwargs) -> torch.nn.Module:
@@ -213,42 +180,22 @@ class RLTrainer:
     def _extra(self) -> dict:
         return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
 
-    def _resume(self) -> None:
-        path = self.checkpointer.agree_on_resume(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
-        if path is None:
-            return
-        state = self.checkpointer.load(path, self.actor, self.optimizer, self.scheduler, self._extra())
-        self.step, self.epoch, self.batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        log.info("resumed from %s: step %d", path, self.step)
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
-        if self.dist.is_primary:
-            self.tracking.log_config(redact(to_dict(self.cfg)))
-        bar = progress(self.total_steps, self.step, self.cfg.algorithm.name, enabled=self.dist.is_primary)
-        if self.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
+        run = self.run
+        run.begin(self.cfg, self.cfg.algorithm.name)
+        if run.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
             self.validate()  # the starting point, to compare against
-        while self.step < self.total_steps:
+        while not run.done:
             metrics = self.train_step()
-            self.step += 1
-            epoch_end = self.batch_in_epoch + 1 == self.batches.steps_per_epoch
-            self.epoch, self.batch_in_epoch = (self.epoch + 1, 0) if epoch_end else (self.epoch, self.batch_in_epoch + 1)
-            last = self.step == self.total_steps
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}")
-            if self.step % self.cfg.trainer.log_freq == 0 or last:
-                self.tracking.log_metrics(metrics, self.step)
-            if self.val_prompts and (last or epoch_end or (self.cfg.trainer.test_freq > 0 and self.step % self.cfg.trainer.test_freq == 0)):
+            epoch_end = run.advance(self.batches.steps_per_epoch)
+            run.log_step(metrics, bar={"reward": "train/reward_mean"})
+            if self.val_prompts and run.due(self.cfg.trainer.test_freq, epoch_end):
                 self.validate()
-            stage = self.schedule.stage(self.step)
-            if stage:
+            if stage := self.schedule.stage(run.step):
                 self.log_samples(stage)
-            if self.checkpointer.should_save(self.step, last):
-                self.save_checkpoint()
-            if not last and self.preemption.requested():
-                bar.close()
-                self.preemption.checkpoint_and_stop(self.step, self.checkpointer, self.save_checkpoint, self.tracking)
-        bar.close()
+            run.end_step(self.save_checkpoint)
+        run.end_loop()
         if self.cfg.logging.sample_logging.enabled:
             self.log_samples("post-train")
         self.finish()
@@ -256,7 +203,8 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
         cfg = self.cfg
-        indices, prompts = self.batches.rank_prompts(self.epoch, self.batch_in_epoch)
+        position = self.run.position
+        indices, prompts = self.batches.rank_prompts(position.epoch, position.batch_in_epoch)
         batch, scores = self.rollout(indices, prompts)
         rollout_s = time.perf_counter() - start
         batch = batch.to(self.device)
@@ -282,22 +230,22 @@ class RLTrainer:
         metrics: dict[str, float] = {}
         if self.critic is not None:
             metrics.update(update_critic(self.critic, self.critic_optimizer, batch, cfg.critic.cliprange_value,
-                                         a.loss_agg_mode, settings, self.step))
-        if self.critic is None or self.step >= cfg.critic.warmup_steps:
+                                         a.loss_agg_mode, settings, position.global_step))
+        if self.critic is None or position.global_step >= cfg.critic.warmup_steps:
             loss_cfg = core_algos.PolicyLossConfig(a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode,
                                                    cfg.rollout.max_new_tokens)
             metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
-                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step,
+                                         loss_cfg, a.kl_coef, a.kl_estimator, settings, position.global_step,
                                          temperature=cfg.rollout.temperature))
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
         step_s = time.perf_counter() - start
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
-                        "train/step_s": step_s, "train/epoch": float(self.epoch),
+                        "train/step_s": step_s, "train/epoch": float(position.epoch),
                         # The step's phases (advantages and rewards' metrics count with the update);
                         # sample logging is timed when it runs, after the previous step.
                         "timing/rollout_s": rollout_s, "timing/log_probs_s": log_probs_s,
-                        "timing/update_s": step_s - rollout_s - log_probs_s, "timing/samples_s": self.samples_s})
-        self.samples_s = 0.0
+                        "timing/update_s": step_s - rollout_s - log_probs_s,
+                        "timing/samples_s": self.run.take_samples_time()})
         return metrics
 
     def rollout(self, indices: Sequence[int], prompts: Sequence[RLPrompt]) -> tuple[RolloutBatch, list[dict[str, float]]]:
@@ -305,7 +253,7 @@ class RLTrainer:
         r = self.cfg.rollout
         settings = GenerationSettings(r.max_new_tokens, True, r.temperature, r.top_k, r.top_p)
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
-        seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
+        seeds = [rollout_seed(self.cfg.trainer.seed, self.run.step, i, j) for i in indices for j in range(n)]
         with unsharded(self.actor, self.spec) as model:
             generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids,
                                  micro_batch_size=r.micro_batch_size_per_gpu)
@@ -351,11 +299,11 @@ class RLTrainer:
                                  micro_batch_size=r.micro_batch_size_per_gpu)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
-        self.tracking.log_metrics(metrics, self.step)
+        self.run.tracking.log_metrics(metrics, self.run.step)
         if self.dist.is_primary:
             shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if "/reward/" in k)
-            log.info("validation at step %d on %d held-out prompts: %s", self.step, len(self.val_prompts), shown)
-        self.validations.append((self.step, metrics))
+            log.info("validation at step %d on %d held-out prompts: %s", self.run.step, len(self.val_prompts), shown)
+        self.validations.append((self.run.step, metrics))
         return metrics
 
     def _log_val_change(self) -> None:
@@ -368,40 +316,27 @@ class RLTrainer:
         log.info("held-out rewards (%s), step %d -> %d: %s", mode, first_step, last_step, changes)
 
     def log_samples(self, stage: str) -> None:
-        """All ranks take part in the gather; rank 0 generates from its copy; the others wait.
-        The gather (a collective) is outside the `try`: see FSDPSFTTrainer.log_validation_samples."""
+        """Qualitative samples from rank 0's gathered copy, scored by every reward function (collective)."""
+        self.run.sample_event(self.actor, self.generate_qualitative_samples,
+                              SampleEventSpec(stage, "samples", "qualitative", f"qualitative samples ({stage})"))
+
+    def generate_qualitative_samples(self, model: torch.nn.Module) -> Samples:
         sl = self.cfg.logging.sample_logging
-        start = time.perf_counter()
-        model = self.replica.refresh(self.actor)
-        try:
-            if self.dist.is_primary:
-                texts = sl.effective_prompts[: sl.effective_num_samples]
-                prompt_ids = encode_prompts(self.tokenizer, texts)
-                settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
-                seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-                generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
-                rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
-                self.sample_logger.log(self.step, stage, "samples", "qualitative", texts, generated, [None] * len(texts),
-                                       settings, seeds, time.perf_counter() - start, rewards)
-        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
-            log.warning("qualitative samples (%s) failed at step %d: %s: %s", stage, self.step, type(err).__name__, err)
-        dist.barrier()
-        self.samples_s += time.perf_counter() - start
+        texts = sl.effective_prompts[: sl.effective_num_samples]
+        prompt_ids = encode_prompts(self.tokenizer, texts)
+        settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
+        seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
+        generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
+        rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
+        return Samples(list(texts), generated, [None] * len(texts), settings, seeds, rewards)
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> Path:
-        state = {"global_step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-        path = self.checkpointer.save(self.step, self.actor, self.optimizer, self.scheduler, state, self._extra())
-        log.info("saved checkpoint %s", path)
-        return path
+        return self.run.save(self.actor, self.optimizer, self.scheduler, self._extra())
 
     def finish(self) -> None:
-        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
         self._log_val_change()
-        if self.cfg.trainer.export_hf_model:
-            merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
-            self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model", merged)
-        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+        self.run.finish(self.actor)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -409,29 +344,13 @@ def resolve_rl(cfg: DictConfig, cli_overrides: Sequence[str], world_size: int):
     return resolve(cfg, RLConfig, cli_overrides, env_config.environ(), world_size, preprocess=lift_flat_sample_logging)
 
 
-def run(cfg: DictConfig, cli_overrides: Sequence[str]) -> None:
-    denv = env_config.dist_env()
-    with user_errors_exit(denv.rank):
-        setup_logging(env_config.log_level(env_config.environ()), denv.rank)
-        resolved = resolve_rl(cfg, cli_overrides, denv.world_size)
-        announce_config(resolved, denv.rank)
-        t = resolved.config.trainer
-        ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
-        trainer = RLTrainer(resolved.config, ctx)
-    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
-        trainer.fit()
-    teardown()
-
-
 @hydra.main(config_path="pkg://config", config_name="grpo_trainer", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    run(cfg, HydraConfig.get().overrides.task)
+    launch(cfg, HydraConfig.get().overrides.task, resolve_rl, RLTrainer)
 
 
 def main() -> None:
-    sys.argv = normalize_config_path(sys.argv, Path.cwd())
-    _hydra_main()
-    exit_now()
+    cli_main(_hydra_main)
 
 
 if __name__ == "__main__":

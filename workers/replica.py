@@ -65,11 +65,21 @@ class ModelReplica:
 
     def refresh(self, sharded_model: torch.nn.Module) -> Optional[torch.nn.Module]:
         """Collective. Returns the up-to-date full model on rank 0, None elsewhere."""
+        state = self.gather(sharded_model)
+        return self.load(state) if state is not None else None
+
+    def gather(self, sharded_model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+        """Collective: every rank takes part; rank 0 gets the full tensors, the others None."""
         start = time.perf_counter()
         state = gather_full_state_dict_as(sharded_model, self.dtype)
+        self.last_gather_s = time.perf_counter() - start
         is_primary = not dist.is_initialized() or dist.get_rank() == 0
-        if not is_primary:
-            return None
+        return state if is_primary else None
+
+    def load(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Rank 0 alone: build the copy once (or move it), then load the gathered tensors into it.
+        Touches no sharded module, so a failure here (out of memory) can be caught and warned of."""
+        start = time.perf_counter()
         # Where the copy lives is decided again at every refresh: the memory training leaves free
         # changes (the caching allocator grows, other jobs come and go).
         param_bytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -97,7 +107,7 @@ class ModelReplica:
         real_missing = [k for k in missing if k not in tied and not _is_tied(self.model, k)]
         if real_missing or unexpected:
             raise RuntimeError(f"gathered state does not fit the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
-        self.last_gather_s = time.perf_counter() - start
+        self.last_gather_s += time.perf_counter() - start
         return self.model
 
 

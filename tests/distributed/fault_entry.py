@@ -37,11 +37,11 @@ def install() -> None:
     original_loss = sft.token_loss_sum
 
     def train_step(self, micro_batches):
-        step = self.step + 1
+        step = self.run.step + 1
         if hold and self.dist.rank == 0 and step == int(hold.split(":")[0]):
             Path(hold.split(":", 1)[1]).write_text(str(os.getppid()))
             deadline = time.time() + 300
-            while self.preemption.signalled is None and time.time() < deadline:
+            while self.run.preemption.signalled is None and time.time() < deadline:
                 time.sleep(0.05)
 
         def loss(model, batch, *feed):

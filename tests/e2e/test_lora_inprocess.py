@@ -38,7 +38,7 @@ def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_
     base = logits(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32))
     assert not torch.allclose(trained, base, atol=1e-3)
     # Rank 0's generation copy carries the adapters: it computes what the sharded model computes.
-    torch.testing.assert_close(logits(trainer.replica.refresh(trainer.model)), trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(trainer.run.replica.refresh(trainer.model)), trained, rtol=0, atol=1e-5)
     # The RL reference: the same sharded model with its adapters off is the base, and they come back on.
     with adapters_disabled(trainer.model):
         torch.testing.assert_close(logits(trainer.model), base, rtol=0, atol=1e-5)
@@ -46,13 +46,13 @@ def test_sample_copy_and_reference_see_the_adapters_as_trained(tiny_model, tiny_
     assert all(p.requires_grad for p in adapters.values())
 
     # A LoRA checkpoint does not resume a full fine-tuning run: one line naming the key.
-    trainer.step = 2  # train_step, unlike fit, leaves the count to its caller
+    trainer.run.position.global_step = 2  # train_step, unlike fit, leaves the count to its caller
     trainer.save_checkpoint()
     with pytest.raises(ConfigError, match=r"^model.lora_rank: .*global_step_2 holds a LoRA-adapted model; resume it with"):
         make_trainer(tiny_model, tiny_data, tmp_path / "full", f"trainer.resume_from_path={tmp_path / 'run' / 'global_step_2'}")
 
     # model.lora_adapter_path: a new run starts from the exported adapter (its rank and targets).
-    trainer.checkpointer.export_hf_model(trainer.model, tmp_path / "adapter")
+    trainer.run.checkpointer.export_hf_model(trainer.model, tmp_path / "adapter")
     again = make_trainer(tiny_model, tiny_data, tmp_path / "again", f"model.lora_adapter_path={tmp_path / 'adapter'}",
                          "trainer.max_val_samples=0")
     assert {n for n, p in again.model.named_parameters() if p.requires_grad} == set(adapters)

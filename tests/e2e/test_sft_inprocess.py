@@ -91,7 +91,7 @@ def test_total_training_steps_is_an_early_exit_and_the_schedule_spans_the_epochs
     trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_epochs=3", "trainer.total_training_steps=2",
                            "optim.lr=1e-3", "optim.lr_warmup_steps_ratio=0", "optim.lr_scheduler=cosine",
                            "optim.min_lr_ratio=0", "trainer.max_val_samples=0")
-    assert (trainer.total_steps, trainer.schedule_steps) == (2, 12)
+    assert (trainer.run.total_steps, trainer.schedule_steps) == (2, 12)
     for index in range(2):
         trainer.train_step(trainer.batches.micro_batches(0, index))
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 12)))
@@ -116,6 +116,6 @@ def test_sigterm_is_handled_during_fit_only(tiny_model, tiny_data, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_training_steps=1", "trainer.max_val_samples=0",
                            "trainer.export_hf_model=false", "samples.report=false")
-    assert signal.getsignal(signal.SIGTERM) == trainer.preemption._on_signal
+    assert signal.getsignal(signal.SIGTERM) == trainer.run.preemption._on_signal
     trainer.fit()
     assert signal.getsignal(signal.SIGTERM) == before

@@ -1,0 +1,287 @@
+"""The skeleton every training run shares, SFT or RL: its services, its position, its sample
+event and its end. A trainer keeps only what is its own (SFT: loss and batches; RL: rollout,
+rewards, advantages, update) and drives a `Run`:
+
+    run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)    # cheap checks, before any load
+    ... tokenizer, data, model, optimizer ...
+    run.attach(model_config, tokenizer, lora, total_steps, ...)  # checkpoints, resume, trackers
+    while not run.done:
+        metrics = trainer.train_step()
+        epoch_end = run.advance(steps_per_epoch)
+        run.log_step(metrics)
+        if ...: run.sample_event(model, produce, ...)            # gather, rank-0 samples, log
+        run.end_step(save_checkpoint)                            # checkpoint, preemption
+    run.finish(model)
+
+`launch` and `cli_main` are the entry points' shared tail (`python -m trainer.<trainer>`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from config import env as env_config
+from config.loading import Resolved, redact, to_dict
+from config.schema import ModelConfig, SamplesConfig, TrainerConfig
+from trainer.checkpoint import Checkpointer, HFAssets
+from trainer.cli import (
+    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+)
+from trainer.distributed import DistContext, init_distributed, teardown
+from trainer.faults import PreemptionWatch, check_shared_run_dir
+from trainer.history import SampleHistory
+from trainer.live_report import LiveReport
+from trainer.progress import progress
+from trainer.samples import SampleLogger
+from trainer.token_cache import Ranks
+from trainer.tracking import TrackerContext, Tracking, check_available
+from workers.generation import Generated, GenerationSettings
+from workers.lora import LoraSpec
+from workers.replica import ModelReplica
+
+log = logging.getLogger("trainer.run")
+
+
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint's trainer state holds and a resume restores."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm
+
+    def advance(self, steps_per_epoch: int) -> bool:
+        """One optimizer step done; True when it ended an epoch."""
+        self.global_step += 1
+        epoch_end = self.batch_in_epoch + 1 == steps_per_epoch
+        self.epoch, self.batch_in_epoch = (self.epoch + 1, 0) if epoch_end else (self.epoch, self.batch_in_epoch + 1)
+        return epoch_end
+
+
+@dataclass
+class Samples:
+    """What rank 0 generated at one sample event, ready to log."""
+
+    prompts: list[str]
+    generated: list[Generated]
+    references: list[Optional[str]]
+    settings: GenerationSettings
+    seeds: list[int]
+    rewards: Optional[list[dict[str, float]]] = None
+
+
+@dataclass
+class SampleEventSpec:
+    """How an event is labelled: its stage (`validation`, `25%`, `post-train`), the trackers'
+    key prefix (`val`, `samples`) and the console style."""
+
+    stage: str
+    prefix: str
+    style: str
+    what: str = field(default="samples")  # named in the warning when rank 0's part fails
+
+
+class Run:
+    """A run's services: run directory, preemption watch, checkpoints and resume, trackers,
+    sample history, live report, the rank-0 generation copy; its position; its sample event."""
+
+    def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext):
+        self.cfg, self.samples_cfg, self.model_cfg = trainer_cfg, samples_cfg, model_cfg
+        self.dist = dist_ctx
+        self.run_dir = Path(trainer_cfg.default_local_dir)
+        check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        self.preemption = PreemptionWatch()
+        check_available(trainer_cfg.logger)  # a missing tracker package fails before any model
+        self.position = Position()
+        self.total_steps = 0
+        self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
+        self._bar = None
+
+    @property
+    def step(self) -> int:
+        return self.position.global_step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def last_step(self) -> bool:
+        return self.step == self.total_steps
+
+    def token_cache(self, configured_dir: Optional[str]) -> tuple[str, Ranks]:
+        """Where the token cache lives and who writes it (local rank 0 of each node)."""
+        d = self.dist
+        return configured_dir or env_config.token_cache_dir(env_config.environ()), Ranks(d.rank, d.local_rank, d.world_size)
+
+    # ------------------------------------------------------------------ after the model is built
+    def attach(
+        self,
+        model_config: PretrainedConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        lora: Optional[LoraSpec],
+        total_steps: int,
+        models: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Any, dict]],
+        replica_dtype: str,
+        replica_device: str,
+        train_dtype: torch.dtype,
+        max_print_chars: int = 400,
+    ) -> None:
+        """Checkpoints (and the resume, which sets `position`), trackers, history, report and the
+        generation copy. `models()` gives (model, optimizer, scheduler, extra parts) to restore."""
+        m = self.model_cfg
+        self.total_steps = total_steps
+        self.checkpointer = Checkpointer(
+            self.run_dir, self.cfg.save_freq, self.cfg.max_ckpt_to_keep, self.dist.rank, self.dist.world_size, self.cfg.checkpoint,
+            HFAssets(model_config, tokenizer, m.partial_pretrain, m.trust_remote_code, m.attn_implementation, lora),
+        )
+        self.checkpointer.clean_partial()
+        self._resume(*models())
+        self.tracking = Tracking(
+            # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
+            [*self.cfg.logger, "file"],
+            TrackerContext(self.run_dir, self.cfg.project_name, self.cfg.experiment_name, env_config.tracker_env()),
+            is_primary=self.dist.is_primary,
+        )
+        primary, s = self.dist.is_primary, self.samples_cfg
+        history = SampleHistory(self.run_dir, s.alerts, resume_step=self.step) if s.history and primary else None
+        report = LiveReport(self.run_dir, total_steps, self.tracking) if s.report and primary else None
+        self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars)
+        self.replica = ModelReplica(model_config, replica_dtype, replica_device, self.dist.device, train_dtype,
+                                    m.attn_implementation, m.trust_remote_code, lora)
+
+    def _resume(self, model, optimizer, scheduler, extra: dict) -> None:
+        path = self.checkpointer.agree_on_resume(self.cfg.resume_mode, self.cfg.resume_from_path)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, model, optimizer, scheduler, extra)
+        self.position = Position(**{k: state.get(k, 0) for k in asdict(Position())})
+        p = self.position
+        log.info("resumed from %s: step %d, epoch %d, batch %d", path, p.global_step, p.epoch, p.batch_in_epoch)
+
+    # ------------------------------------------------------------------ the loop's steps
+    def begin(self, full_cfg: Any, bar_name: str) -> None:
+        if self.dist.is_primary:
+            self.tracking.log_config(redact(to_dict(full_cfg)))
+        self._bar = progress(self.total_steps, self.step, bar_name, enabled=self.dist.is_primary)
+
+    def advance(self, steps_per_epoch: int) -> bool:
+        """Count the step just taken; True when it ended an epoch."""
+        epoch_end = self.position.advance(steps_per_epoch)
+        self._bar.update(1)
+        return epoch_end
+
+    def log_step(self, metrics: dict[str, Any], bar: dict[str, str]) -> None:
+        """The step's metrics to the trackers every `log_freq` steps and at the last (only then are
+        device values read back: no host synchronisation in other steps); `bar` maps a progress
+        bar label to the metric it shows."""
+        if self.step % self.cfg.log_freq == 0 or self.last_step:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            self._bar.set_postfix(**{label: f"{metrics[key]:.4f}" for label, key in bar.items()})
+            self.tracking.log_metrics(metrics, self.step)
+
+    def due(self, freq: int, epoch_end: bool) -> bool:
+        """A per-step action's turn: at each epoch end, the last step, and every `freq` steps (> 0)."""
+        return epoch_end or self.last_step or (freq > 0 and self.step % freq == 0)
+
+    def end_step(self, save_checkpoint: Callable[[], Path]) -> None:
+        """A checkpoint when one is due; on SIGTERM (any rank) a checkpoint and `Preempted`."""
+        if self.checkpointer.should_save(self.step, self.last_step):
+            save_checkpoint()
+        if not self.last_step and self.preemption.requested():
+            self._bar.close()
+            self.preemption.checkpoint_and_stop(self.step, self.checkpointer, save_checkpoint, self.tracking)
+
+    def end_loop(self) -> None:
+        self._bar.close()
+
+    def save(self, model, optimizer, scheduler, extra: Optional[dict] = None) -> Path:
+        path = self.checkpointer.save(self.step, model, optimizer, scheduler, asdict(self.position), extra or {})
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # ------------------------------------------------------------------ the sample event
+    def sample_event(self, sharded_model: torch.nn.Module, produce: Callable[[torch.nn.Module], Samples],
+                     spec: SampleEventSpec) -> Optional[dict[str, float]]:
+        """Collective: every rank calls it at the same step.
+
+        Every rank takes part in the gather of the full model; it stays outside the `try`, so a
+        rank failing inside it ends the run instead of going on to the barrier while the others
+        are in the next all-gather (a hang). Rank 0 alone then builds or refreshes its copy,
+        generates (`produce(copy)`) and logs: that may fail and only warn, and it touches no
+        sharded module. The other ranks wait at the barrier. Returns the event's metrics on
+        rank 0 (None elsewhere, or when rank 0's part failed)."""
+        start = time.perf_counter()
+        state = self.replica.gather(sharded_model)
+        metrics = None
+        try:
+            if self.dist.is_primary:
+                copy = self.replica.load(state)
+                gather_s = time.perf_counter() - start
+                samples = produce(copy)
+                generation_s = time.perf_counter() - start - gather_s
+                log.debug("%s: gather %.3fs, generation %.3fs, %s", spec.what, gather_s, generation_s, samples.settings.describe())
+                metrics = self.sample_logger.log(
+                    self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
+                    samples.settings, samples.seeds, generation_s, samples.rewards,
+                )
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
+        del state
+        dist.barrier()
+        self.samples_s += time.perf_counter() - start
+        return metrics
+
+    def take_samples_time(self) -> float:
+        """Seconds spent in sample events since the last call (a step's `timing/samples_s`)."""
+        seconds, self.samples_s = self.samples_s, 0.0
+        return seconds
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, model: torch.nn.Module) -> None:
+        """Hand SIGTERM back, export the final model, write the report, close the trackers."""
+        self.preemption.restore()  # SIGTERM means "stop now" again, as before the run (the API's callers)
+        if self.cfg.export_hf_model:
+            merged = self.run_dir / "hf_model_merged" if self.model_cfg.lora_export_merged else None
+            self.checkpointer.export_hf_model(model, self.run_dir / "hf_model", merged)
+        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+
+
+# ---------------------------------------------------------------------- entry points
+def launch(
+    cfg: DictConfig,
+    cli_overrides: Sequence[str],
+    resolve_config: Callable[[DictConfig, Sequence[str], int], Resolved],
+    build_trainer: Callable[[Any, DistContext], Any],
+) -> None:
+    """Resolve and check the config, start the process group, build the trainer and fit it.
+    Bad input before training: one line, exit 2. SIGTERM: checkpoint, exit 143."""
+    denv = env_config.dist_env()
+    with user_errors_exit(denv.rank):
+        setup_logging(env_config.log_level(env_config.environ()), denv.rank)
+        resolved = resolve_config(cfg, cli_overrides, denv.world_size)
+        announce_config(resolved, denv.rank)
+        t = resolved.config.trainer
+        ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
+        trainer = build_trainer(resolved.config, ctx)
+    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
+        trainer.fit()
+    teardown()
+
+
+def cli_main(hydra_main: Callable[[], None]) -> None:
+    """`python -m trainer.<trainer>`: `--config-path` relative to the current directory, then Hydra."""
+    sys.argv = normalize_config_path(sys.argv, Path.cwd())
+    hydra_main()
+    exit_now()
