@@ -35,7 +35,7 @@ from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examp
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import progress
 from trainer.samples import SampleLogger, prompt_id, sample_seed

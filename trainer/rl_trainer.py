@@ -45,7 +45,7 @@ from trainer.cli import (
 from trainer.distributed import DistContext, all_reduce_sum, init_distributed, teardown
 from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import progress
 from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
