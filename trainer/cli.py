@@ -24,7 +24,7 @@ from workers.model import ModelLoadError
 from workers.rewards import RewardError
 
 if TYPE_CHECKING:
-    from trainer.live_report import LiveReport
+    from trainer.report import LiveReport
 
 log = logging.getLogger("trainer")
 

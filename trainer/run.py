@@ -40,7 +40,7 @@ from trainer.cli import (
 from trainer.distributed import DistContext, init_distributed, teardown
 from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.report import LiveReport
 from trainer.progress import progress
 from trainer.samples import SampleLogger
 from trainer.token_cache import Ranks

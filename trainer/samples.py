@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from trainer.history import SampleHistory, exact_match
-from trainer.live_report import LiveReport
+from trainer.report import LiveReport
 from trainer.tracking import SampleEvent, SampleRecord, Tracking
 from trainer.tracking.console import format_samples
 from workers.generation import Generated, GenerationSettings

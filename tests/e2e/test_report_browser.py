@@ -330,7 +330,7 @@ COMPARE_PROBE = r"""
 
 
 def test_comparison_page_in_the_browser(setup, tmp_path):
-    from trainer.report_compare import write_compare
+    from trainer.report import write_compare
 
     browser, run, facts, _ = setup
     other = tmp_path / "run-other"

@@ -16,7 +16,7 @@ from config.env import tracker_env
 from config.schema import AlertConfig
 from report_fixtures import build_small_run
 from trainer.history import SampleHistory
-from trainer.live_report import LiveReport
+from trainer.report import LiveReport
 from trainer.report import RUN_STATE_FILE, run_progress, write_report, write_run_state
 from trainer.samples import SampleLogger
 from trainer.tracking import Tracker, TrackerContext, Tracking, base
@@ -92,8 +92,8 @@ def test_a_failing_report_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, 
     def broken(run_dir, out=None):
         raise ValueError("disk on fire")
 
-    monkeypatch.setattr("trainer.live_report.write_report", broken)
-    with caplog.at_level(logging.WARNING, logger="trainer.live_report"):
+    monkeypatch.setattr("trainer.report.live.write_report", broken)
+    with caplog.at_level(logging.WARNING, logger="trainer.report.live"):
         for step in (1, 2):
             metrics = _event(logger, step, ["a", "b"])
             assert metrics["val/exact_match"] == 1.0 and "val/report_time_s" not in metrics

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from report_fixtures import SETTINGS_GREEDY, sample_record
-from trainer.report_compare import compare_prompts, load_runs, render_compare, sampling_warnings
+from trainer.report.compare_page import compare_prompts, load_runs, render_compare, sampling_warnings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.report import write_report, write_run_state
+from trainer.report.run_page import write_report
+from trainer.report.shared import write_run_state
 from trainer.tracking import Tracking
 
 log = logging.getLogger(__name__)

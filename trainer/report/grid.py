@@ -1,0 +1,110 @@
+"""The run page's grid: one row per prompt, one column per sample event, every event at a glance.
+
+Each cell is coloured by what matters for its prompt (exact match where there is a reference,
+else the reward, else how much the answer changed), outlined when it has an alert, and links to
+its row in the prompt's timeline (`#p<N>-e<K>`); the page's script shows that row's generation on
+hover, so no text is stored twice. Alerts about a whole event get a row of their own on top.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from trainer.report.shared import esc, is_finite, preview
+
+CHANGE_FULL_SCALE = 0.5  # 1 - similarity to the previous answer at which a change gets the darkest colour
+GRID_LEGEND = (
+    ("em1", "exact match"), ("em0", "no exact match"), ("r0", "low reward"), ("r4", "high reward"),
+    ("c0", "same answer as before"), ("c4", "answer changed a lot"), ("new", "first answer"), ("al", "alert"),
+)
+EMPTY_CELL = '<span class="c"></span>'
+
+
+def _event_key(sample: dict) -> tuple:
+    return sample["step"], str(sample.get("stage", "")), str(sample.get("prefix", ""))
+
+
+def _mean_reward(sample: dict) -> Optional[float]:
+    rewards = sample.get("rewards") if isinstance(sample.get("rewards"), dict) else {}
+    values = [float(v) for v in rewards.values() if is_finite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def _bucket(value: float, lo: float, hi: float, buckets: int = 5) -> int:
+    if hi <= lo:
+        return buckets - 1
+    return min(buckets - 1, max(0, int((value - lo) / (hi - lo) * buckets)))
+
+
+def _cell_class(sample: dict, reward_range: tuple[float, float]) -> str:
+    """What matters for the prompt: exact match where there is a reference, else the reward,
+    else how much the answer changed since the prompt's previous event."""
+    sig = sample.get("signals") if isinstance(sample.get("signals"), dict) else {}
+    em = sig.get("exact_match")
+    if is_finite(em):
+        return "em1" if em >= 1 else "em0"
+    reward = _mean_reward(sample)
+    if reward is not None:
+        return f"r{_bucket(reward, *reward_range)}"
+    sim = sig.get("similarity_to_previous")
+    if is_finite(sim):
+        return f"c{_bucket(1.0 - sim, 0.0, CHANGE_FULL_SCALE)}"
+    return "new"
+
+
+def _head_row(columns: list[tuple]) -> str:
+    """Column heads: about ten step labels across."""
+    every = max(1, math.ceil(len(columns) / 10))
+    heads = "".join(f'<span class="gh" style="grid-column:{i + 2}">{columns[i][0]}</span>' for i in range(0, len(columns), every))
+    return f'<div class="grid-row grid-head"><span class="gl">step</span>{heads}</div>'
+
+
+def _event_wide_row(columns: list[tuple], event_wide: Sequence[dict]) -> str:
+    """One cell per event with an alert about all prompts, linking to the first such alert."""
+    cells = [EMPTY_CELL] * len(columns)
+    for a in event_wide:
+        for i, key in enumerate(columns):
+            if key[:2] == (a["step"], str(a.get("stage", ""))) and cells[i].startswith("<span"):
+                cells[i] = f'<a class="c al" href="#{a["anchor"]}"></a>'
+    return f'<div class="grid-row grid-events"><span class="gl">⚠ all prompts</span>{"".join(cells)}</div>'
+
+
+def _prompt_row(pid: str, rows: list[dict], num: int, alerts: list[dict], col_of: dict[tuple, int],
+                reward_range: tuple[float, float]) -> str:
+    alert_events = {(a["step"], str(a.get("stage", ""))) for a in alerts}
+    cells = [EMPTY_CELL] * len(col_of)
+    for k, s in enumerate(rows, start=1):
+        cls = _cell_class(s, reward_range)
+        if s.get("alerts") or (s["step"], str(s.get("stage", ""))) in alert_events:
+            cls += " al"
+        cells[col_of[_event_key(s)]] = f'<a class="c {cls}" href="#p{num}-e{k}"></a>'
+    label = preview(str(rows[-1].get("prompt", "")), 40)
+    return (f'<div class="grid-row" data-prompt-id="{esc(pid)}"><a class="gl" href="#p{num}-e1" title="{esc(label)}">'
+            f'#{num} {esc(label)}</a>{"".join(cells)}</div>')
+
+
+def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_by_prompt: dict[str, list[dict]],
+                event_wide: Sequence[dict] = ()) -> str:
+    """The grid section (one line of the page)."""
+    events: dict[tuple, None] = {}
+    for rows in prompts.values():
+        for s in rows:
+            events.setdefault(_event_key(s), None)
+    columns = sorted(events, key=lambda k: k[0])  # by step; same-step events keep their file order
+    if not columns:
+        return '<section id="grid-section"><h2>At a glance</h2><p class="meta" id="grid-empty">No sample events yet.</p></section>'
+    col_of = {k: i for i, k in enumerate(columns)}
+    rewards = [r for rows in prompts.values() for s in rows if (r := _mean_reward(s)) is not None]
+    reward_range = (min(rewards), max(rewards)) if rewards else (0.0, 1.0)
+    out = [f'<section id="grid-section"><h2>At a glance: {len(prompts)} prompts × {len(columns)} sample events</h2>',
+           '<p class="grid-legend meta">' + "".join(f'<span class="c {c}"></span>{esc(t)} ' for c, t in GRID_LEGEND)
+           + '· hover a cell for its generation, click it for its place in the timeline</p>',
+           f'<div id="grid" style="--cols:{len(columns)}" data-rows="{len(prompts)}" data-cols="{len(columns)}">',
+           _head_row(columns)]
+    if event_wide:
+        out.append(_event_wide_row(columns, event_wide))
+    for pid, rows in prompts.items():
+        out.append(_prompt_row(pid, rows, numbers[pid], alerts_by_prompt.get(pid, []), col_of, reward_range))
+    out.append('</div><div id="grid-tip" hidden></div></section>')
+    return "".join(out)
