@@ -48,7 +48,7 @@ from trainer.history import SampleHistory
 from trainer.live_report import LiveReport
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import progress
-from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
+from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.samples import SampleLogger, prompt_id, sample_seed
 from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
