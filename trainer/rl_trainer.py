@@ -38,7 +38,7 @@ from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_log
 from config.schema import ConfigError
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.rl_data import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
+from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.run import Run, SampleEventSpec, Samples, cli_main, launch
 from trainer.samples import prompt_id, sample_seed
 from workers import core_algos

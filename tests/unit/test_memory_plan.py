@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 from helpers import ROOT
-from workers.memory_plan import LAYOUTS, RankBytes, table_row
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from memory_plan import LAYOUTS, RankBytes, table_row  # noqa: E402
 
 
 def test_7b_over_64_ranks_as_8x8_hsdp_holds_an_eighth_per_rank():
     # Its own process: the fake process group is that process's default group.
-    out = subprocess.run([sys.executable, "-m", "workers.memory_plan", "7B (Llama-2-7B)", "64", "8"], cwd=ROOT,
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_plan.py"), "7B (Llama-2-7B)", "64", "8"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

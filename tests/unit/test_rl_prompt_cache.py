@@ -8,9 +8,9 @@ import pytest
 
 from config.rl_schema import RLDataConfig
 from helpers import rl_rows, write_jsonl, write_parquet
-from trainer import rl_data
+from trainer.data import rl_prompts as rl_data
 from trainer.data import CHUNK_ROWS, DataError, Row
-from trainer.rl_data import PromptBatches, load_rl_prompts
+from trainer.data.rl_prompts import PromptBatches, load_rl_prompts
 
 
 @pytest.fixture()
@@ -79,7 +79,7 @@ def test_left_out_prompts_are_logged_from_the_cache_too(tmp_path, tok, caplog):
     cfg = RLDataConfig(max_prompt_length=40, filter_overlong_prompts=True)
     for _ in range(2):  # written, then read from the cache
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="trainer.rl_data"):
+        with caplog.at_level(logging.INFO, logger="trainer.data.rl_prompts"):
             kept = load_rl_prompts(str(path), "data.train_files", tok, cfg, cache_dir=str(tmp_path / "cache"))
         assert [p.text for p in kept] == [r["prompt"][-1]["content"] for i, r in enumerate(rows) if i != 2]
         assert any("1 prompt(s) longer than data.max_prompt_length=40 left out" in r.message for r in caplog.records)

@@ -409,7 +409,7 @@ def test_filter_overlong_prompts_leaves_them_out(tmp_path, tiny_model, caplog):
     from config.rl_schema import RLDataConfig
     from helpers import rl_rows
     from trainer.data import DataError
-    from trainer.rl_data import load_rl_prompts
+    from trainer.data.rl_prompts import load_rl_prompts
     from workers.model import load_tokenizer
 
     rows = rl_rows(4, seed=1)

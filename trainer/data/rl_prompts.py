@@ -19,7 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from config.rl_schema import RLDataConfig
 from trainer import token_cache
-from trainer.data import DataError, Row, dig, epoch_order, iter_row_chunks, load_cached
+from trainer.data.batching import epoch_order
+from trainer.data.cached import load_cached
+from trainer.data.rows import DataError, Row, dig, iter_row_chunks
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ class PromptSet(token_cache.MappedRows):
 
 def load_rl_prompts(files: Any, key: str, tokenizer: PreTrainedTokenizerBase, cfg: RLDataConfig,
                     cache_dir: Optional[str] = None, ranks: token_cache.Ranks = token_cache.Ranks()) -> PromptSet:
-    """Every prompt of `files`, through the token cache (`trainer.data.load_cached`)."""
+    """Every prompt of `files`, through the token cache (`trainer.data.cached.load_cached`)."""
     prompts = load_cached(files, key, tokenizer, _settings(cfg),
                           lambda paths, stats: _chunks(paths, key, tokenizer, cfg, stats),
                           lambda arrays, paths: PromptSet(arrays), cache_dir, ranks)
