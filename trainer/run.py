@@ -231,7 +231,8 @@ class Run:
                 gather_s = time.perf_counter() - start
                 samples = produce(copy)
                 generation_s = time.perf_counter() - start - gather_s
-                log.debug("%s: gather %.3fs, generation %.3fs, %s", spec.what, gather_s, generation_s, samples.settings.describe())
+                log.debug("%s samples: gather %.3fs, generation %.3fs, %s", spec.stage, gather_s, generation_s,
+                          samples.settings.describe())
                 metrics = self.sample_logger.log(
                     self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
                     samples.settings, samples.seeds, generation_s, samples.rewards,
