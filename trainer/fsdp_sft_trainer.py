@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import hydra
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from config import env as env_config
@@ -28,7 +26,7 @@ from config.schema import SFTConfig
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.run import Run, SampleEventSpec, Samples, cli_main, launch
+from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.samples import prompt_id, sample_seed
 from workers import liger, sequence_parallel
 from workers.fsdp import (
@@ -314,14 +312,7 @@ def resolve_sft(cfg: DictConfig, cli_overrides: Sequence[str], world_size: int) 
     return resolve(cfg, SFTConfig, cli_overrides, env_config.environ(), world_size)
 
 
-@hydra.main(config_path="pkg://config", config_name="sft_trainer", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    launch(cfg, HydraConfig.get().overrides.task, resolve_sft, FSDPSFTTrainer)
-
-
-def main() -> None:
-    cli_main(_hydra_main)
-
+main = entry_point("sft_trainer", resolve_sft, FSDPSFTTrainer)
 
 if __name__ == "__main__":
     main()

@@ -26,9 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from transformers import AutoModelForTokenClassification
 
@@ -39,7 +37,7 @@ from config.schema import ConfigError
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
-from trainer.run import Run, SampleEventSpec, Samples, cli_main, launch
+from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.samples import prompt_id, sample_seed
 from workers import core_algos
 from workers.actor import (
@@ -344,14 +342,7 @@ def resolve_rl(cfg: DictConfig, cli_overrides: Sequence[str], world_size: int):
     return resolve(cfg, RLConfig, cli_overrides, env_config.environ(), world_size, preprocess=lift_flat_sample_logging)
 
 
-@hydra.main(config_path="pkg://config", config_name="grpo_trainer", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    launch(cfg, HydraConfig.get().overrides.task, resolve_rl, RLTrainer)
-
-
-def main() -> None:
-    cli_main(_hydra_main)
-
+main = entry_point("grpo_trainer", resolve_rl, RLTrainer)
 
 if __name__ == "__main__":
     main()

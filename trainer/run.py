@@ -13,7 +13,7 @@ rewards, advantages, update) and drives a `Run`:
         run.end_step(save_checkpoint)                            # checkpoint, preemption
     run.finish(model)
 
-`launch` and `cli_main` are the entry points' shared tail (`python -m trainer.<trainer>`).
+`entry_point` makes a trainer module's `main` (`python -m trainer.<trainer>`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import hydra
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -281,8 +283,18 @@ def launch(
     teardown()
 
 
-def cli_main(hydra_main: Callable[[], None]) -> None:
-    """`python -m trainer.<trainer>`: `--config-path` relative to the current directory, then Hydra."""
-    sys.argv = normalize_config_path(sys.argv, Path.cwd())
-    hydra_main()
-    exit_now()
+def entry_point(config_name: str, resolve_config: Callable[[DictConfig, Sequence[str], int], Resolved],
+                build_trainer: Callable[[Any, DistContext], Any]) -> Callable[[], None]:
+    """A trainer module's `main`: `python -m trainer.<trainer> [--config-name NAME] [key=value ...]`.
+    `--config-path` is taken relative to the current directory; the bundled configs are the default."""
+
+    @hydra.main(config_path="pkg://config", config_name=config_name, version_base="1.3")
+    def hydra_main(cfg: DictConfig) -> None:
+        launch(cfg, HydraConfig.get().overrides.task, resolve_config, build_trainer)
+
+    def main() -> None:
+        sys.argv = normalize_config_path(sys.argv, Path.cwd())
+        hydra_main()
+        exit_now()
+
+    return main
