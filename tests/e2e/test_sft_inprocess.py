@@ -13,6 +13,7 @@ from config.env import DistEnv
 from config.loading import resolve
 from config.schema import ConfigError, SFTConfig
 from helpers import read_metrics, write_parquet
+from trainer.tracking.file import read_records
 from trainer.distributed import init_distributed
 
 
@@ -47,6 +48,32 @@ def test_generation_failure_warns_and_training_finishes(tiny_model, tiny_data, t
     assert (run_dir / "global_step_2").is_dir() and (run_dir / "global_step_4").is_dir()
     assert (run_dir / "hf_model" / "config.json").is_file()
     assert sorted(s for s, m in read_metrics(run_dir).items() if "val/loss" in m) == [2, 4]
+
+
+def test_a_failing_build_of_rank_zeros_copy_warns_and_training_goes_on(tiny_model, tiny_data, tmp_path, monkeypatch, caplog):
+    """Out of memory while rank 0 builds or loads its generation copy (its own work, after the
+    collective gather) warns like a failing generate; the next event tries again."""
+    from workers.replica import ModelReplica
+
+    real_load, calls = ModelReplica.load, []
+
+    def load_once_out_of_memory(self, state):
+        calls.append(sorted(state)[:1])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected: no room for the copy")
+        return real_load(self, state)
+
+    monkeypatch.setattr(ModelReplica, "load", load_once_out_of_memory)
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=2")
+    with caplog.at_level(logging.WARNING):
+        trainer.fit()
+    warnings = [r.getMessage() for r in caplog.records if "sample generation failed" in r.getMessage()]
+    assert warnings == ["validation sample generation failed at step 2: OutOfMemoryError: injected: no room for the copy"]
+    assert len(calls) == 2 and calls[0] and calls[0] == calls[1]  # the gathered state reached rank 0's part both times
+    events = {r["step"] for r in read_records(run_dir / "samples.jsonl") if r.get("kind") == "sample"}
+    assert events == {4}  # the second event generated and logged its samples
+    assert (run_dir / "hf_model" / "config.json").is_file()
 
 
 def test_non_finite_gradient_skips_the_update_and_the_schedule(tiny_model, tiny_data, tmp_path, monkeypatch):
