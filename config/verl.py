@@ -168,7 +168,7 @@ class Refused(VerlKey):
         ctx.refusals.append(f"{self.key}={value}: {self.reason}")
 
     def describe(self) -> str:
-        fine = [v for v in (self.default, *self.allowed) if v is not None]
+        fine = list(dict.fromkeys(v for v in (self.default, *self.allowed) if v is not None))
         when = "refused" if self.when_written or not fine else f"refused unless {' or '.join(map(str, fine))}"
         return f"{when}: {self.reason}"
 
