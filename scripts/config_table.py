@@ -204,6 +204,7 @@ def argparse_options(path: Path) -> list[dict]:
                 # literal choices only; a computed list is left to the help text
                 "choices": ", ".join(map(str, ast.literal_eval(kw["choices"]))) if isinstance(kw.get("choices"), (ast.List, ast.Tuple)) else "",
                 "metavar": _text(kw["metavar"]) if "metavar" in kw else "",
+                "default": repr(kw["default"].value) if isinstance(kw.get("default"), ast.Constant) and kw["default"].value is not None else "",
             })
     return options
 
@@ -232,7 +233,8 @@ def cli_page() -> str:
             name = ", ".join(f"`{n}`" for n in opt["names"]) or "`(positional)`"
             if opt["metavar"] and not opt["names"][0].startswith("-"):
                 name = f"`{opt['metavar']}`"
-            meaning = opt["help"] + (f" (one of {opt['choices']})" if opt["choices"] else "")
+            meaning = "; ".join(filter(None, [opt["help"], opt["choices"] and f"one of {opt['choices']}",
+                                              opt["default"] and f"default {opt['default']}"]))
             lines.append(f"| {name} | {_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 

@@ -286,3 +286,77 @@ def test_user_pages_carry_no_development_notes():
         text = page.read_text(encoding="utf-8")
         found = [n for n in DEVELOPMENT_NOTES if n in text]
         assert not found, f"{page.relative_to(ROOT)}: {found}"
+
+
+# ----------------------------------------------------------------------------- the verl page's "after" lines
+@pytest.fixture(scope="module")
+def gsm8k_files(tmp_path_factory):
+    from helpers import gsm8k_rows, write_parquet
+
+    root = tmp_path_factory.mktemp("gsm8k")
+    return {"train": str(write_parquet(gsm8k_rows(16, seed=5), root / "train.parquet")),
+            "test": str(write_parquet(gsm8k_rows(4, seed=6), root / "test.parquet"))}
+
+
+def test_the_verl_pages_command_lines_here_resolve_without_a_refusal(tiny_model, rl_data, gsm8k_files):
+    """Coming from verl: the SFT and GRPO command lines it gives for this project compose and pass
+    every check, with the model and data swapped for test assets (as a user's own would be)."""
+    from hydra import compose, initialize_config_module
+
+    from config.loading import resolve
+    from config.rl_schema import RLConfig, lift_flat_sample_logging
+    from config.schema import SFTConfig
+
+    page = (ROOT / "docs" / "coming-from-verl.md").read_text(encoding="utf-8")
+    swaps = {"$HOME/data/gsm8k/train.parquet": None, "$HOME/data/gsm8k/test.parquet": None,
+             "google/gemma-2b-it": str(tiny_model), "Qwen/Qwen2-7B-Instruct": str(tiny_model)}
+    ran = set()
+    for _, body in [(p, b) for p, b in blocks(lambda lang: lang in SHELLS) if p.name == "coming-from-verl.md"]:
+        tokens = next(commands(body))
+        module = tokens[tokens.index("-m") + 1]
+        if module not in TRAINERS:
+            continue
+        kind = TRAINERS[module]
+        files = gsm8k_files if kind == "sft" else {"train": str(rl_data["train"]), "test": str(rl_data["val"])}
+        swaps["$HOME/data/gsm8k/train.parquet"], swaps["$HOME/data/gsm8k/test.parquet"] = files["train"], files["test"]
+        text = body
+        for old, new in swaps.items():
+            text = text.replace(old, new)
+        tokens = next(commands(text.replace("$HOME", "/tmp")))
+        world = int(next(t.split("=")[1] for t in tokens if t.startswith("--nproc_per_node=")))
+        rest = tokens[tokens.index("-m") + 2:]
+        name = rest[rest.index("--config-name") + 1] if "--config-name" in rest else "sft_trainer"
+        overrides = [t for t in rest if "=" in t and not t.startswith("-")]
+        with initialize_config_module(config_module="config", version_base="1.3"):
+            cfg = compose(name, overrides=overrides)
+        schema, pre = (SFTConfig, None) if kind == "sft" else (RLConfig, lift_flat_sample_logging)
+        c = resolve(cfg, schema, overrides, {}, world, preprocess=pre).config
+        if kind == "rl":
+            assert (c.algorithm.adv_estimator, c.rollout.responses_per_prompt, c.data.prompts_per_step) == ("grpo", 5, 1024)
+        else:
+            assert c.data.micro_batch_size_per_gpu == 4 and c.trainer.total_epochs == 2
+        ran.add(kind)
+    assert ran == {"sft", "rl"}
+
+
+def test_python_examples_call_the_api_with_keys_that_exist():
+    import inspect
+
+    from trainer.api import create_rl_trainer
+
+    params = set(inspect.signature(create_rl_trainer).parameters) - {"config_keys"}
+    checked = 0
+    for page, body in blocks(lambda lang: lang == "python"):
+        for node in ast.walk(ast.parse(body)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "create_rl_trainer":
+                for kw in node.keywords:
+                    if kw.arg is None:  # **{"dotted.key": value}
+                        keys = [k.value for k in kw.value.keys]
+                    elif kw.arg in params:
+                        continue
+                    else:
+                        keys = [kw.arg.replace("__", ".")]
+                    for key in keys:
+                        assert key_exists(key, "rl"), f"{page.name}: create_rl_trainer(... {key} ...) is not an RL key"
+                checked += 1
+    assert checked >= 2
