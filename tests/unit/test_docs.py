@@ -360,3 +360,12 @@ def test_python_examples_call_the_api_with_keys_that_exist():
                         assert key_exists(key, "rl"), f"{page.name}: create_rl_trainer(... {key} ...) is not an RL key"
                 checked += 1
     assert checked >= 2
+
+
+def test_the_trl_name_map_points_at_keys_that_exist():
+    text = (ROOT / "docs" / "coming-from-trl.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `[^|]*\| ([^|]*) \|", text, re.M)
+    keys = [k.split("=")[0] for cell in rows for k in re.findall(r"`([a-z_]+\.[a-z_.]+(?:=[^`]*)?)`", cell)]
+    assert len(keys) > 30
+    missing = [k for k in keys if not (key_exists(k, "rl") or key_exists(k, "sft"))]
+    assert not missing, f"docs/coming-from-trl.md names keys that do not exist: {missing}"
