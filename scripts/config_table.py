@@ -66,8 +66,11 @@ def table(which: str) -> str:
         values = base_values("grpo_trainer")
     else:
         root, values = SFTConfig, base_values("sft_trainer")
+    not_read = getattr(root, "NOT_READ", {})
     lines = ["| key | base config | meaning |", "|---|---|---|"]
     for key, default, help_text in rows(root, values):
+        if key in not_read:  # a shared section's key this trainer refuses (config.loading)
+            help_text = f"Not read here (SFT's); setting it stops the run in one line. Use {not_read[key]}."
         shown = "null" if default is None else _cell(default)
         lines.append(f"| `{key}` | `{shown}` | {_cell(help_text)} |")
     return "\n".join(lines)
