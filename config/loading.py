@@ -61,6 +61,31 @@ def _set_by_cli(key: str, cli_keys: set[str]) -> bool:
     return any(".".join(parts[:i]) in cli_keys for i in range(1, len(parts) + 1))
 
 
+def _not_read(key: str, not_read: Mapping[str, str]) -> str | None:
+    """What to use instead of `key`, when this trainer does not read it (the longest listed prefix)."""
+    parts = key.split(".")
+    return next((not_read[p] for p in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if p in not_read), None)
+
+
+def _refuse_not_read(container: dict, defaults: DictConfig, cli_keys: set[str], env: Mapping[str, str],
+                     not_read: Mapping[str, str]) -> None:
+    """A key this trainer does not read, set anyway, stops the run in one line naming what to use:
+    from the environment, the command line, or a YAML value other than the schema's default."""
+    for key, (_, variable) in env_module.env_overrides(env).items():
+        instead = _not_read(key, not_read)
+        if instead:
+            raise ConfigError(f"{variable}={env[variable]!r} sets {key}, which this trainer does not read; use {instead}")
+    for key in sorted(cli_keys):
+        instead = _not_read(key, not_read)
+        if instead:
+            raise ConfigError(f"{key}: not read by this trainer; use {instead}")
+    raw = OmegaConf.create(container)
+    for key, instead in not_read.items():
+        value = OmegaConf.select(raw, key, default=_MISSING)
+        if value is not _MISSING and value != OmegaConf.select(defaults, key, default=_MISSING):
+            raise ConfigError(f"{key}={value}: not read by this trainer; use {instead}")
+
+
 def _merge_error(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or "config"
     if isinstance(err, ConfigKeyError):
@@ -96,9 +121,10 @@ def resolve(
         resolved.notes = verl_keys(container, world_size, cli_keys).notes
     raw = OmegaConf.create(container)
     defaults = OmegaConf.structured(schema)
+    _refuse_not_read(container, defaults, cli_keys, env, getattr(schema, "NOT_READ", {}))
     for key, (value, variable) in env_module.env_overrides(env).items():
         if OmegaConf.select(defaults, key, default=_MISSING) is _MISSING:
-            continue  # this trainer has no such setting (e.g. generation.* in RL)
+            continue  # this trainer has no such setting (and no NOT_READ entry naming what to use)
         if _set_by_cli(key, cli_keys):
             resolved.ignored_env[key] = variable
             continue

@@ -9,7 +9,7 @@ sequences (prompt + one response) per forward on one rank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, List, Optional
+from typing import Any, ClassVar, List, Optional
 
 from config.schema import (
     ConfigError,
@@ -262,6 +262,18 @@ class RLConfig:
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+
+    # SFT's sample settings, which RL does not read: set for an RL run (command line, YAML, Python
+    # API or their VERL_* variables), each stops it in one line naming what to use (config.loading).
+    NOT_READ: ClassVar[dict[str, str]] = {
+        "trainer.max_val_samples": "held-out validation prompts: data.max_val_prompts; samples: logging.sample_logging.num_samples",
+        "generation.temperature": "rollout.temperature, rollout.val_temperature (validation) or logging.sample_logging.temperature (samples)",
+        "generation.top_k": "rollout.top_k or rollout.val_top_k (validation)",
+        "generation.top_p": "rollout.top_p, rollout.val_top_p (validation) or logging.sample_logging.top_p (samples)",
+        "generation.do_sample": "rollout.val_do_sample (validation) or logging.sample_logging.do_sample (samples)",
+        "generation.max_new_tokens": "rollout.max_new_tokens or logging.sample_logging.max_new_tokens (samples)",
+        "generation": "RL has no generation section: rollouts are rollout.*, samples logging.sample_logging.*",
+    }
 
     def check(self, world_size: int) -> None:
         self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)

@@ -57,7 +57,7 @@ def missing_inputs(model_path: str, data_files: Any, demo_command: str) -> None:
 
 
 def doc(text: str, default: Any = None, factory: Any = None) -> Any:
-    """A dataclass field with its help text (rendered into the README's key table)."""
+    """A dataclass field with its help text (rendered into docs/reference/ by scripts/config_table.py)."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})

@@ -96,7 +96,7 @@ class VerlKey:
         raise NotImplementedError
 
     def describe(self) -> str:  # pragma: no cover - every kind overrides
-        """What the key does here, for the README's table."""
+        """What the key does here, for docs/reference/verl-keys.md."""
         raise NotImplementedError
 
 
@@ -168,7 +168,7 @@ class Refused(VerlKey):
         ctx.refusals.append(f"{self.key}={value}: {self.reason}")
 
     def describe(self) -> str:
-        fine = [v for v in (self.default, *self.allowed) if v is not None]
+        fine = list(dict.fromkeys(v for v in (self.default, *self.allowed) if v is not None))
         when = "refused" if self.when_written or not fine else f"refused unless {' or '.join(map(str, fine))}"
         return f"{when}: {self.reason}"
 
@@ -178,7 +178,7 @@ class Rule(VerlKey):
     """A verl key whose meaning here takes a few lines (several of our keys, or a check)."""
 
     fn: Optional[Callable[[Any, Context], None]] = None
-    doc: str = ""  # what it does here, for the README
+    doc: str = ""  # what it does here, for docs/reference/verl-keys.md
 
     def wanted(self, value: Any, on_command_line: bool) -> bool:
         return value is not None and (on_command_line or not _same(value, self.default))
@@ -595,7 +595,7 @@ PPO_KEYS: tuple[VerlKey, ...] = (
 )
 
 
-# verl keys that are ours under the same name and with the same meaning (in the README's table).
+# verl keys that are ours under the same name and with the same meaning (in docs/reference/verl-keys.md).
 PPO_SAME_NAME = (
     "algorithm.adv_estimator", "algorithm.gamma", "algorithm.lam", "algorithm.norm_adv_by_std_in_grpo",
     "data.train_files", "data.val_files", "data.prompt_key", "data.max_prompt_length", "data.truncation", "data.shuffle",
@@ -607,7 +607,7 @@ PPO_SAME_NAME = (
 
 
 def rl_key_table() -> str:
-    """The README's table of verl's RL keys: ours, or why not (scripts/config_table.py verl)."""
+    """The table of verl's RL keys (docs/reference/verl-keys.md): ours, or why not (scripts/config_table.py verl)."""
     rows = [(key, "the same key here") for key in PPO_SAME_NAME] + [(e.key, e.describe()) for e in PPO_KEYS]
     lines = ["| verl key | here |", "|---|---|"]
     lines += [f"| `{key}` | {what.replace('|', '/')} |" for key, what in sorted(rows)]

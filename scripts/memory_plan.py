@@ -4,7 +4,7 @@ process group (one process stands in for any number of ranks; torchtitan plans a
 same way), then one AdamW step on meta gradients creates the optimizer state. What is counted is
 what the shards really hold, rank 0's (the largest when a dimension does not divide evenly).
 
-    python scripts/memory_plan.py --rows 8   # the README table's rows for 8 GPUs (scripts/memory_table.py writes it)
+    python scripts/memory_plan.py --rows 8   # the rows of the docs' memory table for 8 GPUs (scripts/memory_table.py writes it)
 
 Runs in a process of its own: the fake group is the default process group of that process.
 """

@@ -1,8 +1,8 @@
-"""The README's per-GPU memory table, measured by scripts/memory_plan.py (meta-device models
+"""The per-GPU memory table of docs/clusters.md, measured by scripts/memory_plan.py (meta-device models
 sharded over a fake process group; one process per world size).
 
     python scripts/memory_table.py                 # print it
-    python scripts/memory_table.py --write-readme  # refresh it in README.md
+    python scripts/memory_table.py --write-docs    # refresh it in docs/clusters.md
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def table() -> str:
 
 def main() -> None:
     text = table()
-    if sys.argv[1:] == ["--write-readme"]:
-        readme = ROOT / "README.md"
-        content = readme.read_text(encoding="utf-8")
+    if sys.argv[1:] == ["--write-docs"]:
+        page = ROOT / "docs" / "clusters.md"
+        content = page.read_text(encoding="utf-8")
         start = content.index(MARKER) + len(MARKER)
         end = content.index("\n\n", start)
-        readme.write_text(content[:start] + text + content[end:], encoding="utf-8")
+        page.write_text(content[:start] + text + content[end:], encoding="utf-8")
     else:
         print(text)
 

@@ -199,7 +199,7 @@ def screenshot(page: Path, png: Path, height: int = 1500, fragment: str = "") ->
 
 
 def samples_markdown(runs: Sequence[tuple[str, Path]], prompt_index: int = 0, max_chars: int = 400) -> str:
-    """One prompt's answers at every event of each run, as text for the README."""
+    """One prompt's answers at every event of each run, as text for the docs (docs/report.md)."""
     per_run = {label: read_samples(run)[0] for label, run in runs}
     first = per_run[runs[0][0]]
     if not first:

@@ -15,7 +15,7 @@ that model on a mix of the additions and open-ended prompts ("Name 3 numbers, #5
 data mixes tasks with one right answer and tasks with many: the validation loss then sits well
 above zero, like a real one, because no model can predict which numbers get named. The
 regression is injected in stage 2. --task arithmetic runs it in stage 1 on the additions alone,
-where the loss is close to zero (see the README for why that favours the loss).
+where the loss is close to zero (see docs/report.md for why that favours the loss).
 
 Regressions:
 - bad_shard (default): from step --at, the addition examples of the training data come from a

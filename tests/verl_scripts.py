@@ -339,7 +339,7 @@ def without(args: list[str], *prefixes: str) -> list[str]:
 
 
 # Every key the FSDP GRPO example scripts of verl set (the 33 scripts of examples/grpo_trainer/ that
-# do not use Megatron, at b178a3c): the README's table must say what each does here.
+# do not use Megatron, at b178a3c): docs/reference/verl-keys.md must say what each does here.
 GRPO_KEYS_USED = (
     "actor_rollout_ref.actor.entropy_coeff",
     "actor_rollout_ref.actor.freeze_vision_tower",

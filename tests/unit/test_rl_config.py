@@ -162,3 +162,39 @@ def test_rollout_micro_batch_size_is_checked_and_defaults_to_one_call():
     RolloutConfig(micro_batch_size_per_gpu=16).check()
     with pytest.raises(ConfigError, match=r"^rollout.micro_batch_size_per_gpu: must be > 0"):
         RolloutConfig(micro_batch_size_per_gpu=0).check()
+
+
+# SFT's sample settings are not read in RL: set there, each stops the run in one line naming the RL key.
+@pytest.mark.parametrize("variable, value, key, expected", [
+    ("VERL_GENERATION_TEMPERATURE", "0.7", "generation.temperature",
+     r"^VERL_GENERATION_TEMPERATURE='0.7' sets generation.temperature, which this trainer does not read; use rollout.temperature, "),
+    ("VERL_GENERATION_MAX_NEW_TOKENS", "12", "generation.max_new_tokens", r"^VERL_GENERATION_MAX_NEW_TOKENS='12' sets .*; use rollout.max_new_tokens"),
+    ("VERL_MAX_VAL_SAMPLES", "3", "trainer.max_val_samples",
+     r"^VERL_MAX_VAL_SAMPLES='3' sets trainer.max_val_samples, .*data.max_val_prompts.*logging.sample_logging.num_samples$"),
+])
+def test_sft_sample_variables_are_refused_in_rl_naming_the_rl_key(inputs, variable, value, key, expected):
+    with pytest.raises(ConfigError, match=expected):
+        resolve(compose_rl("grpo_trainer", inputs), RLConfig, inputs, {variable: value}, 1)
+    # An SFT run reads the same variable (it is refused in RL only).
+    from config.schema import SFTConfig
+
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        sft = compose("demo")
+    assert resolve(sft, SFTConfig, [], {variable: value}, 1).from_env == {key: variable}
+
+
+def test_sft_sample_keys_are_refused_in_rl_from_the_command_line_yaml_and_api(inputs, tiny_model, rl_data, tmp_path):
+    args = [*inputs, "trainer.max_val_samples=10"]
+    with pytest.raises(ConfigError, match=r"^trainer.max_val_samples: not read by this trainer; use held-out validation prompts: data.max_val_prompts"):
+        resolve(compose_rl("grpo_trainer", args), RLConfig, args, {}, 1)
+    with pytest.raises(ConfigError, match=r"^generation.top_k: not read by this trainer; use rollout.top_k or rollout.val_top_k"):
+        resolve(compose_rl("grpo_trainer", inputs), RLConfig, [*inputs, "+generation.top_k=5"], {}, 1)
+    (tmp_path / "mine.yaml").write_text("defaults:\n  - grpo_trainer\n  - _self_\ntrainer:\n  max_val_samples: 8\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("mine", overrides=inputs)
+    with pytest.raises(ConfigError, match=r"^trainer.max_val_samples=8: not read by this trainer; use "):
+        resolve(cfg, RLConfig, inputs, {}, 1)
+    with pytest.raises(ConfigError, match=r"^trainer.max_val_samples: not read by this trainer"):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), trainer__max_val_samples=2)
+    # The base configs' own value (trainer/default.yaml's, the schema's default) asks for nothing.
+    assert resolve(compose_rl("grpo_trainer", inputs), RLConfig, inputs, {}, 1).config.trainer.max_val_samples == 5
