@@ -172,7 +172,7 @@ def metrics_page() -> str:
 # Entry points with argparse options, read from their source (not run: no import of torch).
 CLI_SOURCES = (
     ("python -m trainer.export", "trainer/export.py"),
-    ("python -m trainer.report", "trainer/report.py"),
+    ("python -m trainer.report", "trainer/report/__main__.py"),
     ("python scripts/regression_demo.py", "scripts/regression_demo.py"),
     ("python scripts/real_model_demo.py", "scripts/real_model_demo.py"),
     ("python scripts/bench_sft.py", "scripts/bench_sft.py"),

@@ -83,7 +83,7 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 SHELLS = {"bash", "sh", "shell", "console"}
 TRAINERS = {"trainer.fsdp_sft_trainer": "sft", "trainer.rl_trainer": "rl"}
 VERL_MODULES = {"verl.trainer.fsdp_sft_trainer": "sft", "verl.trainer.main_ppo": "rl"}  # "before" command lines
-ARGPARSE_MODULES = {"trainer.export": "trainer/export.py", "trainer.report": "trainer/report.py"}
+ARGPARSE_MODULES = {"trainer.export": "trainer/export.py", "trainer.report": "trainer/report/__main__.py"}
 # Placeholders in synopsis lines: `[key=value ...]`, `[--dtype bf16]` (a bracket after a space).
 PLACEHOLDER = re.compile(r"(?<=\s)\[[^\]\n]*\]")
 
