@@ -18,7 +18,11 @@ What is saved and what a resume restores are `trainer.checkpoint.save_contents` 
 the step and marks the checkpoint complete.
 
 Everything is written under `<name>.tmp` and renamed into place by rank 0 after every rank has
-finished, so a crash never leaves a checkpoint that looks complete. The RNG files are read with
+finished, so a crash never leaves a checkpoint that looks complete. The files, `trainer_state.json`,
+the pointer and the directories holding them are fsynced before the rename (and the pointer
+after it): after a power cut a checkpoint is complete or absent, never a zero-byte state file. A
+checkpoint damaged all the same (a state file or pointer that does not parse) is skipped, in one
+line, for the previous complete one. The RNG files are read with
 `weights_only=True`, but DCP reads each checkpoint's `.metadata` with pickle: load only
 checkpoints you trust.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -77,16 +82,72 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+# ---------------------------------------------------------------------- durable writes
+# A rename is atomic but not durable: after a power cut the new name can point at a file whose
+# data never reached the disk (zero bytes). fsync the data, then the directory holding the name.
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (the checkpoint's files other than DCP's own,
+    which DCP's FileSystemWriter already syncs)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """`path` holds `text` or its previous content, also after a power cut."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- finding checkpoints
 def is_checkpoint(path: Path) -> bool:
     """Complete: its trainer_state.json is written last, inside `.tmp`, before the rename."""
     return path.is_dir() and not path.name.endswith(".tmp") and (path / STATE_FILE).is_file()
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json; a missing, empty or corrupt one is a one-line
+    CheckpointError naming the file."""
+    state_file = path / STATE_FILE
+    try:
+        text = state_file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise CheckpointError(f"{state_file}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if not text.strip():
+        raise CheckpointError(f"{state_file} is empty (a write cut short, e.g. by a power cut)")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_file} is damaged (not JSON: {err.msg} at line {err.lineno})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"{state_file} is damaged (no integer global_step)")
+    return state
+
+
+def _damage(path: Path) -> Optional[str]:
+    try:
+        read_trainer_state(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -97,14 +158,39 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def _pointed_step(run_dir: Path) -> Optional[int]:
+    """The step the pointer names; None (with one warning line) when it is unreadable."""
     pointer = run_dir / POINTER
-    if pointer.exists():
-        candidate = run_dir / f"global_step_{int(pointer.read_text().strip() or -1)}"
-        if is_checkpoint(candidate):
-            return candidate
+    if not pointer.exists():
+        return None
+    text = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdigit():
+        log.warning("%s is damaged (%s): taking the newest complete checkpoint instead", pointer,
+                    "empty" if not text else f"holds {text[:40]!r}, not a step number")
+        return None
+    return int(text)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint the pointer names, else the newest complete one; a checkpoint whose
+    trainer_state.json is damaged is skipped, with one warning line naming the one used."""
+    step = _pointed_step(run_dir)
     complete = [p for p in complete_checkpoints(run_dir) if is_checkpoint(p)]
-    return complete[-1] if complete else None
+    if step is not None and run_dir / f"global_step_{step}" in complete:
+        # The pointer's checkpoint first, then the older ones (never a newer one it does not name).
+        pointed = complete.index(run_dir / f"global_step_{step}")
+        complete = complete[: pointed + 1]
+    skipped: list[str] = []
+    for candidate in reversed(complete):
+        damage = _damage(candidate)
+        if damage is None:
+            if skipped:
+                log.warning("skipping damaged checkpoint(s): %s; using %s", "; ".join(skipped), candidate)
+            return candidate
+        skipped.append(damage)
+    if skipped:
+        log.warning("skipping damaged checkpoint(s): %s; no complete checkpoint left", "; ".join(skipped))
+    return None
 
 
 # ---------------------------------------------------------------------- Hugging Face directories
@@ -326,11 +412,13 @@ class Checkpointer:
             state = {**trainer_state, "world_size": self.world_size, "save_contents": self.save_contents}
             if "extra" in self.save_contents:
                 state["scheduler"] = scheduler.state_dict()
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)  # every file the state file vouches for is on disk before it
+            _write_durable(tmp / STATE_FILE, json.dumps(state, indent=2))
             if final.exists():  # an older run's checkpoint of the same step (resume disabled)
                 shutil.rmtree(final)
             tmp.rename(final)
-            _write_atomic(self.run_dir / POINTER, str(step))
+            _fsync_dir(self.run_dir)
+            _write_durable(self.run_dir / POINTER, str(step))
             self._prune(final)
         dist.barrier()
         self.last_saved_step = step
@@ -362,7 +450,7 @@ class Checkpointer:
         data position, counters)."""
         if not is_checkpoint(path):
             raise FileNotFoundError(f"trainer.resume_from_path={str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
-        trainer_state = json.loads((path / STATE_FILE).read_text())
+        trainer_state = read_trainer_state(path)
         # Every rank reads the same file: a LoRA checkpoint and a full model refuse each other
         # alike on all ranks, in one line, before DCP would fail on the names of the weights.
         saved_lora = (path / HF_DIR / ADAPTER_CONFIG).is_file()
@@ -401,6 +489,9 @@ class Checkpointer:
             path = Path(resume_from_path).expanduser()
             if not is_checkpoint(path):
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
+            damage = _damage(path)
+            if damage is not None:  # named explicitly: the user chooses another, we do not guess
+                raise ConfigError(f"trainer.resume_from_path={resume_from_path!r}: {damage}")
             return path
         return self.latest()
 

@@ -15,6 +15,7 @@ from transformers.utils import logging as transformers_logging
 
 from config.loading import Resolved, format_config, redact_log_credentials
 from config.schema import ConfigError
+from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
 from trainer.distributed import teardown
 from trainer.faults import PREEMPTED_EXIT_CODE, Preempted
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer")
 
 # Mistakes in what the user gave us: reported as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, RewardError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, RewardError, FileNotFoundError, CheckpointError)
 
 BUNDLED = "pkg://config"
 
