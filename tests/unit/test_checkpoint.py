@@ -181,6 +181,30 @@ def test_state_and_pointer_writes_are_fsynced_with_their_directory(tmp_path, mon
     assert str(run / "hf" / "config.json") in synced and str(run / "hf") in synced and str(run) in synced
 
 
+def test_export_refuses_an_out_dir_that_is_holds_or_is_inside_its_input_even_with_force(tmp_path):
+    from trainer.export import export
+
+    run = tmp_path / "run"
+    step = make_step(run, 2)
+    (step / "huggingface").mkdir()
+    (step / "huggingface" / "config.json").write_text("{}")
+    cases = [
+        (run, run, "is or contains the input"),  # `python -m trainer.export RUN RUN --force`: was rmtree(RUN)
+        (step, step, "is or contains the input"),
+        (step, run, "is or contains the input"),
+        (run, tmp_path, "is or contains the input"),
+        (step, step / "huggingface", "is or contains the input"),  # the config source
+        (step, step / "export", "is inside the checkpoint"),
+        (run, step / "huggingface" / "x", "is inside the checkpoint"),
+    ]
+    for given, out, expected in cases:
+        with pytest.raises(CheckpointError, match=expected) as err:
+            export(given, out, force=True)
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in step.iterdir()) == ["huggingface", "trainer_state.json"]
+    assert (step / "huggingface" / "config.json").read_text() == "{}"
+
+
 def test_pruning_keeps_the_newest_by_write_order_and_never_the_one_just_written(tmp_path):
     import os
 
