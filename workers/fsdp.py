@@ -91,7 +91,7 @@ def build_sharded_model(
     if before_sharding is not None:
         before_sharding(model)
     shard_model(model, device_mesh(device, world_size, spec.fsdp_size), spec)
-    load_full_state_dict(model, full_state, device)
+    load_full_state_dict(model, full_state, device, spec.cpu_offload)
     return model
 
 
@@ -144,17 +144,43 @@ def gather_full_state_dict_as(model: torch.nn.Module, dtype: Optional[torch.dtyp
     return out
 
 
-def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+def placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, torch.device]:
+    """(parameters, buffers): where a sharded model's tensors live once loaded.
+
+    With FSDP2's `CPUOffloadPolicy` the sharded parameters (and so the optimizer state) must be
+    on CPU ("FSDP parameters should be materialized on CPU when enabling CPU offloading"): FSDP
+    copies each layer's shard to the GPU for its forward and backward. Buffers (rotary tables)
+    are not managed by FSDP and are used by the GPU compute: they go to the device. torchtitan
+    does the same (torchtitan/train.py: `init_device = "cpu"`, `buffer_device = device_type`
+    when `training.enable_cpu_offload`)."""
+    return (torch.device("cpu") if cpu_offload else device), device
+
+
+def _place(model: torch.nn.Module, param_device: torch.device, buffer_device: torch.device, empty: bool) -> None:
+    """Move (or, `empty`, materialise uninitialised: meta tensors) parameters and buffers apart."""
+    if empty:
+        model.to_empty(device=param_device)
+    else:
+        model.to(param_device)
+    if buffer_device == param_device:
+        return
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(buffer_device)  # rank 0's values; broadcast to the others below
+
+
+def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device,
+                         cpu_offload: bool = False) -> None:
     """Collective. Fill a sharded model (real on rank 0, meta elsewhere) from rank 0's full state.
 
     Only rank 0 reads the checkpoint from disk, so host memory stays at one full copy per node
     instead of one per rank. Buffers that are not in the state dict (rotary tables) are broadcast.
+    With `cpu_offload` the parameters stay on CPU and only the buffers go to `device` (`placement`).
     """
     rank = dist.get_rank()
-    if rank != 0:
-        model.to_empty(device=device)
-    else:
-        model.to(device)
+    param_device, buffer_device = placement(device, cpu_offload)
+    _place(model, param_device, buffer_device, empty=rank != 0)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state, options=options)
     for buffer in model.buffers():
