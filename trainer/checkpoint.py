@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config.schema import CheckpointConfig, ConfigError
 from trainer.faults import decided_by_primary
-from workers.fsdp import gather_full_state_dict
+from workers.fsdp import gather_full_state_dict, iter_full_tensors, saved_tensor_names
 from workers.lora import ADAPTER_CONFIG, LoraSpec, peft_model_on_meta, write_adapter_config
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
@@ -276,6 +277,74 @@ def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Pa
     return out_dir
 
 
+# safetensors' names of the dtypes a model holds.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+MAX_SHARD_BYTES = 50 * 10**9  # transformers' save_pretrained default (max_shard_size="50GB")
+
+
+def stream_hf_weights(model: torch.nn.Module, dtype: torch.dtype, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Collective. The sharded model's weights as safetensors in `out_dir` (what `save_pretrained`
+    writes: `model.safetensors`, or numbered shards with `model.safetensors.index.json`), gathered
+    and written one tensor at a time by rank 0: its host holds one full tensor, never the model.
+
+    The header of a safetensors file needs every tensor's shape and dtype before the data: the
+    sharded model knows them (a DTensor's shape is the global one), so it is written first and
+    each gathered tensor is appended (cast on its shard first: `iter_full_tensors`). Before, the
+    model was gathered in fp32 and cast on rank 0: 1.5x the fp32 model in host memory (~42 GB for 7B)."""
+    names = saved_tensor_names(model)
+    local = get_model_state_dict(model)
+    entries = []
+    for name in names:
+        tensor_dtype = dtype if local[name].is_floating_point() else local[name].dtype
+        entries.append((name, tensor_dtype, list(local[name].shape), local[name].shape.numel() * tensor_dtype.itemsize))
+    del local
+    shards: list[list[tuple]] = [[]]
+    for entry in entries:
+        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(entry)
+    files = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    is_primary = dist.get_rank() == 0
+    if is_primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    gathered = iter_full_tensors(model, dtype, names)
+    for file_name, shard in zip(files, shards):
+        handle = open(out_dir / file_name, "wb") if is_primary else None
+        try:
+            if handle is not None:
+                handle.write(_safetensors_header(shard))
+            for name, _, _, nbytes in shard:
+                got, full = next(gathered)
+                assert got == name
+                if handle is not None:
+                    data = full.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    assert data.nbytes == nbytes, name
+                    handle.write(data.data)
+                del full
+        finally:
+            if handle is not None:
+                handle.close()
+    if is_primary and len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)},
+                 "weight_map": {e[0]: f for f, shard in zip(files, shards) for e in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _safetensors_header(shard: list[tuple]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file (padded to 8 bytes, as the format asks)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in shard:
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def _save_checkpoint_hf(model: torch.nn.Module, assets: HFAssets, out_dir: Path) -> None:
     """A checkpoint's `huggingface/` with the model; with LoRA the adapter and the base's config
     (which `python -m trainer.export` builds the model from)."""
@@ -399,10 +468,18 @@ class Checkpointer:
         if "extra" in self.save_contents:
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
-        full_state = gather_full_state_dict(model) if "hf_model" in self.save_contents else None
+        full_state, streamed = None, False
+        if "hf_model" in self.save_contents:
+            if self.hf.lora is None:  # the whole model: gathered and written tensor by tensor
+                stream_hf_weights(model, declared_dtype(self.hf.model_config), tmp / HF_DIR)
+                streamed = True
+            else:  # the adapters, in fp32, through peft's save_pretrained
+                full_state = gather_full_state_dict(model)
         dist.barrier()
         if self.rank == 0:
-            if full_state is not None:
+            if streamed:
+                save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+            elif full_state is not None:
                 _save_checkpoint_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)), self.hf,
                                     tmp / HF_DIR)
             else:
@@ -510,6 +587,19 @@ class Checkpointer:
         """Collective. The model in Hugging Face format, in the dtype the original config
         declared; rank 0 writes it beside `out_dir` and renames it into place. With LoRA,
         `out_dir` holds the adapter, and `merged_dir` (when given) the merged model."""
+        if self.hf.lora is None:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            stream_hf_weights(model, declared_dtype(self.hf.model_config), tmp)
+            if self.rank != 0:
+                return None
+            save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp, self.hf.generation_config())
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+            log.info("exported the model in Hugging Face format to %s", out_dir)
+            return out_dir
         state = gather_full_state_dict(model)
         if self.rank != 0:
             return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -128,20 +128,42 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def iter_full_tensors(model: torch.nn.Module, dtype: Optional[torch.dtype],
+                      names: Optional[list[str]] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """Collective (every rank iterates to the end). Yields each tensor of the model's state dict
+    (or of `names`, in that order) whole on rank 0, on CPU, None elsewhere; one at a time.
+
+    Each rank casts its local shard to `dtype` (floating point only; None: keep) before the
+    all-gather, so the gather moves and materialises the compute dtype, not the fp32 masters: half
+    the traffic and half the full tensor on every GPU for bf16. torchtitan casts before it
+    gathers too (torchtitan/components/checkpoint.py, `_export_weights` with `export_dtype`); verl
+    syncs rollout weights per parameter with `full_tensor()` (verl/workers/sharding_manager/fsdp_vllm.py)."""
+    is_primary = dist.get_rank() == 0
+    local = get_model_state_dict(model)  # the local shards: nothing gathered yet
+    for name in names if names is not None else list(local):
+        tensor = local[name]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # on a DTensor: a local cast, the sharding is kept
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name, (full.to("cpu") if is_primary else None)
+        del full, tensor
+
+
 def gather_full_state_dict_as(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """Collective. Like `gather_full_state_dict`, but one tensor at a time, each cast to `dtype`
-    (None: its own) as soon as it is gathered, before it leaves the device. Rank 0's host then
-    never holds the fp32 master weights in full when the copy is bf16 (for a 7B model 15 GB
-    instead of 30 GB per validation). verl syncs rollout weights the same way, per parameter
-    with `full_tensor()` (verl/workers/sharding_manager/fsdp_vllm.py)."""
-    is_primary = dist.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in get_model_state_dict(model).items():  # the local shards: nothing gathered yet
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if is_primary:
-            out[name] = full.to(dtype=dtype or full.dtype).to("cpu")
-        del full
-    return out
+    (None: its own) before it is gathered (`iter_full_tensors`). Rank 0's host then never holds
+    the fp32 master weights in full when the copy is bf16 (for a 7B model 15 GB instead of 30 GB
+    per validation)."""
+    return {name: full for name, full in iter_full_tensors(model, dtype) if full is not None}
+
+
+def saved_tensor_names(model: torch.nn.Module) -> list[str]:
+    """The state dict names `save_pretrained` writes: a tied weight (an LM head sharing the
+    embedding) once, under its first name; buffers only if persistent."""
+    local = get_model_state_dict(model)
+    params = [name for name, _ in model.named_parameters()]  # deduplicated: tied parameters once
+    buffers = [name for name, _ in model.named_buffers()]
+    return [name for name in local if name in params or name in buffers]
 
 
 def placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, torch.device]:

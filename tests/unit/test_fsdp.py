@@ -64,3 +64,65 @@ def test_the_offloaded_model_is_placed_apart_on_a_device_other_than_the_cpu(tiny
     loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
     loss.backward()
     assert torch.isfinite(loss) and all(local(p.grad).device.type == "cpu" for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- full-model gathers
+@pytest.fixture
+def sharded(tiny_model, one_rank):
+    return build_sharded_model(str(tiny_model), load_config(str(tiny_model)), ShardingSpec(), torch.device("cpu"), 1)
+
+
+def test_the_gather_casts_each_shard_before_it_is_gathered(sharded, monkeypatch):
+    gathered_dtypes = []
+    real = DTensor.full_tensor
+
+    def spy(self, *args, **kwargs):
+        gathered_dtypes.append(self.dtype)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DTensor, "full_tensor", spy)
+    state = fsdp.gather_full_state_dict_as(sharded, torch.bfloat16)
+    # Every all-gather moved bf16 (half the bytes of the fp32 masters), not fp32 cast afterwards.
+    assert gathered_dtypes and set(gathered_dtypes) == {torch.bfloat16}
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    masters = fsdp.gather_full_state_dict(sharded)
+    assert all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in masters.items())
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 40_000], ids=["one-file", "sharded-files"])
+def test_the_streamed_hf_save_holds_what_save_pretrained_wrote(tiny_model, sharded, tmp_path, max_shard_bytes):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from trainer.checkpoint import HFAssets, stream_hf_weights, write_hf_model
+    from workers.model import load_tokenizer
+
+    config = load_config(str(tiny_model))
+    before = write_hf_model(fsdp.gather_full_state_dict(sharded), HFAssets(config, load_tokenizer(str(tiny_model)), str(tiny_model)),
+                            tmp_path / "before", torch.bfloat16)
+    streamed = tmp_path / "streamed"
+    stream_hf_weights(sharded, torch.bfloat16, streamed, **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
+
+    def tensors(directory):
+        out = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                assert f.metadata() == {"format": "pt"}
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+        return out
+
+    want, got = tensors(before), tensors(streamed)
+    assert got.keys() == want.keys() and "lm_head.weight" not in got  # the tied head once, as save_pretrained does
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
+    files = sorted(p.name for p in streamed.glob("*.safetensors"))
+    assert files == (["model.safetensors"] if max_shard_bytes is None else [f"model-0000{i}-of-0000{len(files)}.safetensors"
+                                                                             for i in range(1, len(files) + 1)])
+    if max_shard_bytes:
+        assert len(files) > 1 and (streamed / "model.safetensors.index.json").is_file()
+    # And transformers loads it like the directory save_pretrained wrote.
+    for name in ("config.json",):
+        (streamed / name).write_bytes((before / name).read_bytes())
+    ids = torch.tensor([[1, 5, 7, 2]])
+    logits = [AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits for d in (before, streamed)]
+    assert torch.equal(*logits)
