@@ -229,19 +229,35 @@ def param_count(model: torch.nn.Module) -> int:
     return total
 
 
+_MESHES: dict[tuple[str, int, int], tuple[object, DeviceMesh]] = {}
+
+
 def device_mesh(device: torch.device, world_size: int, fsdp_size: int = -1) -> DeviceMesh:
     """1-D (all ranks shard the model: FSDP), or 2-D for HSDP when `fsdp_size` (verl's key) is
     smaller than the world: shard within groups of `fsdp_size` consecutive ranks (one node's
     GPUs), replicate across groups, so the per-layer all-gathers stay inside a node and only the
     gradient all-reduce crosses nodes. `fully_shard` on a 2-D mesh is HSDP (torchtitan's
-    `dp_replicate` × `dp_shard`)."""
+    `dp_replicate` × `dp_shard`).
+
+    Built once per process group and shape, and shared by every model of the run (actor,
+    reference, critic): each `init_device_mesh` of a 2-D mesh creates new process groups (new
+    nccl communicators, their memory and set-up time). torchtitan builds its mesh once too
+    (`ParallelDims.build_mesh`) and hands it to every model part."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if fsdp_size in (-1, world_size):
-        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    if dist.get_rank() == 0:
-        log.info("HSDP: %d replica groups × %d shards (model.fsdp_config.fsdp_size=%d)", world_size // fsdp_size, fsdp_size, fsdp_size)
-    return init_device_mesh(device.type, (world_size // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
+    key = (device.type, world_size, fsdp_size if fsdp_size not in (-1, world_size) else -1)
+    group = dist.distributed_c10d._get_default_group()
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0] is group:  # the same process group (tests make new ones)
+        return cached[1]
+    if key[2] == -1:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    else:
+        if dist.get_rank() == 0:
+            log.info("HSDP: %d replica groups × %d shards (model.fsdp_config.fsdp_size=%d)", world_size // fsdp_size, fsdp_size, fsdp_size)
+        mesh = init_device_mesh(device.type, (world_size // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
+    _MESHES[key] = (group, mesh)
+    return mesh
 
 
 def optional_dtype(name: Optional[str]) -> Optional[torch.dtype]:

@@ -126,3 +126,37 @@ def test_the_streamed_hf_save_holds_what_save_pretrained_wrote(tiny_model, shard
     ids = torch.tensor([[1, 5, 7, 2]])
     logits = [AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits for d in (before, streamed)]
     assert torch.equal(*logits)
+
+
+# ---------------------------------------------------------------------- one mesh per run
+MESH_SCRIPT = """
+import json, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from workers.fsdp import device_mesh
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=16)
+groups = lambda: len(dist.distributed_c10d._world.pg_map)
+before = groups()
+meshes = [device_mesh(torch.device("cpu"), 16, 8) for _ in range(3)]  # actor, reference, critic
+after_hsdp = groups()
+flat = [device_mesh(torch.device("cpu"), 16, -1), device_mesh(torch.device("cpu"), 16, 16)]
+print(json.dumps({"new_groups": after_hsdp - before, "same": all(m is meshes[0] for m in meshes),
+                  "shape": list(meshes[0].shape), "flat_same": flat[0] is flat[1], "flat_shape": list(flat[0].shape)}))
+"""
+
+
+def test_hsdp_builds_its_device_mesh_once_for_every_model_of_the_run():
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    # Its own process: the fake process group (16 ranks) is that process's default group.
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["same"] and got["shape"] == [2, 8]
+    # One 2-D mesh: its two dimensions' groups (was: two more per model, six for actor+reference+critic).
+    assert got["new_groups"] == 2, got
+    assert got["flat_same"] and got["flat_shape"] == [16]
