@@ -95,8 +95,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under `root` (the checkpoint's files other than DCP's own,
-    which DCP's FileSystemWriter already syncs)."""
+    """fsync every file and directory under `root`. DCP's FileSystemWriter has synced its own
+    shards already (syncing them again finds nothing to write); the RNG files and `huggingface/`
+    are synced only here."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -318,10 +319,10 @@ def stream_hf_weights(model: torch.nn.Module, dtype: torch.dtype, out_dir: Path,
                 handle.write(_safetensors_header(shard))
             for name, _, _, nbytes in shard:
                 got, full = next(gathered)
-                assert got == name
                 if handle is not None:
                     data = full.contiguous().reshape(-1).view(torch.uint8).numpy()
-                    assert data.nbytes == nbytes, name
+                    if got != name or data.nbytes != nbytes:  # the header would lie about the data
+                        raise RuntimeError(f"streamed save: {got} ({data.nbytes} bytes) where the header has {name} ({nbytes} bytes)")
                     handle.write(data.data)
                 del full
         finally:
