@@ -18,7 +18,11 @@ What is saved and what a resume restores are `trainer.checkpoint.save_contents` 
 the step and marks the checkpoint complete.
 
 Everything is written under `<name>.tmp` and renamed into place by rank 0 after every rank has
-finished, so a crash never leaves a checkpoint that looks complete. The RNG files are read with
+finished, so a crash never leaves a checkpoint that looks complete. The files, `trainer_state.json`,
+the pointer and the directories holding them are fsynced before the rename (and the pointer
+after it): after a power cut a checkpoint is complete or absent, never a zero-byte state file. A
+checkpoint damaged all the same (a state file or pointer that does not parse) is skipped, in one
+line, for the previous complete one. The RNG files are read with
 `weights_only=True`, but DCP reads each checkpoint's `.metadata` with pickle: load only
 checkpoints you trust.
 """
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +50,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config.schema import CheckpointConfig, ConfigError
 from trainer.faults import decided_by_primary
-from workers.fsdp import gather_full_state_dict
+from workers.fsdp import gather_full_state_dict, iter_full_tensors, saved_tensor_names
 from workers.lora import ADAPTER_CONFIG, LoraSpec, peft_model_on_meta, write_adapter_config
 from workers.model import build_from_config, generation_config_file, save_hf, save_hf_files
 
@@ -77,16 +83,73 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+# ---------------------------------------------------------------------- durable writes
+# A rename is atomic but not durable: after a power cut the new name can point at a file whose
+# data never reached the disk (zero bytes). fsync the data, then the directory holding the name.
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`. DCP's FileSystemWriter has synced its own
+    shards already (syncing them again finds nothing to write); the RNG files and `huggingface/`
+    are synced only here."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _write_durable(path: Path, text: str) -> None:
+    """`path` holds `text` or its previous content, also after a power cut."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+    _fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------- finding checkpoints
 def is_checkpoint(path: Path) -> bool:
     """Complete: its trainer_state.json is written last, inside `.tmp`, before the rename."""
     return path.is_dir() and not path.name.endswith(".tmp") and (path / STATE_FILE).is_file()
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json; a missing, empty or corrupt one is a one-line
+    CheckpointError naming the file."""
+    state_file = path / STATE_FILE
+    try:
+        text = state_file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise CheckpointError(f"{state_file}: cannot be read ({err.strerror or type(err).__name__})") from None
+    if not text.strip():
+        raise CheckpointError(f"{state_file} is empty (a write cut short, e.g. by a power cut)")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_file} is damaged (not JSON: {err.msg} at line {err.lineno})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise CheckpointError(f"{state_file} is damaged (no integer global_step)")
+    return state
+
+
+def _damage(path: Path) -> Optional[str]:
+    try:
+        read_trainer_state(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -97,14 +160,39 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def _pointed_step(run_dir: Path) -> Optional[int]:
+    """The step the pointer names; None (with one warning line) when it is unreadable."""
     pointer = run_dir / POINTER
-    if pointer.exists():
-        candidate = run_dir / f"global_step_{int(pointer.read_text().strip() or -1)}"
-        if is_checkpoint(candidate):
-            return candidate
+    if not pointer.exists():
+        return None
+    text = pointer.read_text(encoding="utf-8", errors="replace").strip()
+    if not text.isdigit():
+        log.warning("%s is damaged (%s): taking the newest complete checkpoint instead", pointer,
+                    "empty" if not text else f"holds {text[:40]!r}, not a step number")
+        return None
+    return int(text)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint the pointer names, else the newest complete one; a checkpoint whose
+    trainer_state.json is damaged is skipped, with one warning line naming the one used."""
+    step = _pointed_step(run_dir)
     complete = [p for p in complete_checkpoints(run_dir) if is_checkpoint(p)]
-    return complete[-1] if complete else None
+    if step is not None and run_dir / f"global_step_{step}" in complete:
+        # The pointer's checkpoint first, then the older ones (never a newer one it does not name).
+        pointed = complete.index(run_dir / f"global_step_{step}")
+        complete = complete[: pointed + 1]
+    skipped: list[str] = []
+    for candidate in reversed(complete):
+        damage = _damage(candidate)
+        if damage is None:
+            if skipped:
+                log.warning("skipping damaged checkpoint(s): %s; using %s", "; ".join(skipped), candidate)
+            return candidate
+        skipped.append(damage)
+    if skipped:
+        log.warning("skipping damaged checkpoint(s): %s; no complete checkpoint left", "; ".join(skipped))
+    return None
 
 
 # ---------------------------------------------------------------------- Hugging Face directories
@@ -188,6 +276,74 @@ def write_hf_model(state: dict[str, torch.Tensor], assets: HFAssets, out_dir: Pa
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+# safetensors' names of the dtypes a model holds.
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+MAX_SHARD_BYTES = 50 * 10**9  # transformers' save_pretrained default (max_shard_size="50GB")
+
+
+def stream_hf_weights(model: torch.nn.Module, dtype: torch.dtype, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Collective. The sharded model's weights as safetensors in `out_dir` (what `save_pretrained`
+    writes: `model.safetensors`, or numbered shards with `model.safetensors.index.json`), gathered
+    and written one tensor at a time by rank 0: its host holds one full tensor, never the model.
+
+    The header of a safetensors file needs every tensor's shape and dtype before the data: the
+    sharded model knows them (a DTensor's shape is the global one), so it is written first and
+    each gathered tensor is appended (cast on its shard first: `iter_full_tensors`). Before, the
+    model was gathered in fp32 and cast on rank 0: 1.5x the fp32 model in host memory (~42 GB for 7B)."""
+    names = saved_tensor_names(model)
+    local = get_model_state_dict(model)
+    entries = []
+    for name in names:
+        tensor_dtype = dtype if local[name].is_floating_point() else local[name].dtype
+        entries.append((name, tensor_dtype, list(local[name].shape), local[name].shape.numel() * tensor_dtype.itemsize))
+    del local
+    shards: list[list[tuple]] = [[]]
+    for entry in entries:
+        if shards[-1] and sum(e[3] for e in shards[-1]) + entry[3] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(entry)
+    files = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    is_primary = dist.get_rank() == 0
+    if is_primary:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    gathered = iter_full_tensors(model, dtype, names)
+    for file_name, shard in zip(files, shards):
+        handle = open(out_dir / file_name, "wb") if is_primary else None
+        try:
+            if handle is not None:
+                handle.write(_safetensors_header(shard))
+            for name, _, _, nbytes in shard:
+                got, full = next(gathered)
+                if handle is not None:
+                    data = full.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    if got != name or data.nbytes != nbytes:  # the header would lie about the data
+                        raise RuntimeError(f"streamed save: {got} ({data.nbytes} bytes) where the header has {name} ({nbytes} bytes)")
+                    handle.write(data.data)
+                del full
+        finally:
+            if handle is not None:
+                handle.close()
+    if is_primary and len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)},
+                 "weight_map": {e[0]: f for f, shard in zip(files, shards) for e in shard}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _safetensors_header(shard: list[tuple]) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file (padded to 8 bytes, as the format asks)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape, nbytes in shard:
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def _save_checkpoint_hf(model: torch.nn.Module, assets: HFAssets, out_dir: Path) -> None:
@@ -313,10 +469,18 @@ class Checkpointer:
         if "extra" in self.save_contents:
             (tmp / "rng").mkdir(exist_ok=True)
             torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
-        full_state = gather_full_state_dict(model) if "hf_model" in self.save_contents else None
+        full_state, streamed = None, False
+        if "hf_model" in self.save_contents:
+            if self.hf.lora is None:  # the whole model: gathered and written tensor by tensor
+                stream_hf_weights(model, declared_dtype(self.hf.model_config), tmp / HF_DIR)
+                streamed = True
+            else:  # the adapters, in fp32, through peft's save_pretrained
+                full_state = gather_full_state_dict(model)
         dist.barrier()
         if self.rank == 0:
-            if full_state is not None:
+            if streamed:
+                save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp / HF_DIR, self.hf.generation_config())
+            elif full_state is not None:
                 _save_checkpoint_hf(hf_model_from_state(full_state, self.hf, declared_dtype(self.hf.model_config)), self.hf,
                                     tmp / HF_DIR)
             else:
@@ -326,11 +490,13 @@ class Checkpointer:
             state = {**trainer_state, "world_size": self.world_size, "save_contents": self.save_contents}
             if "extra" in self.save_contents:
                 state["scheduler"] = scheduler.state_dict()
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            _fsync_tree(tmp)  # every file the state file vouches for is on disk before it
+            _write_durable(tmp / STATE_FILE, json.dumps(state, indent=2))
             if final.exists():  # an older run's checkpoint of the same step (resume disabled)
                 shutil.rmtree(final)
             tmp.rename(final)
-            _write_atomic(self.run_dir / POINTER, str(step))
+            _fsync_dir(self.run_dir)
+            _write_durable(self.run_dir / POINTER, str(step))
             self._prune(final)
         dist.barrier()
         self.last_saved_step = step
@@ -362,7 +528,7 @@ class Checkpointer:
         data position, counters)."""
         if not is_checkpoint(path):
             raise FileNotFoundError(f"trainer.resume_from_path={str(path)!r} is not a complete checkpoint (no {STATE_FILE})")
-        trainer_state = json.loads((path / STATE_FILE).read_text())
+        trainer_state = read_trainer_state(path)
         # Every rank reads the same file: a LoRA checkpoint and a full model refuse each other
         # alike on all ranks, in one line, before DCP would fail on the names of the weights.
         saved_lora = (path / HF_DIR / ADAPTER_CONFIG).is_file()
@@ -401,6 +567,9 @@ class Checkpointer:
             path = Path(resume_from_path).expanduser()
             if not is_checkpoint(path):
                 raise FileNotFoundError(f"trainer.resume_from_path={resume_from_path!r} is not a complete checkpoint (no {STATE_FILE})")
+            damage = _damage(path)
+            if damage is not None:  # named explicitly: the user chooses another, we do not guess
+                raise ConfigError(f"trainer.resume_from_path={resume_from_path!r}: {damage}")
             return path
         return self.latest()
 
@@ -419,6 +588,19 @@ class Checkpointer:
         """Collective. The model in Hugging Face format, in the dtype the original config
         declared; rank 0 writes it beside `out_dir` and renames it into place. With LoRA,
         `out_dir` holds the adapter, and `merged_dir` (when given) the merged model."""
+        if self.hf.lora is None:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            stream_hf_weights(model, declared_dtype(self.hf.model_config), tmp)
+            if self.rank != 0:
+                return None
+            save_hf_files(self.hf.model_config, self.hf.tokenizer, tmp, self.hf.generation_config())
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+            log.info("exported the model in Hugging Face format to %s", out_dir)
+            return out_dir
         state = gather_full_state_dict(model)
         if self.rank != 0:
             return None

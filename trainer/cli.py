@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -15,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from config.loading import Resolved, format_config, redact_log_credentials
 from config.schema import ConfigError
+from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
 from trainer.distributed import teardown
 from trainer.faults import PREEMPTED_EXIT_CODE, Preempted
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer")
 
 # Mistakes in what the user gave us: reported as one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, RewardError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, TrackerUnavailable, RewardError, FileNotFoundError, CheckpointError)
 
 BUNDLED = "pkg://config"
 
@@ -78,17 +80,23 @@ def setup_logging(level: int, rank: int) -> None:
 
 @contextlib.contextmanager
 def user_errors_exit(rank: int, during_training: bool = False) -> Iterator[None]:
-    """Bad input ends the process with one line and exit code 2.
+    """Bad input ends the process with one line and exit code 2, on every rank that meets it.
 
-    Before training every rank meets the same error and rank 0 says it. During training the
-    error is the raising rank's alone (a row that no longer reads, a reward function failing):
-    it says so on its own log and ends its process at once, while the other ranks wait in a
-    collective; torchrun then ends them (and on other nodes their collectives fail)."""
+    Rank 0 says `error: ...`; any other rank `[rank R] error: ...`, and before training also its
+    host: a data file or model path missing on one node fails only that node's ranks, and
+    without their line the job just ends when torchrun tears it down. During training the error
+    is the raising rank's alone (a row that no longer reads, a reward function failing): it ends
+    its process at once, while the other ranks wait in a collective; torchrun then ends them (and
+    on other nodes their collectives fail)."""
     try:
         yield
     except USER_ERRORS as err:
-        if rank == 0 or during_training or getattr(err, "report_on_every_rank", False):
-            print(f"error: {err}" if rank == 0 else f"[rank {rank}] error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        elif during_training:
+            print(f"[rank {rank}] error: {err}", file=sys.stderr)
+        else:
+            print(f"[rank {rank}] error: {err} (on {socket.gethostname()})", file=sys.stderr)
         if during_training:
             exit_now(2)  # no teardown: the process group waits on ranks that are still in a collective
         sys.exit(2)

@@ -10,6 +10,10 @@ safetensors with config, tokenizer and generation config; what verl's model merg
 Checkpoints from before `huggingface/` was written need `--model-config DIR`: a directory with
 the model's config.json and tokenizer, e.g. the run's `model.partial_pretrain`.
 
+OUT_DIR is refused when it is, contains or sits inside the checkpoint (or the run directory
+given), even with `--force`. Reading a checkpoint unpickles its `.metadata` (DCP does): the
+command says so each time; export only checkpoints you trust.
+
 A LoRA run's checkpoint (its `huggingface/` has adapter_config.json) gives the adapter
 (adapter_config.json, adapter_model.safetensors: `PeftModel.from_pretrained(base, OUT_DIR)`), or
 with `--merge` the base with the adapter merged in, a plain model for `from_pretrained`.
@@ -66,7 +70,19 @@ def model_source(checkpoint: Path, model_config: Optional[Path]) -> tuple[Path, 
     return checkpoint / HF_DIR, "checkpoint"
 
 
-def check_out_dir(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+    """OUT_DIR is replaced as a whole (with --force): it must not be, hold or sit inside any of
+    `inputs` (what was asked for, the checkpoint, the config source), whatever --force says."""
+    target = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if target == source or target in source.parents:
+            raise CheckpointError(f"{out} is or contains the input {given}: replacing it would delete what is exported; "
+                                  "choose another OUT_DIR")
+    for given in inputs:
+        source = given.resolve()
+        if source.is_dir() and source in target.parents and (is_checkpoint(source) or source.name == HF_DIR):
+            raise CheckpointError(f"{out} is inside the checkpoint {given}: choose an OUT_DIR outside it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -75,11 +91,15 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 def export(checkpoint: Path, out: Path, dtype_name: Optional[str] = None, model_config: Optional[Path] = None,
            force: bool = False, merge: bool = False) -> Path:
+    given = checkpoint
     checkpoint, picked = find_checkpoint(checkpoint)
     if picked:
         print(f"using the latest checkpoint of the run: {checkpoint}")
     source, key = model_source(checkpoint, model_config)
-    check_out_dir(out, force)
+    check_out_dir(out, force, [given, checkpoint, source])
+    # What the trainer says for a checkpoint from outside its run directory: here every input is one.
+    print(f"note: reading {checkpoint / '.metadata'} unpickles it (torch.distributed.checkpoint): "
+          "export only checkpoints you trust", file=sys.stderr)
     lora = adapter_spec_of(checkpoint / HF_DIR)
     if merge and lora is None:
         raise CheckpointError(f"--merge: {checkpoint} holds no LoRA adapter (no {HF_DIR}/{ADAPTER_CONFIG}); it is a whole model already")

@@ -35,9 +35,7 @@ T = TypeVar("T")
 
 class RunDirNotShared(ConfigError):
     """The run directory is not the same directory on every rank. Every rank reports it (each
-    node's log gets the line), not only rank 0."""
-
-    report_on_every_rank = True
+    node's log gets the line), as every rank reports any setup error (`trainer.cli.user_errors_exit`)."""
 
 
 class Preempted(Exception):

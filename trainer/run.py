@@ -241,7 +241,10 @@ class Run:
                 )
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
-        del state
+        finally:
+            del state
+            if self.dist.is_primary:
+                self.replica.release()  # a copy on the GPU gives its memory back to training
         dist.barrier()
         self.samples_s += time.perf_counter() - start
         return metrics

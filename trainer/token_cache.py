@@ -20,6 +20,11 @@ written when the count is known), so memory stays bounded whatever the data set'
 is built in `<key>.tmp-<host>-<pid>` and renamed into place: readers see a complete entry or none.
 One process per node writes (local rank 0, as HF datasets' `main_process_first`); the others wait
 and then map the same files, so the page cache holds one copy per node.
+
+The key also holds this project's version and tokenizing code and the tokenizers/transformers
+versions (`code_fingerprint`): an upgrade or a fix tokenizes again instead of reusing old ids.
+Nothing is evicted during a run; `python -m trainer.token_cache prune [--max-gb N] [--dir DIR]`
+deletes the least recently used entries down to N GB (docs/token-cache.md).
 """
 
 from __future__ import annotations
@@ -72,12 +77,38 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
+# The code that turns rows into tokens: a fix in it must not reuse entries written before it.
+_TOKENIZING_MODULES = ("trainer/data/rows.py", "trainer/data/cached.py", "trainer/data/sft_examples.py",
+                       "trainer/data/rl_prompts.py", "trainer/token_cache.py")
+
+
+def code_fingerprint() -> dict[str, str]:
+    """What else decides the tokens: this project's version and tokenizing code (by content, so
+    a fix without a version bump counts too), and the tokenizers / transformers versions (a
+    library fix to normalisation or chat templates changes ids for the same tokenizer files)."""
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.blake2b(digest_size=16)
+    for relative in _TOKENIZING_MODULES:
+        code.update((root / relative).read_bytes())
+    return {"project": version("sample-aware-trainer"), "code": code.hexdigest(),
+            "tokenizers": version("tokenizers"), "transformers": version("transformers")}
+
+
 def entry_key(paths: Sequence[str], tokenizer: Any, settings: dict) -> str:
     described = {
         "format": FORMAT_VERSION,
         "files": [file_digest(p) for p in paths],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": settings,
+        "code": code_fingerprint(),
     }
     return hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
@@ -305,7 +336,9 @@ def build_once(locate: Callable[[], Path], write: Callable[[Path], int], ranks: 
         try:
             entry = locate()
             hit = (entry / "meta.json").is_file()
-            if not hit:
+            if hit:
+                mark_used(entry)
+            else:
                 write(entry)
         except Exception as err:  # noqa: BLE001 - sent to the other ranks, then raised here
             failure = err
@@ -330,3 +363,75 @@ def build_once(locate: Callable[[], Path], write: Callable[[Path], int], ranks: 
 def _describe(err: BaseException) -> str:
     text = str(err)
     return text if isinstance(err, ValueError) and text else f"token cache: the writing rank failed: {type(err).__name__}: {text}"
+
+
+# ----------------------------------------------------------------------------- eviction
+USED_MARK = "last_used"  # touched on every hit: what `prune` evicts by (atime is often off: noatime)
+
+
+def mark_used(entry: Path) -> None:
+    try:
+        (entry / USED_MARK).touch()
+    except OSError:  # a read-only cache still serves; it is just never pruned by use
+        pass
+
+
+def _last_used(entry: Path) -> float:
+    mark = entry / USED_MARK
+    return (mark if mark.exists() else entry / "meta.json").stat().st_mtime
+
+
+def _size_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def prune(root: Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently used entries until the cache holds at most `max_bytes`, and the
+    folders of this host's writers that died mid-write. Returns what was deleted. A run that has
+    an entry mapped keeps reading it (deleted files stay readable while mapped); the next run
+    tokenizes again."""
+    if not root.is_dir():
+        return []
+    remove_dead_writers(root)
+    entries = [p for p in root.iterdir() if p.is_dir() and (p / "meta.json").is_file() and ".tmp-" not in p.name]
+    sizes = {p: _size_bytes(p) for p in entries}
+    total = sum(sizes.values())
+    removed = []
+    for entry in sorted(entries, key=_last_used):
+        if total <= max_bytes:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= sizes[entry]
+        removed.append(entry)
+    return removed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import sys
+
+    from config import env as env_config
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.token_cache",
+                                     description="The token cache (data.cache_dir): evict entries.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cmd = commands.add_parser("prune", help="delete the least recently used entries down to a size")
+    cmd.add_argument("--max-gb", type=float, default=10.0, help="size to keep, in GB (10^9 bytes; default 10; 0 empties it)")
+    cmd.add_argument("--dir", type=Path, default=None,
+                     help="the cache folder (default: data.cache_dir's default, $XDG_CACHE_HOME/sample-aware-trainer/tokens)")
+    args = parser.parse_args(argv)
+    if args.max_gb < 0:
+        print(f"error: --max-gb={args.max_gb}: expected a size >= 0", file=sys.stderr)
+        return 2
+    root = (args.dir or Path(env_config.token_cache_dir(env_config.environ()))).expanduser()
+    if not root.is_dir():
+        print(f"error: --dir={root}: no such folder", file=sys.stderr)
+        return 2
+    removed = prune(root, int(args.max_gb * 1e9))
+    left = sum(_size_bytes(p) for p in root.iterdir() if p.is_dir())
+    print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} from {root}; {left / 1e9:.2f} GB left")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

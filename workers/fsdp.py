@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -91,7 +91,7 @@ def build_sharded_model(
     if before_sharding is not None:
         before_sharding(model)
     shard_model(model, device_mesh(device, world_size, spec.fsdp_size), spec)
-    load_full_state_dict(model, full_state, device)
+    load_full_state_dict(model, full_state, device, spec.cpu_offload)
     return model
 
 
@@ -128,33 +128,81 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def iter_full_tensors(model: torch.nn.Module, dtype: Optional[torch.dtype],
+                      names: Optional[list[str]] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """Collective (every rank iterates to the end). Yields each tensor of the model's state dict
+    (or of `names`, in that order) whole on rank 0, on CPU, None elsewhere; one at a time.
+
+    Each rank casts its local shard to `dtype` (floating point only; None: keep) before the
+    all-gather, so the gather moves and materialises the compute dtype, not the fp32 masters: half
+    the traffic and half the full tensor on every GPU for bf16. torchtitan casts before it
+    gathers too (torchtitan/components/checkpoint.py, `_export_weights` with `export_dtype`); verl
+    syncs rollout weights per parameter with `full_tensor()` (verl/workers/sharding_manager/fsdp_vllm.py)."""
+    is_primary = dist.get_rank() == 0
+    local = get_model_state_dict(model)  # the local shards: nothing gathered yet
+    for name in names if names is not None else list(local):
+        tensor = local[name]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)  # on a DTensor: a local cast, the sharding is kept
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name, (full.to("cpu") if is_primary else None)
+        del full, tensor
+
+
 def gather_full_state_dict_as(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """Collective. Like `gather_full_state_dict`, but one tensor at a time, each cast to `dtype`
-    (None: its own) as soon as it is gathered, before it leaves the device. Rank 0's host then
-    never holds the fp32 master weights in full when the copy is bf16 (for a 7B model 15 GB
-    instead of 30 GB per validation). verl syncs rollout weights the same way, per parameter
-    with `full_tensor()` (verl/workers/sharding_manager/fsdp_vllm.py)."""
-    is_primary = dist.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in get_model_state_dict(model).items():  # the local shards: nothing gathered yet
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if is_primary:
-            out[name] = full.to(dtype=dtype or full.dtype).to("cpu")
-        del full
-    return out
+    (None: its own) before it is gathered (`iter_full_tensors`). Rank 0's host then never holds
+    the fp32 master weights in full when the copy is bf16 (for a 7B model 15 GB instead of 30 GB
+    per validation)."""
+    return {name: full for name, full in iter_full_tensors(model, dtype) if full is not None}
 
 
-def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
+def saved_tensor_names(model: torch.nn.Module) -> list[str]:
+    """The state dict names `save_pretrained` writes: a tied weight (an LM head sharing the
+    embedding) once, under its first name; buffers only if persistent."""
+    local = get_model_state_dict(model)
+    params = [name for name, _ in model.named_parameters()]  # deduplicated: tied parameters once
+    buffers = [name for name, _ in model.named_buffers()]
+    return [name for name in local if name in params or name in buffers]
+
+
+def placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, torch.device]:
+    """(parameters, buffers): where a sharded model's tensors live once loaded.
+
+    With FSDP2's `CPUOffloadPolicy` the sharded parameters (and so the optimizer state) must be
+    on CPU ("FSDP parameters should be materialized on CPU when enabling CPU offloading"): FSDP
+    copies each layer's shard to the GPU for its forward and backward. Buffers (rotary tables)
+    are not managed by FSDP and are used by the GPU compute: they go to the device. torchtitan
+    does the same (torchtitan/train.py: `init_device = "cpu"`, `buffer_device = device_type`
+    when `training.enable_cpu_offload`)."""
+    return (torch.device("cpu") if cpu_offload else device), device
+
+
+def _place(model: torch.nn.Module, param_device: torch.device, buffer_device: torch.device, empty: bool) -> None:
+    """Move (or, `empty`, materialise uninitialised: meta tensors) parameters and buffers apart."""
+    if empty:
+        model.to_empty(device=param_device)
+    else:
+        model.to(param_device)
+    if buffer_device == param_device:
+        return
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(buffer_device)  # rank 0's values; broadcast to the others below
+
+
+def load_full_state_dict(model: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device,
+                         cpu_offload: bool = False) -> None:
     """Collective. Fill a sharded model (real on rank 0, meta elsewhere) from rank 0's full state.
 
     Only rank 0 reads the checkpoint from disk, so host memory stays at one full copy per node
     instead of one per rank. Buffers that are not in the state dict (rotary tables) are broadcast.
+    With `cpu_offload` the parameters stay on CPU and only the buffers go to `device` (`placement`).
     """
     rank = dist.get_rank()
-    if rank != 0:
-        model.to_empty(device=device)
-    else:
-        model.to(device)
+    param_device, buffer_device = placement(device, cpu_offload)
+    _place(model, param_device, buffer_device, empty=rank != 0)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state, options=options)
     for buffer in model.buffers():
@@ -181,19 +229,35 @@ def param_count(model: torch.nn.Module) -> int:
     return total
 
 
+_MESHES: dict[tuple[str, int, int], tuple[object, DeviceMesh]] = {}
+
+
 def device_mesh(device: torch.device, world_size: int, fsdp_size: int = -1) -> DeviceMesh:
     """1-D (all ranks shard the model: FSDP), or 2-D for HSDP when `fsdp_size` (verl's key) is
     smaller than the world: shard within groups of `fsdp_size` consecutive ranks (one node's
     GPUs), replicate across groups, so the per-layer all-gathers stay inside a node and only the
     gradient all-reduce crosses nodes. `fully_shard` on a 2-D mesh is HSDP (torchtitan's
-    `dp_replicate` × `dp_shard`)."""
+    `dp_replicate` × `dp_shard`).
+
+    Built once per process group and shape, and shared by every model of the run (actor,
+    reference, critic): each `init_device_mesh` of a 2-D mesh creates new process groups (new
+    nccl communicators, their memory and set-up time). torchtitan builds its mesh once too
+    (`ParallelDims.build_mesh`) and hands it to every model part."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if fsdp_size in (-1, world_size):
-        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    if dist.get_rank() == 0:
-        log.info("HSDP: %d replica groups × %d shards (model.fsdp_config.fsdp_size=%d)", world_size // fsdp_size, fsdp_size, fsdp_size)
-    return init_device_mesh(device.type, (world_size // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
+    key = (device.type, world_size, fsdp_size if fsdp_size not in (-1, world_size) else -1)
+    group = dist.distributed_c10d._get_default_group()
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0] is group:  # the same process group (tests make new ones)
+        return cached[1]
+    if key[2] == -1:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    else:
+        if dist.get_rank() == 0:
+            log.info("HSDP: %d replica groups × %d shards (model.fsdp_config.fsdp_size=%d)", world_size // fsdp_size, fsdp_size, fsdp_size)
+        mesh = init_device_mesh(device.type, (world_size // fsdp_size, fsdp_size), mesh_dim_names=("replicate", "shard"))
+    _MESHES[key] = (group, mesh)
+    return mesh
 
 
 def optional_dtype(name: Optional[str]) -> Optional[torch.dtype]:

@@ -12,6 +12,7 @@ used: the fused kernel already runs the LM head only where it needs to, block by
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -19,6 +20,20 @@ import torch
 from config.schema import ConfigError
 
 KEY = "model.use_liger"
+
+
+# The versions whose API this module uses (checked by reading 0.5.10, 0.6.0 and 0.8.5): the
+# `skip_logits` argument of the patched forward (0.6.0 on), which runs the fused loss from
+# `shift_labels` in train and eval mode alike. Keep in step with pyproject.toml's `liger` extra.
+SUPPORTED = ((0, 6, 0), (0, 9, 0))  # [min, max)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 class LigerUnavailable(ConfigError):
@@ -34,6 +49,15 @@ def check(enabled: bool, device: torch.device) -> None:
                                f"{device.type} (drop {KEY}, or run on a GPU)")
     if importlib.util.find_spec("liger_kernel") is None:
         raise LigerUnavailable(f"{KEY}=true: the liger-kernel package is not installed (pip install -e '.[liger]' on a CUDA machine)")
+    check_version(importlib.metadata.version("liger-kernel"))
+
+
+def check_version(installed: str) -> None:
+    low, high = SUPPORTED
+    if not low <= _version_tuple(installed) < high:
+        raise LigerUnavailable(f"{KEY}=true: liger-kernel {installed} is installed; this trainer uses the API of "
+                               f"{'.'.join(map(str, low))} up to (not including) {'.'.join(map(str, high))} "
+                               "(pip install -e '.[liger]')")
 
 
 def apply(model: torch.nn.Module) -> None:  # pragma: no cover - CUDA and liger-kernel only
@@ -44,9 +68,17 @@ def apply(model: torch.nn.Module) -> None:  # pragma: no cover - CUDA and liger-
     _apply_liger_kernel_to_instance(model=model)
 
 
-def liger_token_loss_sum(model: torch.nn.Module, inputs: dict, targets: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+def liger_token_loss_sum(model: torch.nn.Module, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over `targets` (already shifted: `shift_labels`) from the model's fused
     loss. liger divides a summed loss by `num_items_in_batch`; 1 keeps the sum, which the trainer
-    divides by the global token count like every other loss here."""
-    out = model(**inputs, shift_labels=targets, num_items_in_batch=1, use_cache=False)
+    divides by the global token count like every other loss here.
+
+    `skip_logits=True` in train and eval alike: left to liger, eval mode (validation) takes its
+    materialise-the-logits branch, which in 0.6.x computes a loss only from `labels`, so the
+    validation loss came back None; the fused branch computes it from `shift_labels` and never
+    builds the [tokens, vocab] logits."""
+    out = model(**inputs, shift_labels=targets, num_items_in_batch=1, use_cache=False, skip_logits=True)
+    if out.loss is None:
+        raise RuntimeError(f"liger-kernel's forward returned no loss ({'train' if model.training else 'eval'} mode; "
+                           f"supported liger-kernel: >={'.'.join(map(str, SUPPORTED[0]))},<{'.'.join(map(str, SUPPORTED[1]))})")
     return out.loss

@@ -142,6 +142,9 @@ def test_export_of_an_intermediate_checkpoint_matches_its_full_weights(source_mo
     assert not torch.allclose(got, logits(source_model), atol=1e-3)  # training moved the weights
     assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
     assert AutoTokenizer.from_pretrained(out).eos_token == AutoTokenizer.from_pretrained(source_model).eos_token
+    # DCP unpickles .metadata: the command says so, as the trainer does for checkpoints from elsewhere.
+    note = f"note: reading {runs['a'] / 'global_step_2' / '.metadata'} unpickles it"
+    assert sum(line.startswith(note) for line in exports["a2"].stderr.splitlines()) == 1, exports["a2"].stderr
 
 
 def test_export_of_a_run_directory_takes_the_latest_and_matches_the_trained_model(source_model, runs, exports):

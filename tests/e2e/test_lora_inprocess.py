@@ -76,7 +76,7 @@ def test_frozen_base_is_kept_in_the_compute_dtype(tiny_model, tiny_data, tmp_pat
     first = trainer.train_step(trainer.batches.micro_batches(0, 0))
     second = trainer.train_step(trainer.batches.micro_batches(0, 1))
     assert torch.isfinite(first["train/grad_norm"]) and first["train/grad_norm"] > 0
-    assert second["train/loss"] == second["train/loss"]  # trains, not NaN
+    assert torch.isfinite(torch.as_tensor(second["train/loss"]))  # trains: not NaN, not inf
 
 
 def test_target_modules_that_match_nothing_are_named_before_the_model_loads(tiny_model, tiny_data, tmp_path, monkeypatch):

@@ -101,6 +101,110 @@ def test_latest_complete_checkpoint_and_tmp_never_read(tmp_path):
     assert latest_checkpoint(run) == run / "global_step_2"  # the pointer wins when complete
 
 
+@pytest.mark.parametrize("damage", ["", "{\"global_st", "[1, 2]"], ids=["zero-byte", "truncated", "not-a-state"])
+def test_a_damaged_state_file_is_skipped_for_the_previous_checkpoint_in_one_line(tmp_path, caplog, damage):
+    import logging
+
+    run = tmp_path / "run"
+    ten = make_step(run, 10)
+    twenty = make_step(run, 20)
+    (run / "latest_checkpointed_iteration.txt").write_text("20")
+    (twenty / "trainer_state.json").write_text(damage)  # what a power cut can leave
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert latest_checkpoint(run) == ten
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"{twenty / 'trainer_state.json'}" in warnings[0] and warnings[0].endswith(f"using {ten}")
+    assert find_checkpoint(run) == (ten, True)  # python -m trainer.export takes the same one
+    # Named explicitly, it is refused in one line (a ConfigError: every rank gets it) rather than guessed around.
+    from trainer.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run, save_freq=2, max_to_keep=None, rank=0, world_size=1, contents=CheckpointConfig(), hf=None)
+    with pytest.raises(ConfigError, match=r"trainer.resume_from_path=.*global_step_20.*trainer_state.json") as err:
+        ckpt.resolve_resume("auto", str(twenty))
+    assert "\n" not in str(err.value)
+    # Every checkpoint damaged: nothing to resume, said once.
+    (ten / "trainer_state.json").write_text("")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert latest_checkpoint(run) is None
+    assert len(caplog.records) == 1 and "no complete checkpoint left" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("pointer", ["", "2\x00\x00", "garbage"], ids=["zero-byte", "nul-padded", "corrupt"])
+def test_a_damaged_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path, caplog, pointer):
+    import logging
+
+    run = tmp_path / "run"
+    make_step(run, 2)
+    four = make_step(run, 4)
+    (run / "latest_checkpointed_iteration.txt").write_text(pointer)
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert latest_checkpoint(run) == four  # was: ValueError from int()
+    assert len(caplog.records) == 1 and "latest_checkpointed_iteration.txt is damaged" in caplog.records[0].getMessage()
+
+
+def test_the_pointer_never_leads_to_a_newer_checkpoint_than_it_names(tmp_path):
+    run = tmp_path / "run"
+    two, four = make_step(run, 2), make_step(run, 4)
+    (run / "latest_checkpointed_iteration.txt").write_text("2")
+    (two / "trainer_state.json").write_text("")
+    make_step(run, 1)
+    # The pointer names step 2 (a resumed run's newest save); damaged, the one before it is used, not step 4.
+    assert latest_checkpoint(run) == run / "global_step_1"
+    assert four.is_dir()
+
+
+def test_state_and_pointer_writes_are_fsynced_with_their_directory(tmp_path, monkeypatch):
+    import os
+
+    from trainer import checkpoint
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", spy)
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint._write_durable(run / "latest_checkpointed_iteration.txt", "7")
+    assert (run / "latest_checkpointed_iteration.txt").read_text() == "7"
+    # The data (under its temporary name), then the directory that holds the new name.
+    assert synced == [str(run / "latest_checkpointed_iteration.txt.tmp"), str(run)]
+    synced.clear()
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    checkpoint._fsync_tree(run)
+    assert str(run / "hf" / "config.json") in synced and str(run / "hf") in synced and str(run) in synced
+
+
+def test_export_refuses_an_out_dir_that_is_holds_or_is_inside_its_input_even_with_force(tmp_path):
+    from trainer.export import export
+
+    run = tmp_path / "run"
+    step = make_step(run, 2)
+    (step / "huggingface").mkdir()
+    (step / "huggingface" / "config.json").write_text("{}")
+    cases = [
+        (run, run, "is or contains the input"),  # `python -m trainer.export RUN RUN --force`: was rmtree(RUN)
+        (step, step, "is or contains the input"),
+        (step, run, "is or contains the input"),
+        (run, tmp_path, "is or contains the input"),
+        (step, step / "huggingface", "is or contains the input"),  # the config source
+        (step, step / "export", "is inside the checkpoint"),
+        (run, step / "huggingface" / "x", "is inside the checkpoint"),
+    ]
+    for given, out, expected in cases:
+        with pytest.raises(CheckpointError, match=expected) as err:
+            export(given, out, force=True)
+        assert "\n" not in str(err.value)
+    assert sorted(p.name for p in step.iterdir()) == ["huggingface", "trainer_state.json"]
+    assert (step / "huggingface" / "config.json").read_text() == "{}"
+
+
 def test_pruning_keeps_the_newest_by_write_order_and_never_the_one_just_written(tmp_path):
     import os
 

@@ -1,6 +1,8 @@
 """Padding-free (packed) micro-batches give the padded loss and gradients; the checks that stop a
 sequence-parallel or Liger run before any model is built say what is wrong in one line."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -12,6 +14,7 @@ from trainer.data import MicroBatch, collate
 from trainer.fsdp_sft_trainer import ModelFeed, token_loss_sum
 from workers import liger, sequence_parallel
 from workers.packing import Layout, choose_layout, model_inputs
+from helpers import ROOT
 
 
 def loss_and_grads(model, fn):
@@ -119,3 +122,60 @@ def test_the_sft_only_model_keys_are_refused_in_rl(override, tiny_model, rl_data
         rl([*inputs, override], world_size=2)
     key = override.lstrip("+").split("=")[0]
     assert str(err.value).startswith(f"{key}: ") and "not available in RL yet" in str(err.value)
+
+
+class Liger060Forward(torch.nn.Module):
+    """The branch logic of liger-kernel 0.6.0's patched LlamaForCausalLM.forward (read from its
+    wheel), with a plain cross-entropy standing in for the Triton kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(4, 7, bias=False)
+
+    def forward(self, hidden, labels=None, skip_logits=None, use_cache=None, **kwargs):
+        shift_labels = kwargs.pop("shift_labels", None)
+        if skip_logits is None:
+            skip_logits = self.training and (labels is not None or shift_labels is not None)
+        loss = logits = None
+        if skip_logits:  # the fused linear cross-entropy: the loss from shift_labels, no logits
+            per_token = torch.nn.functional.cross_entropy(self.lm_head(hidden).flatten(0, 1), shift_labels.flatten(),
+                                                          ignore_index=-100, reduction="sum")
+            loss = per_token / kwargs["num_items_in_batch"]
+        else:
+            logits = self.lm_head(hidden)
+            if labels is not None:  # 0.6.0 computes an eval loss from labels only
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def test_liger_validation_loss_is_computed_in_eval_mode_too():
+    torch.manual_seed(0)
+    model = Liger060Forward()
+    hidden, targets = torch.randn(2, 5, 4), torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 0, -100]])
+    want = torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    # Left to liger, eval mode takes the logits branch and returns no loss (the validation loss was None).
+    assert model.eval()(hidden, shift_labels=targets, num_items_in_batch=1).loss is None
+    for mode in (model.train(), model.eval()):
+        torch.testing.assert_close(liger.liger_token_loss_sum(mode, {"hidden": hidden}, targets), want)
+
+
+def test_a_liger_forward_without_a_loss_is_a_clear_error():
+    class NoLoss(torch.nn.Module):
+        def forward(self, **kwargs):
+            return SimpleNamespace(loss=None)
+
+    with pytest.raises(RuntimeError, match=r"liger-kernel's forward returned no loss \(eval mode; supported liger-kernel: >=0.6.0,<0.9.0\)"):
+        liger.liger_token_loss_sum(NoLoss().eval(), {}, torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_liger_versions_outside_the_api_range_are_refused_in_one_line():
+    import tomllib
+
+    for ok in ("0.6.0", "0.7.3", "0.8.5", "0.8.5.dev2025"):
+        liger.check_version(ok)
+    for bad in ("0.5.10", "0.9.0", "1.0.0"):
+        with pytest.raises(ConfigError, match=rf"^model.use_liger=true: liger-kernel {bad} is installed; this trainer uses the API of 0.6.0"):
+            liger.check_version(bad)
+    # pyproject's extra says the same range.
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["liger"]
+    assert extra == [f"liger-kernel>={'.'.join(map(str, liger.SUPPORTED[0]))},<{'.'.join(map(str, liger.SUPPORTED[1][:2]))}"]

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from config.loading import resolve
-from config.schema import ConfigError, SFTConfig
+from config.schema import SFTConfig
 from helpers import make_tiny_model
 from report_fixtures import build_small_run
 
@@ -48,15 +48,11 @@ def test_training_command_is_a_valid_config_and_lora_is_one_flag_away(tmp_path):
     assert (cfg.optim.lr, cfg.trainer.total_training_steps, cfg.trainer.test_freq, cfg.trainer.seed) == (1e-4, 3, 1, 5)
     assert (cfg.data.prompt_key, cfg.data.response_key, cfg.trainer.max_val_samples) == ("question", "answer", 2)
     assert cfg.samples.report and cfg.trainer.default_local_dir == str(run)
-    # LoRA: verl's keys, refused with a one-line error until LoRA lands
-    lora = demo.train_command(model, data, run, 1e-4, 3, 4, 2, 16, lora_rank=8, seed=5)
-    assert "model.lora_rank=8" in lora
-    try:
-        cfg = _resolved(lora)
-    except ConfigError as err:
-        assert str(err).startswith("model.lora_rank=8: not available yet")
-    else:
-        assert cfg.model.lora_rank == 8
+    assert cfg.model.lora_rank == 0
+    # LoRA: verl's keys, accepted by the config (was: refused or accepted, both passed)
+    cfg = _resolved(demo.train_command(model, data, run, 1e-4, 3, 4, 2, 16, lora_rank=8, seed=5))
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (8, 16)
+    assert cfg.model.target_modules in ("all-linear", ["all-linear"]), cfg.model.target_modules
 
 
 def test_missing_model_says_how_to_make_it(tmp_path, monkeypatch):

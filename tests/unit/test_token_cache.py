@@ -160,3 +160,58 @@ def test_a_writer_killed_mid_write_leaves_no_folder_behind_the_next_write(tmp_pa
     data = write_jsonl(addition_rows(20), tmp_path / "d.jsonl")
     loaded = load_sft_examples(str(data), "data.train_files", tok, cfg(), cache_dir=str(cache))
     assert sorted(p.name for p in cache.iterdir()) == sorted([loaded.folder.name, live.name, elsewhere.name])
+
+
+# ---------------------------------------------------------------------- code versions and eviction
+def test_a_library_upgrade_or_a_tokenizing_code_change_makes_a_new_entry(tmp_path, tok, monkeypatch):
+    import importlib.metadata
+
+    from trainer import token_cache
+
+    data = write_jsonl(addition_rows(20), tmp_path / "d.jsonl")
+    key = lambda: token_cache.entry_key([str(data)], tok, {"max_length": 64})  # noqa: E731
+    before = key()
+    assert key() == before  # stable
+    real_version = importlib.metadata.version
+    for library in ("transformers", "tokenizers", "sample-aware-trainer"):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, lib=library: "99.0" if name == lib else real_version(name))
+        assert key() != before, library
+    monkeypatch.setattr(importlib.metadata, "version", real_version)
+    # A fix in the code that tokenizes, without any version bump.
+    code = tmp_path / "data.py"
+    code.write_text("def tokenize(): return 1\n")
+    monkeypatch.setattr(token_cache, "_TOKENIZING_MODULES", (str(code),))
+    patched = key()
+    assert patched != before
+    code.write_text("def tokenize(): return 2  # the fix\n")
+    assert key() != patched
+
+
+def fake_entry(root, name, megabytes, used_at):
+    entry = root / name
+    entry.mkdir(parents=True)
+    (entry / "input_ids.npy").write_bytes(b"\0" * (megabytes * 10**6))
+    (entry / "meta.json").write_text("{}")
+    (entry / "last_used").touch()
+    os.utime(entry / "last_used", (used_at, used_at))
+    return entry
+
+
+def test_prune_deletes_the_least_recently_used_entries_down_to_the_size(tmp_path, capsys):
+    from trainer import token_cache
+
+    root = tmp_path / "cache"
+    old, mid, new = (fake_entry(root, n, 2, t) for n, t in (("old", 1_000), ("mid", 2_000), ("new", 3_000)))
+    writing = root / "x.tmp-otherhost-1"  # another host's writer: never touched
+    writing.mkdir()
+    assert token_cache.prune(root, max_bytes=5 * 10**6) == [old]
+    assert sorted(p.name for p in root.iterdir()) == ["mid", "new", "x.tmp-otherhost-1"]
+    # A hit marks its entry used: `mid` is then the newest, `new` goes first.
+    token_cache.build_once(lambda: mid, lambda e: 0, token_cache.Ranks(), ValueError)
+    assert token_cache.prune(root, max_bytes=3 * 10**6) == [new]
+    # The command: one line, and 0 empties the cache.
+    assert token_cache.main(["prune", "--max-gb", "0", "--dir", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == f"removed 1 entry from {root}; 0.00 GB left"
+    assert sorted(p.name for p in root.iterdir()) == ["x.tmp-otherhost-1"]
+    assert token_cache.main(["prune", "--dir", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --dir={tmp_path / 'missing'}: no such folder"
