@@ -25,6 +25,21 @@ def tok():
     return AutoTokenizer.from_pretrained(DEMO_MODEL)
 
 
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group; in-process trainer tests run before may have left theirs (the
+    trainers reuse an existing group, as this does)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model")

@@ -4,25 +4,11 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from workers import core_algos
 from workers.actor import UpdateSettings, build_rollout_batch, forward_in_micro_batches, on_policy, response_log_probs, update_policy
 from workers.generation import GenerationSettings, encode_prompts, generate
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process group; in-process trainer tests run before may have left theirs (the
-    trainers reuse an existing group, as this does)."""
-    if dist.is_initialized():
-        assert dist.get_world_size() == 1
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def sampled_groups(tiny_model, texts: list[str], group: int):

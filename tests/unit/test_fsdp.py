@@ -3,24 +3,11 @@ cpu_offload, what the full-model gathers hand over, and one device mesh per run.
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import workers.fsdp as fsdp
 from workers.fsdp import ShardingSpec, build_sharded_model, placement
 from workers.model import load_config
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process group; in-process trainer tests run before may have left theirs."""
-    if dist.is_initialized():
-        assert dist.get_world_size() == 1
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def local(t):
