@@ -118,18 +118,35 @@ def sample_text_path(event: SampleEvent, index: int, kind: str) -> str:
     return f"{event.prefix}/step_{event.step:08d}/sample_{index}_{kind}.txt"
 
 
+def step_table_path(prefix: str, step: int) -> str:
+    return f"{prefix}/samples_step_{step:08d}.json"
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
 @register_tracker("mlflow")
 class MlflowTracker(Tracker):
+    remote = True
     replaces_artifacts = True  # an artifact logged again under the same path overwrites the old one
 
-    def __init__(self, ctx: TrackerContext):
+    def __init__(self, ctx: TrackerContext, run_id: Optional[str] = None):
+        """`run_id`: log to that existing run (the replay of `python -m trainer.tracking sync`)."""
         super().__init__(ctx)
         _disable_telemetry()
         redact_log_credentials(logging.getLogger("mlflow"))  # MLflow's own handler bypasses the root logger's
         run_dir = Path(ctx.run_dir).resolve()
-        self.tracking_uri = ctx.env.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
+        self.tracking_uri = ctx.env.mlflow_tracking_uri or default_tracking_uri(run_dir)
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment_id = self._experiment_id(run_dir)
+        self._all_rows: dict[str, Optional[list[dict[str, Any]]]] = {}  # prefix -> cumulative rows
+        self._closed = False
+        if run_id is not None:
+            run = self._client.get_run(run_id)
+            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            self._params, self._resumed = dict(run.data.params), True
+            return
+        experiment_id = self.experiment_id = self._experiment_id(run_dir)
         run = self._resumable_run(experiment_id)
         if run is not None:
             self.run_id = run.info.run_id
@@ -141,8 +158,10 @@ class MlflowTracker(Tracker):
             self.run_id = self._client.create_run(experiment_id, run_name=ctx.experiment_name).info.run_id
             self._params = {}
             self._resumed = False
-        self._all_rows: dict[str, Optional[list[dict[str, Any]]]] = {}  # prefix -> cumulative rows
-        self._closed = False
+
+    def run_record(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id,
+                "tracking_uri": redact_credentials(self.tracking_uri)}
 
     def _experiment_id(self, run_dir: Path) -> str:
         name = self.ctx.project_name
@@ -195,16 +214,21 @@ class MlflowTracker(Tracker):
             self._client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_METRICS])
 
     def log_samples(self, event: SampleEvent) -> None:
+        rows = self.log_event_files(event)
+        if rows:
+            self._log_cumulative(event.prefix, rows)
+
+    def log_event_files(self, event: SampleEvent) -> list[dict[str, Any]]:
+        """The event's own artifacts (texts and table); returns its table rows."""
         for s in event.samples:
             self._client.log_text(self.run_id, s.prompt, sample_text_path(event, s.index, "prompt"))
             self._client.log_text(self.run_id, s.generation, sample_text_path(event, s.index, "generation"))
             if s.reference is not None:
                 self._client.log_text(self.run_id, s.reference, sample_text_path(event, s.index, "reference"))
         rows = [{k: _json_safe(v) for k, v in row.items()} for row in event.table_rows()]
-        if not rows:
-            return
-        self._client.log_table(self.run_id, table_columns(rows), f"{event.prefix}/samples_step_{event.step:08d}.json")
-        self._log_cumulative(event.prefix, rows)
+        if rows:
+            self._client.log_table(self.run_id, table_columns(rows), step_table_path(event.prefix, event.step))
+        return rows
 
     def _log_cumulative(self, prefix: str, rows: list[dict[str, Any]]) -> None:
         artifact_file = f"{prefix}/samples_all.json"
