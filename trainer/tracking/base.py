@@ -256,9 +256,8 @@ class _Sender:
         method, since = in_flight
         if time.monotonic() - since > self.call_budget_s:
             self._budget_warned = True
-            log.warning("tracker %s: a %s call has been waiting on its server for over %.0f s; training goes on, its "
-                        "calls queue up (at most %d, then they are dropped)", self.name, method, self.call_budget_s,
-                        self.queue_size)
+            self._trouble(f"a {method} call has waited on its server for over {self.call_budget_s:g} s; its calls "
+                          f"queue up (at most {self.queue_size}) and beyond that are dropped until it answers again")
 
     def idle(self) -> bool:
         return self.start_error is not None or self._queue.unfinished_tasks == 0
@@ -287,20 +286,27 @@ class _Sender:
         with self._lock:
             self.dropped[method] += 1
             self._outage_drops += 1
+        self._trouble(f"{reason or 'it is failing'}; its calls are dropped until it answers again")
+
+    def _trouble(self, what: str) -> None:
+        """The one warning of an outage (until `_answered` ends it)."""
+        with self._lock:
             if self._outage:
                 return
             self._outage = True
-        log.warning("tracker %s: %s; its calls are dropped until it answers again, training goes on (the run "
-                    "directory keeps everything: `%s` replays what it missed)", self.name,
-                    reason or "it is failing", SYNC_HINT.format(run_dir=self.run_dir, name=self.name))
+        log.warning("tracker %s: %s; training goes on (the run directory keeps everything: `%s` replays what it "
+                    "missed)", self.name, what, SYNC_HINT.format(run_dir=self.run_dir, name=self.name))
 
     def _answered(self) -> None:
         if not self._outage or self._queue.qsize() > self.queue_size // 2:
             return
         with self._lock:
             self._outage, dropped, self._outage_drops = False, self._outage_drops, 0
-        log.info("tracker %s answers again; %d calls were dropped meanwhile (`%s` replays them)", self.name, dropped,
-                 SYNC_HINT.format(run_dir=self.run_dir, name=self.name))
+        if dropped:
+            log.info("tracker %s answers again; %d calls were dropped meanwhile (`%s` replays them)", self.name, dropped,
+                     SYNC_HINT.format(run_dir=self.run_dir, name=self.name))
+        else:
+            log.info("tracker %s answers again; no call was dropped", self.name)
 
     # -------------------------------------------------- the sender thread
     def _run(self) -> None:
