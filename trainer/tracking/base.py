@@ -166,7 +166,6 @@ def check_available(names: list[str]) -> None:
         tracker_class(name)
 
 
-
 # ----------------------------------------------------------------------------- the fan-out
 
 QUEUE_SIZE = 1000  # calls waiting per remote tracker; beyond that new calls are dropped
@@ -242,11 +241,14 @@ class _Sender:
     def _copy(self, path: Path) -> Path:
         self._sequence += 1
         folder = self._outbox / str(self._sequence)
-        folder.mkdir(parents=True, exist_ok=True)
-        return Path(shutil.copy2(path, folder / Path(path).name))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copy2(path, folder / Path(path).name))
+        except OSError:  # no copy (disk full, file gone): the tracker gets the file as it will be
+            return Path(path)
 
     def _discard_copy(self, method: str, args: tuple) -> None:
-        if method == "replace_artifact" and self._outbox is not None:
+        if method == "replace_artifact" and self._outbox is not None and self._outbox in Path(args[0]).parents:
             shutil.rmtree(Path(args[0]).parent, ignore_errors=True)
 
     def _check_budget(self) -> None:
@@ -315,6 +317,8 @@ class _Sender:
         except Exception as err:  # noqa: BLE001 - reported by the fan-out, which drops this tracker
             self.start_error = err
             self.started.set()
+            if self._outbox is not None:
+                shutil.rmtree(self._outbox, ignore_errors=True)
             return
         self.started.set()
         self._on_start(self)
