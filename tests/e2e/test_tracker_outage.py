@@ -8,6 +8,7 @@ missed steps and sample events on the same MLflow run, and a second sync adds no
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from config.loading import resolve
 from config.schema import SFTConfig
 from trainer.distributed import init_distributed
 from trainer.tracking.base import read_run_records
-from trainer.tracking.file import read_metrics
+from trainer.tracking.file import read_metrics, read_records
 from trainer.tracking.sync import main as tracking_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,15 +94,14 @@ def step_seconds(run_dir: Path, steps: range) -> list[float]:
     """Time between the train metrics of consecutive steps, leaving out steps that follow a
     validation (their interval holds the validation, and for the first one the server's stop)."""
     times = {}
-    from trainer.tracking.file import read_records
-
     for record in read_records(run_dir / "metrics.jsonl"):
         if "train/loss" in record:
             times[record["step"]] = record["time"]
     return [times[s] - times[s - 1] for s in steps if (s - 1) % TEST_FREQ != 0]
 
 
-def test_mlflow_server_going_away_costs_no_pace_and_sync_fills_it_afterwards(tiny_model, tiny_data, tmp_path, monkeypatch, caplog):
+def test_mlflow_server_going_away_costs_no_pace_and_sync_fills_it_afterwards(tiny_model, tiny_data, tmp_path, monkeypatch, caplog,
+                                                                             capsys):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
@@ -179,9 +179,13 @@ def test_mlflow_server_going_away_costs_no_pace_and_sync_fills_it_afterwards(tin
         assert sorted(m.step for m in client.get_metric_history(run_id, "val/loss")) == [8, 16]
         tables = {f.path for f in client.list_artifacts(run_id, "val")}
         assert {f"val/samples_step_{s:08d}.json" for s in (8, 16)} <= tables
+        everything = json.loads(Path(client.download_artifacts(run_id, "val/samples_all.json", str(tmp_path))).read_text())
+        assert [row[everything["columns"].index("step")] for row in everything["data"]] == [8, 8, 16, 16]  # in step order
         assert client.get_run(run_id).info.status == "FINISHED"
 
+        capsys.readouterr()
         assert tracking_main(["sync", str(run_dir), "--to", "mlflow"]) == 0  # again: nothing to add
+        assert capsys.readouterr().out.strip().splitlines()[-1] == f"mlflow run {run_id} at {uri}: nothing missing"
         assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, STEPS + 1))
     finally:
         stop_server(server)
