@@ -127,12 +127,37 @@ def dist_env(env: Optional[Mapping[str, str]] = None) -> DistEnv:
 
 
 @dataclass(frozen=True)
+class ClientBound:
+    """A limit on how long a tracker's own client may wait on its server, set through the
+    client's environment variable (the only knob it reads) unless the user set that variable."""
+
+    variable: str
+    value: str
+    why: str
+
+
+# The tracker clients' defaults wait minutes for a server that went away; these keep one call
+# in tens of seconds. They matter off the training path too: the tracker's start, and its drain
+# at close, are bounded by them. Checked against mlflow 3.17 and wandb 0.31 (their sources).
+TRACKER_CLIENT_BOUNDS: tuple[ClientBound, ...] = (
+    ClientBound("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2", "default 7 retries, back-off 2 s doubling: ~4 min per call"),
+    ClientBound("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1", "default 2 (s, doubled per retry)"),
+    ClientBound("MLFLOW_HTTP_REQUEST_TIMEOUT", "10", "default 120 s per request"),
+    ClientBound("WANDB_INIT_TIMEOUT", "30", "default 90 s for wandb.init"),
+    ClientBound("WANDB_FINISH_TIMEOUT", "60", "default 0: run.finish() waits until every upload is done"),
+)
+
+
+@dataclass(frozen=True)
 class TrackerEnv:
     """What the trackers need to know about their environment variables."""
 
     mlflow_tracking_uri: Optional[str]
     swanlab_mode: Optional[str]
     wandb_mode: Optional[str]
+    # (variable, value) of each TRACKER_CLIENT_BOUNDS entry the user left unset; the tracker
+    # fan-out applies them (`apply_client_bounds`) on the rank that talks to the servers.
+    client_bounds: tuple[tuple[str, str], ...] = ()
 
 
 def tracker_env(env: Optional[Mapping[str, str]] = None) -> TrackerEnv:
@@ -141,7 +166,15 @@ def tracker_env(env: Optional[Mapping[str, str]] = None) -> TrackerEnv:
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
         swanlab_mode=env.get("SWANLAB_MODE") or None,
         wandb_mode=env.get("WANDB_MODE") or None,
+        client_bounds=tuple((b.variable, b.value) for b in TRACKER_CLIENT_BOUNDS if not env.get(b.variable, "").strip()),
     )
+
+
+def apply_client_bounds(bounds: tuple[tuple[str, str], ...]) -> None:
+    """Set the tracker clients' bounds in this process's environment, where their clients read
+    them (per request for MLflow, at init for W&B); a variable the user set is never replaced."""
+    for variable, value in bounds:
+        os.environ.setdefault(variable, value)
 
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")

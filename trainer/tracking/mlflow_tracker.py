@@ -107,7 +107,7 @@ def table_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become None (null), as pandas writes them in log_table's JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -118,48 +118,76 @@ def sample_text_path(event: SampleEvent, index: int, kind: str) -> str:
     return f"{event.prefix}/step_{event.step:08d}/sample_{index}_{kind}.txt"
 
 
+def step_table_path(prefix: str, step: int) -> str:
+    return f"{prefix}/samples_step_{step:08d}.json"
+
+
+def all_table_path(prefix: str) -> str:
+    return f"{prefix}/samples_all.json"
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
 @register_tracker("mlflow")
 class MlflowTracker(Tracker):
+    remote = True
     replaces_artifacts = True  # an artifact logged again under the same path overwrites the old one
 
-    def __init__(self, ctx: TrackerContext):
+    def __init__(self, ctx: TrackerContext, run_id: Optional[str] = None):
+        """`run_id`: log to that existing run (the replay of `python -m trainer.tracking sync`)."""
         super().__init__(ctx)
         _disable_telemetry()
         redact_log_credentials(logging.getLogger("mlflow"))  # MLflow's own handler bypasses the root logger's
         run_dir = Path(ctx.run_dir).resolve()
-        self.tracking_uri = ctx.env.mlflow_tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
-        self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment_id = self._experiment_id(run_dir)
+        self.tracking_uri = ctx.env.mlflow_tracking_uri or default_tracking_uri(run_dir)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._all_rows: dict[str, Optional[list[dict[str, Any]]]] = {}  # prefix -> cumulative rows
+        self._closed = False
+        if run_id is not None:
+            run = self.client.get_run(run_id)
+            self.run_id, self.experiment_id = run_id, run.info.experiment_id
+            self._params, self._resumed = dict(run.data.params), True
+            return
+        experiment_id = self.experiment_id = self._experiment_id(run_dir)
         run = self._resumable_run(experiment_id)
         if run is not None:
             self.run_id = run.info.run_id
-            self._client.update_run(self.run_id, status="RUNNING")
+            self.client.update_run(self.run_id, status="RUNNING")
             self._params = dict(run.data.params)
             self._resumed = True
             log.info("mlflow: resuming run %s (%s) in %s", ctx.experiment_name, self.run_id, redact_credentials(self.tracking_uri))
         else:
-            self.run_id = self._client.create_run(experiment_id, run_name=ctx.experiment_name).info.run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=ctx.experiment_name).info.run_id
             self._params = {}
             self._resumed = False
-        self._all_rows: dict[str, Optional[list[dict[str, Any]]]] = {}  # prefix -> cumulative rows
-        self._closed = False
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The run's params on the server (as far as this tracker knows)."""
+        return dict(self._params)
+
+    def run_record(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id,
+                "tracking_uri": redact_credentials(self.tracking_uri)}
 
     def _experiment_id(self, run_dir: Path) -> str:
         name = self.ctx.project_name
-        experiment = self._client.get_experiment_by_name(name)
+        experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             # The default store keeps its artifacts next to it; a user-set URI (a server) decides itself.
             location = None if self.ctx.env.mlflow_tracking_uri else (run_dir / "mlartifacts").as_uri()
-            return self._client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location)
         if experiment.lifecycle_stage == "deleted":
-            self._client.restore_experiment(experiment.experiment_id)
+            self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
     def _resumable_run(self, experiment_id: str):
         name = self.ctx.experiment_name
         if "'" in name:  # MLflow's filter syntax has no escape for it; start a new run
             return None
-        runs = self._client.search_runs(
+        runs = self.client.search_runs(
             [experiment_id],
             filter_string=f"attributes.run_name = '{name}'",
             order_by=["attributes.start_time DESC"],
@@ -172,7 +200,7 @@ class MlflowTracker(Tracker):
     # ---------------------------------------------------------------- logging
 
     def log_config(self, config: dict) -> None:
-        self._client.log_text(self.run_id, json.dumps(config, indent=2, default=str), "config.json")
+        self.client.log_text(self.run_id, json.dumps(config, indent=2, default=str), "config.json")
         params: dict[str, str] = {}
         for key, value in flatten(config).items():
             params.setdefault(clean_key(key), param_value(value))
@@ -185,59 +213,68 @@ class MlflowTracker(Tracker):
             )
         new = [Param(k, v) for k, v in params.items() if k not in self._params]
         for start in range(0, len(new), _BATCH_PARAMS):
-            self._client.log_batch(self.run_id, params=new[start : start + _BATCH_PARAMS])
+            self.client.log_batch(self.run_id, params=new[start : start + _BATCH_PARAMS])
         self._params.update({p.key: p.value for p in new})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(clean_key(k), float(v), now, int(step)) for k, v in metrics.items()]
         for start in range(0, len(batch), _BATCH_METRICS):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_METRICS])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + _BATCH_METRICS])
 
     def log_samples(self, event: SampleEvent) -> None:
+        rows = self.log_event_files(event)
+        if rows:
+            self._log_cumulative(event.prefix, rows)
+
+    def log_event_files(self, event: SampleEvent) -> list[dict[str, Any]]:
+        """The event's own artifacts (texts and table); returns its table rows."""
         for s in event.samples:
-            self._client.log_text(self.run_id, s.prompt, sample_text_path(event, s.index, "prompt"))
-            self._client.log_text(self.run_id, s.generation, sample_text_path(event, s.index, "generation"))
+            self.client.log_text(self.run_id, s.prompt, sample_text_path(event, s.index, "prompt"))
+            self.client.log_text(self.run_id, s.generation, sample_text_path(event, s.index, "generation"))
             if s.reference is not None:
-                self._client.log_text(self.run_id, s.reference, sample_text_path(event, s.index, "reference"))
-        rows = [{k: _json_safe(v) for k, v in row.items()} for row in event.table_rows()]
-        if not rows:
-            return
-        self._client.log_table(self.run_id, table_columns(rows), f"{event.prefix}/samples_step_{event.step:08d}.json")
-        self._log_cumulative(event.prefix, rows)
+                self.client.log_text(self.run_id, s.reference, sample_text_path(event, s.index, "reference"))
+        rows = [{k: json_safe(v) for k, v in row.items()} for row in event.table_rows()]
+        if rows:
+            self.client.log_table(self.run_id, table_columns(rows), step_table_path(event.prefix, event.step))
+        return rows
 
     def _log_cumulative(self, prefix: str, rows: list[dict[str, Any]]) -> None:
-        artifact_file = f"{prefix}/samples_all.json"
+        artifact_file = all_table_path(prefix)
         if prefix not in self._all_rows:
             self._all_rows[prefix] = self._read_table(artifact_file) if self._resumed else None
         previous = self._all_rows[prefix]
         if previous is None:  # first table of this prefix in this run: log_table registers it
-            self._client.log_table(self.run_id, table_columns(rows), artifact_file)
+            self.client.log_table(self.run_id, table_columns(rows), artifact_file)
             self._all_rows[prefix] = list(rows)
             return
         previous.extend(rows)
-        columns = table_columns(previous)
+        self.overwrite_table(artifact_file, previous)
+
+    def overwrite_table(self, artifact_file: str, rows: list[dict[str, Any]]) -> None:
+        """Rewrite a table artifact that exists (log_table would download and append to it)."""
+        columns = table_columns(rows)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / posixpath.basename(artifact_file)
             data = [list(values) for values in zip(*columns.values())]
             local.write_text(json.dumps({"columns": list(columns), "data": data}, default=str))
-            self._client.log_artifact(self.run_id, str(local), posixpath.dirname(artifact_file) or None)
+            self.client.log_artifact(self.run_id, str(local), posixpath.dirname(artifact_file) or None)
 
     def _read_table(self, artifact_file: str) -> Optional[list[dict[str, Any]]]:
         """Rows of a table artifact of this run, or None when there is none."""
-        listed = {f.path for f in self._client.list_artifacts(self.run_id, posixpath.dirname(artifact_file) or None)}
+        listed = {f.path for f in self.client.list_artifacts(self.run_id, posixpath.dirname(artifact_file) or None)}
         if artifact_file not in listed:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            table = json.loads(Path(self._client.download_artifacts(self.run_id, artifact_file, tmp)).read_text())
+            table = json.loads(Path(self.client.download_artifacts(self.run_id, artifact_file, tmp)).read_text())
         return [dict(zip(table["columns"], row)) for row in table["data"]]
 
     def log_artifact(self, path: Path) -> None:
-        self._client.log_artifact(self.run_id, str(path))
+        self.client.log_artifact(self.run_id, str(path))
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 

@@ -58,6 +58,7 @@ class SwanlabTracker(Tracker):
     # The `report` media key shows its latest step; SwanLab keeps the older copies too (one per
     # sample event), the price of a report that is current during the run.
     replaces_artifacts = True
+    remote = True
 
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
@@ -86,6 +87,9 @@ class SwanlabTracker(Tracker):
     def run_dir(self) -> Path:
         """This run's directory under swanlog/ (where the .swanlab record log is)."""
         return Path(self._run.dir)
+
+    def run_record(self) -> dict[str, str]:
+        return {"mode": self.mode, "dir": str(self.run_dir)}
 
     def log_config(self, config: dict) -> None:
         self._run.config.update(json.loads(json.dumps(config, default=str)))  # plain YAML-able values

@@ -62,7 +62,9 @@ def _no_other_run_active() -> bool:
 
 @register_tracker("wandb")
 class WandbTracker(Tracker):
+    remote = True  # online, calls go through wandb-core's own queue; offline they still pass its service
     replaces_artifacts = True  # a file saved with policy "live" is uploaded again whenever it changes
+    follows_files = True  # ... so it needs the file itself, not a copy of it as it was
 
     def __init__(self, ctx: TrackerContext):
         super().__init__(ctx)
@@ -88,6 +90,9 @@ class WandbTracker(Tracker):
     def run_dir(self) -> Path:
         """This run's directory (where the .wandb record log is)."""
         return Path(self._run.dir).parent  # run.dir is <run dir>/files
+
+    def run_record(self) -> dict[str, str]:
+        return {"run_id": self._run.id, "mode": self.mode, "dir": str(self.run_dir)}
 
     def _log(self, data: dict[str, Any], step: int | None) -> None:
         self._run.log(data, step=step)
