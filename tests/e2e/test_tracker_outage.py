@@ -117,24 +117,24 @@ def test_mlflow_server_going_away_costs_no_pace_and_sync_fills_it_afterwards(tin
     try:
         run_dir = tmp_path / "run"
         trainer = make_trainer(tiny_model, tiny_data, run_dir)
-        log_samples, stopped = trainer.tracking.log_samples, []
+        log_samples, stopped = trainer.run.tracking.log_samples, []
 
         def log_samples_then_stop_the_server(event):
             log_samples(event)
             if not stopped:
-                assert trainer.tracking.flush(60)  # everything so far is on the server
+                assert trainer.run.tracking.flush(60)  # everything so far is on the server
                 stop_server(server)
                 stopped.append((event.step, time.perf_counter()))
 
-        monkeypatch.setattr(trainer.tracking, "log_samples", log_samples_then_stop_the_server)
-        log_metrics, in_calls = trainer.tracking.log_metrics, []  # (start, seconds the trainer spent in the call)
+        monkeypatch.setattr(trainer.run.tracking, "log_samples", log_samples_then_stop_the_server)
+        log_metrics, in_calls = trainer.run.tracking.log_metrics, []  # (start, seconds the trainer spent in the call)
 
         def timed_log_metrics(metrics, step):
             started = time.perf_counter()
             log_metrics(metrics, step)
             in_calls.append((started, time.perf_counter() - started))
 
-        monkeypatch.setattr(trainer.tracking, "log_metrics", timed_log_metrics)
+        monkeypatch.setattr(trainer.run.tracking, "log_metrics", timed_log_metrics)
         with caplog.at_level(logging.INFO):
             trainer.fit()
         (stopped_at_step, stopped_at), = stopped
