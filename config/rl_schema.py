@@ -8,11 +8,13 @@ sequences (prompt + one response) per forward on one rank.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, List, Optional
 
 from config.schema import (
     ConfigError,
+    _HUB_ID,
     ModelConfig,
     OptimConfig,
     SamplesConfig,
@@ -234,16 +236,50 @@ class RewardFunctionConfig:
 
 
 @dataclass
-class RewardConfig:
-    functions: List[RewardFunctionConfig] = doc(
-        "Reward functions; the training reward is their weighted sum.",
-        factory=lambda: [RewardFunctionConfig(name="arithmetic_exact_match", fn="arithmetic_exact_match")],
-    )
+class RewardModelConfig:
+    """A sequence-classification reward model (verl's `reward_model` section), sharded over the
+    ranks like the reference policy and frozen; its score joins the reward functions by weight."""
+
+    enable: bool = doc("Score every response with the reward model at `path` (verl: reward_model.enable).", False)
+    path: Optional[str] = doc(
+        "Local directory or hub id of an AutoModelForSequenceClassification with one output (num_labels=1) "
+        "(verl: reward_model.model.path).", None)
+    name: str = doc("Its name among the rewards: samples, metrics (`train/reward/<name>`) and trackers.", "reward_model")
+    weight: float = doc("Weight of its score in the training reward, beside reward.functions' weights.", 1.0)
+    micro_batch_size_per_gpu: Optional[int] = doc(
+        "Sequences per reward-model forward on one rank (null: actor.micro_batch_size_per_gpu).", None)
+    max_length: Optional[int] = doc(
+        "Most tokens of a scored sequence (the reward model's tokens); a longer one keeps its end, where the score is "
+        "read (null: no limit).", None)
+    trust_remote_code: bool = doc("Allow the reward model's own modelling code from its repository.", False)
 
     def check(self) -> None:
-        _require(bool(self.functions), "reward.functions", "needs at least one reward function")
-        names = [f.name or f.fn for f in self.functions]
-        _require(len(set(names)) == len(names), "reward.functions", f"names must be unique, got {names}")
+        if not self.enable:
+            return
+        _require(bool(self.path), "reward.model.path", "is required when reward.model.enable=true")
+        self.path = expand_paths(self.path)
+        _require(os.path.exists(self.path) or bool(_HUB_ID.match(self.path)), "reward.model.path",
+                 f"{self.path}: not found (a local directory or a hub id)")
+        _require(bool(self.name), "reward.model.name", "must be non-empty")
+        _require(self.micro_batch_size_per_gpu is None or self.micro_batch_size_per_gpu > 0,
+                 "reward.model.micro_batch_size_per_gpu", "must be > 0")
+        _require(self.max_length is None or self.max_length > 0, "reward.model.max_length", "must be > 0")
+
+
+@dataclass
+class RewardConfig:
+    functions: List[RewardFunctionConfig] = doc(
+        "Reward functions; the training reward is their weighted sum (plus the reward model's, when enabled).",
+        factory=lambda: [RewardFunctionConfig(name="arithmetic_exact_match", fn="arithmetic_exact_match")],
+    )
+    model: RewardModelConfig = doc("A reward model scoring every response (verl's reward_model).", factory=RewardModelConfig)
+
+    def check(self) -> None:
+        self.model.check()
+        _require(bool(self.functions) or self.model.enable, "reward.functions",
+                 "needs at least one reward function (or a reward model: reward.model.enable=true)")
+        names = [f.name or f.fn for f in self.functions] + ([self.model.name] if self.model.enable else [])
+        _require(len(set(names)) == len(names), "reward.functions", f"names must be unique (reward.model.name too), got {names}")
         for i, f in enumerate(self.functions):
             _require(bool(f.fn), f"reward.functions[{i}].fn", "is required")
 

@@ -10,7 +10,7 @@ verl's FSDP GRPO example scripts use) is listed here with what it does in this p
 - `Pending`: a capability this project does not have yet (sequence parallelism and padding-free
   batches in RL; SFT has them). Refused in one line naming the feature, unless it asks for
   nothing (`use_remove_padding=false`).
-- `Refused`: no meaning here (vLLM engine knobs, reward models, profilers): refused in one line
+- `Refused`: no meaning here (vLLM engine knobs, profilers): refused in one line
   with the reason, unless it asks for nothing (`use_kl_in_reward=false`). Never silently ignored.
 
 Hydra accepts only keys the config has: `register_with_hydra()` puts these keys, at verl's
@@ -395,6 +395,7 @@ def _profiler(section: str) -> tuple[VerlKey, ...]:
 
 OFFLOAD = "FSDP2 offloads parameters, gradients and optimizer state together"
 FSDP1 = "an FSDP1 setting; FSDP2 (fully_shard) here"
+RM_ON_FSDP = "the reward model runs on the FSDP2 workers here (a sequence classifier), not on an inference engine"
 DYNAMIC_BSZ = "token-budget micro-batches are not available in RL yet; micro-batches count sequences"
 
 PPO_KEYS: tuple[VerlKey, ...] = (
@@ -537,16 +538,20 @@ PPO_KEYS: tuple[VerlKey, ...] = (
             "here: there is no engine mismatch to correct"),
     Inert("algorithm.rollout_correction.rollout_is_threshold", 2.0, reason="used only with rollout_correction.rollout_is"),
     # rewards
-    Refused("reward_model.enable", False, reason="reward models are not available here; score with reward functions "
-            "(reward.functions)"),
-    Inert("reward_model.model.path", "~/models/FsfairX-LLaMA3-RM-v0.1", reason="used only with reward_model.enable"),
-    Inert("reward_model.num_workers", 1, reason="used only with reward_model.enable"),
-    Inert("reward_model.use_reward_loop", True, reason="used only with reward_model.enable"),
-    Inert("reward_model.rollout.name", None, reason="used only with reward_model.enable"),
-    Inert("reward_model.rollout.gpu_memory_utilization", 0.5, reason="used only with reward_model.enable"),
-    Inert("reward_model.rollout.tensor_model_parallel_size", 2, reason="used only with reward_model.enable"),
-    Inert("reward_model.rollout.prompt_length", 2048, reason="used only with reward_model.enable"),
-    Inert("reward_model.rollout.response_length", 2048, reason="used only with reward_model.enable"),
+    Alias("reward_model.enable", False, target="reward.model.enable"),
+    Alias("reward_model.model.path", "~/models/FsfairX-LLaMA3-RM-v0.1", target="reward.model.path"),
+    Alias("reward_model.micro_batch_size_per_gpu", None, target="reward.model.micro_batch_size_per_gpu"),
+    Alias("reward_model.max_length", None, target="reward.model.max_length"),
+    Alias("reward_model.model.trust_remote_code", False, target="reward.model.trust_remote_code"),
+    Inert("reward_model.model.input_tokenizer", None, reason="responses are always decoded and re-tokenized with the "
+          "reward model's own tokenizer and chat template here"),
+    Inert("reward_model.num_workers", 1, reason="the reward model is sharded over the training ranks here"),
+    Inert("reward_model.use_reward_loop", True, reason="the reward model scores on the training ranks here"),
+    Inert("reward_model.rollout.name", None, reason=RM_ON_FSDP),
+    Inert("reward_model.rollout.gpu_memory_utilization", 0.5, reason=RM_ON_FSDP),
+    Inert("reward_model.rollout.tensor_model_parallel_size", 2, reason=RM_ON_FSDP),
+    Inert("reward_model.rollout.prompt_length", 2048, reason=RM_ON_FSDP),
+    Inert("reward_model.rollout.response_length", 2048, reason=RM_ON_FSDP),
     Refused("custom_reward_function.path", None, reason="give reward functions as reward.functions "
             "[{name, fn: module:function}]; the function takes (prompt, response, ground_truth)"),
     Inert("custom_reward_function.name", "compute_score", reason="used only with custom_reward_function.path"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "config" / "demo_assets" / "model"
@@ -37,6 +37,21 @@ def make_tiny_model(out: Path, hidden: int = 32, layers: int = 2, heads: int = 2
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_tiny_reward_model(out: Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 1) -> Path:
+    """A sequence-classification reward model (one output) with the demo tokenizer, as
+    `make_tiny_model` builds the policy."""
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

@@ -20,7 +20,8 @@ so YAML and Python runs are the same runs. `train()` works in one process or und
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,8 +37,25 @@ from trainer.rl_trainer import RLTrainer
 from config.loading import resolve
 from workers.rewards import build_reward_set
 
+log = logging.getLogger("trainer.api")
+
 ALGORITHMS = ("ppo", "grpo", "gspo")
-BACKENDS = {"fsdp": "FSDP2 workers (one process, or many under torchrun)", "auto": "the best available: fsdp"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    description: str
+    note: Optional[str] = None  # logged once when the run starts: what the name means here
+
+
+_ON_FSDP = "runs on this project's FSDP2 workers (same algorithms and sample logging; {what} are not used here)"
+# The AlignTune document's backend names run on the FSDP2 workers, so its examples run as written.
+BACKENDS = {
+    "fsdp": Backend("FSDP2 workers (one process, or many under torchrun)"),
+    "auto": Backend("the best available: fsdp"),
+    "unsloth": Backend("accepted: fsdp", "backend='unsloth' " + _ON_FSDP.format(what="Unsloth's kernels and 4-bit loading")),
+    "trl": Backend("accepted: fsdp", "backend='trl' " + _ON_FSDP.format(what="TRL's trainers")),
+}
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
@@ -72,15 +90,18 @@ def resolve_dataset(dataset_name: str) -> tuple[list[str], list[str]]:
 class RLRun:
     """What `create_rl_trainer` returns: the checked config, built into a trainer by `train()`."""
 
-    def __init__(self, config: RLConfig, reward_functions: Optional[Sequence[Any]], from_env: dict):
+    def __init__(self, config: RLConfig, reward_functions: Optional[Sequence[Any]], from_env: dict, backend: Backend = BACKENDS["fsdp"]):
         self.config = config
         self.reward_functions = reward_functions
         self.from_env = from_env
+        self.backend = backend
         self.trainer: Optional[RLTrainer] = None
 
     def train(self) -> RLTrainer:
         denv = env_config.dist_env()
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
+        if self.backend.note and denv.rank == 0:
+            log.info("%s", self.backend.note)
         ctx = init_distributed(denv, self.config.trainer.device, self.config.trainer.collective_timeout_seconds)
         rewards = build_reward_set(self.reward_functions) if self.reward_functions else None
         self.trainer = RLTrainer(self.config, ctx, rewards)
@@ -108,7 +129,7 @@ def create_rl_trainer(
     (`**{"rollout.max_new_tokens": 32}`) or with `__` for dots (`rollout__max_new_tokens=32`).
     """
     if backend not in BACKENDS:
-        known = "; ".join(f"{k} ({v})" for k, v in BACKENDS.items())
+        known = "; ".join(f"{k} ({v.description})" for k, v in BACKENDS.items())
         raise ConfigError(f"backend={backend!r} is not available; backends: {known}")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm={algorithm!r} is not available; algorithms: {', '.join(ALGORITHMS)}")
@@ -140,4 +161,4 @@ def create_rl_trainer(
     denv = env_config.dist_env()
     resolved = resolve(cfg, RLConfig, list(values), env_config.environ(), denv.world_size, preprocess=lift_flat_sample_logging)
     announce_config(resolved, denv.rank)
-    return RLRun(resolved.config, reward_functions, resolved.from_env)
+    return RLRun(resolved.config, reward_functions, resolved.from_env, BACKENDS[backend])

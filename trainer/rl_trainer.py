@@ -14,6 +14,11 @@ of the parameters per rank during the rollout, freed afterwards; a gathered copy
 instead would leave the other ranks idle and serialise all generation on one device.
 
 Qualitative samples (`logging.sample_logging`) come from rank 0's gathered copy, as in SFT.
+
+A reward model (`reward.model`, verl's `reward_model`) is sharded over the ranks like the
+reference; every rank scores its own responses with it (a collective forward), and at a sample
+event rank 0's generated texts are scored the same way, by every rank (`Run.sample_event`'s
+`score`): the sharded model is never run by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve
 from workers.generation import GenerationSettings, encode_prompts, generate
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
+from workers.reward_model import RewardModel, check_reward_model
 from workers.rewards import RewardSet, build_reward_set
 
 log = logging.getLogger("trainer.rl")
@@ -106,6 +112,10 @@ class RLTrainer:
         self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
         check_registries(cfg)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
+        rm = cfg.reward.model
+        if rm.enable:  # its config checked before any model is built; the model itself after the actor
+            check_reward_model(rm.path, rm.trust_remote_code)
+            self.rewards = self.rewards.with_scored_elsewhere(rm.name, rm.weight)
 
         import_external_lib(cfg.model.external_lib)
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
@@ -150,10 +160,17 @@ class RLTrainer:
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:
                 group["lr"] = cfg.critic.lr
+        self.reward_model = None
+        if rm.enable:
+            self.reward_model = RewardModel(rm.path, self.spec, self.device, dist_ctx.world_size,
+                                            rm.micro_batch_size_per_gpu or cfg.actor.micro_batch_size_per_gpu, rm.max_length,
+                                            rm.trust_remote_code, cfg.model.attn_implementation)
         reference = ", frozen reference" if self.reference else (
             ", reference = the actor's base with adapters disabled" if cfg.algorithm.kl_coef > 0 else "")
-        log.info("%s: actor %.2fM parameters over %d rank(s)%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
-                 dist_ctx.world_size, reference, ", critic" if self.critic else "")
+        log.info("%s: actor %.2fM parameters over %d rank(s)%s%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
+                 dist_ctx.world_size, reference, ", critic" if self.critic else "",
+                 f", reward model {rm.path} ({param_count(self.reward_model.model) / 1e6:.2f}M, weight {rm.weight})"
+                 if self.reward_model else "")
 
         self.run.attach(self.model_config, self.tokenizer, self.lora, total_steps,
                         lambda: (self.actor, self.optimizer, self.scheduler, self._extra()),
@@ -256,13 +273,28 @@ class RLTrainer:
             generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids,
                                  micro_batch_size=r.micro_batch_size_per_gpu)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
-        scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
+        each = [p for p in prompts for _ in range(n)]
+        scores = self._score(each, [g.text for g in generated])
         # The outcome reward sits on the last generated token.
         rewards = torch.zeros_like(batch.response_mask)
         for i, (g, s) in enumerate(zip(generated, scores)):
             rewards[i, max(g.num_tokens - 1, 0)] = self.rewards.total(s)
         batch.token_level_rewards = rewards
         return batch, scores
+
+    def _score(self, prompts: Sequence[RLPrompt], responses: Sequence[str]) -> list[dict[str, float]]:
+        """Every reward of each response: the functions', then the reward model's (collective)."""
+        scores = [self.rewards.score(p.text, r, p.ground_truth) for p, r in zip(prompts, responses)]
+        if self.reward_model is not None:
+            name = self.cfg.reward.model.name
+            for s, value in zip(scores, self.reward_model.score([p.conversation for p in prompts], responses)):
+                s[name] = value
+        return scores
+
+    def _score_samples(self, prompts: list[str], responses: list[str]) -> list[dict[str, float]]:
+        """Collective, at a sample event: the reward model's scores of rank 0's samples."""
+        values = self.reward_model.score([[{"role": "user", "content": p}] for p in prompts], responses)
+        return [{self.cfg.reward.model.name: v} for v in values]
 
     def _reward_metrics(self, prefix: str, scores: list[dict[str, float]], lengths: list[float]) -> dict[str, float]:
         """Means over all ranks: one all-reduce of [sums and counts per reward, total, length]."""
@@ -295,7 +327,7 @@ class RLTrainer:
         with unsharded(self.actor, self.spec) as model:
             generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids,
                                  micro_batch_size=r.micro_batch_size_per_gpu)
-        scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
+        scores = self._score(mine, [g.text for g in generated])
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.run.tracking.log_metrics(metrics, self.run.step)
         if self.dist.is_primary:
@@ -316,7 +348,8 @@ class RLTrainer:
     def log_samples(self, stage: str) -> None:
         """Qualitative samples from rank 0's gathered copy, scored by every reward function (collective)."""
         self.run.sample_event(self.actor, self.generate_qualitative_samples,
-                              SampleEventSpec(stage, "samples", "qualitative", f"qualitative samples ({stage})"))
+                              SampleEventSpec(stage, "samples", "qualitative", f"qualitative samples ({stage})"),
+                              score=self._score_samples if self.reward_model is not None else None)
 
     def generate_qualitative_samples(self, model: torch.nn.Module) -> Samples:
         sl = self.cfg.logging.sample_logging

@@ -81,6 +81,12 @@ class Samples:
     settings: GenerationSettings
     seeds: list[int]
     rewards: Optional[list[dict[str, float]]] = None
+    generation_s: float = 0.0  # set by the sample event
+
+
+# Scores of rank 0's samples computed by every rank (a sharded reward model): (prompts, responses)
+# -> one {name: score} per response.
+ScoreFn = Callable[[list[str], list[str]], list[dict[str, float]]]
 
 
 @dataclass
@@ -215,39 +221,73 @@ class Run:
 
     # ------------------------------------------------------------------ the sample event
     def sample_event(self, sharded_model: torch.nn.Module, produce: Callable[[torch.nn.Module], Samples],
-                     spec: SampleEventSpec) -> Optional[dict[str, float]]:
+                     spec: SampleEventSpec, score: Optional[ScoreFn] = None) -> Optional[dict[str, float]]:
         """Collective: every rank calls it at the same step.
 
         Every rank takes part in the gather of the full model; it stays outside the `try`, so a
         rank failing inside it ends the run instead of going on to the barrier while the others
         are in the next all-gather (a hang). Rank 0 alone then builds or refreshes its copy,
         generates (`produce(copy)`) and logs: that may fail and only warn, and it touches no
-        sharded module. The other ranks wait at the barrier. Returns the event's metrics on
-        rank 0 (None elsewhere, or when rank 0's part failed)."""
+        sharded module. The other ranks wait at the barrier. `score` (a sharded reward model)
+        runs on every rank between generation and logging (`_score_on_every_rank`). Returns the
+        event's metrics on rank 0 (None elsewhere, or when rank 0's part failed)."""
         start = time.perf_counter()
         state = self.replica.gather(sharded_model)
-        metrics = None
-        try:
-            if self.dist.is_primary:
-                copy = self.replica.load(state)
-                gather_s = time.perf_counter() - start
-                samples = produce(copy)
-                generation_s = time.perf_counter() - start - gather_s
-                log.debug("%s samples: gather %.3fs, generation %.3fs, %s", spec.stage, gather_s, generation_s,
-                          samples.settings.describe())
-                metrics = self.sample_logger.log(
-                    self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
-                    samples.settings, samples.seeds, generation_s, samples.rewards,
-                )
-        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
-            log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
-        finally:
-            del state
-            if self.dist.is_primary:
-                self.replica.release()  # a copy on the GPU gives its memory back to training
+        samples = self._generate_on_rank_zero(state, produce, spec, start) if self.dist.is_primary else None
+        del state
+        if score is not None:
+            samples = self._score_on_every_rank(samples, score, spec)
+        metrics = self._log_on_rank_zero(samples, spec) if samples is not None else None
         dist.barrier()
         self.samples_s += time.perf_counter() - start
         return metrics
+
+    def _generate_on_rank_zero(self, state: dict, produce: Callable[[torch.nn.Module], Samples], spec: SampleEventSpec,
+                               start: float) -> Optional[Samples]:
+        """Rank 0 alone: load the gathered state into its copy and generate. Out of memory or any
+        other failure here warns (None); the copy is released either way, so a copy on the GPU
+        gives its memory back to training."""
+        try:
+            copy = self.replica.load(state)
+            gather_s = time.perf_counter() - start
+            samples = produce(copy)
+            samples.generation_s = time.perf_counter() - start - gather_s
+            log.debug("%s samples: gather %.3fs, generation %.3fs, %s", spec.stage, gather_s, samples.generation_s,
+                      samples.settings.describe())
+            return samples
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
+            return None
+        finally:
+            self.replica.release()
+
+    def _log_on_rank_zero(self, samples: Samples, spec: SampleEventSpec) -> Optional[dict[str, float]]:
+        try:
+            return self.sample_logger.log(
+                self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
+                samples.settings, samples.seeds, samples.generation_s, samples.rewards,
+            )
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
+            return None
+
+    def _score_on_every_rank(self, samples: Optional[Samples], score: ScoreFn, spec: SampleEventSpec) -> Optional[Samples]:
+        """Collective. Rank 0 broadcasts its prompts and responses (None when its part failed:
+        then nobody scores), every rank scores the same texts (`score(prompts, responses)`, one
+        dict of named scores per response), rank 0 adds them to its samples' rewards. The texts
+        are the same on every rank, so a scoring error is raised on all of them alike."""
+        box = [None if samples is None else (samples.prompts, [g.text for g in samples.generated])]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return samples
+        try:
+            extra = score(*box[0])
+        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+            log.warning("%s: scoring failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
+            return samples
+        if samples is not None:
+            samples.rewards = [{**(r or {}), **e} for r, e in zip(samples.rewards or [None] * len(extra), extra)]
+        return samples
 
     def take_samples_time(self) -> float:
         """Seconds spent in sample events since the last call (a step's `timing/samples_s`)."""

@@ -122,14 +122,24 @@ class NamedReward:
 
 
 class RewardSet:
-    """Every registered reward of a trainer; scores one response by each, and their weighted sum."""
+    """Every registered reward of a trainer; scores one response by each, and their weighted sum.
 
-    def __init__(self, rewards: Sequence[NamedReward]):
+    `scored_elsewhere` ({name: weight}) are rewards whose scores the trainer adds to each response's
+    scores itself (a reward model: a collective forward, not a per-response function call); they
+    count in `names` and `total` like the functions."""
+
+    def __init__(self, rewards: Sequence[NamedReward], scored_elsewhere: Optional[dict[str, float]] = None):
         self.rewards = list(rewards)
+        self.scored_elsewhere = dict(scored_elsewhere or {})
+
+    def with_scored_elsewhere(self, name: str, weight: float) -> "RewardSet":
+        if name in self.names:
+            raise RewardError(f"reward name {name!r} is taken by a reward function (names: {', '.join(self.names)})")
+        return RewardSet(self.rewards, {**self.scored_elsewhere, name: weight})
 
     @property
     def names(self) -> list[str]:
-        return [r.name for r in self.rewards]
+        return [r.name for r in self.rewards] + list(self.scored_elsewhere)
 
     def score(self, prompt: str, response: str, ground_truth: Optional[str]) -> dict[str, float]:
         scores = {}
@@ -140,7 +150,8 @@ class RewardSet:
         return scores
 
     def total(self, scores: dict[str, float]) -> float:
-        return sum(r.weight * scores.get(r.name, 0.0) for r in self.rewards)
+        return (sum(r.weight * scores.get(r.name, 0.0) for r in self.rewards)
+                + sum(weight * scores.get(name, 0.0) for name, weight in self.scored_elsewhere.items()))
 
 
 def build_reward_set(specs: Sequence[Any]) -> RewardSet:

@@ -137,8 +137,12 @@ def test_reward_registry_and_user_functions():
 
 
 def test_api_rejects_unknown_backend_listing_what_exists(tiny_model, rl_data):
-    with pytest.raises(ConfigError, match=r"^backend='unsloth' is not available; backends: fsdp .*; auto "):
-        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", backend="unsloth")
+    with pytest.raises(ConfigError, match=r"^backend='deepspeed' is not available; backends: fsdp .*; auto .*; unsloth \(accepted: fsdp\)"):
+        create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", backend="deepspeed")
+    # The AlignTune document's names run on the FSDP2 workers; the run says so in one line.
+    for name in ("unsloth", "trl"):
+        run = create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", backend=name)
+        assert run.backend.note.startswith(f"backend='{name}' runs on this project's FSDP2 workers") and "\n" not in run.backend.note
     with pytest.raises(ConfigError, match=r"^algorithm='dpo' is not available"):
         create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="dpo")
     with pytest.raises(ConfigError, match=r"^logging.sample_logging.percent_of_max_steps: must be in \(0, 1\]"):

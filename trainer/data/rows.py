@@ -63,6 +63,22 @@ def iter_row_chunks(
         raise DataError(f"{key}: unsupported file type {suffix!r} for {path} (use .parquet or .jsonl)")
 
 
+def file_columns(path: str, key: str) -> list[str]:
+    """The column names of a parquet file (its schema) or a JSONL file (its first row's keys):
+    what a reader checks to tell the file's layout before reading it."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{key}: file not found: {path}")
+    if file.suffix.lower() == ".parquet":
+        try:
+            return list(pq.ParquetFile(file).schema_arrow.names)
+        except (pa.ArrowException, OSError) as err:
+            raise _parquet_error(path, err) from None
+    for chunk in _jsonl_chunks(file, path, (), (), 1):
+        return list(chunk[0].values)
+    return []
+
+
 def _parquet_error(path: str, err: Exception) -> DataError:  # not parquet, truncated, a corrupt page
     return DataError(f"{path}: not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
 
@@ -125,6 +141,8 @@ def _jsonl_row(raw: bytes, path: str, line_no: int, offset: int, columns: Sequen
     for c in columns:
         if c not in record:
             raise DataError(f"{path}: row {line_no}: column {c!r} not found")
+    if not columns and not optional:  # file_columns: every key of the row
+        return Row(path, line_no, record, offset)
     return Row(path, line_no, {c: record[c] for c in [*columns, *optional] if c in record}, offset)
 
 
