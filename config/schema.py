@@ -73,6 +73,12 @@ class MultiturnConfig:
         "Column with each conversation's `enable_thinking` flag for the chat template (used when the column exists).",
         "enable_thinking",
     )
+    completion_key: Optional[str] = doc(
+        "Column of messages that complete `messages_key`'s (TRL's conversational prompt-completion: "
+        "`messages_key=prompt`, `completion_key=completion`): loss on the completion's assistant turns "
+        "only. null: one column holds the whole conversation.",
+        None,
+    )
 
 
 @dataclass
