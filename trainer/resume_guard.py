@@ -3,6 +3,7 @@
 Resume is automatic (`trainer.resume_mode=auto`): a run whose `trainer.default_local_dir` already
 holds a checkpoint continues it. When that checkpoint came from another run (another model, other
 data, another LoRA rank or algorithm), continuing it would train the wrong thing without a word.
+A checkpoint named in `trainer.resume_from_path` is a choice, not a surprise, and is not guarded.
 Each checkpoint's `trainer_state.json` carries the run's essential keys (`ESSENTIAL_KEY`, written
 by `Run.save`); before anything is loaded, rank 0 compares them with this run's and every rank
 stops with one line naming the first key that changed, and how to start fresh or force the resume.
@@ -95,11 +96,12 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def mismatch(resume_mode: str, resume_from_path: Optional[str], run_dir: Path, current: dict[str, Any]) -> Optional[str]:
-    """The one-line reason not to resume, or None. Follows the resume rule (`auto`: resume_from_path,
-    else the run directory's latest checkpoint; `resume_path`: resume_from_path; `disable`: none)."""
-    if resume_mode == "disable":
+    """The one-line reason not to resume, or None. Only the automatic resume is guarded (`auto`
+    without `resume_from_path`: the run directory's latest checkpoint); a checkpoint named in
+    `resume_from_path` is the user's choice, e.g. to continue an SFT run on other data."""
+    if resume_mode != "auto" or resume_from_path:
         return None
-    checkpoint = Path(resume_from_path).expanduser() if resume_from_path else latest_checkpoint(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not is_checkpoint(checkpoint):
         return None  # nothing to resume, or a bad resume_from_path: the resume itself says so
     saved = saved_essential_config(checkpoint, run_dir)

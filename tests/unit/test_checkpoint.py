@@ -218,6 +218,7 @@ def test_resuming_another_runs_checkpoint_is_one_line_naming_the_key(tmp_path, c
                                           r"or a new trainer.default_local_dir, or resume it anyway with trainer.resume_force=true$"):
         resume_guard.check("auto", None, False, run_dir, other)
     assert resume_guard.mismatch("disable", None, run_dir, other) is None
+    assert resume_guard.mismatch("auto", str(ckpt), run_dir, other) is None  # named by the user: a choice, not a surprise
     with caplog.at_level("WARNING", logger="trainer.resume_guard"):
         resume_guard.check("auto", None, True, run_dir, other)
     assert "trainer.resume_force=true: resuming although model.partial_pretrain changed" in caplog.text

@@ -39,6 +39,12 @@ def test_formats_trained_on_nowhere_else_are_refused_in_one_line():
         hf_datasets.detect_format({"a": 1, "b": 2}, "x")
 
 
+def test_a_file_in_no_known_format_lists_its_columns(tmp_path):
+    path = write_parquet([{"question": "1+1=", "answer": "2"}], tmp_path / "qa.parquet")
+    with pytest.raises(DataError, match=r"^train_dataset \(.*qa.parquet\): columns \['answer', 'question'\] match none"):
+        create_sft_trainer(model=str(DEMO_MODEL), train_dataset=str(path))
+
+
 def test_conversational_prompt_completion_trains_on_the_completion_only(tmp_path, tok):
     # An assistant turn in the prompt is context, as with TRL's completion_only_loss.
     prompt = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+3="}]

@@ -13,11 +13,15 @@ for a folder written by `save_to_disk` or a hub id; a `Dataset` object brings it
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from trainer.data.rows import DataError, iter_row_chunks
 
@@ -77,11 +81,31 @@ def detect_format(row: dict, where: str) -> Format:
 
 
 def first_row(path: str, key: str) -> dict:
-    """The first row of a parquet or JSONL file, with the columns a format is recognised by."""
-    for chunk in iter_row_chunks(path, [], key, _CANDIDATE_COLUMNS, chunk_rows=1):
+    """The first row of a parquet or JSONL file (every column, so an error can list them)."""
+    columns = _CANDIDATE_COLUMNS
+    if path.lower().endswith(".parquet"):
+        try:
+            columns = tuple(pq.ParquetFile(path).schema_arrow.names)
+        except (pa.ArrowException, OSError):
+            pass  # iter_row_chunks says what is wrong with the file, naming it
+    elif path.lower().endswith((".jsonl", ".json")):
+        columns = _jsonl_columns(path)
+    for chunk in iter_row_chunks(path, [], key, columns, chunk_rows=1):
         if chunk:
             return chunk[0].values
     raise DataError(f"{path}: no rows ({key})")
+
+
+def _jsonl_columns(path: str) -> tuple[str, ...]:
+    try:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                if raw.strip():
+                    record = json.loads(raw)
+                    return tuple(record) if isinstance(record, dict) else _CANDIDATE_COLUMNS
+    except (OSError, ValueError):
+        pass  # iter_row_chunks names the file and row
+    return _CANDIDATE_COLUMNS
 
 
 # ----------------------------------------------------------------------------- sources to files
