@@ -105,6 +105,11 @@ def test_bad_sources_are_one_line(tmp_path, monkeypatch):
         hf_datasets.train_part(datasets.DatasetDict({"x": datasets.Dataset.from_list([{"a": 1}])}), "train_dataset")
     with pytest.raises(DataError, match=r"^train_dataset: a streaming \(Iterable\) dataset"):
         hf_datasets.open_source(datasets.Dataset.from_list([{"a": 1}]).to_iterable_dataset(), "train_dataset")
+    streamed = datasets.IterableDatasetDict({"train": datasets.Dataset.from_list([{"a": 1}]).to_iterable_dataset()})
+    with pytest.raises(DataError, match=r"^train_dataset: a streaming \(Iterable\) dataset"):
+        hf_datasets.train_and_eval_files(streamed, None, str(tmp_path))
+    with pytest.raises(DataError, match=r"^eval_dataset: file not found: .*missing.parquet$"):
+        hf_datasets.open_source(str(tmp_path / "missing.parquet"), "eval_dataset")
     datasets.Dataset.from_list([{"a": 1}]).save_to_disk(str(tmp_path / "saved"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the extra were not installed
     with pytest.raises(DataError, match=r"^eval_dataset: reading it needs the `datasets` package: "

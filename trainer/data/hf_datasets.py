@@ -142,11 +142,11 @@ def _folder_files(folder: Path, want_val: bool) -> list[str]:
 def open_source(source: Any, argument: str) -> Any:
     """What a TRL-style data argument names: a list of files, a folder of files (a Path), a
     `Dataset` or a `DatasetDict`. `argument` names it in errors (`train_dataset=...`)."""
-    if is_dataset(source) or is_dataset_dict(source):
-        return source
-    if type(source).__name__.startswith("Iterable"):
+    if type(source).__name__.startswith("Iterable"):  # IterableDataset, IterableDatasetDict
         raise DataError(f"{argument}: a streaming (Iterable) dataset cannot be tokenized once into the token cache; "
                         "load it with streaming=False")
+    if is_dataset(source) or is_dataset_dict(source):
+        return source
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
         return [str(Path(s).expanduser()) for s in source]
     if not isinstance(source, (str, Path)):
@@ -158,6 +158,8 @@ def open_source(source: Any, argument: str) -> Any:
         return _datasets(argument).load_from_disk(str(path))
     if path.is_dir() and _folder_files(path, want_val=False):
         return path
+    if path.suffix.lower() in _FILE_SUFFIXES and not path.exists():  # a data file's name, not a hub id
+        raise DataError(f"{argument}: file not found: {path}")
     # Not a local file or folder of ours: the hub (or a folder `load_dataset` reads, e.g. CSV).
     datasets = _datasets(argument)
     try:
