@@ -182,7 +182,7 @@ SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 # marker in its name (a reward function's kwargs, an environment variable) is hidden.
 NOT_SECRETS = frozenset({
     "prompt_key", "response_key", "answer_key", "messages_key", "prompt_dict_keys", "response_dict_keys",
-    "tools_key", "enable_thinking_key",
+    "tools_key", "enable_thinking_key", "completion_key",
     "max_new_tokens", "max_token_len_per_gpu",
 })
 

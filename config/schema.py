@@ -73,6 +73,12 @@ class MultiturnConfig:
         "Column with each conversation's `enable_thinking` flag for the chat template (used when the column exists).",
         "enable_thinking",
     )
+    completion_key: Optional[str] = doc(
+        "Column of messages that complete `messages_key`'s (TRL's conversational prompt-completion: "
+        "`messages_key=prompt`, `completion_key=completion`): loss on the completion's assistant turns "
+        "only. null: one column holds the whole conversation.",
+        None,
+    )
 
 
 @dataclass
@@ -416,6 +422,11 @@ class TrainerConfig:
         "auto",
     )
     resume_from_path: Optional[str] = doc("A checkpoint directory (global_step_N) to resume from (modes auto and resume_path).", None)
+    resume_force: bool = doc(
+        "Resume even when the checkpoint was written by a run with another model, data, LoRA rank or algorithm "
+        "(without it such a resume stops in one line naming the changed key).",
+        False,
+    )
     device: str = doc("`auto` (cuda if available), `cuda` or `cpu`; picks nccl or gloo.", "auto")
     max_val_samples: int = doc("Validation samples generated per validation (0 turns generation off).", 5)
     log_freq: int = doc("Send train metrics to the trackers every N steps.", 1)

@@ -1,4 +1,15 @@
-"""Python API for the RL trainers.
+"""Python API: `create_sft_trainer` and `create_rl_trainer`, each returning a run with `.train()`.
+
+    from datasets import Dataset                      # optional: files and folders work without it
+    from trainer.api import create_sft_trainer
+
+    trainer = create_sft_trainer(
+        model="config/demo_assets/model",                # local directory or hub id
+        train_dataset=Dataset.from_list(rows),           # Dataset, save_to_disk folder, hub id or files
+        max_length=64, learning_rate=1e-3, max_steps=20, # TRL's names where they mean the same
+        **{"trainer.default_local_dir": "runs/sft"},     # any config key (or trainer__default_local_dir=...)
+    )
+    trainer.train()
 
     from trainer.api import create_rl_trainer
 
@@ -14,8 +25,10 @@
     )
     trainer.train()
 
-It composes the same Hydra config as `python -m trainer.rl_trainer --config-name <algorithm>_trainer`,
-so YAML and Python runs are the same runs. `train()` works in one process or under torchrun.
+They compose the same Hydra config as `python -m trainer.fsdp_sft_trainer` and `python -m
+trainer.rl_trainer --config-name <algorithm>_trainer`, so YAML and Python runs are the same runs.
+TRL's argument names are translated by `config/trl.py`; a TRL name with no counterpart here is
+refused in one line naming the nearest key. `train()` works in one process or under torchrun.
 """
 
 from __future__ import annotations
@@ -29,10 +42,13 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from config import env as env_config
+from config import trl
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
-from config.schema import ConfigError
+from config.schema import ConfigError, SFTConfig
 from trainer.cli import announce_config, setup_logging
+from trainer.data import hf_datasets
 from trainer.distributed import init_distributed, teardown
+from trainer.fsdp_sft_trainer import FSDPSFTTrainer
 from trainer.rl_trainer import RLTrainer
 from config.loading import resolve
 from workers.rewards import build_reward_set
@@ -87,27 +103,82 @@ def resolve_dataset(dataset_name: str) -> tuple[list[str], list[str]]:
     return train, val
 
 
-class RLRun:
-    """What `create_rl_trainer` returns: the checked config, built into a trainer by `train()`."""
+class _Run:
+    """The checked config, built into a trainer by `train()` (in one process or under torchrun)."""
 
-    def __init__(self, config: RLConfig, reward_functions: Optional[Sequence[Any]], from_env: dict, backend: Backend = BACKENDS["fsdp"]):
+    def __init__(self, config: Any, from_env: dict, backend: Optional[Backend] = None):
         self.config = config
-        self.reward_functions = reward_functions
         self.from_env = from_env
         self.backend = backend
-        self.trainer: Optional[RLTrainer] = None
+        self.trainer: Any = None
 
-    def train(self) -> RLTrainer:
+    def _build(self, ctx) -> Any:
+        raise NotImplementedError
+
+    def train(self) -> Any:
         denv = env_config.dist_env()
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
-        if self.backend.note and denv.rank == 0:
+        if self.backend is not None and self.backend.note and denv.rank == 0:
             log.info("%s", self.backend.note)
         ctx = init_distributed(denv, self.config.trainer.device, self.config.trainer.collective_timeout_seconds)
-        rewards = build_reward_set(self.reward_functions) if self.reward_functions else None
-        self.trainer = RLTrainer(self.config, ctx, rewards)
+        self.trainer = self._build(ctx)
         self.trainer.fit()
         teardown()
         return self.trainer
+
+
+class RLRun(_Run):
+    """What `create_rl_trainer` returns."""
+
+    def __init__(self, config: RLConfig, reward_functions: Optional[Sequence[Any]], from_env: dict, backend: Backend):
+        super().__init__(config, from_env, backend)
+        self.reward_functions = reward_functions
+
+    def _build(self, ctx) -> RLTrainer:
+        rewards = build_reward_set(self.reward_functions) if self.reward_functions else None
+        return RLTrainer(self.config, ctx, rewards)
+
+
+class SFTRun(_Run):
+    """What `create_sft_trainer` returns."""
+
+    def _build(self, ctx) -> FSDPSFTTrainer:
+        return FSDPSFTTrainer(self.config, ctx)
+
+
+def _split_arguments(kwargs: dict[str, Any], names: dict, nearest: dict, api: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(TRL names, config keys) of the keywords; a keyword that is neither is refused, named."""
+    given, keys = {}, {}
+    for name, value in kwargs.items():
+        if trl.is_trl_name(name, names, nearest):
+            given[name] = value
+            continue
+        key = name.replace("__", ".")
+        if "." not in key:
+            raise ConfigError(f"{api}: unknown argument {name!r} (TRL names accepted: {', '.join(sorted(names))}; "
+                              "or a config key, dotted or with __ for dots)")
+        keys[key] = value
+    return given, keys
+
+
+def _compose(config_name: str, values: dict[str, Any]) -> Any:
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        cfg = compose(config_name)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, force_add=True)  # an unknown key fails in resolve(), named
+    return cfg
+
+
+def _with_trl_names(cfg: Any, given: dict, names: dict, nearest: dict, trainer: str, world_size: int,
+                    explicit: dict[str, Any]) -> dict[str, Any]:
+    """Translate TRL's names (config/trl.py) against the composed config and apply them; a key
+    given both ways is refused (which one wins would be a guess)."""
+    translated = trl.translate(given, names, nearest, trainer, world_size, lambda key: OmegaConf.select(cfg, key))
+    for key, value in translated.items():
+        if key in explicit and explicit[key] != value:
+            raise ConfigError(f"{key} is given twice: {explicit[key]!r} and, from a TRL argument ({', '.join(given)}), {value!r}")
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return translated
 
 
 def create_rl_trainer(
@@ -125,8 +196,10 @@ def create_rl_trainer(
 
     `batch_size` counts prompts per optimizer step (all ranks). `reward_functions` are callables
     (named `reward_0`, `reward_1`, ... unless they carry a `reward_name`), `(name, fn)` pairs,
-    registered names, or `module:function` strings. Other keywords are config keys, dotted
-    (`**{"rollout.max_new_tokens": 32}`) or with `__` for dots (`rollout__max_new_tokens=32`).
+    registered names, or `module:function` strings. Other keywords are TRL's GRPOConfig names where
+    they mean the same here (`num_generations=8`, `beta=0.0`, `max_completion_length=32`: see
+    config/trl.py) or config keys, dotted (`**{"rollout.max_new_tokens": 32}`) or with `__` for
+    dots (`rollout__max_new_tokens=32`).
     """
     if backend not in BACKENDS:
         known = "; ".join(f"{k} ({v.description})" for k, v in BACKENDS.items())
@@ -142,13 +215,10 @@ def create_rl_trainer(
         values["trainer.total_training_steps"] = None  # the epochs decide
     if batch_size is not None:
         values["data.prompts_per_step"] = batch_size
-    for key, value in config_keys.items():
-        values[key.replace("__", ".")] = value
-
-    with initialize_config_module(config_module="config", version_base="1.3"):
-        cfg = compose(f"{algorithm}_trainer")
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, force_add=True)  # an unknown key fails in resolve(), named
+    trl_given, keys = _split_arguments(config_keys, trl.GRPO, trl.GRPO_NEAREST, "create_rl_trainer")
+    values.update(keys)
+    denv = env_config.dist_env()
+    cfg = _compose(f"{algorithm}_trainer", values)
     if sample_logging is not None:
         # Merged into a SampleLoggingConfig with the documented defaults, which validates it.
         given = asdict(sample_logging) if isinstance(sample_logging, SampleLoggingConfig) else dict(sample_logging)
@@ -157,8 +227,53 @@ def create_rl_trainer(
             raise ConfigError(f"sample_logging.{sorted(unknown)[0]}: unknown field "
                               f"(fields: {', '.join(sorted(SampleLoggingConfig.field_names()))})")
         cfg.logging.sample_logging = asdict(SampleLoggingConfig(**given))
+    values.update(_with_trl_names(cfg, trl_given, trl.GRPO, trl.GRPO_NEAREST, "GRPOConfig", denv.world_size, values))
 
-    denv = env_config.dist_env()
     resolved = resolve(cfg, RLConfig, list(values), env_config.environ(), denv.world_size, preprocess=lift_flat_sample_logging)
     announce_config(resolved, denv.rank)
     return RLRun(resolved.config, reward_functions, resolved.from_env, BACKENDS[backend])
+
+
+# ---------------------------------------------------------------------- SFT
+_SFT_FORMAT_KEYS = ("data.prompt_key", "data.response_key", "data.multiturn")
+
+
+def create_sft_trainer(
+    model: str,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    config_name: str = "sft_trainer",
+    **kwargs: Any,
+) -> SFTRun:
+    """Build an SFT run, TRL's `SFTTrainer(model=..., train_dataset=..., args=SFTConfig(...))` in
+    one call. Everything is checked here, before any model is loaded.
+
+    `model`: a local directory or hub id. `train_dataset` / `eval_dataset`: a `datasets.Dataset`
+    or `DatasetDict`, a folder written by `save_to_disk`, a hub id, a parquet/JSONL file, a list of
+    them, or a folder of them (val/test files in it become the validation set); TRL's formats
+    (`messages`, `prompt`/`completion`, conversational prompt/completion) are recognised from the
+    first row unless `data.prompt_key`/`data.response_key`/`data.multiturn.*` are given. Other
+    keywords: TRL's SFTConfig names where they mean the same here (`max_length`, `learning_rate`,
+    `num_train_epochs`, `max_steps`, `per_device_train_batch_size`, `report_to`, ...: see
+    config/trl.py) or config keys, dotted or with `__` for dots.
+    """
+    trl_given, keys = _split_arguments(kwargs, trl.SFT, trl.SFT_NEAREST, "create_sft_trainer")
+    values: dict[str, Any] = {"model.partial_pretrain": model, **keys}
+    denv = env_config.dist_env()
+    cfg = _compose(config_name, values)
+    values.update(_with_trl_names(cfg, trl_given, trl.SFT, trl.SFT_NEAREST, "SFTConfig", denv.world_size, values))
+
+    # Datasets become parquet files under the token cache's folder, tokenized once from there.
+    cache_dir = OmegaConf.select(cfg, "data.cache_dir") or env_config.token_cache_dir(env_config.environ())
+    train_files, val_files = hf_datasets.train_and_eval_files(train_dataset, eval_dataset, cache_dir)
+    data = {"data.train_files": train_files, "data.val_files": val_files}
+    if not any(k.startswith(_SFT_FORMAT_KEYS) for k in values):
+        fmt = hf_datasets.detect_format(hf_datasets.first_row(train_files[0], "train_dataset"), f"train_dataset ({train_files[0]})")
+        data.update({f"data.{k}": v for k, v in fmt.keys.items()})
+    for key, value in data.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    values.update(data)
+
+    resolved = resolve(cfg, SFTConfig, list(values), env_config.environ(), denv.world_size)
+    announce_config(resolved, denv.rank)
+    return SFTRun(resolved.config, resolved.from_env)

@@ -26,6 +26,7 @@ from config.schema import SFTConfig
 from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.samples import prompt_id, sample_seed
 from workers import liger, sequence_parallel
@@ -90,7 +91,7 @@ class FSDPSFTTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg))
 
         # Cheap things that can be wrong come first: trackers (in Run), tokenizer, data. Then the model.
         liger.check(cfg.model.use_liger, self.device)

@@ -42,6 +42,7 @@ from config.schema import ConfigError
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
+from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.samples import prompt_id, sample_seed
 from workers import core_algos
@@ -109,7 +110,7 @@ class RLTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg))
         check_registries(cfg)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
         rm = cfg.reward.model

@@ -40,6 +40,7 @@ from trainer.cli import (
     announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
 )
 from trainer.distributed import DistContext, init_distributed, teardown
+from trainer import resume_guard
 from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
@@ -104,11 +105,17 @@ class Run:
     """A run's services: run directory, preemption watch, checkpoints and resume, trackers,
     sample history, live report, the rank-0 generation copy; its position; its sample event."""
 
-    def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext):
+    def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext,
+                 essential: Optional[dict[str, Any]] = None):
         self.cfg, self.samples_cfg, self.model_cfg = trainer_cfg, samples_cfg, model_cfg
         self.dist = dist_ctx
         self.run_dir = Path(trainer_cfg.default_local_dir)
         check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
+        # The run's essential keys (resume_guard.essential_config), saved with each checkpoint: a
+        # resume of another run's checkpoint stops here, before anything is loaded.
+        self.essential = essential or {}
+        resume_guard.check(trainer_cfg.resume_mode, trainer_cfg.resume_from_path, trainer_cfg.resume_force,
+                           self.run_dir, self.essential)
         self.preemption = PreemptionWatch()
         check_available(trainer_cfg.logger)  # a missing tracker package fails before any model
         self.position = Position()
@@ -215,7 +222,8 @@ class Run:
         self._bar.close()
 
     def save(self, model, optimizer, scheduler, extra: Optional[dict] = None) -> Path:
-        path = self.checkpointer.save(self.step, model, optimizer, scheduler, asdict(self.position), extra or {})
+        state = {**asdict(self.position), resume_guard.ESSENTIAL_KEY: self.essential}
+        path = self.checkpointer.save(self.step, model, optimizer, scheduler, state, extra or {})
         log.info("saved checkpoint %s", path)
         return path
 

@@ -288,3 +288,54 @@ def test_a_state_that_does_not_fit_the_config_is_an_error(tiny_model, trained_st
     with pytest.raises(CheckpointError, match=r"do not fit this model config \(size mismatch for model.norm.weight"):
         write_hf_model(wide, assets_from(tiny_model), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the resume guard
+def _checkpoint_with(run_dir, step, essential=None):
+    import json as _json
+
+    from trainer.resume_guard import ESSENTIAL_KEY
+
+    ckpt = run_dir / f"global_step_{step}"
+    ckpt.mkdir(parents=True)
+    state = {"global_step": step, **({ESSENTIAL_KEY: essential} if essential is not None else {})}
+    (ckpt / "trainer_state.json").write_text(_json.dumps(state))
+    (run_dir / "latest_checkpointed_iteration.txt").write_text(str(step))
+    return ckpt
+
+
+def test_resuming_another_runs_checkpoint_is_one_line_naming_the_key(tmp_path, caplog):
+    from trainer import resume_guard
+
+    data = tmp_path / "a.parquet"
+    data.write_bytes(b"x")
+    cfg = {"model": {"partial_pretrain": "m", "lora_rank": 0}, "data": {"train_files": str(data), "multiturn": {"enable": False}}}
+    saved = resume_guard.essential_config(cfg)
+    assert saved["data.train_files"] == [str(data.resolve())] and "algorithm.adv_estimator" not in saved
+    run_dir = tmp_path / "run"
+    ckpt = _checkpoint_with(run_dir, 4, saved)
+    same = resume_guard.essential_config({**cfg, "data": {"train_files": [str(data)], "multiturn": {"enable": False}}})
+    assert resume_guard.mismatch("auto", None, run_dir, same) is None
+    other = resume_guard.essential_config({**cfg, "model": {"partial_pretrain": "other", "lora_rank": 0}})
+    with pytest.raises(ConfigError, match=rf"^model.partial_pretrain changed since the checkpoint {ckpt} \('m' -> 'other'\): "
+                                          r"resuming would continue a different run; start fresh with trainer.resume_mode=disable "
+                                          r"or a new trainer.default_local_dir, or resume it anyway with trainer.resume_force=true$"):
+        resume_guard.check("auto", None, False, run_dir, other)
+    assert resume_guard.mismatch("disable", None, run_dir, other) is None
+    assert resume_guard.mismatch("auto", str(ckpt), run_dir, other) is None  # named by the user: a choice, not a surprise
+    with caplog.at_level("WARNING", logger="trainer.resume_guard"):
+        resume_guard.check("auto", None, True, run_dir, other)
+    assert "trainer.resume_force=true: resuming although model.partial_pretrain changed" in caplog.text
+
+
+def test_older_checkpoints_are_compared_with_the_run_directorys_config(tmp_path):
+    import json as _json
+
+    from trainer import resume_guard
+
+    run_dir = tmp_path / "run"
+    _checkpoint_with(run_dir, 2)  # written before the keys were saved with checkpoints
+    assert resume_guard.mismatch("auto", None, run_dir, {"model.lora_rank": 8}) is None  # nothing to compare with
+    (run_dir / "config.json").write_text(_json.dumps({"model": {"lora_rank": 0}, "algorithm": {"adv_estimator": "grpo"}}))
+    assert resume_guard.mismatch("auto", None, run_dir, {"model.lora_rank": 0}) is None
+    assert resume_guard.mismatch("auto", None, run_dir, {"model.lora_rank": 8}).startswith("model.lora_rank changed since")

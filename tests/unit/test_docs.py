@@ -342,24 +342,31 @@ def test_the_verl_pages_command_lines_here_resolve_without_a_refusal(tiny_model,
 def test_python_examples_call_the_api_with_keys_that_exist():
     import inspect
 
-    from trainer.api import create_rl_trainer
+    from config import trl
+    from trainer.api import create_rl_trainer, create_sft_trainer
 
-    params = set(inspect.signature(create_rl_trainer).parameters) - {"config_keys"}
-    checked = 0
+    apis = {  # function: (its own parameters, the TRL names it accepts, its config keys' kind)
+        "create_rl_trainer": (set(inspect.signature(create_rl_trainer).parameters) - {"config_keys"}, trl.GRPO, "rl"),
+        "create_sft_trainer": (set(inspect.signature(create_sft_trainer).parameters) - {"kwargs"}, trl.SFT, "sft"),
+    }
+    checked = {name: 0 for name in apis}
     for page, body in blocks(lambda lang: lang == "python"):
         for node in ast.walk(ast.parse(body)):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "create_rl_trainer":
-                for kw in node.keywords:
-                    if kw.arg is None:  # **{"dotted.key": value}
-                        keys = [k.value for k in kw.value.keys]
-                    elif kw.arg in params:
-                        continue
-                    else:
-                        keys = [kw.arg.replace("__", ".")]
-                    for key in keys:
-                        assert key_exists(key, "rl"), f"{page.name}: create_rl_trainer(... {key} ...) is not an RL key"
-                checked += 1
-    assert checked >= 2
+            name = getattr(getattr(node, "func", None), "id", None)
+            if not isinstance(node, ast.Call) or name not in apis:
+                continue
+            params, trl_names, kind = apis[name]
+            for kw in node.keywords:
+                if kw.arg is None:  # **{"dotted.key": value}
+                    keys = [k.value for k in kw.value.keys]
+                elif kw.arg in params or kw.arg in trl_names:
+                    continue
+                else:
+                    keys = [kw.arg.replace("__", ".")]
+                for key in keys:
+                    assert key_exists(key, kind), f"{page.name}: {name}(... {key} ...) is not an {kind.upper()} key"
+            checked[name] += 1
+    assert checked["create_rl_trainer"] >= 2 and checked["create_sft_trainer"] >= 1, checked
 
 
 def test_the_trl_name_map_points_at_keys_that_exist():

@@ -5,6 +5,8 @@
     sft_examples.py  SFT examples: tokenizing (single-turn, chat template), texts read back for samples
     batching.py      `collate`/`MicroBatch`, epoch orders, `SFTBatches`, validation micro-batches
     rl_prompts.py    RL prompts and their per-step batches (imported as `trainer.data.rl_prompts`)
+    hf_datasets.py   datasets.Dataset / save_to_disk folders / hub ids as parquet files, TRL's formats
+                     (imported as `trainer.data.hf_datasets`)
 
 The names the trainers, scripts and tests import are re-exported here.
 """

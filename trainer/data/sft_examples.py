@@ -136,26 +136,43 @@ def _template_kwargs(row: Row, cfg: DataConfig) -> dict:
     return kwargs
 
 
+def _checked_messages(row: Row, column: str) -> list[dict]:
+    messages = row.values[column]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{row.file}: row {row.index}: column {column!r} must be a non-empty list of messages")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{row.file}: row {row.index}: column {column!r} message {j} needs text 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def row_messages(row: Row, cfg: DataConfig) -> tuple[list[dict], int]:
+    """A row's conversation and the index of its first message that may be trained on: 0, or
+    with `multiturn.completion_key` (TRL's conversational prompt-completion) the completion's first."""
+    m = cfg.multiturn
+    msgs = _checked_messages(row, m.messages_key)
+    if not m.completion_key:
+        trained_from, learn_from = 0, m.messages_key
+    else:
+        trained_from, learn_from = len(msgs), m.completion_key
+        msgs += _checked_messages(row, m.completion_key)
+    if not any(msg["role"] == "assistant" for msg in msgs[trained_from:]):
+        raise DataError(f"{row.file}: row {row.index}: column {learn_from!r} has no assistant message to learn from")
+    return msgs, trained_from
+
+
 def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> list[Example]:
-    """Loss on every assistant turn's tokens (content and end-of-turn), none elsewhere.
+    """Loss on every assistant turn's tokens (content and end-of-turn), none elsewhere; with
+    `multiturn.completion_key`, on the completion's assistant turns only.
 
     Each message's span is the text its rendering adds to the rendering of the messages before
     it, so the template must render conversations prefix by prefix (all common templates do).
     """
-    key = cfg.multiturn.messages_key
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("data.multiturn.enable=true needs a tokenizer with a chat_template")
     examples = []
     for row in rows:
-        messages = row.values[key]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{row.file}: row {row.index}: column {key!r} must be a non-empty list of messages")
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{row.file}: row {row.index}: column {key!r} message {j} needs text 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{row.file}: row {row.index}: column {key!r} has no assistant message to learn from")
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        msgs, trained_from = row_messages(row, cfg)
         template_kwargs = _template_kwargs(row, cfg)
         ids: list[int] = []
         labels: list[int] = []
@@ -164,7 +181,7 @@ def tokenize_multi_turn(rows: list[Row], tokenizer: PreTrainedTokenizerBase, cfg
         prompt_text_so_far = ""
         for j, m in enumerate(msgs):
             pieces: list[tuple[str, bool]] = []
-            if m["role"] == "assistant":
+            if m["role"] == "assistant" and j >= trained_from:
                 with_prefix = _render(tokenizer, msgs[:j], True, **template_kwargs)
                 pieces.append((with_prefix[len(rendered):], False))
                 if j == last_assistant:
@@ -202,8 +219,9 @@ def conversation_texts(messages: list[dict]) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- the tokenized data set
 def _columns(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """Required and optional columns of a row."""
-    if cfg.multiturn.enable:
-        return [cfg.multiturn.messages_key], [cfg.multiturn.tools_key, cfg.multiturn.enable_thinking_key]
+    m = cfg.multiturn
+    if m.enable:
+        return [m.messages_key, *([m.completion_key] if m.completion_key else [])], [m.tools_key, m.enable_thinking_key]
     return list(dict.fromkeys([cfg.prompt_key, cfg.response_key])), []
 
 
@@ -264,8 +282,7 @@ class SourceTexts:
                 handle.seek(locator)
                 row = _jsonl_row(handle.readline(), path, -1, locator, columns, optional)
         if self.cfg.multiturn.enable:
-            messages = row.values[self.cfg.multiturn.messages_key]
-            return conversation_texts([{"role": m["role"], "content": m["content"]} for m in messages])
+            return conversation_texts(row_messages(row, self.cfg)[0])
         c = self.cfg
         return text_field(row, c.prompt_key, c.prompt_dict_keys), text_field(row, c.response_key, c.response_dict_keys)
 
