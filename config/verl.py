@@ -283,7 +283,7 @@ def register_with_hydra() -> None:
 
 # ----------------------------------------------------------------------------- RL (verl's main_ppo)
 ARA = "actor_rollout_ref"
-ENGINE = "rollouts run with Hugging Face generate on the FSDP workers here (no vLLM/SGLang engine)"
+ENGINE = "not read by the rollout engines here (rollout.name=hf or vllm, docs/rollout-engines.md)"
 DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
 KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 
@@ -373,6 +373,34 @@ def _mini_batch_prompts(value: Any, ctx: Context) -> int:
     if int(value) <= 0 or prompts % int(value):
         raise ValueError(value)
     return prompts // int(value)
+
+
+def _rollout_name(value: Any, ctx: Context) -> None:
+    """verl's engine name is our rollout.name; verl's scripts say vllm (or sglang)."""
+    from config.rl_schema import OTHER_ENGINES, ROLLOUT_ENGINES
+
+    name = str(value)
+    if name in OTHER_ENGINES:
+        raise ConfigError(f"{ARA}.rollout.name={name}: {OTHER_ENGINES[name]}; use {ARA}.rollout.name=vllm "
+                          "(the same kind of engine, colocated) or hf")
+    if name not in ROLLOUT_ENGINES:
+        raise ConfigError(f"{ARA}.rollout.name={name}: expected one of {', '.join(ROLLOUT_ENGINES)}")
+    if ctx.on_command_line("rollout.name") and ctx.get("rollout.name") != name:
+        raise ConfigError(f"{ARA}.rollout.name={name} and rollout.name={ctx.get('rollout.name')} both set; keep one")
+    ctx.set("rollout.name", name)
+    ctx.notes.append(f"{ARA}.rollout.name={name} (verl): read as rollout.name={name}")
+
+
+def _tensor_parallel(value: Any, ctx: Context) -> int:
+    if int(value) != 1:
+        raise ConfigError(f"{ARA}.rollout.tensor_model_parallel_size={value}: the colocated engine holds the whole "
+                          "model on each rank here (tensor parallel 1); set it to 1 and shard the actor with FSDP")
+    return 1
+
+
+def _vllm(key: str, default: Any) -> Alias:
+    """A vLLM engine argument: our rollout.vllm.<key> (read with rollout.name=vllm)."""
+    return Alias(f"{ARA}.rollout.{key}", default, target=f"rollout.vllm.{key}")
 
 
 def _engine(key: str, default: Any) -> Refused:
@@ -506,17 +534,21 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.rollout.log_prob_micro_batch_size_per_gpu", None, target="rollout.log_prob_micro_batch_size_per_gpu"),
     Refused(f"{ARA}.rollout.log_prob_use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
     Inert(f"{ARA}.rollout.log_prob_max_token_len_per_gpu", 16384, reason="used only with log_prob_use_dynamic_bsz"),
-    Refused(f"{ARA}.rollout.name", "hf", reason=f"{ENGINE} (drop it, or set hf)"),
-    _engine("mode", "async"),
-    _engine("tensor_model_parallel_size", 2),
-    _engine("gpu_memory_utilization", 0.5),
-    _engine("enforce_eager", False),
-    _engine("free_cache_engine", True),
-    _engine("enable_chunked_prefill", True),
-    _engine("load_format", "dummy"),
-    _engine("layered_summon", False),
-    _engine("max_num_batched_tokens", 8192),
-    _engine("max_num_seqs", 256),
+    Rule(f"{ARA}.rollout.name", "vllm", fn=_rollout_name,
+         doc="our `rollout.name` (hf or vllm; sglang and trtllm are refused in one line naming the alternative)"),
+    Inert(f"{ARA}.rollout.mode", "async", reason="the colocated engine is called in-process, one batch per rank "
+          "(verl's sync mode); the async server mode changes nothing here"),
+    Alias(f"{ARA}.rollout.tensor_model_parallel_size", 2, target="rollout.vllm.tensor_model_parallel_size",
+          convert=_tensor_parallel, why="one whole engine per rank here"),
+    _vllm("gpu_memory_utilization", 0.5),
+    _vllm("enforce_eager", False),
+    _vllm("free_cache_engine", True),
+    _vllm("enable_chunked_prefill", True),
+    _vllm("load_format", "dummy"),
+    Inert(f"{ARA}.rollout.layered_summon", False, reason="the weights are pushed one parameter at a time already"),
+    _vllm("max_num_batched_tokens", 8192),
+    _vllm("max_num_seqs", 256),
+    _vllm("seed", 0),
     _engine("multi_stage_wake_up", False),
     _engine("data_parallel_size", 1),
     _engine("expert_parallel_size", 1),

@@ -294,10 +294,39 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
     assert any(n.startswith("actor_rollout_ref.model.use_remove_padding=True: changes nothing here") for n in resolved.notes)
 
 
+def test_verl_engine_keys_map_onto_the_vllm_engine(tiny_model, rl_data):
+    engine = {"gpu_memory_utilization": 0.6, "enforce_eager": True, "free_cache_engine": False, "max_num_batched_tokens": 4096,
+              "max_num_seqs": 64, "enable_chunked_prefill": False, "load_format": "auto", "tensor_model_parallel_size": 1,
+              "seed": 7}
+    args = [f"actor_rollout_ref.model.path={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+            "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.mode=async",
+            *(f"actor_rollout_ref.rollout.{k}={v}" for k, v in engine.items())]
+    resolved = rl(args, world_size=2)
+    c = resolved.config
+    assert c.rollout.name == "vllm"
+    assert {k: getattr(c.rollout.vllm, k) for k in engine} == engine
+    assert any(n.startswith("actor_rollout_ref.rollout.mode=async: changes nothing here") for n in resolved.notes)
+    # verl's default engine name (vllm) does not switch engines unless written: the base config's hf stays.
+    assert rl([f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]).config.rollout.name == "hf"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.name=sglang", "rollout.name=sglang: SGLang is not available here; use rollout.name=vllm"),
+    ("rollout.name=tgi", "rollout.name: got 'tgi', expected one of hf, vllm"),
+    ("rollout.vllm.tensor_model_parallel_size=2", "rollout.vllm.tensor_model_parallel_size: 2: the colocated engine"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: must be in (0, 1]"),
+])
+def test_wrong_engine_settings_are_one_line_errors(override, message, tiny_model, rl_data):
+    with pytest.raises(ConfigError) as err:
+        rl([f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize("override, reason", [
-    ("actor_rollout_ref.rollout.name=vllm", "Hugging Face generate"),
-    ("actor_rollout_ref.rollout.gpu_memory_utilization=0.6", "inference-engine setting"),
-    ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "inference-engine setting"),
+    ("actor_rollout_ref.rollout.name=sglang", "SGLang is not available here; use actor_rollout_ref.rollout.name=vllm"),
+    ("actor_rollout_ref.rollout.name=trtllm", "TensorRT-LLM is not available here; use actor_rollout_ref.rollout.name=vllm"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor parallel 1"),
+    ("actor_rollout_ref.rollout.multi_stage_wake_up=True", "inference-engine setting"),
     ("reward_model.enable=True", "reward models are not available"),
     ("algorithm.use_kl_in_reward=True", "no KL penalty in the reward"),
     ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
@@ -351,7 +380,7 @@ def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script,
 
 
 @pytest.mark.parametrize("script", sorted(PPO_SCRIPTS))
-def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_the_inference_engine(script, tiny_model, gsm8k):
+def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_engine_tensor_parallel(script, tiny_model, gsm8k):
     # verl's main_ppo with gae is our ppo_trainer config (--config-name ppo_trainer).
     paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
              "deepseek-ai/deepseek-llm-7b-chat": str(tiny_model)}
@@ -360,8 +389,8 @@ def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_the_inference_
     with pytest.raises(ConfigError) as err:
         rl(args, world_size=2, name="ppo_trainer")
     refused = set(re.findall(r"(?:^|; )([\w.]+)=", str(err.value)))
-    assert refused == {"actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
-                       "actor_rollout_ref.rollout.gpu_memory_utilization"}, str(err.value)
+    # vLLM is an engine here (rollout.name=vllm, its gpu_memory_utilization mapped); tensor parallel 2 is not.
+    assert refused == {"actor_rollout_ref.rollout.tensor_model_parallel_size"}, str(err.value)
     resolved = rl(without(args, *refused), world_size=2, name="ppo_trainer")
     c = resolved.config
     assert c.algorithm.adv_estimator == "gae" and c.critic.lr == 1e-5 and c.critic.enable_gradient_checkpointing is True
