@@ -172,3 +172,4 @@ def prepare_vllm_env(cpu_kvcache_space_gib: float, env=None) -> None:
     env = os.environ if env is None else env
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_space_gib:g}")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines print the whole engine config per rank

@@ -65,12 +65,13 @@ from workers.actor import (
     update_critic,
     update_policy,
 )
-from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
+from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes
 from workers.generation import GenerationSettings, encode_prompts, generate
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.replica import ModelReplica
 from workers.rewards import RewardSet, build_reward_set
+from workers.rollout_engine import build_engine, check_engine, engine_settings
 
 log = logging.getLogger("trainer.rl")
 
@@ -121,6 +122,7 @@ class RLTrainer:
         check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
         self.preemption = PreemptionWatch()
         check_registries(cfg)
+        check_engine(cfg.rollout.name)
         check_available(cfg.trainer.logger)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
 
@@ -182,6 +184,11 @@ class RLTrainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpointer.clean_partial()
         self._resume()
+        # The rollout engine (rollout.name): built once; a vLLM engine gets the actor's weights
+        # (resumed or not) before its first generation. A collective under torchrun.
+        self.engine = build_engine(cfg.rollout.name, self.actor, self.spec, self.tokenizer, self.stop_ids,
+                                   engine_settings(cfg.rollout, cfg.model, cfg.data.max_prompt_length, cfg.trainer.seed,
+                                                   self.param_dtype, self.model_config), self.lora)
 
         self.tracking = Tracking(
             [*cfg.trainer.logger, "file"],
@@ -289,6 +296,7 @@ class RLTrainer:
             metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
                                          loss_cfg, a.kl_coef, a.kl_estimator, settings, self.step,
                                          temperature=cfg.rollout.temperature))
+        self.engine.update_weights()  # the next rollout samples from the updated policy
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
         step_s = time.perf_counter() - start
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
@@ -306,9 +314,7 @@ class RLTrainer:
         settings = GenerationSettings(r.max_new_tokens, True, r.temperature, r.top_k, r.top_p)
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
         seeds = [rollout_seed(self.cfg.trainer.seed, self.step, i, j) for i in indices for j in range(n)]
-        with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids,
-                                 micro_batch_size=r.micro_batch_size_per_gpu)
+        generated = self.engine.generate(prompt_ids, settings, seeds, micro_batch_size=r.micro_batch_size_per_gpu)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip((p for p in prompts for _ in range(n)), generated)]
         # The outcome reward sits on the last generated token.
@@ -346,9 +352,7 @@ class RLTrainer:
             r.top_k if r.val_top_k is None else r.val_top_k, r.val_top_p or r.top_p,
         )
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
-        with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids,
-                                 micro_batch_size=r.micro_batch_size_per_gpu)
+        generated = self.engine.generate([p.prompt_ids for p in mine], settings, seeds, micro_batch_size=r.micro_batch_size_per_gpu)
         scores = [self.rewards.score(p.text, g.text, p.ground_truth) for p, g in zip(mine, generated)]
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.tracking.log_metrics(metrics, self.step)
@@ -402,6 +406,7 @@ class RLTrainer:
             merged = self.run_dir / "hf_model_merged" if self.cfg.model.lora_export_merged else None
             self.checkpointer.export_hf_model(self.actor, self.run_dir / "hf_model", merged)
         finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+        self.engine.close()  # last: vLLM's shutdown tears down the process group it joined
 
 
 # ---------------------------------------------------------------------- entry point

