@@ -47,6 +47,14 @@ def main() -> None:
         return {name: [g.token_ids for g in engine.generate(mine, settings, seeds)] for name, engine in engines.items()}
 
     result = {"before": run(greedy), "sampled_twice": [run(sampled)["vllm"], run(sampled)["vllm"]]}
+    # A stop id the greedy answer reaches: both engines end there, the stop token kept (HF's rows).
+    stop = result["before"]["hf"][0][3]
+    for engine in engines.values():
+        engine.stop_ids = [stop]
+    result["stopped"] = {name: [(g.token_ids, g.stopped_at_eos, g.text) for g in engine.generate(mine, greedy, seeds)]
+                         for name, engine in engines.items()}
+    for engine in engines.values():
+        engine.stop_ids = list(stop_ids)
     # One large step on the trainable weights: the model's greedy answers change.
     optimizer = torch.optim.SGD([p for p in actor.parameters() if p.requires_grad], lr=0.5 if lora else 0.05)
     ids = torch.tensor([mine[0] + [5, 6, 7]])
