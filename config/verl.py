@@ -450,7 +450,10 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.model.target_modules", "all-linear", target="model.target_modules"),
     Alias(f"{ARA}.model.exclude_modules", None, target="model.exclude_modules"),
     Alias(f"{ARA}.model.lora_adapter_path", None, target="model.lora_adapter_path"),
-    Refused(f"{ARA}.model.use_fused_kernels", False, reason="verl's fused log-prob kernels are not available here"),
+    # In verl's GRPO scripts; what it saves is mostly done here already, so it is accepted, not refused.
+    Inert(f"{ARA}.model.use_fused_kernels", False, reason="log-probs here run the LM head on the response positions "
+          "only (no logits for prompts or padding); the vocabulary-wide logits of those positions are still "
+          "materialised, which verl's fused kernels also avoid"),
     Inert(f"{ARA}.model.use_shm", False, reason="the model is loaded in place here"),
     Inert(f"{ARA}.hybrid_engine", True, reason="the actor's own weights always generate the rollouts here"),
     Alias(f"{ARA}.nccl_timeout", 600, target="trainer.collective_timeout_seconds"),

@@ -306,6 +306,9 @@ def test_verl_engine_keys_map_onto_the_vllm_engine(tiny_model, rl_data):
     assert c.rollout.name == "vllm"
     assert {k: getattr(c.rollout.vllm, k) for k in engine} == engine
     assert any(n.startswith("actor_rollout_ref.rollout.mode=async: changes nothing here") for n in resolved.notes)
+    fused = rl([*args, "actor_rollout_ref.model.use_fused_kernels=True"], world_size=2)
+    assert any(n.startswith("actor_rollout_ref.model.use_fused_kernels=True: changes nothing here (log-probs here run "
+                            "the LM head on the response positions only") for n in fused.notes)
     # verl's default engine name (vllm) does not switch engines unless written: the base config's hf stays.
     assert rl([f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]).config.rollout.name == "hf"
 
