@@ -496,3 +496,19 @@ def test_an_adapter_path_without_an_adapter_is_named(tiny_model, tiny_data, tmp_
     inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
     with pytest.raises(ConfigError, match=r"^model.lora_adapter_path: .* is not a peft adapter directory \(no adapter_config.json\)$"):
         sft([*inputs, f"model.lora_adapter_path={tmp_path}"])
+
+
+def test_verl_appends_of_keys_we_define_are_overrides(tiny_model, rl_data):
+    from trainer.cli import appends_as_overrides
+
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]
+    # verl's gpt-oss script appends these: here the config has them, and Hydra alone would refuse
+    # ("Could not append to config. An item is already at ...").
+    args = appends_as_overrides([*inputs, "+actor_rollout_ref.rollout.name=vllm", "+rollout.max_new_tokens=7",
+                                 "++trainer.seed=3", "+trainer.not_ours=1"])
+    assert args[2:] == ["actor_rollout_ref.rollout.name=vllm", "rollout.max_new_tokens=7", "++trainer.seed=3",
+                        "+trainer.not_ours=1"]  # `++` and unknown keys stay Hydra's
+    c = rl(args[:4]).config
+    assert (c.rollout.name, c.rollout.max_new_tokens) == ("vllm", 7)
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref.actor.fsdp_config.model_dtype=bf16: master weights are fp32"):
+        rl([*inputs, *appends_as_overrides(["+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16"])])
