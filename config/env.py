@@ -192,3 +192,17 @@ def is_secret_name(name: str) -> bool:
         return False
     upper = name.upper()
     return any(marker in upper for marker in SECRET_MARKERS)
+
+
+def prepare_vllm_env(cpu_kvcache_space_gib: float, env=None) -> None:
+    """The environment an in-process vLLM engine needs (`rollout.name=vllm`), set before it is built.
+
+    The engine runs in the training process (TRL's colocate mode, verl's hybrid engine): no engine
+    core process of its own (`VLLM_ENABLE_V1_MULTIPROCESSING=0`; the external launcher sets the
+    same). On CPU its KV cache is `VLLM_CPU_KVCACHE_SPACE` GiB per rank (`rollout.vllm.cpu_kvcache_space_gib`).
+    A value the user exported wins.
+    """
+    env = os.environ if env is None else env
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_space_gib:g}")
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines print the whole engine config per rank

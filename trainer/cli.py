@@ -49,7 +49,44 @@ def normalize_config_path(argv: Sequence[str], cwd: Path) -> list[str]:
             out[i + 1] = _resolve(out[i + 1], cwd)
         elif arg.startswith("--config-path="):
             out[i] = "--config-path=" + _resolve(arg.split("=", 1)[1], cwd)
+    return appends_as_overrides(out)
+
+
+def appends_as_overrides(argv: Sequence[str]) -> list[str]:
+    """verl's `+key=value` on a key this project's config already has is a plain override.
+
+    verl's scripts append keys its config lacks (`+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16`);
+    here the config carries them (ours, and verl's in config/verl.py), and Hydra refuses to append
+    what exists ("Could not append to config. An item is already at ..."). The key then means what
+    it means without the `+`; `++` and appends of keys we do not define are left to Hydra.
+    """
+    known = _defined_keys()
+    out = []
+    for arg in argv:
+        key = arg[1:].split("=", 1)[0] if arg.startswith("+") and not arg.startswith("++") and "=" in arg else None
+        out.append(arg[1:] if key in known else arg)
     return out
+
+
+def _defined_keys() -> set[str]:
+    import dataclasses
+
+    from config.rl_schema import RLConfig
+    from config.schema import SFTConfig
+    from config.verl import PPO_KEYS, SFT_KEYS
+
+    keys = {entry.key for entry in (*PPO_KEYS, *SFT_KEYS)}
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            keys.add(prefix + f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+
+    walk(RLConfig(), "")
+    walk(SFTConfig(), "")
+    return keys
 
 
 def _resolve(path: str, cwd: Path) -> str:

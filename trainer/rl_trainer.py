@@ -58,12 +58,13 @@ from workers.actor import (
     update_critic,
     update_policy,
 )
-from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes, unsharded
+from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes
 from workers.generation import GenerationSettings, encode_prompts, generate
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.reward_model import RewardModel, check_reward_model
 from workers.rewards import RewardSet, build_reward_set
+from workers.rollout_engine import build_engine, check_engine, engine_settings
 
 log = logging.getLogger("trainer.rl")
 
@@ -112,6 +113,7 @@ class RLTrainer:
         self.device = dist_ctx.device
         self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg))
         check_registries(cfg)
+        check_engine(cfg.rollout.name)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
         rm = cfg.reward.model
         if rm.enable:  # its config checked before any model is built; the model itself after the actor
@@ -177,6 +179,11 @@ class RLTrainer:
                         lambda: (self.actor, self.optimizer, self.scheduler, self._extra()),
                         "auto", "auto", self.param_dtype)
         self.schedule = SampleSchedule(cfg.logging.sample_logging, total_steps)
+        # The rollout engine (rollout.name): built once, after the resume; a vLLM engine gets the
+        # actor's weights (resumed or not) before its first generation. A collective under torchrun.
+        self.engine = build_engine(cfg.rollout.name, self.actor, self.spec, self.tokenizer, self.stop_ids,
+                                   engine_settings(cfg.rollout, cfg.model, cfg.data.max_prompt_length, cfg.trainer.seed,
+                                                   self.param_dtype, self.model_config), self.lora)
 
     def _build(self, gradient_checkpointing: bool = False, auto_class=None, spec: Optional[ShardingSpec] = None,
                lora: Optional[LoraSpec] = None, **kwargs) -> torch.nn.Module:
@@ -253,6 +260,7 @@ class RLTrainer:
             metrics.update(update_policy(self.actor, self.optimizer, self.scheduler, batch, core_algos.get_policy_loss(a.policy_loss),
                                          loss_cfg, a.kl_coef, a.kl_estimator, settings, position.global_step,
                                          temperature=cfg.rollout.temperature))
+        self.engine.update_weights()  # the next rollout samples from the updated policy
         metrics.update(self._reward_metrics("train", scores, batch.response_mask.sum(-1).tolist()))
         step_s = time.perf_counter() - start
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/rollout_s": rollout_s,
@@ -270,9 +278,7 @@ class RLTrainer:
         settings = GenerationSettings(r.max_new_tokens, True, r.temperature, r.top_k, r.top_p)
         prompt_ids = [p.prompt_ids for p in prompts for _ in range(n)]
         seeds = [rollout_seed(self.cfg.trainer.seed, self.run.step, i, j) for i in indices for j in range(n)]
-        with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids,
-                                 micro_batch_size=r.micro_batch_size_per_gpu)
+        generated = self.engine.generate(prompt_ids, settings, seeds, micro_batch_size=r.micro_batch_size_per_gpu)
         batch = build_rollout_batch(generated, [i for i in range(len(prompts)) for _ in range(n)], self.tokenizer.pad_token_id)
         each = [p for p in prompts for _ in range(n)]
         scores = self._score(each, [g.text for g in generated])
@@ -325,9 +331,7 @@ class RLTrainer:
             r.top_k if r.val_top_k is None else r.val_top_k, r.val_top_p or r.top_p,
         )
         seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p.prompt_ids)) for p in mine]
-        with unsharded(self.actor, self.spec) as model:
-            generated = generate(model, self.tokenizer, [p.prompt_ids for p in mine], settings, seeds, stop_ids=self.stop_ids,
-                                 micro_batch_size=r.micro_batch_size_per_gpu)
+        generated = self.engine.generate([p.prompt_ids for p in mine], settings, seeds, micro_batch_size=r.micro_batch_size_per_gpu)
         scores = self._score(mine, [g.text for g in generated])
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
         self.run.tracking.log_metrics(metrics, self.run.step)
@@ -369,6 +373,7 @@ class RLTrainer:
     def finish(self) -> None:
         self._log_val_change()
         self.run.finish(self.actor)
+        self.engine.close()  # last: vLLM's shutdown tears down the process group it joined
 
 
 # ---------------------------------------------------------------------- entry point

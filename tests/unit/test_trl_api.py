@@ -174,12 +174,15 @@ def test_create_rl_trainer_maps_grpo_names(rl_data, tiny_model):
     c = create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), epsilon=0.2, epsilon_high=0.28,
                           loss_type="dr_grpo").config
     assert (c.algorithm.clip_ratio_low, c.algorithm.clip_ratio_high, c.algorithm.loss_agg_mode) == (0.2, 0.28, "seq-mean-token-sum-norm")
+    # TRL's colocate mode is the engine in each training process here.
+    assert create_rl_trainer(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), use_vllm=True,
+                             vllm_mode="colocate").config.rollout.name == "vllm"
 
 
 def test_create_rl_trainer_refuses_names_with_no_counterpart(rl_data, tiny_model):
     base = dict(model_name=str(tiny_model), dataset_name=str(rl_data["dir"]))
-    with pytest.raises(ConfigError, match=r"^use_vllm \(GRPOConfig\): not accepted here; none: rollouts use Hugging Face generate"):
-        create_rl_trainer(**base, use_vllm=True)
+    with pytest.raises(ConfigError, match=r"^vllm_mode='server' \(GRPOConfig\): only 'colocate' here"):
+        create_rl_trainer(**base, use_vllm=True, vllm_mode="server")
     with pytest.raises(ConfigError, match=r"^loss_type='bnpo': nearest: algorithm.loss_agg_mode=token-mean"):
         create_rl_trainer(**base, loss_type="bnpo")
     with pytest.raises(ConfigError, match=r"^per_device_train_batch_size=3: 3 completions per step .* groups of num_generations=4"):

@@ -294,10 +294,42 @@ def test_verl_grpo_keys_map_onto_ours(tiny_model, rl_data):
     assert any(n.startswith("actor_rollout_ref.model.use_remove_padding=True: changes nothing here") for n in resolved.notes)
 
 
+def test_verl_engine_keys_map_onto_the_vllm_engine(tiny_model, rl_data):
+    engine = {"gpu_memory_utilization": 0.6, "enforce_eager": True, "free_cache_engine": False, "max_num_batched_tokens": 4096,
+              "max_num_seqs": 64, "enable_chunked_prefill": False, "load_format": "auto", "tensor_model_parallel_size": 1,
+              "seed": 7}
+    args = [f"actor_rollout_ref.model.path={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+            "actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.mode=async",
+            *(f"actor_rollout_ref.rollout.{k}={v}" for k, v in engine.items())]
+    resolved = rl(args, world_size=2)
+    c = resolved.config
+    assert c.rollout.name == "vllm"
+    assert {k: getattr(c.rollout.vllm, k) for k in engine} == engine
+    assert any(n.startswith("actor_rollout_ref.rollout.mode=async: changes nothing here") for n in resolved.notes)
+    fused = rl([*args, "actor_rollout_ref.model.use_fused_kernels=True"], world_size=2)
+    assert any(n.startswith("actor_rollout_ref.model.use_fused_kernels=True: changes nothing here (log-probs here run "
+                            "the LM head on the response positions only") for n in fused.notes)
+    # verl's default engine name (vllm) does not switch engines unless written: the base config's hf stays.
+    assert rl([f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]).config.rollout.name == "hf"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.name=sglang", "rollout.name=sglang: SGLang is not available here; use rollout.name=vllm"),
+    ("rollout.name=tgi", "rollout.name: got 'tgi', expected one of hf, vllm"),
+    ("rollout.vllm.tensor_model_parallel_size=2", "rollout.vllm.tensor_model_parallel_size: 2: the colocated engine"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: must be in (0, 1]"),
+])
+def test_wrong_engine_settings_are_one_line_errors(override, message, tiny_model, rl_data):
+    with pytest.raises(ConfigError) as err:
+        rl([f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize("override, reason", [
-    ("actor_rollout_ref.rollout.name=vllm", "Hugging Face generate"),
-    ("actor_rollout_ref.rollout.gpu_memory_utilization=0.6", "inference-engine setting"),
-    ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "inference-engine setting"),
+    ("actor_rollout_ref.rollout.name=sglang", "SGLang is not available here; use actor_rollout_ref.rollout.name=vllm"),
+    ("actor_rollout_ref.rollout.name=trtllm", "TensorRT-LLM is not available here; use actor_rollout_ref.rollout.name=vllm"),
+    ("actor_rollout_ref.rollout.tensor_model_parallel_size=2", "tensor parallel 1"),
+    ("actor_rollout_ref.rollout.multi_stage_wake_up=True", "inference-engine setting"),
     ("algorithm.use_kl_in_reward=True", "no KL penalty in the reward"),
     ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
     ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "not available yet"),
@@ -372,7 +404,7 @@ def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script,
 
 
 @pytest.mark.parametrize("script", sorted(PPO_SCRIPTS))
-def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_the_inference_engine(script, tiny_model, gsm8k):
+def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_engine_tensor_parallel(script, tiny_model, gsm8k):
     # verl's main_ppo with gae is our ppo_trainer config (--config-name ppo_trainer).
     paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
              "deepseek-ai/deepseek-llm-7b-chat": str(tiny_model)}
@@ -381,8 +413,8 @@ def test_verl_ppo_script_with_its_critic_keys_is_refused_only_for_the_inference_
     with pytest.raises(ConfigError) as err:
         rl(args, world_size=2, name="ppo_trainer")
     refused = set(re.findall(r"(?:^|; )([\w.]+)=", str(err.value)))
-    assert refused == {"actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
-                       "actor_rollout_ref.rollout.gpu_memory_utilization"}, str(err.value)
+    # vLLM is an engine here (rollout.name=vllm, its gpu_memory_utilization mapped); tensor parallel 2 is not.
+    assert refused == {"actor_rollout_ref.rollout.tensor_model_parallel_size"}, str(err.value)
     resolved = rl(without(args, *refused), world_size=2, name="ppo_trainer")
     c = resolved.config
     assert c.algorithm.adv_estimator == "gae" and c.critic.lr == 1e-5 and c.critic.enable_gradient_checkpointing is True
@@ -413,10 +445,10 @@ def test_resume_from_path_wins_in_auto_mode_as_in_verl(tmp_path):
     run = tmp_path / "run"
     for step in (2, 4):
         (run / f"global_step_{step}").mkdir(parents=True)
-        (run / f"global_step_{step}" / STATE_FILE).write_text("{}")
+        (run / f"global_step_{step}" / STATE_FILE).write_text(f'{{"global_step": {step}}}')
     elsewhere = tmp_path / "other" / "global_step_3"
     elsewhere.mkdir(parents=True)
-    (elsewhere / STATE_FILE).write_text("{}")
+    (elsewhere / STATE_FILE).write_text('{"global_step": 3}')
     ckpt = Checkpointer(run, -1, None, 0, 1, CheckpointConfig(), hf=None)
     assert ckpt.resolve_resume("auto", None) == run / "global_step_4"
     assert ckpt.resolve_resume("auto", str(elsewhere)) == elsewhere
@@ -485,3 +517,19 @@ def test_an_adapter_path_without_an_adapter_is_named(tiny_model, tiny_data, tmp_
     inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={tiny_data['train']}"]
     with pytest.raises(ConfigError, match=r"^model.lora_adapter_path: .* is not a peft adapter directory \(no adapter_config.json\)$"):
         sft([*inputs, f"model.lora_adapter_path={tmp_path}"])
+
+
+def test_verl_appends_of_keys_we_define_are_overrides(tiny_model, rl_data):
+    from trainer.cli import appends_as_overrides
+
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}"]
+    # verl's gpt-oss script appends these: here the config has them, and Hydra alone would refuse
+    # ("Could not append to config. An item is already at ...").
+    args = appends_as_overrides([*inputs, "+actor_rollout_ref.rollout.name=vllm", "+rollout.max_new_tokens=7",
+                                 "++trainer.seed=3", "+trainer.not_ours=1"])
+    assert args[2:] == ["actor_rollout_ref.rollout.name=vllm", "rollout.max_new_tokens=7", "++trainer.seed=3",
+                        "+trainer.not_ours=1"]  # `++` and unknown keys stay Hydra's
+    c = rl(args[:4]).config
+    assert (c.rollout.name, c.rollout.max_new_tokens) == ("vllm", 7)
+    with pytest.raises(ConfigError, match=r"^actor_rollout_ref.actor.fsdp_config.model_dtype=bf16: master weights are fp32"):
+        rl([*inputs, *appends_as_overrides(["+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16"])])
