@@ -255,6 +255,7 @@ class Checkpointer:
         self.save_contents = list(self.contents.save_contents)
         self.load_contents = self.contents.effective_load_contents()
         self.last_saved_step: Optional[int] = None
+        self.keep: set[int] = set()  # steps never pruned (trainer.keep_best's checkpoint)
 
     # ------------------------------------------------------------------ when
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -338,11 +339,12 @@ class Checkpointer:
 
     def _prune(self, just_written: Path) -> None:
         """Keep the newest `max_to_keep` checkpoints by write order (when trainer_state.json was
-        written), never the one just written. By step number, a run resumed from an older step
+        written), never the one just written, and besides them the ones in `keep` (the best). By step number, a run resumed from an older step
         in a folder with newer checkpoints would delete its own new checkpoint."""
         if not self.max_to_keep:
             return
-        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written]
+        kept = {self.step_dir(step) for step in self.keep}
+        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written and p not in kept]
         by_write = sorted(complete, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(_STEP_DIR.match(p.name).group(1))))
         for old in by_write[: max(len(by_write) - (self.max_to_keep - 1), 0)]:
             log.info("removing old checkpoint %s (trainer.max_ckpt_to_keep=%d)", old, self.max_to_keep)

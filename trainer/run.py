@@ -18,10 +18,12 @@ rewards, advantages, update) and drives a `Run`:
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,14 +35,19 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from config import env as env_config
 from config.loading import Resolved, redact, to_dict
 from config.schema import ModelConfig, SamplesConfig, TrainerConfig
-from trainer.checkpoint import Checkpointer, HFAssets
-from trainer.cli import (
-    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+from trainer.actions import (
+    ALERT_STOP_EXIT_CODE, AlertStopped, Control, Decision, Outcome, Watches, carried_over, decide, raise_unknown_metric,
+    rollback_warning,
 )
-from trainer.distributed import DistContext, init_distributed, teardown
+from trainer.checkpoint import Checkpointer, HFAssets, is_checkpoint, load_model_state, write_hf_model
+from trainer.cli import (
+    alert_stopped_exit, announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging,
+    user_errors_exit,
+)
+from trainer.distributed import DistContext, broadcast_object, init_distributed, teardown
 from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
-from trainer.report import LiveReport
+from trainer.report import LiveReport, write_run_state
 from trainer.progress import progress
 from trainer.samples import SampleLogger
 from trainer.token_cache import Ranks
@@ -107,6 +114,15 @@ class Run:
         self.total_steps = 0
         self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
         self._bar = None
+        # What the run decides for itself (trainer/actions.py): alert actions and metric watches.
+        self.control = Control()
+        self.watches = Watches(trainer_cfg)
+        self.stop_reason: Optional[str] = None  # early stopping / stop_at: the run ends cleanly after this step
+        self._decision: Optional[Decision] = None  # this step's alert action, agreed by every rank
+        self._observed: dict[str, float] = {}  # rank 0: metrics of this step's validation and sample events
+        self._observed_step = -1
+        if dist_ctx.is_primary and (line := rollback_warning(samples_cfg.alerts, trainer_cfg)):
+            log.warning("%s", line)
 
     @property
     def step(self) -> int:
@@ -114,7 +130,7 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.total_steps or self.stop_reason is not None
 
     @property
     def last_step(self) -> bool:
@@ -147,7 +163,9 @@ class Run:
             HFAssets(model_config, tokenizer, m.partial_pretrain, m.trust_remote_code, m.attn_implementation, lora),
         )
         self.checkpointer.clean_partial()
-        self._resume(*models())
+        self._parts = models()
+        self._base_lrs = list(getattr(self._parts[2], "base_lrs", []))  # before a resume or rollback scales them
+        self._resume(*self._parts)
         self.tracking = Tracking(
             # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
             [*self.cfg.logger, "file"],
@@ -167,6 +185,8 @@ class Run:
             return
         state = self.checkpointer.load(path, model, optimizer, scheduler, extra)
         self.position = Position(**{k: state.get(k, 0) for k in asdict(Position())})
+        self.control = Control.from_state(state.get("control"))
+        self._apply_control()
         p = self.position
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, p.global_step, p.epoch, p.batch_in_epoch)
 
@@ -174,6 +194,7 @@ class Run:
     def begin(self, full_cfg: Any, bar_name: str) -> None:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(full_cfg)))
+        self._bar_name = bar_name
         self._bar = progress(self.total_steps, self.step, bar_name, enabled=self.dist.is_primary)
 
     def advance(self, steps_per_epoch: int) -> bool:
@@ -196,10 +217,26 @@ class Run:
         return epoch_end or self.last_step or (freq > 0 and self.step % freq == 0)
 
     def end_step(self, save_checkpoint: Callable[[], Path]) -> None:
-        """A checkpoint when one is due; on SIGTERM (any rank) a checkpoint and `Preempted`."""
-        if self.checkpointer.should_save(self.step, self.last_step):
-            save_checkpoint()
-        if not self.last_step and self.preemption.requested():
+        """A checkpoint when one is due; the step's alert action (rollback, or stop: a checkpoint
+        and `AlertStopped`) and metric watches (best checkpoint, early stop); on SIGTERM (any
+        rank) a checkpoint and `Preempted`."""
+        decision, self._decision = self._decision, None
+        outcome = self._agree_on_watches()
+        if decision is not None and decision.action == "rollback":
+            self._roll_back(decision, save_checkpoint)  # this step's weights are the bad ones: not saved
+        else:
+            wanted = decision is not None or outcome.new_best or outcome.stop is not None
+            if self.checkpointer.should_save(self.step, self.last_step) or (wanted and self.checkpointer.last_saved_step != self.step):
+                save_checkpoint()
+            if outcome.new_best:
+                self._keep_best()
+            if decision is not None:
+                self._stop_on_alert(decision)
+            if outcome.stop is not None:
+                self.stop_reason = outcome.stop
+                if self.dist.is_primary:
+                    log.warning("%s; checkpoint %s; the run ends here", outcome.stop, self.checkpointer.step_dir(self.step))
+        if not self.done and self.preemption.requested():
             self._bar.close()
             self.preemption.checkpoint_and_stop(self.step, self.checkpointer, save_checkpoint, self.tracking)
 
@@ -207,7 +244,8 @@ class Run:
         self._bar.close()
 
     def save(self, model, optimizer, scheduler, extra: Optional[dict] = None) -> Path:
-        path = self.checkpointer.save(self.step, model, optimizer, scheduler, asdict(self.position), extra or {})
+        trainer_state = {**asdict(self.position), "control": asdict(self.control)}
+        path = self.checkpointer.save(self.step, model, optimizer, scheduler, trainer_state, extra or {})
         log.info("saved checkpoint %s", path)
         return path
 
@@ -241,6 +279,8 @@ class Run:
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
         del state
         dist.barrier()
+        self._agree_on_alerts(spec.prefix, metrics)
+        self._observe(metrics or {})
         self.samples_s += time.perf_counter() - start
         return metrics
 
@@ -256,7 +296,165 @@ class Run:
         if self.cfg.export_hf_model:
             merged = self.run_dir / "hf_model_merged" if self.model_cfg.lora_export_merged else None
             self.checkpointer.export_hf_model(model, self.run_dir / "hf_model", merged)
+            self._export_best()
         finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+
+
+    # ------------------------------------------------------------------ acting on what the run sees
+    # Alert actions and metric watches (trainer/actions.py): rank 0 decides, every rank gets the
+    # decision by broadcast and acts at the same step.
+    def log_validation(self, metrics: dict[str, float]) -> None:
+        """Collective in effect (every rank calls it at a validation): the trackers get the
+        metrics, the watches see them at the step's end."""
+        self.tracking.log_metrics(metrics, self.step)
+        self._observe(metrics)
+
+    def _observe(self, metrics: dict[str, float]) -> None:
+        if self._observed_step != self.step:
+            self._observed, self._observed_step = {}, self.step
+        self._observed.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def data_seed(self, seed: int) -> int:
+        """The data order's seed: a rollback without skip_data reshuffles by moving it."""
+        return seed + 1_000_003 * self.control.data_seed_offset
+
+    def _agree_on_alerts(self, prefix: str, metrics: Optional[dict[str, float]]) -> None:
+        """Collective, once per sample event (even when rank 0's part failed): the action of the
+        event's alerts, decided on rank 0 and broadcast."""
+        decision = Decision(step=self.step)
+        if self.dist.is_primary:
+            history = self.sample_logger.history
+            try:
+                alerts = history.last_alerts if (history is not None and metrics is not None) else []
+                checkpoints = [(int(p.name.rsplit("_", 1)[1]), p) for p in self.checkpointer.complete_checkpoints() if is_checkpoint(p)]
+                decision = decide(alerts, prefix, self.step, self.samples_cfg.alerts, self.control, checkpoints)
+            except Exception as err:  # noqa: BLE001 - deciding must not end the run: the alert stays a warning
+                log.warning("alert action not decided at step %d: %s: %s", self.step, type(err).__name__, err)
+        if self.dist.world_size > 1:
+            decision = broadcast_object(decision)
+        if decision.control is not None:
+            self.control = Control.from_state(decision.control)
+        if decision.action != "warn" and (self._decision is None or decision.action == "rollback"):
+            self._decision = decision
+
+    def _agree_on_watches(self) -> Outcome:
+        """Collective when this step had a validation or sample event and a watch is set."""
+        if not self.watches.active or self._observed_step != self.step:
+            return Outcome()
+        self._observed_step = -1
+        outcome = Outcome()
+        if self.dist.is_primary:
+            outcome = self.watches.observe(self.step, self._observed, self.control)
+        if self.dist.world_size > 1:
+            outcome = broadcast_object(outcome)
+        raise_unknown_metric(outcome)
+        self.control = Control.from_state(outcome.control)
+        return outcome
+
+    def _apply_control(self) -> None:
+        """The learning rate scaled by the rollbacks so far (from the schedule's base rates) and
+        the best checkpoint kept from pruning."""
+        model, optimizer, scheduler, _ = self._parts
+        if self._base_lrs:
+            scheduler.base_lrs = [lr * self.control.lr_scale for lr in self._base_lrs]
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            for i, group in enumerate(optimizer.param_groups):
+                factor = lambdas[i](scheduler.last_epoch) if lambdas else 1.0
+                group["lr"] = scheduler.base_lrs[i] * factor
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+        self.checkpointer.keep = {self.control.best_step} if self.control.best_step is not None else set()
+
+    def _roll_back(self, decision: Decision, save_checkpoint: Callable[[], Path]) -> None:
+        """Collective. Restore the checkpoint before the alerts (weights, optimizer, scheduler,
+        RNG, position), lower the LR, skip or reshuffle the data since, mark the discarded steps,
+        and save the restored point again with the new control: a relaunch resumes from here."""
+        r = self.samples_cfg.alerts.rollback
+        target, alert = Path(decision.target), replace(self.position)
+        state = self.checkpointer.load(target, *self._parts)
+        restored = Position(**{k: state.get(k, 0) for k in asdict(Position())})
+        c = self.control
+        c.rollbacks, c.lr_scale = c.rollbacks + 1, c.lr_scale * r.lr_factor
+        if r.skip_data:  # the data goes on where the alert was: the window that led there is not seen again
+            restored.epoch, restored.batch_in_epoch = alert.epoch, alert.batch_in_epoch
+            c.skipped_windows.append([restored.global_step + 1, alert.global_step])
+        else:
+            c.data_seed_offset += 1
+        self.control = carried_over(c, state.get("control"))
+        self.position = restored
+        self._apply_control()
+        back = restored.global_step
+        if self.dist.is_primary:
+            log.warning("%s: rolled back to %s (rollback %d of %d), learning rate x%g from here, %s", decision.reason(), target,
+                        self.control.rollbacks, r.max_rollbacks, self.control.lr_scale,
+                        f"data of steps {back + 1}-{alert.global_step} skipped" if r.skip_data else "data reshuffled")
+            for old in self.checkpointer.complete_checkpoints():
+                if int(old.name.rsplit("_", 1)[1]) > back:
+                    log.info("removing checkpoint %s of the discarded steps", old)
+                    shutil.rmtree(old, ignore_errors=True)
+            self._write_best_file()
+            record = {"kind": "rollback", "step": alert.global_step, "prefix": decision.prefix, "to_step": back,
+                      "rule": decision.rule, "prompt": decision.prompt, "message": decision.message,
+                      "rollbacks": self.control.rollbacks, "lr_scale": self.control.lr_scale,
+                      "skipped": [back + 1, alert.global_step] if r.skip_data else None, "time": time.time()}
+            if self.sample_logger.history is not None:
+                self.sample_logger.history.discard_after(back, record)
+            self.tracking.log_metrics({f"{decision.prefix}/rollback": float(self.control.rollbacks),
+                                       f"{decision.prefix}/rollback_to_step": float(back),
+                                       "train/lr_scale": self.control.lr_scale}, alert.global_step)
+        dist.barrier()
+        save_checkpoint()
+        self._bar.close()  # counts again from the restored step
+        self._bar = progress(self.total_steps, self.step, self._bar_name, enabled=self.dist.is_primary)
+
+    def _stop_on_alert(self, decision: Decision) -> None:
+        """After this step's checkpoint: the reason to run_state.json (and the report), then
+        `AlertStopped` on every rank."""
+        checkpoint = self.checkpointer.step_dir(self.step)
+        if self.dist.is_primary:
+            try:
+                write_run_state(self.run_dir, {
+                    "status": "stopped", "total_steps": self.total_steps, "exit_code": ALERT_STOP_EXIT_CODE,
+                    "updated": time.time(), "reason": decision.reason(),
+                    "stop": {"rule": decision.rule, "prompt": decision.prompt, "step": decision.step,
+                             "message": decision.message, "checkpoint": str(checkpoint)},
+                })
+                if self.sample_logger.report is not None:
+                    self.sample_logger.report.update()
+            except OSError as err:
+                log.warning("run_state.json not written: %s", err)
+        self._bar.close()
+        self.tracking.close()
+        self.preemption.restore()
+        raise AlertStopped(decision.reason(), checkpoint)
+
+    def _keep_best(self) -> None:
+        self.checkpointer.keep = {self.control.best_step}
+        if self.dist.is_primary:
+            self._write_best_file()
+
+    def _write_best_file(self) -> None:
+        """`best_checkpoint.json`: which checkpoint is best, by which metric (rank 0)."""
+        path = self.run_dir / BEST_FILE
+        c, kb = self.control, self.cfg.keep_best
+        if c.best_step is None:
+            path.unlink(missing_ok=True)
+            return
+        path.write_text(json.dumps({"step": c.best_step, "metric": kb.metric, "mode": kb.mode, "value": c.best_value,
+                                    "checkpoint": str(self.checkpointer.step_dir(c.best_step))}, indent=2))
+
+    def _export_best(self) -> None:
+        """Collective: `best_hf_model/` from the best checkpoint, read by rank 0 alone."""
+        step = self.control.best_step
+        if not self.cfg.keep_best.metric or step is None:
+            return
+        if self.dist.is_primary:
+            write_hf_model(load_model_state(self.checkpointer.step_dir(step)), self.checkpointer.hf, self.run_dir / "best_hf_model")
+            log.info("exported the best checkpoint (step %d, %s=%.6g) to %s", step, self.cfg.keep_best.metric,
+                     self.control.best_value, self.run_dir / "best_hf_model")
+        dist.barrier()
+
+
+BEST_FILE = "best_checkpoint.json"  # in the run directory: the best checkpoint's step, metric and value
 
 
 # ---------------------------------------------------------------------- entry points
@@ -267,7 +465,8 @@ def launch(
     build_trainer: Callable[[Any, DistContext], Any],
 ) -> None:
     """Resolve and check the config, start the process group, build the trainer and fit it.
-    Bad input before training: one line, exit 2. SIGTERM: checkpoint, exit 143."""
+    Bad input before training: one line, exit 2. SIGTERM: checkpoint, exit 143. A sample alert
+    whose action is `stop`: checkpoint, exit `ALERT_STOP_EXIT_CODE` (3)."""
     denv = env_config.dist_env()
     with user_errors_exit(denv.rank):
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
@@ -276,7 +475,7 @@ def launch(
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = build_trainer(resolved.config, ctx)
-    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
+    with preempted_exit(denv.rank), alert_stopped_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
         trainer.fit()
     teardown()
 
