@@ -205,15 +205,20 @@ def load_model_state(path: Path, part: str = MODEL) -> dict[str, torch.Tensor]:
     its per-rank shards, done by DCP from the checkpoint's metadata."""
     # Private in torch 2.13, with the same planner as format_utils.dcp_to_torch_save (public),
     # which would read the optimizer and critic too: for a 7B model, three times the memory.
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    # `no_dist`: alone even inside a process group (rank 0 exporting the best checkpoint at the
+    # end of a run), where `_load_state_dict_from_keys` would wait for the other ranks.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: no sharded model in it (no .metadata)")
     with warnings.catch_warnings():
-        # "torch.distributed is unavailable or uninitialized, assuming ... a single process": intended.
+        # Older torch warned "torch.distributed is unavailable ... a single process" here: intended.
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
         try:
-            loaded = _load_state_dict_from_keys({part}, checkpoint_id=str(path))
+            loaded: dict[str, Any] = {}
+            _load_state_dict(loaded, FileSystemReader(str(path)), no_dist=True, planner=_EmptyStateDictLoadPlanner(keys={part}))
         except (CheckpointException, OSError) as err:  # a shard missing or unreadable
             raise CheckpointError(f"{path}: cannot read the sharded model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if part not in loaded:
