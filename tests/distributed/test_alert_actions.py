@@ -93,6 +93,9 @@ def test_rollback_then_max_rollbacks_stop_and_a_killed_rolled_back_run_relaunche
     assert worker_exit_codes(relaunched) == [3, 3], (relaunched.stdout + relaunched.stderr)[-3000:]
     assert "resumed from" in relaunched.stderr and "global_step_4" in relaunched.stderr
     assert state(b / "global_step_8") == stopped
+    kept = [json.loads(line) for line in (b / "samples.jsonl").read_text().splitlines()]
+    assert [r["to_step"] for r in kept if r["kind"] == "rollback"] == [4]  # the relaunch kept the run's history
+    assert {r["step"] for r in kept if r.get("discarded")} == {6}
     ours, theirs = load_model_state(a / "global_step_8"), load_model_state(b / "global_step_8")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
