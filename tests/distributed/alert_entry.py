@@ -5,6 +5,7 @@ tests/distributed/test_alert_actions.py). Environment variables, read here only:
                                       an alert of RULE on its first prompt, whatever the model says
     ALERT_CRASH_AFTER_ROLLBACK=1      every rank ends its process (exit 9, no clean-up) right after
                                       a rollback has restored and re-saved its checkpoint: a kill
+    ALERT_TRAINER=rl                  the RL trainer (python -m trainer.rl_trainer) instead of SFT
 """
 
 import os
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 import trainer.fsdp_sft_trainer as sft
 import trainer.history as history
+import trainer.rl_trainer as rl
 import trainer.run as run
 
 
@@ -47,5 +49,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    sys.argv[0] = "trainer.fsdp_sft_trainer"
-    sft.main()
+    entry = rl if os.environ.get("ALERT_TRAINER") == "rl" else sft
+    sys.argv[0] = entry.__name__
+    entry.main()

@@ -1,6 +1,6 @@
 """Alerts that act, on 2 gloo ranks (issue 25): rollback, max_rollbacks then stop (exit code 3
 on every rank, checkpoint and reason), an exact relaunch after a killed rolled-back run, the best
-checkpoint kept through pruning, early stopping and stop_at. Alerts are injected on chosen sample
+checkpoint kept through pruning, early stopping and stop_at; a rollback in GRPO. Alerts are injected on chosen sample
 events by tests/distributed/alert_entry.py; the real rules are set so that they never fire."""
 
 import json
@@ -34,6 +34,10 @@ def launch(model, data, run_dir, *extra, env=None):
         "generation.max_new_tokens=4", "trainer.test_freq=2", "trainer.save_freq=2", "trainer.total_epochs=3",
         "trainer.export_hf_model=false", *QUIET_RULES, *extra,
     ]
+    return run_torchrun(args, env)
+
+
+def run_torchrun(args, env=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_", "ALERT_"))}
     full_env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY, *args]
@@ -123,3 +127,33 @@ def test_keep_best_survives_pruning_and_early_stopping_and_stop_at_end_cleanly(t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "stop_at reached at step 2" in proc.stderr
     assert (target / "global_step_2" / "trainer_state.json").is_file() and max(read_metrics(target)) == 2
+
+
+def test_rl_sample_logging_alert_rolls_back_and_the_run_finishes(tiny_model, rl_data, tmp_path):
+    # GRPO, sample logging at steps 2 (interval), 3 (50%) and 4, a checkpoint every step: the
+    # injected collapse at step 3 rolls back to step 2, and the run goes on to its end.
+    run = tmp_path / "grpo"
+    proc = launch_rl(tiny_model, rl_data, run, "samples.alerts.actions.collapse=rollback",
+                     "trainer.keep_best.metric=val/reward/exact", env={"ALERT_TRAINER": "rl", "ALERT_INJECT": "collapse@2"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "rolled back to" in proc.stderr and "global_step_2" in proc.stderr
+    control = state(run / "global_step_6")["control"]
+    assert control["rollbacks"] == 1 and control["lr_scale"] == 0.5 and control["skipped_windows"] == [[3, 3]]
+    metrics = read_metrics(run)
+    assert metrics[3]["samples/rollback"] == 1.0 and metrics[3]["samples/rollback_to_step"] == 2.0
+    assert json.loads((run / "best_checkpoint.json").read_text())["metric"] == "val/reward/exact"
+    assert (run / "best_hf_model" / "config.json").is_file()
+
+
+def launch_rl(model, data, run_dir, *extra, env=None):
+    args = [
+        "--config-name", "grpo_trainer", f"model.partial_pretrain={model}", f"data.train_files={data['train']}",
+        f"data.val_files={data['val']}", f"trainer.default_local_dir={run_dir}", "rollout.max_new_tokens=4",
+        "data.prompts_per_step=4", "actor.micro_batch_size_per_gpu=4", "trainer.total_training_steps=6", "trainer.test_freq=3",
+        "optim.lr=1e-3", "reward.functions=[{name: exact, fn: arithmetic_exact_match}]",
+        "logging.sample_logging.enabled=true", "logging.sample_logging.interval_steps=2",
+        "logging.sample_logging.percent_of_max_steps=0.5", "logging.sample_logging.max_new_tokens=4",
+        'logging.sample_logging.prompts=["1+1=","22+33="]', "trainer.logger=[console,file]", "trainer.save_freq=1",
+        *QUIET_RULES, *extra,
+    ]
+    return run_torchrun(args, env)
