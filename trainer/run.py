@@ -9,9 +9,14 @@ rewards, advantages, update) and drives a `Run`:
         metrics = trainer.train_step()
         epoch_end = run.advance(steps_per_epoch)
         run.log_step(metrics)
-        if ...: run.sample_event(model, produce, ...)            # gather, rank-0 samples, log
-        run.end_step(save_checkpoint)                            # checkpoint, preemption
+        if ...: run.log_validation(val_metrics)                  # trackers; the metric watches see them
+        if ...: run.sample_event(model, produce, ...)            # gather, rank-0 samples, log, alert action agreed
+        run.end_step(save_checkpoint)                            # checkpoint, alert action, watches, preemption
     run.finish(model)
+
+An alert's action (warn, stop, rollback) and the metric watches (keep_best, early_stopping,
+stop_at) are decided on rank 0 by trainer/actions.py and broadcast, so every rank acts at the
+same step.
 
 `launch` and `cli_main` are the entry points' shared tail (`python -m trainer.<trainer>`).
 """
@@ -344,7 +349,11 @@ class Run:
         self._observed_step = -1
         outcome = Outcome()
         if self.dist.is_primary:
-            outcome = self.watches.observe(self.step, self._observed, self.control)
+            try:
+                outcome = self.watches.observe(self.step, self._observed, self.control)
+            except Exception as err:  # noqa: BLE001 - the other ranks wait for the broadcast: never leave them
+                log.warning("metric watches failed at step %d: %s: %s", self.step, type(err).__name__, err)
+                outcome = Outcome(control=asdict(self.control))
         if self.dist.world_size > 1:
             outcome = broadcast_object(outcome)
         raise_unknown_metric(outcome)
