@@ -131,14 +131,18 @@ def test_keep_best_survives_pruning_and_early_stopping_and_stop_at_end_cleanly(t
 
 def test_rl_sample_logging_alert_rolls_back_and_the_run_finishes(tiny_model, rl_data, tmp_path):
     # GRPO, sample logging at steps 2 (interval), 3 (50%) and 4, a checkpoint every step: the
-    # injected collapse at step 3 rolls back to step 2, and the run goes on to its end.
+    # injected collapse at step 3 rolls back to step 2, step 3 runs again on a reshuffled prompt
+    # order (skip_data=false), and the run goes on to its end.
     run = tmp_path / "grpo"
-    proc = launch_rl(tiny_model, rl_data, run, "samples.alerts.actions.collapse=rollback",
+    proc = launch_rl(tiny_model, rl_data, run, "samples.alerts.actions.collapse=rollback", "samples.alerts.rollback.skip_data=false",
                      "trainer.keep_best.metric=val/reward/exact", env={"ALERT_TRAINER": "rl", "ALERT_INJECT": "collapse@2"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "rolled back to" in proc.stderr and "global_step_2" in proc.stderr
-    control = state(run / "global_step_6")["control"]
-    assert control["rollbacks"] == 1 and control["lr_scale"] == 0.5 and control["skipped_windows"] == [[3, 3]]
+    assert "rolled back to" in proc.stderr and "global_step_2" in proc.stderr and "data reshuffled" in proc.stderr
+    final = state(run / "global_step_6")
+    control = final["control"]
+    assert control["rollbacks"] == 1 and control["lr_scale"] == 0.5
+    assert control["data_seed_offset"] == 1 and control["skipped_windows"] == []
+    assert (final["epoch"], final["batch_in_epoch"]) == (0, 6)  # 32 prompts, 4 a step: no step skipped
     metrics = read_metrics(run)
     assert metrics[3]["samples/rollback"] == 1.0 and metrics[3]["samples/rollback_to_step"] == 2.0
     assert json.loads((run / "best_checkpoint.json").read_text())["metric"] == "val/reward/exact"
