@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class ConfigError(ValueError):
@@ -314,6 +314,27 @@ class GenerationConfig:
 
 
 # ----------------------------------------------------------------------------- sample history
+# The alert rules of trainer/history.py (named here so `samples.alerts.actions.<rule>` is checked
+# before training) and what an alert of each may do (trainer/actions.py).
+ALERT_RULES = ("degeneration", "collapse", "drift", "forgetting", "exact_match_drop", "reward_drop", "length_change")
+ALERT_ACTIONS = ("warn", "stop", "rollback")
+
+
+@dataclass
+class RollbackConfig:
+    lr_factor: float = doc("Learning rate multiplier from a rollback on (compounds over rollbacks; in (0, 1]).", 0.5)
+    skip_data: bool = doc(
+        "Skip the data window between the restored checkpoint and the alert (false: the same steps again "
+        "with the data reshuffled).",
+        True,
+    )
+    max_rollbacks: int = doc("Rollbacks allowed in a run; an alert after that stops the run instead.", 2)
+
+    def check(self) -> None:
+        _require(0 < self.lr_factor <= 1, "samples.alerts.rollback.lr_factor", f"must be in (0, 1], got {self.lr_factor}")
+        _require(self.max_rollbacks >= 0, "samples.alerts.rollback.max_rollbacks", "must be >= 0")
+
+
 @dataclass
 class AlertConfig:
     repetition_threshold: float = doc("Degeneration: share of repeated 3-grams in a generation above this.", 0.5)
@@ -344,8 +365,35 @@ class AlertConfig:
         0.4,
     )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
+    action: str = doc(
+        "What an alert does, for every rule not in `actions`: `warn` (a warning and a record), `stop` (checkpoint, "
+        "reason in run_state.json, exit code 3), `rollback` (back to the last checkpoint before the alerts, lower LR).",
+        "warn",
+    )
+    actions: Dict[str, Optional[str]] = doc(
+        "Per rule (degeneration, collapse, drift, forgetting, exact_match_drop, reward_drop, length_change): its "
+        "action, winning over `action` (null: `action`).",
+        factory=dict,
+    )
+    rollback: RollbackConfig = doc("How a rollback restarts.", factory=RollbackConfig)
+
+    def action_for(self, rule: str) -> str:
+        return self.actions.get(rule) or self.action
+
+    def uses(self, action: str) -> Optional[str]:
+        """The key that asks for `action` (None: no rule does)."""
+        for rule in ALERT_RULES:
+            if self.action_for(rule) == action:
+                return f"samples.alerts.actions.{rule}" if self.actions.get(rule) else "samples.alerts.action"
+        return None
 
     def check(self) -> None:
+        _one_of(self.action, "samples.alerts.action", ALERT_ACTIONS)
+        for rule, action in self.actions.items():
+            _one_of(rule, "samples.alerts.actions", ALERT_RULES)
+            if action is not None:
+                _one_of(action, f"samples.alerts.actions.{rule}", ALERT_ACTIONS)
+        self.rollback.check()
         for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share",
                      "forgotten_share"):
             value = getattr(self, name)
@@ -400,6 +448,41 @@ class CheckpointConfig:
             _require("model" in items, key, f"must include model, got {items}")
 
 
+METRIC_MODES = ("max", "min")
+
+
+@dataclass
+class KeepBestConfig:
+    metric: Optional[str] = doc("Logged key that ranks checkpoints (e.g. val/loss, val/exact_match); null: off.", None)
+    mode: str = doc("`max` or `min`: which way is better.", "max")
+
+    def check(self, key: str = "trainer.keep_best") -> None:
+        _one_of(self.mode, f"{key}.mode", METRIC_MODES)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: Optional[str] = doc("Logged key watched at each validation; null: off.", None)
+    mode: str = doc("`max` or `min`: which way is better.", "min")
+    patience: int = doc("Validations in a row without an improvement of more than `min_delta` before the run stops.", 3)
+    min_delta: float = doc("Smallest change that counts as an improvement (>= 0).", 0.0)
+
+    def check(self) -> None:
+        _one_of(self.mode, "trainer.early_stopping.mode", METRIC_MODES)
+        _require(self.patience >= 1, "trainer.early_stopping.patience", "must be >= 1")
+        _require(self.min_delta >= 0, "trainer.early_stopping.min_delta", "must be >= 0")
+
+
+@dataclass
+class StopAtConfig:
+    metric: Optional[str] = doc("Logged key; the run ends cleanly once it reaches `value`; null: off.", None)
+    value: float = doc("The target.", 0.0)
+    mode: str = doc("`max`: reached at >= value; `min`: at <= value.", "max")
+
+    def check(self) -> None:
+        _one_of(self.mode, "trainer.stop_at.mode", METRIC_MODES)
+
+
 @dataclass
 class TrainerConfig:
     default_local_dir: str = doc("Run directory: checkpoints, metrics, samples, report, exported model.", "checkpoints/run")
@@ -433,8 +516,18 @@ class TrainerConfig:
     collective_timeout_seconds: int = doc("How long a collective may wait for the other ranks before the run fails.", 1800)
     export_hf_model: bool = doc("Save the final model in Hugging Face format under <run>/hf_model.", True)
     checkpoint: CheckpointConfig = doc("Checkpoint contents (verl's names).", factory=CheckpointConfig)
+    keep_best: KeepBestConfig = doc(
+        "Keep the best checkpoint by a logged metric beside the newest `max_ckpt_to_keep` (never pruned; "
+        "exported as best_hf_model/ when export_hf_model).",
+        factory=KeepBestConfig,
+    )
+    early_stopping: EarlyStoppingConfig = doc("End the run cleanly when a metric stops improving.", factory=EarlyStoppingConfig)
+    stop_at: StopAtConfig = doc("End the run cleanly when a metric reaches a target.", factory=StopAtConfig)
 
     def check(self) -> None:
+        self.keep_best.check()
+        self.early_stopping.check()
+        self.stop_at.check()
         _require(self.total_epochs > 0, "trainer.total_epochs", "must be > 0")
         if self.total_training_steps is not None:
             _require(self.total_training_steps > 0, "trainer.total_training_steps", "must be > 0 or null")

@@ -153,6 +153,9 @@ METRICS = (
     ("<prefix>/similarity_to_previous_mean", "SFT, RL", "Mean similarity of each prompt's generation to its previous one."),
     ("<prefix>/alerts", "SFT, RL", "Alerts raised at the event."),
     ("<prefix>/alert/<rule>", "SFT, RL", "Alerts of one rule at the event."),
+    ("<prefix>/rollback", "SFT, RL", "Rollbacks so far, logged at the alert's step when an alert rolled the run back."),
+    ("<prefix>/rollback_to_step", "SFT, RL", "The step the run was rolled back to."),
+    ("train/lr_scale", "SFT, RL", "The factor the rollbacks so far put on the learning rate."),
 )
 
 

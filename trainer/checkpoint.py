@@ -361,15 +361,20 @@ def load_model_state(path: Path, part: str = MODEL) -> dict[str, torch.Tensor]:
     its per-rank shards, done by DCP from the checkpoint's metadata."""
     # Private in torch 2.13, with the same planner as format_utils.dcp_to_torch_save (public),
     # which would read the optimizer and critic too: for a 7B model, three times the memory.
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    # `no_dist`: alone even inside a process group (rank 0 exporting the best checkpoint at the
+    # end of a run), where `_load_state_dict_from_keys` would wait for the other ranks.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: no sharded model in it (no .metadata)")
     with warnings.catch_warnings():
-        # "torch.distributed is unavailable or uninitialized, assuming ... a single process": intended.
+        # Older torch warned "torch.distributed is unavailable ... a single process" here: intended.
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
         try:
-            loaded = _load_state_dict_from_keys({part}, checkpoint_id=str(path))
+            loaded: dict[str, Any] = {}
+            _load_state_dict(loaded, FileSystemReader(str(path)), no_dist=True, planner=_EmptyStateDictLoadPlanner(keys={part}))
         except (CheckpointException, OSError) as err:  # a shard missing or unreadable
             raise CheckpointError(f"{path}: cannot read the sharded model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if part not in loaded:
@@ -411,6 +416,7 @@ class Checkpointer:
         self.save_contents = list(self.contents.save_contents)
         self.load_contents = self.contents.effective_load_contents()
         self.last_saved_step: Optional[int] = None
+        self.keep: set[int] = set()  # steps never pruned (trainer.keep_best's checkpoint)
 
     # ------------------------------------------------------------------ when
     def should_save(self, step: int, last_step: bool) -> bool:
@@ -504,11 +510,12 @@ class Checkpointer:
 
     def _prune(self, just_written: Path) -> None:
         """Keep the newest `max_to_keep` checkpoints by write order (when trainer_state.json was
-        written), never the one just written. By step number, a run resumed from an older step
+        written), never the one just written, and besides them the ones in `keep` (the best). By step number, a run resumed from an older step
         in a folder with newer checkpoints would delete its own new checkpoint."""
         if not self.max_to_keep:
             return
-        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written]
+        kept = {self.step_dir(step) for step in self.keep}
+        complete = [p for p in self.complete_checkpoints() if is_checkpoint(p) and p != just_written and p not in kept]
         by_write = sorted(complete, key=lambda p: ((p / STATE_FILE).stat().st_mtime_ns, int(_STEP_DIR.match(p.name).group(1))))
         for old in by_write[: max(len(by_write) - (self.max_to_keep - 1), 0)]:
             log.info("removing old checkpoint %s (trainer.max_ckpt_to_keep=%d)", old, self.max_to_keep)

@@ -16,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from config.loading import Resolved, format_config, redact_log_credentials
 from config.schema import ConfigError
+from trainer.actions import ALERT_STOP_EXIT_CODE, AlertStopped
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
 from trainer.distributed import teardown
@@ -150,6 +151,19 @@ def preempted_exit(rank: int) -> Iterator[None]:
             log.warning("%s", stop)
         teardown()
         exit_now(PREEMPTED_EXIT_CODE)
+
+
+@contextlib.contextmanager
+def alert_stopped_exit(rank: int) -> Iterator[None]:
+    """A run stopped by a sample alert (checkpoint and reason written) ends its process with
+    `ALERT_STOP_EXIT_CODE`, so a scheduler script can tell it from a finish (0) and a crash (1)."""
+    try:
+        yield
+    except AlertStopped as stop:
+        if rank == 0:
+            log.error("stopped by %s", stop)
+        teardown()
+        exit_now(ALERT_STOP_EXIT_CODE)
 
 
 def announce_config(resolved: Resolved, rank: int) -> None:

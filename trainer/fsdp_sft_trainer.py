@@ -136,7 +136,7 @@ class FSDPSFTTrainer:
                         cfg.generation.gather_dtype, cfg.generation.gather_device, self.param_dtype,
                         cfg.generation.max_print_chars)
         self.sample_batches = self._sample_batches()
-        self._last_validated = -1
+        self._last_validated: tuple[int, int] = (-1, -1)
 
     # ------------------------------------------------------------------ setup
     def _layout(self) -> Layout:
@@ -184,6 +184,7 @@ class FSDPSFTTrainer:
         run = self.run
         run.begin(self.cfg, "train")
         while not run.done:
+            self.batches.seed = run.data_seed(self.cfg.trainer.seed)  # moved by a rollback that reshuffles
             metrics = self.train_step(self.batches.micro_batches(run.position.epoch, run.position.batch_in_epoch))
             epoch_end = run.advance(self.batches.steps_per_epoch)
             run.log_step(metrics, bar={"loss": "train/loss"})
@@ -244,12 +245,12 @@ class FSDPSFTTrainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict[str, float]:
-        step = self.run.step
+        step = (self.run.control.rollbacks, self.run.step)  # after a rollback, a step number comes again
         if self._last_validated == step:
             return {}
         self._last_validated = step
         metrics = {"val/loss": self.validation_loss()}
-        self.run.tracking.log_metrics(metrics, step)
+        self.run.log_validation(metrics)
         if self.sample_batches:
             self.run.sample_event(self.model, self.generate_validation_samples,
                                   SampleEventSpec("validation", "val", "validation", "validation sample generation"))

@@ -112,11 +112,28 @@ class SampleHistory:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rules = alerts
         self.series: dict[str, _Series] = {}
-        kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step]
+        self.last_alerts: list[tuple[str, Optional[str], str]] = []  # the last event's (rule, prompt, message)
+        # Records of steps a rollback discarded, and the rollbacks, are the run's history: kept.
+        kept = [r for r in read_records(self.path)
+                if r.get("step", 0) <= resume_step or r.get("discarded") or r.get("kind") == "rollback"]
+        self._rewrite(kept)
+        self._replay([r for r in kept if not r.get("discarded")])
+
+    def _rewrite(self, records: list[dict]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         os.replace(tmp, self.path)
-        self._replay(kept)
+
+    def discard_after(self, step: int, rollback: dict) -> None:
+        """A rollback to `step`: the later records stay, marked `discarded`, and the rules forget
+        them; `rollback` (kind "rollback") is appended."""
+        records = read_records(self.path)
+        for r in records:
+            if r.get("step", 0) > step and r.get("kind") != "rollback":
+                r["discarded"] = True
+        self._rewrite([*records, rollback])
+        self.series = {}
+        self._replay([r for r in records if not r.get("discarded")])
 
     def _replay(self, records: list[dict]) -> None:
         """Rebuild the rules' memory from the kept history, so a resumed run alerts as before."""
@@ -172,6 +189,8 @@ class SampleHistory:
             }
         alerts = self._check(event, series)
         event.alerts = [f"{a.rule}: {a.message}" for a in alerts]
+        prompts = {s.prompt_id: s.prompt for s in event.samples}
+        self.last_alerts = [(a.rule, prompts.get(a.prompt_id), a.message) for a in alerts]
         self._append(event, generations, settings, seeds, alerts)
         for a in alerts:
             where = f"prompt {a.prompt_id}" if a.prompt_id else "all prompts"

@@ -210,6 +210,7 @@ class RLTrainer:
         if run.step == 0 and self.val_prompts and self.cfg.trainer.val_before_train:
             self.validate()  # the starting point, to compare against
         while not run.done:
+            self.batches.seed = run.data_seed(self.cfg.trainer.seed)  # moved by a rollback that reshuffles
             metrics = self.train_step()
             epoch_end = run.advance(self.batches.steps_per_epoch)
             run.log_step(metrics, bar={"reward": "train/reward_mean"})
@@ -334,7 +335,7 @@ class RLTrainer:
         generated = self.engine.generate([p.prompt_ids for p in mine], settings, seeds, micro_batch_size=r.micro_batch_size_per_gpu)
         scores = self._score(mine, [g.text for g in generated])
         metrics = self._reward_metrics("val", scores, [g.num_tokens for g in generated])
-        self.run.tracking.log_metrics(metrics, self.run.step)
+        self.run.log_validation(metrics)
         if self.dist.is_primary:
             shown = ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in metrics.items() if "/reward/" in k)
             log.info("validation at step %d on %d held-out prompts: %s", self.run.step, len(self.val_prompts), shown)

@@ -9,9 +9,14 @@ rewards, advantages, update) and drives a `Run`:
         metrics = trainer.train_step()
         epoch_end = run.advance(steps_per_epoch)
         run.log_step(metrics)
-        if ...: run.sample_event(model, produce, ...)            # gather, rank-0 samples, log
-        run.end_step(save_checkpoint)                            # checkpoint, preemption
+        if ...: run.log_validation(val_metrics)                  # trackers; the metric watches see them
+        if ...: run.sample_event(model, produce, ...)            # gather, rank-0 samples, log, alert action agreed
+        run.end_step(save_checkpoint)                            # checkpoint, alert action, watches, preemption
     run.finish(model)
+
+An alert's action (warn, stop, rollback) and the metric watches (keep_best, early_stopping,
+stop_at) are decided on rank 0 by trainer/actions.py and broadcast, so every rank acts at the
+same step.
 
 `entry_point` makes a trainer module's `main` (`python -m trainer.<trainer>`).
 """
@@ -35,9 +40,11 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from config import env as env_config
 from config.loading import Resolved, redact, to_dict
 from config.schema import ModelConfig, SamplesConfig, TrainerConfig
+from trainer.actions import Control, Decision, Watches, rollback_warning
 from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import (
-    announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
+    alert_stopped_exit, announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging,
+    user_errors_exit,
 )
 from trainer.distributed import DistContext, init_distributed, teardown
 from trainer import resume_guard
@@ -45,6 +52,7 @@ from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
 from trainer.progress import progress
+from trainer.run_actions import RunActions
 from trainer.samples import SampleLogger
 from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
@@ -101,7 +109,7 @@ class SampleEventSpec:
     what: str = field(default="samples")  # named in the warning when rank 0's part fails
 
 
-class Run:
+class Run(RunActions):
     """A run's services: run directory, preemption watch, checkpoints and resume, trackers,
     sample history, live report, the rank-0 generation copy; its position; its sample event."""
 
@@ -122,6 +130,15 @@ class Run:
         self.total_steps = 0
         self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
         self._bar = None
+        # What the run decides for itself (trainer/actions.py): alert actions and metric watches.
+        self.control = Control()
+        self.watches = Watches(trainer_cfg)
+        self.stop_reason: Optional[str] = None  # early stopping / stop_at: the run ends cleanly after this step
+        self._decision: Optional[Decision] = None  # this step's alert action, agreed by every rank
+        self._observed: dict[str, float] = {}  # rank 0: metrics of this step's validation and sample events
+        self._observed_step = -1
+        if dist_ctx.is_primary and (line := rollback_warning(samples_cfg.alerts, trainer_cfg)):
+            log.warning("%s", line)
 
     @property
     def step(self) -> int:
@@ -129,7 +146,7 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.total_steps or self.stop_reason is not None
 
     @property
     def last_step(self) -> bool:
@@ -162,7 +179,9 @@ class Run:
             HFAssets(model_config, tokenizer, m.partial_pretrain, m.trust_remote_code, m.attn_implementation, lora),
         )
         self.checkpointer.clean_partial()
-        self._resume(*models())
+        self._parts = models()
+        self._base_lrs = list(getattr(self._parts[2], "base_lrs", []))  # before a resume or rollback scales them
+        self._resume(*self._parts)
         self.tracking = Tracking(
             # metrics.jsonl ("file") is the run's own record, which the report reads: always on.
             [*self.cfg.logger, "file"],
@@ -182,6 +201,8 @@ class Run:
             return
         state = self.checkpointer.load(path, model, optimizer, scheduler, extra)
         self.position = Position(**{k: state.get(k, 0) for k in asdict(Position())})
+        self.control = Control.from_state(state.get("control"))
+        self._apply_control()
         p = self.position
         log.info("resumed from %s: step %d, epoch %d, batch %d", path, p.global_step, p.epoch, p.batch_in_epoch)
 
@@ -189,6 +210,7 @@ class Run:
     def begin(self, full_cfg: Any, bar_name: str) -> None:
         if self.dist.is_primary:
             self.tracking.log_config(redact(to_dict(full_cfg)))
+        self._bar_name = bar_name
         self._bar = progress(self.total_steps, self.step, bar_name, enabled=self.dist.is_primary)
 
     def advance(self, steps_per_epoch: int) -> bool:
@@ -211,10 +233,26 @@ class Run:
         return epoch_end or self.last_step or (freq > 0 and self.step % freq == 0)
 
     def end_step(self, save_checkpoint: Callable[[], Path]) -> None:
-        """A checkpoint when one is due; on SIGTERM (any rank) a checkpoint and `Preempted`."""
-        if self.checkpointer.should_save(self.step, self.last_step):
-            save_checkpoint()
-        if not self.last_step and self.preemption.requested():
+        """A checkpoint when one is due; the step's alert action (rollback, or stop: a checkpoint
+        and `AlertStopped`) and metric watches (best checkpoint, early stop); on SIGTERM (any
+        rank) a checkpoint and `Preempted`."""
+        decision, self._decision = self._decision, None
+        outcome = self._agree_on_watches()
+        if decision is not None and decision.action == "rollback":
+            self._roll_back(decision, save_checkpoint)  # this step's weights are the bad ones: not saved
+        else:
+            wanted = decision is not None or outcome.new_best or outcome.stop is not None
+            if self.checkpointer.should_save(self.step, self.last_step) or (wanted and self.checkpointer.last_saved_step != self.step):
+                save_checkpoint()
+            if outcome.new_best:
+                self._keep_best()
+            if decision is not None:
+                self._stop_on_alert(decision)
+            if outcome.stop is not None:
+                self.stop_reason = outcome.stop
+                if self.dist.is_primary:
+                    log.warning("%s; checkpoint %s; the run ends here", outcome.stop, self.checkpointer.step_dir(self.step))
+        if not self.done and self.preemption.requested():
             self._bar.close()
             self.preemption.checkpoint_and_stop(self.step, self.checkpointer, save_checkpoint, self.tracking)
 
@@ -222,8 +260,8 @@ class Run:
         self._bar.close()
 
     def save(self, model, optimizer, scheduler, extra: Optional[dict] = None) -> Path:
-        state = {**asdict(self.position), resume_guard.ESSENTIAL_KEY: self.essential}
-        path = self.checkpointer.save(self.step, model, optimizer, scheduler, state, extra or {})
+        trainer_state = {**asdict(self.position), resume_guard.ESSENTIAL_KEY: self.essential, "control": asdict(self.control)}
+        path = self.checkpointer.save(self.step, model, optimizer, scheduler, trainer_state, extra or {})
         log.info("saved checkpoint %s", path)
         return path
 
@@ -247,6 +285,8 @@ class Run:
             samples = self._score_on_every_rank(samples, score, spec)
         metrics = self._log_on_rank_zero(samples, spec) if samples is not None else None
         dist.barrier()
+        self._agree_on_alerts(spec.prefix, metrics)
+        self._observe(metrics or {})
         self.samples_s += time.perf_counter() - start
         return metrics
 
@@ -309,6 +349,7 @@ class Run:
         if self.cfg.export_hf_model:
             merged = self.run_dir / "hf_model_merged" if self.model_cfg.lora_export_merged else None
             self.checkpointer.export_hf_model(model, self.run_dir / "hf_model", merged)
+            self._export_best()
         finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
 
 
@@ -320,7 +361,8 @@ def launch(
     build_trainer: Callable[[Any, DistContext], Any],
 ) -> None:
     """Resolve and check the config, start the process group, build the trainer and fit it.
-    Bad input before training: one line, exit 2. SIGTERM: checkpoint, exit 143."""
+    Bad input before training: one line, exit 2. SIGTERM: checkpoint, exit 143. A sample alert
+    whose action is `stop`: checkpoint, exit `ALERT_STOP_EXIT_CODE` (3)."""
     denv = env_config.dist_env()
     with user_errors_exit(denv.rank):
         setup_logging(env_config.log_level(env_config.environ()), denv.rank)
@@ -329,7 +371,7 @@ def launch(
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
         trainer = build_trainer(resolved.config, ctx)
-    with preempted_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
+    with preempted_exit(denv.rank), alert_stopped_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
         trainer.fit()
     teardown()
 

@@ -1,7 +1,7 @@
 """Two gloo ranks score with one sharded reward model: rank 0 three responses (two micro-batches),
 rank 1 one (one micro-batch, then a spare forward to stay in step); then a sample event's
 collective scoring (`Run._score_on_every_rank`): rank 0's samples, scored by both ranks.
-Launched by tests/distributed/test_reward_model.py; writes <out>/rank<N>.json."""
+Launched by tests/distributed/test_reward_model_ranks.py; writes <out>/rank<N>.json."""
 
 import json
 import sys

@@ -138,6 +138,8 @@ def test_progress_of_running_stopped_finished_and_unknown_runs(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
     write_run_state(run, {"status": "running", "total_steps": 800, "pid": int(gone)})
     assert run_progress(run, metrics, samples).startswith(f"stopped (process {int(gone)} is gone): step 200 of 800 (25%)")
+    write_run_state(run, {"status": "stopped", "total_steps": 800, "reason": "sample alert [collapse] at step 200 (all prompts): same"})
+    assert run_progress(run, metrics, samples).startswith("stopped: sample alert [collapse] at step 200 (all prompts): same: step 200 of 800")
     write_run_state(run, {"status": "finished", "total_steps": 200, "pid": 1})
     assert run_progress(run, metrics, samples) == "finished: step 200 of 200 (100%); last sample event at step 200"
 

@@ -106,3 +106,14 @@ def test_prompt_batches_over_the_mapped_set_are_those_of_a_list(tmp_path, tok):
             (ia, pa), (ib, pb) = a.rank_prompts(epoch, index), b.rank_prompts(epoch, index)
             assert ia == ib and [(p.prompt_ids, p.text, p.ground_truth) for p in pa] == [(p.prompt_ids, p.text, p.ground_truth) for p in pb]
     assert a.rank_prompts(0, 0)[0] != a.rank_prompts(1, 0)[0]  # each epoch its own order
+
+
+def test_a_moved_seed_reshuffles_the_epoch_already_cached():
+    """A rollback without skip_data moves the data seed mid-epoch: the cached order must follow."""
+    prompts = list(range(32))  # only indexed here
+    batches = PromptBatches(prompts, 8, seed=5, shuffle=True, rank=0, world_size=1)
+    before = batches.rank_prompts(0, 0)[0]
+    batches.seed = 6
+    after = batches.rank_prompts(0, 0)[0]
+    batches.seed = 5
+    assert after != before and batches.rank_prompts(0, 0)[0] == before

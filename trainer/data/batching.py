@@ -165,19 +165,19 @@ class SFTBatches:
         self.world_size = world_size
         self.pad_id = pad_id
         self.steps_per_epoch = len(examples) // cfg.train_batch_size
-        self._order: tuple[int, list[int]] = (-1, [])
+        self._order: tuple[tuple[int, int], list[int]] = ((-1, -1), [])
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"data.train_batch_size={cfg.train_batch_size} is larger than the training set ({len(examples)} examples)"
             )
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        if self._order[0] != epoch:
+        if self._order[0] != (self.seed, epoch):  # the seed moves when a rollback reshuffles
             if self.cfg.group_by_length and self.cfg.shuffle:
                 order = length_grouped_order(self.lengths, self.cfg.train_batch_size, self.seed, epoch)
             else:
                 order = epoch_order(len(self.examples), self.seed, epoch, self.cfg.shuffle)
-            self._order = (epoch, order)
+            self._order = ((self.seed, epoch), order)
         return self._order[1]
 
     def global_batch(self, epoch: int, index: int) -> list[int]:

@@ -207,7 +207,7 @@ class PromptBatches:
         self.prompts_per_step = prompts_per_step
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.steps_per_epoch = len(prompts) // prompts_per_step
-        self._epoch_order: tuple[Optional[int], list[int]] = (None, [])
+        self._epoch_order: tuple[Optional[tuple[int, int]], list[int]] = (None, [])
         if self.steps_per_epoch == 0:
             raise DataError(f"data.prompts_per_step={prompts_per_step} is larger than the training set ({len(prompts)} prompts)")
 
@@ -221,8 +221,8 @@ class PromptBatches:
 
     def _order(self, epoch: int) -> list[int]:
         """The epoch's permutation of every prompt, computed once per epoch, not per step."""
-        if self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, epoch_order(len(self.prompts), self.seed, epoch, self.shuffle))
+        if self._epoch_order[0] != (self.seed, epoch):  # the seed moves when a rollback reshuffles
+            self._epoch_order = ((self.seed, epoch), epoch_order(len(self.prompts), self.seed, epoch, self.shuffle))
         return self._epoch_order[1]
 
 

@@ -158,6 +158,8 @@ def _ago(seconds: float) -> str:
 def _status(state: dict) -> str:
     if state.get("status") == "finished":
         return "finished"
+    if state.get("status") == "stopped":  # by a sample alert whose action is stop (trainer/actions.py)
+        return f"stopped: {state.get('reason', 'by a sample alert')}"
     if state.get("status") == "running":
         return f"stopped (process {state.get('pid')} is gone)" if _process_gone(state) else "running, or stopped without notice"
     return "status unknown (no run_state.json)"
