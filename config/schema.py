@@ -296,6 +296,13 @@ class GenerationConfig:
     )
     gather_dtype: str = doc("dtype of that copy: `auto` (training dtype), fp32, bf16, fp16.", "auto")
     max_print_chars: int = doc("Console cut-off per prompt/generation; trackers get the full text.", 400)
+    num_samples_per_prompt: int = doc(
+        "Samples generated per prompt at each sample event (k); with k > 1 every metric is also logged as "
+        "mean@k and, for right/wrong metrics, pass@k. Sample 1 keeps the prompt's seed, sample j its own seed "
+        "derived from it, so runs and resumes repeat.",
+        1,
+    )
+    also_greedy: bool = doc("Also generate one greedy answer per prompt beside the sampled ones, scored apart (`.../greedy`).", False)
 
     def check(self, prefix: str = "generation") -> None:
         _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
@@ -305,6 +312,8 @@ class GenerationConfig:
         _one_of(self.gather_device, f"{prefix}.gather_device", ("auto", "cpu", "cuda"))
         _one_of(self.gather_dtype, f"{prefix}.gather_dtype", ("auto", "fp32", "bf16", "fp16"))
         _require(self.max_print_chars > 0, f"{prefix}.max_print_chars", "must be > 0")
+        _require(self.num_samples_per_prompt >= 1, f"{prefix}.num_samples_per_prompt",
+                 f"must be >= 1, got {self.num_samples_per_prompt}")
 
 
 # ----------------------------------------------------------------------------- sample history
@@ -338,6 +347,11 @@ class AlertConfig:
         0.4,
     )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
+    metric: Optional[str] = doc(
+        "The task metric (a `samples.metrics` name) the drop and forgetting rules watch; the drop rule is "
+        "called `<metric>_drop`. null: the first of `samples.metrics` (exact_match by default).",
+        None,
+    )
 
     def check(self) -> None:
         for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share",
@@ -352,13 +366,43 @@ class AlertConfig:
 
 
 @dataclass
+class MetricConfig:
+    name: str = doc("Name in logs and trackers (`val/metric/<name>`); default: `fn`.", "")
+    fn: str = doc("A registered function (exact_match, last_number_match, contains, rouge_l, length_chars, any "
+                  "reward) or `module:function` with the reward signature.", "")
+    kwargs: dict = doc("Extra keyword arguments for the function.", factory=dict)
+
+
+@dataclass
 class SamplesConfig:
     history: bool = doc("Append every sample to samples.jsonl in the run directory.", True)
     report: bool = doc("Keep report.html in the run directory: rewritten at each sample event and at the end.", True)
     alerts: AlertConfig = doc("Thresholds of the sample alert rules.", factory=AlertConfig)
+    metrics: List[MetricConfig] = doc(
+        "Task metrics scored on every sample (SFT `val/metric/<name>`, RL `samples/metric/<name>`), with the "
+        "reward functions' signature; a metric returning null (e.g. no reference) is left out.",
+        factory=lambda: [MetricConfig("exact_match", "exact_match"), MetricConfig("last_number_match", "last_number_match")],
+    )
+    prompts_file: Optional[str] = doc(
+        "A JSONL file of sample prompts replacing the default ones (SFT: the first validation rows; RL: "
+        "logging.sample_logging.prompts). Each line: `prompt` (text) or `messages` (chat), and optionally "
+        "`reference`, `id`, `tags`, `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`.",
+        None,
+    )
 
     def check(self) -> None:
         self.alerts.check()
+        for i, m in enumerate(self.metrics):
+            _require(bool(m.fn or m.name), f"samples.metrics[{i}].fn", "is required (a registered name or module:function)")
+        names = [m.name or m.fn for m in self.metrics]
+        if self.alerts.metric is not None:
+            _require(self.alerts.metric in names, "samples.alerts.metric",
+                     f"{self.alerts.metric!r} is not one of samples.metrics ({', '.join(names) or 'none'})")
+        elif names:
+            self.alerts.metric = names[0]
+        if self.prompts_file:
+            self.prompts_file = expand_paths(self.prompts_file)
+            _require(os.path.isfile(self.prompts_file), "samples.prompts_file", f"{self.prompts_file}: no such file")
 
 
 # ----------------------------------------------------------------------------- trainer

@@ -42,11 +42,12 @@ from trainer.faults import PreemptionWatch, check_shared_run_dir
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
 from trainer.progress import progress
-from trainer.samples import SampleLogger
+from trainer.samples import SampleLogger, SampleMeta
 from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers.generation import Generated, GenerationSettings
 from workers.lora import LoraSpec
+from workers.metrics import build_metric_set
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.run")
@@ -79,6 +80,7 @@ class Samples:
     settings: GenerationSettings
     seeds: list[int]
     rewards: Optional[list[dict[str, float]]] = None
+    meta: Optional[list[SampleMeta]] = None  # each answer's sample index, greedy flag, tags, id, settings
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Run:
         check_shared_run_dir(self.run_dir)  # before anything is loaded: every rank, within seconds
         self.preemption = PreemptionWatch()
         check_available(trainer_cfg.logger)  # a missing tracker package fails before any model
+        self.metrics = build_metric_set(samples_cfg.metrics)  # so does an unknown task metric
         self.position = Position()
         self.total_steps = 0
         self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
@@ -157,7 +160,7 @@ class Run:
         primary, s = self.dist.is_primary, self.samples_cfg
         history = SampleHistory(self.run_dir, s.alerts, resume_step=self.step) if s.history and primary else None
         report = LiveReport(self.run_dir, total_steps, self.tracking) if s.report and primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars)
+        self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars, self.metrics)
         self.replica = ModelReplica(model_config, replica_dtype, replica_device, self.dist.device, train_dtype,
                                     m.attn_implementation, m.trust_remote_code, lora)
 
@@ -235,7 +238,7 @@ class Run:
                           samples.settings.describe())
                 metrics = self.sample_logger.log(
                     self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
-                    samples.settings, samples.seeds, generation_s, samples.rewards,
+                    samples.settings, samples.seeds, generation_s, samples.rewards, samples.meta,
                 )
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 import trainer.fsdp_sft_trainer as sft
+import trainer.sample_prompts as sample_prompts
 from config.env import DistEnv
 from config.loading import resolve
 from config.schema import ConfigError, SFTConfig
@@ -34,7 +35,7 @@ def test_generation_failure_warns_and_training_finishes(tiny_model, tiny_data, t
     def boom(*args, **kwargs):
         raise RuntimeError("injected generation failure")
 
-    monkeypatch.setattr(sft, "generate", boom)
+    monkeypatch.setattr(sample_prompts, "generate", boom)
     run_dir = tmp_path / "run"
     trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=2", "trainer.save_freq=2")
     with caplog.at_level(logging.WARNING):
@@ -82,7 +83,7 @@ def test_sample_prompts_are_the_first_distinct_ones(tiny_model, tiny_data, tmp_p
     val = write_parquet(doubled, tmp_path / "val_doubled.parquet")
     trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", f"data.val_files={val}", "trainer.max_val_samples=3",
                            "trainer.total_training_steps=1")
-    chosen = [e.prompt_text for mb in trainer.sample_batches for e in mb.examples]
+    chosen = [p.text for p in trainer.sample_prompts]
     assert chosen == [rows[0]["prompt"], rows[1]["prompt"], rows[2]["prompt"]]
 
 
