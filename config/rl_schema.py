@@ -44,6 +44,12 @@ class SampleLoggingConfig:
     temperature: float = doc("Sampling temperature.", 0.7)
     top_p: float = doc("Nucleus sampling threshold in (0, 1].", 0.9)
     do_sample: bool = doc("Sample (true) or decode greedily (false).", True)
+    num_samples_per_prompt: int = doc(
+        "Answers per prompt (k); with k > 1 every metric is also logged as mean@k and, for right/wrong "
+        "metrics, pass@k. The first keeps the prompt's seed, the others get seeds derived from it.",
+        1,
+    )
+    also_greedy: bool = doc("Also one greedy answer per prompt, scored apart (`samples/metric/<name>/greedy`).", False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -58,6 +64,8 @@ class SampleLoggingConfig:
         _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples_per_prompt >= 1, f"{prefix}.num_samples_per_prompt",
+                 f"must be >= 1, got {self.num_samples_per_prompt}")
         first_at: dict[str, int] = {}
         for i, p in enumerate(self.prompts):
             _require(isinstance(p, str) and bool(p.strip()), f"{prefix}.prompts[{i}]", "must be non-empty text")

@@ -1,5 +1,6 @@
 """The SFT trainer in this process (one rank): failure handling that needs code injected."""
 
+import json
 import logging
 import math
 
@@ -14,6 +15,7 @@ from config.env import DistEnv
 from config.loading import resolve
 from config.schema import ConfigError, SFTConfig
 from helpers import read_metrics, write_parquet
+from trainer.data import DataError
 from trainer.distributed import init_distributed
 
 
@@ -120,3 +122,64 @@ def test_sigterm_is_handled_during_fit_only(tiny_model, tiny_data, tmp_path):
     assert signal.getsignal(signal.SIGTERM) == trainer.run.preemption._on_signal
     trainer.fit()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _sample_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines() if '"kind": "sample"' in line]
+
+
+def test_validation_scores_task_metrics_with_k_samples_and_a_greedy_answer(tiny_model, tiny_data, tmp_path):
+    args = ("trainer.total_training_steps=2", "trainer.test_freq=2", "trainer.max_val_samples=3",
+            "trainer.export_hf_model=false", "generation.num_samples_per_prompt=3", "generation.also_greedy=true")
+    make_trainer(tiny_model, tiny_data, tmp_path / "a", *args).fit()
+    val = read_metrics(tmp_path / "a")[2]
+    for name in ("exact_match", "last_number_match"):  # the default metrics: the rows have references
+        assert 0.0 <= val[f"val/metric/{name}"] <= 1.0 and 0.0 <= val[f"val/metric/{name}/greedy"] <= 1.0
+        assert val[f"val/metric/{name}/pass@3"] >= val[f"val/metric/{name}/mean@3"]
+        assert val[f"val/metric/{name}/mean@3"] == pytest.approx(val[f"val/metric/{name}"])
+    assert val["val/samples_generated"] == 3 * (3 + 1)
+    rows = _sample_rows(tmp_path / "a")
+    assert [(r["index"], r.get("sample", 0), r.get("greedy", False)) for r in rows[:4]] == [
+        (1, 0, False), (2, 1, False), (3, 2, False), (4, 0, True)]
+    assert all(set(r["metrics"]) == {"exact_match", "last_number_match"} for r in rows)
+    assert len({r["prompt_id"] for r in rows}) == 12  # each answer its own history series
+    # The same samples on a rerun.
+    make_trainer(tiny_model, tiny_data, tmp_path / "b", *args).fit()
+    assert [r["generation"] for r in _sample_rows(tmp_path / "b")] == [r["generation"] for r in rows]
+
+
+def test_prompts_file_with_tags_and_ids_drives_validation_samples(tiny_model, tiny_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "1+2=", "reference": "3", "id": "sum", "tags": ["math"], "do_sample": False, "max_new_tokens": 2},
+        {"prompt": "Say hi", "id": "hi", "tags": ["chat"], "reference": "hi"},
+    ]))
+    make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_training_steps=1", "trainer.export_hf_model=false",
+                 f"samples.prompts_file={prompts}", "samples.metrics=[{fn: contains}, {fn: length_chars}]").fit()
+    val = read_metrics(tmp_path / "run")[1]
+    assert {"val/tag/math/metric/contains", "val/tag/chat/metric/length_chars", "val/metric/contains"} <= set(val)
+    assert "val/metric/exact_match" not in val
+    rows = _sample_rows(tmp_path / "run")
+    assert [(r["prompt_id"], r["tags"], r["settings"]["max_new_tokens"]) for r in rows] == [
+        ("sum", ["math"], 2), ("hi", ["chat"], 4)]
+    assert rows[0]["settings"]["do_sample"] is False and rows[0]["generated_tokens"] <= 2
+
+
+@pytest.mark.parametrize("override, error, words", [
+    ("samples.metrics=[{fn: exact_match}, {fn: bleu}]", ConfigError, "samples.metrics[1].fn: unknown metric 'bleu'"),
+    ("samples.alerts.metric=rouge_l", ConfigError, "samples.alerts.metric: 'rouge_l' is not one of"),
+])
+def test_a_bad_metric_stops_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch, override, error, words):
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    with pytest.raises(error) as err:
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", override)
+    assert str(err.value).startswith(words) and "\n" not in str(err.value)
+
+
+def test_a_bad_prompts_file_row_stops_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "x", "temperature": 0}\n')
+    with pytest.raises(DataError) as err:
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", f"samples.prompts_file={prompts}")
+    assert str(err.value) == f"{prompts}: row 2: `temperature` must be > 0, got 0"
