@@ -13,6 +13,7 @@ from typing import Any, List, Optional
 
 from config.schema import (
     ConfigError,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     SamplesConfig,
@@ -270,12 +271,13 @@ class RLConfig:
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, world_size: int) -> None:
         self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
         self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
         for section in (self.algorithm, self.rollout, self.actor, self.critic, self.ref, self.reward, self.model, self.optim,
-                        self.trainer, self.samples):
+                        self.trainer, self.samples, self.eval):
             section.check()
         self.data.check(world_size)
         self.model.fsdp_config.check_world(world_size)

@@ -405,6 +405,51 @@ class SamplesConfig:
             _require(os.path.isfile(self.prompts_file), "samples.prompts_file", f"{self.prompts_file}: no such file")
 
 
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class LmEvalConfig:
+    """EleutherAI's lm-evaluation-harness on rank 0's gathered copy (the `[eval]` extra)."""
+
+    tasks: List[str] = doc("Task (or group) names to run; empty: no lm-eval.", factory=list)
+    include_path: Any = doc(
+        "A folder (or a list) of your own task YAML files, e.g. with `dataset_path: json` and local "
+        "`dataset_kwargs.data_files`: nothing is downloaded.",
+        None,
+    )
+    include_defaults: bool = doc(
+        "Also index the harness's built-in tasks (their data is downloaded; indexing them takes about a minute).", False
+    )
+    limit: Optional[float] = doc("Documents per task: a count (>= 1) or a share of the task (< 1); null: all.", None)
+    num_fewshot: Optional[int] = doc("Few-shot examples per prompt (null: each task's own default).", None)
+    batch_size: int = doc("Requests per forward in the harness.", 8)
+
+    def check(self) -> None:
+        for i, t in enumerate(self.tasks):
+            _require(isinstance(t, str) and bool(t.strip()), f"eval.lm_eval.tasks[{i}]", "must be a task name")
+        paths = [self.include_path] if isinstance(self.include_path, str) else list(self.include_path or [])
+        self.include_path = expand_paths(self.include_path)
+        for path in expand_paths(paths):
+            _require(os.path.exists(path), "eval.lm_eval.include_path", f"{path}: no such file or folder")
+        if self.limit is not None:
+            _require(self.limit > 0, "eval.lm_eval.limit", f"must be > 0 (a count, or a share below 1), got {self.limit}")
+        if self.num_fewshot is not None:
+            _require(self.num_fewshot >= 0, "eval.lm_eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
+        _require(self.batch_size > 0, "eval.lm_eval.batch_size", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    lm_eval: LmEvalConfig = doc("lm-evaluation-harness tasks run at sample events.", factory=LmEvalConfig)
+    every_n_validations: int = doc(
+        "Run the benchmarks at every N-th sample event of this process (SFT: validations with samples; RL: "
+        "sample logging): the N-th, 2N-th, ...", 1,
+    )
+
+    def check(self) -> None:
+        self.lm_eval.check()
+        _require(self.every_n_validations >= 1, "eval.every_n_validations", f"must be >= 1, got {self.every_n_validations}")
+
+
 # ----------------------------------------------------------------------------- trainer
 CHECKPOINT_CONTENTS = ("model", "optimizer", "extra", "hf_model")
 
@@ -496,10 +541,12 @@ class SFTConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, world_size: int) -> None:
         self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
         self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
+        self.eval.check()
         self.data.check()
         self.model.check()
         self.model.fsdp_config.check_world(world_size)

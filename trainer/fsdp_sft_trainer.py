@@ -92,7 +92,7 @@ class FSDPSFTTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, cfg.eval)
 
         # Cheap things that can be wrong come first: trackers (in Run), tokenizer, data. Then the model.
         liger.check(cfg.model.use_liger, self.device)

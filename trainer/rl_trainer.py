@@ -106,7 +106,7 @@ class RLTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx)
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, cfg.eval)
         check_registries(cfg)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
 

@@ -32,13 +32,14 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config import env as env_config
 from config.loading import Resolved, redact, to_dict
-from config.schema import ModelConfig, SamplesConfig, TrainerConfig
+from config.schema import EvalConfig, ModelConfig, SamplesConfig, TrainerConfig
 from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import (
     announce_config, exit_now, finish_run, normalize_config_path, preempted_exit, setup_logging, user_errors_exit,
 )
 from trainer.distributed import DistContext, init_distributed, teardown
 from trainer.faults import PreemptionWatch, check_shared_run_dir
+from trainer.harness import Harness
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
 from trainer.progress import progress
@@ -98,7 +99,8 @@ class Run:
     """A run's services: run directory, preemption watch, checkpoints and resume, trackers,
     sample history, live report, the rank-0 generation copy; its position; its sample event."""
 
-    def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext):
+    def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext,
+                 eval_cfg: Optional[EvalConfig] = None):
         self.cfg, self.samples_cfg, self.model_cfg = trainer_cfg, samples_cfg, model_cfg
         self.dist = dist_ctx
         self.run_dir = Path(trainer_cfg.default_local_dir)
@@ -106,6 +108,7 @@ class Run:
         self.preemption = PreemptionWatch()
         check_available(trainer_cfg.logger)  # a missing tracker package fails before any model
         self.metrics = build_metric_set(samples_cfg.metrics)  # so does an unknown task metric
+        self.harness = Harness.create(eval_cfg, self.run_dir) if eval_cfg else None  # and lm-eval's tasks
         self.position = Position()
         self.total_steps = 0
         self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
@@ -161,6 +164,8 @@ class Run:
         history = SampleHistory(self.run_dir, s.alerts, resume_step=self.step) if s.history and primary else None
         report = LiveReport(self.run_dir, total_steps, self.tracking) if s.report and primary else None
         self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars, self.metrics)
+        if self.harness is not None and primary:
+            self.harness.attach(self.tracking, tokenizer, resume_step=self.step)
         self.replica = ModelReplica(model_config, replica_dtype, replica_device, self.dist.device, train_dtype,
                                     m.attn_implementation, m.trust_remote_code, lora)
 
@@ -240,6 +245,8 @@ class Run:
                     self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
                     samples.settings, samples.seeds, generation_s, samples.rewards, samples.meta,
                 )
+                if self.harness is not None:  # benchmarks on the same copy; warns on its own failure
+                    metrics.update(self.harness.maybe_run(copy, self.step, spec.stage))
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
         del state

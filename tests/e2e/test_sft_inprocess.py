@@ -1,5 +1,6 @@
 """The SFT trainer in this process (one rank): failure handling that needs code injected."""
 
+import importlib.util
 import json
 import logging
 import math
@@ -183,3 +184,62 @@ def test_a_bad_prompts_file_row_stops_before_the_model(tiny_model, tiny_data, tm
     with pytest.raises(DataError) as err:
         make_trainer(tiny_model, tiny_data, tmp_path / "run", f"samples.prompts_file={prompts}")
     assert str(err.value) == f"{prompts}: row 2: `temperature` must be > 0, got 0"
+
+
+def write_lm_eval_tasks(folder):
+    """Two tiny local tasks, one of each kind the harness runs: nothing is downloaded."""
+    folder.mkdir()
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "1+2=", "choices": ["3", "4"], "answer": 0}, {"question": "2+2=", "choices": ["3", "4"], "answer": 1},
+        {"question": "5+1=", "choices": ["6", "7"], "answer": 0}]))
+    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]))
+    (folder / "sat_mc.yaml").write_text(
+        f"task: sat_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "sat_gen.yaml").write_text(
+        f"task: sat_tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 3\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder
+
+
+def test_lm_eval_runs_local_tasks_on_the_gathered_copy_every_n_validations(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("lm_eval", reason="the [eval] extra")
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+    run_dir = tmp_path / "run"
+    make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=1",
+                 "trainer.max_val_samples=2", "trainer.export_hf_model=false", "eval.every_n_validations=2",
+                 "eval.lm_eval.tasks=[sat_tiny_mc,sat_tiny_gen]", f"eval.lm_eval.include_path={tasks}").fit()
+    metrics = read_metrics(run_dir)
+    assert [s for s in sorted(metrics) if "eval/sat_tiny_mc/acc" in metrics[s]] == [2, 4]
+    assert all(0.0 <= metrics[s]["eval/sat_tiny_gen/exact_match"] <= 1.0 for s in (2, 4))
+    assert metrics[4]["eval/sat_tiny_mc/acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["task"]) for r in records) == [
+        (2, "sat_tiny_gen"), (2, "sat_tiny_mc"), (4, "sat_tiny_gen"), (4, "sat_tiny_mc")]
+    assert all(r["num_samples"] == (3 if r["task"] == "sat_tiny_mc" else 2) for r in records)
+    assert "val/metric/exact_match" in metrics[1]  # the samples went on as usual
+
+
+def test_lm_eval_problems_stop_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the [eval] extra")
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+
+    def error(*overrides):
+        with pytest.raises(ConfigError) as err:
+            make_trainer(tiny_model, tiny_data, tmp_path / "run", *overrides)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert error("eval.lm_eval.tasks=[sat_tiny_mc,no_such_task]", f"eval.lm_eval.include_path={tasks}").startswith(
+        f"eval.lm_eval.tasks[1]: unknown task 'no_such_task' in {tasks}")
+    assert error("eval.lm_eval.tasks=[sat_tiny_mc]", f"eval.lm_eval.include_path={tmp_path / 'nowhere'}") == (
+        f"eval.lm_eval.include_path: {tmp_path / 'nowhere'}: no such file or folder")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert "pip install 'sample-aware-trainer[eval]'" in error("eval.lm_eval.tasks=[sat_tiny_mc]",
+                                                               f"eval.lm_eval.include_path={tasks}")
