@@ -15,7 +15,7 @@ import trainer.sample_prompts as sample_prompts
 from config.env import DistEnv
 from config.loading import resolve
 from config.schema import ConfigError, SFTConfig
-from helpers import read_metrics, write_parquet
+from helpers import read_metrics, write_lm_eval_tasks, write_parquet
 from trainer.data import DataError
 from trainer.distributed import init_distributed
 
@@ -184,26 +184,6 @@ def test_a_bad_prompts_file_row_stops_before_the_model(tiny_model, tiny_data, tm
     with pytest.raises(DataError) as err:
         make_trainer(tiny_model, tiny_data, tmp_path / "run", f"samples.prompts_file={prompts}")
     assert str(err.value) == f"{prompts}: row 2: `temperature` must be > 0, got 0"
-
-
-def write_lm_eval_tasks(folder):
-    """Two tiny local tasks, one of each kind the harness runs: nothing is downloaded."""
-    folder.mkdir()
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "1+2=", "choices": ["3", "4"], "answer": 0}, {"question": "2+2=", "choices": ["3", "4"], "answer": 1},
-        {"question": "5+1=", "choices": ["6", "7"], "answer": 0}]))
-    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]))
-    (folder / "sat_mc.yaml").write_text(
-        f"task: sat_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (folder / "sat_gen.yaml").write_text(
-        f"task: sat_tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
-        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 3\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
-    return folder
 
 
 def test_lm_eval_runs_local_tasks_on_the_gathered_copy_every_n_validations(tiny_model, tiny_data, tmp_path):
