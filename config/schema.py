@@ -367,10 +367,14 @@ class AlertConfig:
 
 @dataclass
 class MetricConfig:
-    name: str = doc("Name in logs and trackers (`val/metric/<name>`); default: `fn`.", "")
+    name: str = doc("Name in logs and trackers (`val/metric/<name>`); default: `fn` (for `module:function`, the function's name).", "")
     fn: str = doc("A registered function (exact_match, last_number_match, contains, rouge_l, length_chars, any "
                   "reward) or `module:function` with the reward signature.", "")
     kwargs: dict = doc("Extra keyword arguments for the function.", factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.fn.rpartition(":")[2]
 
 
 @dataclass
@@ -394,7 +398,7 @@ class SamplesConfig:
         self.alerts.check()
         for i, m in enumerate(self.metrics):
             _require(bool(m.fn or m.name), f"samples.metrics[{i}].fn", "is required (a registered name or module:function)")
-        names = [m.name or m.fn for m in self.metrics]
+        names = [m.display_name for m in self.metrics]
         if self.alerts.metric is not None:
             _require(self.alerts.metric in names, "samples.alerts.metric",
                      f"{self.alerts.metric!r} is not one of samples.metrics ({', '.join(names) or 'none'})")

@@ -98,14 +98,20 @@ class Harness:
         # The harness seeds and draws from the global generators; training's stream must not
         # depend on whether (and where) it ran.
         py_state, np_state = random.getstate(), np.random.get_state()
+        # Its INFO lines and the warnings about a model passed as an object (what we mean to do)
+        # would bury the run's own log; a failure still reaches ours (`maybe_run`).
+        harness_log = logging.getLogger("lm_eval")
+        level = harness_log.level
+        harness_log.setLevel(logging.ERROR)
         with torch.random.fork_rng(devices=[]):
             try:
                 results = lm_eval.simple_evaluate(
                     model=HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=lm.batch_size),
                     tasks=list(lm.tasks), task_manager=self.task_manager, num_fewshot=lm.num_fewshot,
-                    limit=lm.limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+                    limit=lm.limit, log_samples=False, bootstrap_iters=0,
                 )
             finally:
+                harness_log.setLevel(level)
                 model.train(was_training)
                 random.setstate(py_state)
                 np.random.set_state(np_state)

@@ -34,7 +34,7 @@ def build_metric_set(specs: Sequence[Any], key: str = "samples.metrics") -> Rewa
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(f"{where}.fn: {fn_spec} needs the {package} package: "
                                   f"pip install '{package}' (or the project's [eval] extra)")
-        name = get("name") or fn_spec
+        name = get("name") or (fn_spec.rpartition(":")[2] if isinstance(fn_spec, str) else f"metric_{i}")
         if name in seen:
             raise ConfigError(f"{where}.name: {name!r} is also {key}[{seen[name]}]; metric names must be unique")
         seen[name] = i

@@ -52,6 +52,7 @@ def test_one_registry_for_rewards_and_metrics():
     assert rewards.rewards[0].fn is metrics.rewards[0].fn is REWARD_FUNCTIONS["last_number_match"]
     user = build_metric_set([{"name": "mine", "fn": "workers.rewards:length_chars"}])
     assert user.score("", "abc", None) == {"mine": 3.0}
+    assert build_metric_set([{"fn": "workers.rewards:length_chars"}]).names == ["length_chars"]  # the function's name
 
 
 @pytest.mark.parametrize("spec, key, words", [
