@@ -275,7 +275,7 @@ def main() -> int:
         row("extra wall time, samples on vs off",
             "n/a" if extra_wall is None else f"{extra_wall:.1f} s ({100 * extra_wall / off.wall_s:.1f}%)",
             note="whole-run difference, includes noise"),
-        row("demo run wall time, evaluating (k=4 + greedy, metrics, lm-eval every 2 validations)",
+        row("demo run wall time, evaluating (k=4 + greedy, metrics, lm-eval)",
             fmt(ev.wall_s if evaluate else None, ".1f", " s"),
             note=" ".join(filter(None, [failed(ev), busy_note(ev.other_cores)]))),
         row("time per validation, evaluating", fmt(per_val_eval, ".3f", " s")),
