@@ -183,7 +183,7 @@ SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 NOT_SECRETS = frozenset({
     "prompt_key", "response_key", "answer_key", "messages_key", "prompt_dict_keys", "response_dict_keys",
     "tools_key", "enable_thinking_key", "completion_key",
-    "max_new_tokens", "max_token_len_per_gpu",
+    "max_new_tokens", "max_token_len_per_gpu", "max_num_batched_tokens",
 })
 
 

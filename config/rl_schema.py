@@ -15,6 +15,7 @@ from typing import Any, ClassVar, List, Optional
 from config.schema import (
     ConfigError,
     _HUB_ID,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
     SamplesConfig,
@@ -46,6 +47,12 @@ class SampleLoggingConfig:
     temperature: float = doc("Sampling temperature.", 0.7)
     top_p: float = doc("Nucleus sampling threshold in (0, 1].", 0.9)
     do_sample: bool = doc("Sample (true) or decode greedily (false).", True)
+    num_samples_per_prompt: int = doc(
+        "Answers per prompt (k); with k > 1 every metric is also logged as mean@k and, for right/wrong "
+        "metrics, pass@k. The first keeps the prompt's seed, the others get seeds derived from it.",
+        1,
+    )
+    also_greedy: bool = doc("Also one greedy answer per prompt, scored apart (`samples/metric/<name>/greedy`).", False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -60,6 +67,8 @@ class SampleLoggingConfig:
         _require(self.max_new_tokens > 0, f"{prefix}.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples_per_prompt >= 1, f"{prefix}.num_samples_per_prompt",
+                 f"must be >= 1, got {self.num_samples_per_prompt}")
         first_at: dict[str, int] = {}
         for i, p in enumerate(self.prompts):
             _require(isinstance(p, str) and bool(p.strip()), f"{prefix}.prompts[{i}]", "must be non-empty text")
@@ -346,6 +355,7 @@ class RLConfig:
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # SFT's sample settings, which RL does not read: set for an RL run (command line, YAML, Python
     # API or their VERL_* variables), each stops it in one line naming what to use (config.loading).
@@ -363,7 +373,7 @@ class RLConfig:
         self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
         self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
         for section in (self.algorithm, self.rollout, self.actor, self.critic, self.ref, self.reward, self.model, self.optim,
-                        self.trainer, self.samples):
+                        self.trainer, self.samples, self.eval):
             section.check()
         self.data.check(world_size)
         self.model.fsdp_config.check_world(world_size)

@@ -302,6 +302,13 @@ class GenerationConfig:
     )
     gather_dtype: str = doc("dtype of that copy: `auto` (training dtype), fp32, bf16, fp16.", "auto")
     max_print_chars: int = doc("Console cut-off per prompt/generation; trackers get the full text.", 400)
+    num_samples_per_prompt: int = doc(
+        "Samples generated per prompt at each sample event (k); with k > 1 every metric is also logged as "
+        "mean@k and, for right/wrong metrics, pass@k. Sample 1 keeps the prompt's seed, sample j its own seed "
+        "derived from it, so runs and resumes repeat.",
+        1,
+    )
+    also_greedy: bool = doc("Also generate one greedy answer per prompt beside the sampled ones, scored apart (`.../greedy`).", False)
 
     def check(self, prefix: str = "generation") -> None:
         _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
@@ -311,6 +318,8 @@ class GenerationConfig:
         _one_of(self.gather_device, f"{prefix}.gather_device", ("auto", "cpu", "cuda"))
         _one_of(self.gather_dtype, f"{prefix}.gather_dtype", ("auto", "fp32", "bf16", "fp16"))
         _require(self.max_print_chars > 0, f"{prefix}.max_print_chars", "must be > 0")
+        _require(self.num_samples_per_prompt >= 1, f"{prefix}.num_samples_per_prompt",
+                 f"must be >= 1, got {self.num_samples_per_prompt}")
 
 
 # ----------------------------------------------------------------------------- sample history
@@ -365,6 +374,11 @@ class AlertConfig:
         0.4,
     )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
+    metric: Optional[str] = doc(
+        "The task metric (a `samples.metrics` name) the drop and forgetting rules watch; the drop rule is "
+        "called `<metric>_drop`. null: the first of `samples.metrics` (exact_match by default).",
+        None,
+    )
     action: str = doc(
         "What an alert does, for every rule not in `actions`: `warn` (a warning and a record), `stop` (checkpoint, "
         "reason in run_state.json, exit code 3), `rollback` (back to the last checkpoint before the alerts, lower LR).",
@@ -390,7 +404,8 @@ class AlertConfig:
     def check(self) -> None:
         _one_of(self.action, "samples.alerts.action", ALERT_ACTIONS)
         for rule, action in self.actions.items():
-            _one_of(rule, "samples.alerts.actions", ALERT_RULES)
+            if not rule.endswith("_drop"):  # <metric>_drop: the drop rule of the watched metric (`metric`)
+                _one_of(rule, "samples.alerts.actions", ALERT_RULES)
             if action is not None:
                 _one_of(action, f"samples.alerts.actions.{rule}", ALERT_ACTIONS)
         self.rollback.check()
@@ -406,13 +421,92 @@ class AlertConfig:
 
 
 @dataclass
+class MetricConfig:
+    name: str = doc("Name in logs and trackers (`val/metric/<name>`); default: `fn` (for `module:function`, the function's name).", "")
+    fn: str = doc("A registered function (exact_match, last_number_match, contains, rouge_l, length_chars, any "
+                  "reward) or `module:function` with the reward signature.", "")
+    kwargs: dict = doc("Extra keyword arguments for the function.", factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.fn.rpartition(":")[2]
+
+
+@dataclass
 class SamplesConfig:
     history: bool = doc("Append every sample to samples.jsonl in the run directory.", True)
     report: bool = doc("Keep report.html in the run directory: rewritten at each sample event and at the end.", True)
     alerts: AlertConfig = doc("Thresholds of the sample alert rules.", factory=AlertConfig)
+    metrics: List[MetricConfig] = doc(
+        "Task metrics scored on every sample (SFT `val/metric/<name>`, RL `samples/metric/<name>`), with the "
+        "reward functions' signature; a metric returning null (e.g. no reference) is left out.",
+        factory=lambda: [MetricConfig("exact_match", "exact_match"), MetricConfig("last_number_match", "last_number_match")],
+    )
+    prompts_file: Optional[str] = doc(
+        "A JSONL file of sample prompts replacing the default ones (SFT: the first validation rows; RL: "
+        "logging.sample_logging.prompts). Each line: `prompt` (text) or `messages` (chat), and optionally "
+        "`reference`, `id`, `tags`, `max_new_tokens`, `temperature`, `top_p`, `top_k`, `do_sample`.",
+        None,
+    )
 
     def check(self) -> None:
         self.alerts.check()
+        for i, m in enumerate(self.metrics):
+            _require(bool(m.fn or m.name), f"samples.metrics[{i}].fn", "is required (a registered name or module:function)")
+        names = [m.display_name for m in self.metrics]
+        if self.alerts.metric is not None:
+            _require(self.alerts.metric in names, "samples.alerts.metric",
+                     f"{self.alerts.metric!r} is not one of samples.metrics ({', '.join(names) or 'none'})")
+        elif names:
+            self.alerts.metric = names[0]
+        if self.prompts_file:
+            self.prompts_file = expand_paths(self.prompts_file)
+            _require(os.path.isfile(self.prompts_file), "samples.prompts_file", f"{self.prompts_file}: no such file")
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass
+class LmEvalConfig:
+    """EleutherAI's lm-evaluation-harness on rank 0's gathered copy (the `[eval]` extra)."""
+
+    tasks: List[str] = doc("Task (or group) names to run; empty: no lm-eval.", factory=list)
+    include_path: Any = doc(
+        "A folder (or a list) of your own task YAML files, e.g. with `dataset_path: json` and local "
+        "`dataset_kwargs.data_files`: nothing is downloaded.",
+        None,
+    )
+    include_defaults: bool = doc(
+        "Also index the harness's built-in tasks (their data is downloaded; indexing them takes about a minute).", False
+    )
+    limit: Optional[float] = doc("Documents per task: a count (>= 1) or a share of the task (< 1); null: all.", None)
+    num_fewshot: Optional[int] = doc("Few-shot examples per prompt (null: each task's own default).", None)
+    batch_size: int = doc("Requests per forward in the harness.", 8)
+
+    def check(self) -> None:
+        for i, t in enumerate(self.tasks):
+            _require(isinstance(t, str) and bool(t.strip()), f"eval.lm_eval.tasks[{i}]", "must be a task name")
+        paths = [self.include_path] if isinstance(self.include_path, str) else list(self.include_path or [])
+        self.include_path = expand_paths(self.include_path)
+        for path in expand_paths(paths):
+            _require(os.path.exists(path), "eval.lm_eval.include_path", f"{path}: no such file or folder")
+        if self.limit is not None:
+            _require(self.limit > 0, "eval.lm_eval.limit", f"must be > 0 (a count, or a share below 1), got {self.limit}")
+        if self.num_fewshot is not None:
+            _require(self.num_fewshot >= 0, "eval.lm_eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
+        _require(self.batch_size > 0, "eval.lm_eval.batch_size", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    lm_eval: LmEvalConfig = doc("lm-evaluation-harness tasks run at sample events.", factory=LmEvalConfig)
+    every_n_validations: int = doc(
+        "Run the benchmarks at every N-th sample event of this process (SFT: validations with samples; RL: "
+        "sample logging): the N-th, 2N-th, ...", 1,
+    )
+
+    def check(self) -> None:
+        self.lm_eval.check()
+        _require(self.every_n_validations >= 1, "eval.every_n_validations", f"must be >= 1, got {self.every_n_validations}")
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -556,10 +650,12 @@ class SFTConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self, world_size: int) -> None:
         self.model.partial_pretrain = expand_paths(self.model.partial_pretrain)
         self.data.train_files, self.data.val_files = expand_paths(self.data.train_files), expand_paths(self.data.val_files)
+        self.eval.check()
         self.data.check()
         self.model.check()
         self.model.fsdp_config.check_world(world_size)

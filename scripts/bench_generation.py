@@ -1,6 +1,6 @@
 """Validation-generation benchmark: what sample generation costs a demo run, and what batching buys.
 
-    python scripts/bench_generation.py [--quick] [--out DIR]
+    python scripts/bench_generation.py [--quick] [--[no-]evaluate] [--out DIR]
 
 Two measurements, one after the other:
 
@@ -27,6 +27,12 @@ Reading the table:
 - batched speed-up: 8 single-prompt calls over one batched call (the target: at least 3x).
 - live report share: `val/report_time_s` (rewriting report.html after each validation and handing
   it to the trackers that replace it) summed over the run, over its wall time (the target: under 1%).
+- evaluation cost share: a third run evaluates at each validation as docs/evaluation.md shows
+  (`generation.num_samples_per_prompt=4`, a greedy answer beside, the default task metrics, and
+  with the `[eval]` extra installed one small local lm-eval task every 2 validations):
+  (time per validation with it - without samples) x validations over its wall time. No target:
+  it is what the user chose to spend; `eval/time_s` summed shows lm-eval's part. On by default,
+  off with `--quick` unless `--evaluate` is given.
 
 `--quick` (used by the test suite) runs 20 steps (one validation) and 2 repeats of 16 tokens:
 it checks that the benchmark works; its shares are not representative. Nothing is asserted.
@@ -82,12 +88,13 @@ class DemoRun:
     generation_s: list[float]  # val/generation_time_s per validation
     report_s: list[float]  # val/report_time_s per validation (the live report)
     other_cores: Optional[float]
+    eval_s: list[float] = ()  # eval/time_s per lm-eval run
 
 
-def run_demo(work: Path, max_val_samples: int, steps: int) -> DemoRun:
-    run_dir = work / f"demo_samples_{max_val_samples}"
+def run_demo(work: Path, max_val_samples: int, steps: int, extra: tuple[str, ...] = (), name: str = "") -> DemoRun:
+    run_dir = work / (name or f"demo_samples_{max_val_samples}")
     cmd = [sys.executable, "-m", "trainer.fsdp_sft_trainer", "--config-name", "demo", f"trainer.total_training_steps={steps}",
-           f"trainer.default_local_dir={run_dir}", f"trainer.max_val_samples={max_val_samples}", "trainer.log_freq=1"]
+           f"trainer.default_local_dir={run_dir}", f"trainer.max_val_samples={max_val_samples}", "trainer.log_freq=1", *extra]
     start, load = time.perf_counter(), OtherLoad()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=child_env(2), capture_output=True, text=True, timeout=1800)
@@ -113,7 +120,33 @@ def run_demo(work: Path, max_val_samples: int, steps: int) -> DemoRun:
             report[r["step"]] = r["val/report_time_s"]
     validations = [last_time[s] - train_time[s] for s in val_steps if s in train_time and s in last_time]
     return DemoRun(rc == 0, "" if rc == 0 else f"exit {rc}: {err}", wall, validations,
-                   [generation[s] for s in val_steps if s in generation], [report[s] for s in val_steps if s in report], other)
+                   [generation[s] for s in val_steps if s in generation], [report[s] for s in val_steps if s in report], other,
+                   [r["eval/time_s"] for r in records if "eval/time_s" in r])
+
+
+def evaluation_args(work: Path, every: int) -> tuple[str, ...]:
+    """k=4 answers and a greedy one per sample prompt; with lm-eval installed, one small local
+    multiple-choice task (20 sums from the demo's validation set) every `every` validations."""
+    import importlib.util
+
+    import pyarrow.parquet as pq
+
+    args = ("generation.num_samples_per_prompt=4", "generation.also_greedy=true")
+    if importlib.util.find_spec("lm_eval") is None:
+        return args
+    tasks = work / "lm_eval_tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    rows = pq.read_table(DEMO_VAL).slice(0, 20).to_pylist()
+    with open(tasks / "sums.jsonl", "w") as handle:
+        for r in rows:
+            answer = int(r["response"])
+            handle.write(json.dumps({"question": r["prompt"], "choices": [str(answer), str(answer + 1), str(answer - 10)],
+                                     "answer": 0}) + "\n")
+    (tasks / "sums.yaml").write_text(
+        f"task: bench_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'sums.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return (*args, "eval.lm_eval.tasks=[bench_sums]", f"eval.lm_eval.include_path={tasks}", f"eval.every_n_validations={every}")
 
 
 # ----------------------------------------------------------------------------- batched vs per-prompt
@@ -176,7 +209,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a fast variant that checks the benchmark runs")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_generation.json and .md")
+    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the evaluating run (k=4, metrics, lm-eval); default: on, off with --quick")
     args = parser.parse_args()
+    evaluate = (not args.quick) if args.evaluate is None else args.evaluate
     settings = QUICK if args.quick else FULL
     started = time.perf_counter()
 
@@ -187,6 +223,12 @@ def main() -> int:
             log(f"demo run, {settings.demo_steps} steps, trainer.max_val_samples={n} ...")
             runs[n] = run_demo(work, n, settings.demo_steps)
             log(f"  done in {runs[n].wall_s:.1f}s" + ("" if runs[n].ok else f": {runs[n].error}"))
+        runs["eval"] = DemoRun(False, "not run (--no-evaluate)", 0.0, [], [], [], None)
+        if evaluate:
+            extra = evaluation_args(work, every=1 if args.quick else 2)  # quick: its one validation
+            log(f"demo run, {settings.demo_steps} steps, evaluating: {' '.join(extra)} ...")
+            runs["eval"] = run_demo(work, 5, settings.demo_steps, extra, "demo_eval")
+            log(f"  done in {runs['eval'].wall_s:.1f}s" + ("" if runs["eval"].ok else f": {runs['eval'].error}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"generate: {settings.prompts} prompts, batched vs one call each, {settings.repeats} repeats ...")
@@ -203,6 +245,11 @@ def main() -> int:
     report_sum = sum(on.report_s) if on.ok and on.report_s else None
     report_share = report_sum / on.wall_s if report_sum is not None else None
     speedup = gen["per_prompt_s"] / gen["batched_s"]
+    ev = runs["eval"]
+    per_val_eval = statistics.mean(ev.validations) if ev.ok and ev.validations else None
+    eval_share = ((per_val_eval - per_val_off) * len(ev.validations) / ev.wall_s
+                  if per_val_eval is not None and per_val_off is not None else None)
+    lm_eval_sum = sum(ev.eval_s) if ev.ok and ev.eval_s else None
 
     def row(measure: str, value: str, target: str = "", met: str = "", note: str = "") -> list[str]:
         return [measure, value, target, met, note]
@@ -228,6 +275,14 @@ def main() -> int:
         row("extra wall time, samples on vs off",
             "n/a" if extra_wall is None else f"{extra_wall:.1f} s ({100 * extra_wall / off.wall_s:.1f}%)",
             note="whole-run difference, includes noise"),
+        row("demo run wall time, evaluating (k=4 + greedy, metrics, lm-eval)",
+            fmt(ev.wall_s if evaluate else None, ".1f", " s"),
+            note=" ".join(filter(None, [failed(ev), busy_note(ev.other_cores)]))),
+        row("time per validation, evaluating", fmt(per_val_eval, ".3f", " s")),
+        row("evaluation cost share (samples + metrics + lm-eval)", fmt(None if eval_share is None else 100 * eval_share, ".2f", "%"),
+            note="no target: the user's choice"),
+        row("lm-eval: eval/time_s, summed", fmt(lm_eval_sum, ".3f", " s"),
+            note=f"{len(ev.eval_s)} runs" if ev.eval_s else "lm-eval not installed (the [eval] extra)"),
         row(f"{settings.prompts} prompts, one batched generate", fmt(gen["batched_s"], ".3f", " s"),
             note=f"{gen['batched_tokens']:.0f} tokens"),
         row(f"{settings.prompts} prompts, {settings.prompts} single generate calls", fmt(gen["per_prompt_s"], ".3f", " s"),
@@ -243,7 +298,7 @@ def main() -> int:
         f"{settings.repeats} after a warm-up.",
     ]
     if args.quick:
-        notes.append("--quick: one validation in a 20-step run; the shares are not representative.")
+        notes.append("--quick: one validation in a 20-step run (lm-eval at it); the shares are not representative.")
     if any("busy machine" in r[4] for r in body):
         notes.append("Rows marked 'busy machine' ran while other processes used the cores: rerun on an idle machine.")
     wall = time.perf_counter() - started
@@ -257,6 +312,7 @@ def main() -> int:
             "settings": settings.__dict__, "with_samples": on.__dict__, "without_samples": off.__dict__,
             "generate": gen, "generation_share": gen_share, "sample_cost_share": sample_share,
             "batched_speedup": speedup, "report_share": report_share, "wall_s": wall,
+            "evaluating": ev.__dict__, "evaluation_share": eval_share, "lm_eval_s": lm_eval_sum,
         }, indent=2))
     return 0
 

@@ -190,3 +190,23 @@ def make_tiny_qwen2(out: Path, hidden: int = 128, layers: int = 2, seed: int = 0
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_lm_eval_tasks(folder):
+    """Two tiny local tasks, one of each kind the harness runs: nothing is downloaded."""
+    folder.mkdir()
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "1+2=", "choices": ["3", "4"], "answer": 0}, {"question": "2+2=", "choices": ["3", "4"], "answer": 1},
+        {"question": "5+1=", "choices": ["6", "7"], "answer": 0}]))
+    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]))
+    (folder / "sat_mc.yaml").write_text(
+        f"task: sat_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "sat_gen.yaml").write_text(
+        f"task: sat_tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 3\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder

@@ -23,12 +23,12 @@ from omegaconf import DictConfig
 from config import env as env_config
 from config.loading import Resolved, resolve
 from config.schema import SFTConfig
-from trainer.data import IGNORE, MicroBatch, SFTBatches, collate, load_sft_examples, validation_micro_batches
+from trainer.data import IGNORE, MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
-from trainer.samples import prompt_id, sample_seed
+from trainer.sample_prompts import SamplePrompt, SamplingPlan, encode_file_prompts, generate_samples, read_prompts_file
 from workers import liger, sequence_parallel
 from workers.fsdp import (
     ShardingSpec,
@@ -38,7 +38,7 @@ from workers.fsdp import (
     param_count,
     resolve_dtypes,
 )
-from workers.generation import GenerationSettings, generate
+from workers.generation import GenerationSettings
 from workers.liger import liger_token_loss_sum
 from workers.lora import LoraSpec, check_fits, trainable_summary_line
 from workers.model import import_external_lib, lm_head_rows, load_config, load_stop_ids, load_tokenizer
@@ -91,7 +91,7 @@ class FSDPSFTTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg))
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg), cfg.eval)
 
         # Cheap things that can be wrong come first: trackers (in Run), tokenizer, data. Then the model.
         liger.check(cfg.model.use_liger, self.device)
@@ -104,6 +104,7 @@ class FSDPSFTTrainer:
         self.sp = sequence_parallel.setup(sp_size, self.device)  # collective: the (dp, sp) mesh
         self.feed = ModelFeed(self.tokenizer.pad_token_id, self._layout(), self.sp, cfg.model.use_liger)
         d = cfg.data
+        file_rows = read_prompts_file(cfg.samples.prompts_file) if cfg.samples.prompts_file else None
         # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
         cache_dir, ranks = self.run.token_cache(d.cache_dir)
         train = load_sft_examples(d.train_files, "data.train_files", self.tokenizer, d, d.train_max_samples, cache_dir, ranks)
@@ -135,7 +136,8 @@ class FSDPSFTTrainer:
                         lambda: (self.model, self.optimizer, self.scheduler, {}),
                         cfg.generation.gather_dtype, cfg.generation.gather_device, self.param_dtype,
                         cfg.generation.max_print_chars)
-        self.sample_batches = self._sample_batches()
+        self.sample_prompts = (encode_file_prompts(file_rows, self.tokenizer) if file_rows is not None
+                               else self._first_validation_prompts())
         self._last_validated: tuple[int, int] = (-1, -1)
 
     # ------------------------------------------------------------------ setup
@@ -164,7 +166,7 @@ class FSDPSFTTrainer:
                  if self.sp.size > 1 else "")
         return model
 
-    def _sample_batches(self) -> list[MicroBatch]:
+    def _first_validation_prompts(self) -> list[SamplePrompt]:
         """The first validation examples with distinct prompts, the same ones at every validation
         (like with like). A repeated prompt would get the same seed, so the same sample again."""
         n = self.cfg.trainer.max_val_samples
@@ -175,9 +177,7 @@ class FSDPSFTTrainer:
             distinct.setdefault(tuple(e.prompt_ids), e)
             if len(distinct) == n:
                 break
-        chosen = list(distinct.values())
-        size = self.cfg.data.micro_batch_size_per_gpu
-        return [collate(chosen[i : i + size], self.tokenizer.pad_token_id) for i in range(0, len(chosen), size)]
+        return [SamplePrompt(e.prompt_text, tuple(e.prompt_ids), e.reference) for e in distinct.values()]
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -188,7 +188,7 @@ class FSDPSFTTrainer:
             metrics = self.train_step(self.batches.micro_batches(run.position.epoch, run.position.batch_in_epoch))
             epoch_end = run.advance(self.batches.steps_per_epoch)
             run.log_step(metrics, bar={"loss": "train/loss"})
-            if self.val_examples and run.due(self.cfg.trainer.test_freq, epoch_end):
+            if (self.val_examples or self.sample_prompts) and run.due(self.cfg.trainer.test_freq, epoch_end):
                 self.validate()
             run.end_step(self.save_checkpoint)
         run.end_loop()
@@ -249,9 +249,9 @@ class FSDPSFTTrainer:
         if self._last_validated == step:
             return {}
         self._last_validated = step
-        metrics = {"val/loss": self.validation_loss()}
+        metrics = {"val/loss": self.validation_loss()} if self.val_examples else {}
         self.run.log_validation(metrics)
-        if self.sample_batches:
+        if self.sample_prompts:
             self.run.sample_event(self.model, self.generate_validation_samples,
                                   SampleEventSpec("validation", "val", "validation", "validation sample generation"))
         return metrics
@@ -274,32 +274,13 @@ class FSDPSFTTrainer:
         g = self.cfg.generation
         return GenerationSettings(g.max_new_tokens, g.do_sample, g.temperature, g.top_k, g.top_p)
 
-    def generate_samples(self, batch: MicroBatch, model: Optional[torch.nn.Module] = None) -> dict[str, list]:
-        """Generate from the prompt part of each example (never its reference response).
-
-        Runs on the primary rank with the gathered full model (`model`, refreshed by the caller);
-        one batched `generate` call per validation batch.
-        """
-        model = model if model is not None else self.run.replica.model
-        prompt_ids = [e.prompt_ids for e in batch.examples]
-        seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-        generated = generate(model, self.tokenizer, prompt_ids, self.generation_settings(), seeds, stop_ids=self.stop_ids)
-        return {
-            "prompts": [e.prompt_text for e in batch.examples],
-            "generations": [g.text for g in generated],
-            "references": [e.reference for e in batch.examples],
-            "generated": generated,
-            "seeds": seeds,
-        }
-
     def generate_validation_samples(self, model: torch.nn.Module) -> Samples:
-        """Rank 0, on its gathered copy: every sample batch, one `generate` call each."""
-        out: dict[str, list] = {"prompts": [], "generated": [], "references": [], "seeds": []}
-        for batch in self.sample_batches:
-            for key, values in self.generate_samples(batch, model).items():
-                if key in out:
-                    out[key] += values
-        return Samples(out["prompts"], out["generated"], out["references"], self.generation_settings(), out["seeds"])
+        """Rank 0, on its gathered copy: k answers per sample prompt (and maybe a greedy one),
+        one `generate` call per distinct setting and micro-batch."""
+        g = self.cfg.generation
+        return generate_samples(model, self.tokenizer, self.sample_prompts, self.generation_settings(),
+                                SamplingPlan(g.num_samples_per_prompt, g.also_greedy), self.cfg.trainer.seed,
+                                self.stop_ids, self.cfg.data.micro_batch_size_per_gpu)
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> Path:

@@ -2,9 +2,10 @@
 
 The point of logging samples is to see a regression before the loss shows it. Each sample gets
 signals (length, hit-the-limit, repetition, exact match, similarity to the same prompt's previous
-generation); each event is checked against alert rules (degeneration, collapse, drift of settled
-answers, right answers forgotten, a drop in exact match or reward against the run's best, a
-sudden length change). An alert is a log warning naming the rule, the prompt and the step, a
+generation) and its task metrics; each event is checked against alert rules (degeneration,
+collapse, drift of settled answers, right answers forgotten, a drop in the watched task metric
+(`samples.alerts.metric`, exact match by default) or a reward against the run's best, a sudden
+length change). An alert is a log warning naming the rule, the prompt and the step, a
 tracker metric, and a record the report shows.
 
 The file is append-only, one JSON object per line, written per event with a flush and fsync.
@@ -87,7 +88,7 @@ class _Series:
 
     events: int = 0
     previous_generation: dict[str, str] = field(default_factory=dict)
-    best_exact_match: Optional[_Mean] = None
+    best_exact_match: Optional[_Mean] = None  # of the watched metric (`alerts.metric`: exact match by default)
     best_reward: dict[str, _Mean] = field(default_factory=dict)
     previous_mean_length: Optional[float] = None
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
@@ -111,6 +112,7 @@ class SampleHistory:
         self.path = Path(run_dir) / HISTORY_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rules = alerts
+        self.metric = alerts.metric or "exact_match"  # what the drop and forgetting rules watch
         self.series: dict[str, _Series] = {}
         self.last_alerts: list[tuple[str, Optional[str], str]] = []  # the last event's (rule, prompt, message)
         # Records of steps a rollback discarded, and the rollbacks, are the run's history: kept.
@@ -142,8 +144,12 @@ class SampleHistory:
             group = list(group)
             series = self.series.setdefault(prefix, _Series())
             self._remember(series, [r["prompt_id"] for r in group], [r["generation"] for r in group],
-                           [r["signals"].get("exact_match") for r in group], [r.get("rewards", {}) for r in group],
+                           [self._watched(r.get("metrics", {}), r["signals"]) for r in group], [r.get("rewards", {}) for r in group],
                            [r["generated_tokens"] for r in group])
+
+    def _watched(self, metrics: dict, signals: dict) -> Optional[float]:
+        """The watched metric of one sample (exact match from its signals in files from before metrics)."""
+        return metrics.get(self.metric, signals.get(self.metric))
 
     def _remember(self, series: _Series, pids, generations, matches, rewards, lengths) -> None:
         series.events += 1
@@ -174,9 +180,11 @@ class SampleHistory:
 
     # ------------------------------------------------------------------ one event
     def record(
-        self, event: SampleEvent, generations: Sequence[Generated], settings: GenerationSettings, seeds: Sequence[int]
+        self, event: SampleEvent, generations: Sequence[Generated],
+        settings: GenerationSettings | Sequence[GenerationSettings], seeds: Sequence[int],
     ) -> dict[str, float]:
-        """Add signals to the event's samples, run the rules, append to the file; returns metrics."""
+        """Add signals to the event's samples, run the rules, append to the file; returns metrics.
+        `settings`: the event's, or each sample's own."""
         series = self.series.setdefault(event.prefix, _Series())
         for s, g in zip(event.samples, generations):
             previous = series.previous_generation.get(s.prompt_id)
@@ -197,7 +205,7 @@ class SampleHistory:
             log.warning("sample alert [%s] at step %d (%s, %s): %s", a.rule, event.step, event.stage, where, a.message)
 
         self._remember(series, [s.prompt_id for s in event.samples], [s.generation for s in event.samples],
-                       [s.signals["exact_match"] for s in event.samples], [s.rewards for s in event.samples],
+                       [self._watched(s.metrics, s.signals) for s in event.samples], [s.rewards for s in event.samples],
                        [g.num_tokens for g in generations])
         n = max(1, len(event.samples))
         sims = [s.signals["similarity_to_previous"] for s in event.samples if s.signals["similarity_to_previous"] is not None]
@@ -223,8 +231,9 @@ class SampleHistory:
             share = sum(s.signals["hit_limit"] for s in samples) / len(samples)
             if share > r.limit_hit_share:
                 alerts.append(Alert("degeneration", f"{share:.0%} of samples ran to max_new_tokens without stopping"))
-        if len(samples) >= 2:
-            pairs = list(itertools.combinations([s.generation for s in samples], 2))
+        firsts = [s.generation for s in samples if s.sample == 0 and not s.greedy]  # one answer per prompt
+        if len(firsts) >= 2:
+            pairs = list(itertools.combinations(firsts, 2))
             mean_sim = sum(similarity(a, b) for a, b in pairs) / len(pairs)
             if mean_sim > r.collapse_similarity:
                 alerts.append(Alert("collapse", f"different prompts get near-identical generations (mean similarity {mean_sim:.2f})"))
@@ -234,22 +243,24 @@ class SampleHistory:
             # had settled for a while and now move together are the earliest sign of a regression.
             alerts.append(Alert("drift", f"{share:.0%} of answers changed after {series.stable_streak} stable events "
                                          f"({series.previous_change_share:.0%} changed last time)"))
-        mastered = [s for s in samples if s.prompt_id in series.mastered and s.signals["exact_match"] is not None]
-        forgotten = [s for s in mastered if s.signals["exact_match"] == 0.0]
+        watched = {s.index: self._watched(s.metrics, s.signals) for s in samples}
+        mastered = [s for s in samples if s.prompt_id in series.mastered and watched[s.index] is not None]
+        forgotten = [s for s in mastered if watched[s.index] == 0.0]
         # A sampled answer can flip by chance, more often while the model is unsure: the number
         # forgotten must beat the run's own rate of such flips by `noise_z` standard deviations.
         chance = (series.mastered_lost + 1) / (series.mastered_seen + 2)
         expected, spread = len(mastered) * chance, math.sqrt(len(mastered) * chance * (1 - chance))
         if (len(forgotten) >= 2 and len(forgotten) >= r.forgotten_share * len(mastered)
                 and len(forgotten) > expected + r.noise_z * spread):
-            alerts.append(Alert("forgetting", f"{len(forgotten)} of {len(mastered)} prompts once answered right "
+            alerts.append(Alert("forgetting", f"{len(forgotten)} of {len(mastered)} prompts once answered right ({self.metric}) "
                                               f"{r.stable_events} times in a row are now wrong (sample "
                                               f"{', '.join(str(s.index) for s in forgotten)})"))
         if series.events >= r.min_history:
-            matches = [s.signals["exact_match"] for s in samples if s.signals["exact_match"] is not None]
+            matches = [v for v in watched.values() if v is not None]
             best = series.best_exact_match
             if matches and best is not None and (mean := _Mean.of(matches)).dropped_from(best, r.metric_drop, r.noise_z):
-                alerts.append(Alert("exact_match_drop", f"exact match {mean.value:.2f}, best so far {best.value:.2f}"))
+                label = "exact match" if self.metric == "exact_match" else self.metric
+                alerts.append(Alert(f"{self.metric}_drop", f"{label} {mean.value:.2f}, best so far {best.value:.2f}"))
             for name, best in series.best_reward.items():
                 values = [s.rewards[name] for s in samples if name in s.rewards]
                 if values and (mean := _Mean.of(values)).dropped_from(best, r.metric_drop, r.noise_z):
@@ -263,18 +274,21 @@ class SampleHistory:
 
     def _append(self, event: SampleEvent, generations, settings: GenerationSettings, seeds, alerts: list[Alert]) -> None:
         now = time.time()
-        base_settings = {
-            "do_sample": settings.do_sample, "temperature": settings.temperature, "top_k": settings.top_k,
-            "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
-        }
+        per_sample = [settings] * len(event.samples) if isinstance(settings, GenerationSettings) else list(settings)
         lines = []
-        for s, g, seed in zip(event.samples, generations, seeds):
+        for s, g, seed, st in zip(event.samples, generations, seeds, per_sample):
+            base_settings = {
+                "do_sample": st.do_sample, "temperature": st.temperature, "top_k": st.top_k,
+                "top_p": st.top_p, "max_new_tokens": st.max_new_tokens,
+            }
+            extra = {"sample": s.sample, "greedy": True} if s.greedy else {"sample": s.sample} if s.sample else {}
             lines.append({
                 "kind": "sample", "step": event.step, "stage": event.stage, "prefix": event.prefix, "index": s.index,
                 "prompt_id": s.prompt_id, "prompt": s.prompt, "reference": s.reference, "generation": s.generation,
                 "settings": {**base_settings, "seed": int(seed)}, "prompt_tokens": len(g.prompt_ids),
                 "generated_tokens": g.num_tokens, "stopped_at_eos": g.stopped_at_eos, "rewards": s.rewards,
-                "signals": s.signals, "alerts": [a.message for a in alerts if a.prompt_id == s.prompt_id], "time": now,
+                "signals": s.signals, "metrics": s.metrics, **({"tags": s.tags} if s.tags else {}), **extra,
+                "alerts": [a.message for a in alerts if a.prompt_id == s.prompt_id], "time": now,
             })
         for a in alerts:
             lines.append({"kind": "alert", "step": event.step, "stage": event.stage, "prefix": event.prefix, "rule": a.rule,

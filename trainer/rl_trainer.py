@@ -44,6 +44,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
+from trainer.sample_prompts import SamplePrompt, SamplingPlan, encode_file_prompts, generate_samples, read_prompts_file
 from trainer.samples import prompt_id, sample_seed
 from workers import core_algos
 from workers.actor import (
@@ -59,7 +60,7 @@ from workers.actor import (
     update_policy,
 )
 from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes
-from workers.generation import GenerationSettings, encode_prompts, generate
+from workers.generation import GenerationSettings, encode_prompts
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
 from workers.reward_model import RewardModel, check_reward_model
@@ -111,7 +112,7 @@ class RLTrainer:
         self.cfg = cfg
         self.dist = dist_ctx
         self.device = dist_ctx.device
-        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg))
+        self.run = Run(cfg.trainer, cfg.samples, cfg.model, dist_ctx, essential_config(cfg), cfg.eval)
         check_registries(cfg)
         check_engine(cfg.rollout.name)
         self.rewards = rewards or build_reward_set(cfg.reward.functions)
@@ -121,7 +122,14 @@ class RLTrainer:
             self.rewards = self.rewards.with_scored_elsewhere(rm.name, rm.weight)
 
         import_external_lib(cfg.model.external_lib)
+        file_rows = read_prompts_file(cfg.samples.prompts_file) if cfg.samples.prompts_file else None
         self.tokenizer = load_tokenizer(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
+        sl = cfg.logging.sample_logging
+        self.sample_prompts = (
+            encode_file_prompts(file_rows, self.tokenizer) if file_rows is not None else
+            [SamplePrompt(t, tuple(ids)) for t, ids in zip(sl.effective_prompts[: sl.effective_num_samples],
+                                                           encode_prompts(self.tokenizer, sl.effective_prompts[: sl.effective_num_samples]))]
+        )
         self.stop_ids = load_stop_ids(cfg.model.partial_pretrain, self.tokenizer)
         self.model_config = load_config(cfg.model.partial_pretrain, cfg.model.trust_remote_code)
         # Tokenized once into the token cache (local rank 0 of each node writes), then memory-mapped.
@@ -358,14 +366,15 @@ class RLTrainer:
                               score=self._score_samples if self.reward_model is not None else None)
 
     def generate_qualitative_samples(self, model: torch.nn.Module) -> Samples:
+        """Rank 0, on its gathered copy: k answers per sample prompt (and maybe a greedy one),
+        scored by every reward function (against a prompts file's references, where given)."""
         sl = self.cfg.logging.sample_logging
-        texts = sl.effective_prompts[: sl.effective_num_samples]
-        prompt_ids = encode_prompts(self.tokenizer, texts)
         settings = GenerationSettings(sl.max_new_tokens, sl.do_sample, sl.temperature, 0, sl.top_p)
-        seeds = [sample_seed(self.cfg.trainer.seed, prompt_id(p)) for p in prompt_ids]
-        generated = generate(model, self.tokenizer, prompt_ids, settings, seeds, stop_ids=self.stop_ids)
-        rewards = [self.rewards.score(t, g.text, None) for t, g in zip(texts, generated)]
-        return Samples(list(texts), generated, [None] * len(texts), settings, seeds, rewards)
+        samples = generate_samples(model, self.tokenizer, self.sample_prompts, settings,
+                                   SamplingPlan(sl.num_samples_per_prompt, sl.also_greedy), self.cfg.trainer.seed, self.stop_ids)
+        samples.rewards = [self.rewards.score(t, g.text, ref)
+                           for t, g, ref in zip(samples.prompts, samples.generated, samples.references)]
+        return samples
 
     # ------------------------------------------------------------------ checkpoints and the end
     def save_checkpoint(self) -> Path:

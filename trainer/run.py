@@ -39,7 +39,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from config import env as env_config
 from config.loading import Resolved, redact, to_dict
-from config.schema import ModelConfig, SamplesConfig, TrainerConfig
+from config.schema import EvalConfig, ModelConfig, SamplesConfig, TrainerConfig
 from trainer.actions import Control, Decision, Watches, rollback_warning
 from trainer.checkpoint import Checkpointer, HFAssets
 from trainer.cli import (
@@ -49,15 +49,17 @@ from trainer.cli import (
 from trainer.distributed import DistContext, init_distributed, teardown
 from trainer import resume_guard
 from trainer.faults import PreemptionWatch, check_shared_run_dir
+from trainer.harness import Harness
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
 from trainer.progress import progress
 from trainer.run_actions import RunActions
-from trainer.samples import SampleLogger
+from trainer.samples import SampleLogger, SampleMeta
 from trainer.token_cache import Ranks
 from trainer.tracking import TrackerContext, Tracking, check_available
 from workers.generation import Generated, GenerationSettings
 from workers.lora import LoraSpec
+from workers.metrics import build_metric_set
 from workers.replica import ModelReplica
 
 log = logging.getLogger("trainer.run")
@@ -90,7 +92,9 @@ class Samples:
     settings: GenerationSettings
     seeds: list[int]
     rewards: Optional[list[dict[str, float]]] = None
+    meta: Optional[list[SampleMeta]] = None  # each answer's sample index, greedy flag, tags, id, settings
     generation_s: float = 0.0  # set by the sample event
+    benchmark_metrics: dict[str, float] = field(default_factory=dict)  # lm-eval's, set by the sample event
 
 
 # Scores of rank 0's samples computed by every rank (a sharded reward model): (prompts, responses)
@@ -114,7 +118,7 @@ class Run(RunActions):
     sample history, live report, the rank-0 generation copy; its position; its sample event."""
 
     def __init__(self, trainer_cfg: TrainerConfig, samples_cfg: SamplesConfig, model_cfg: ModelConfig, dist_ctx: DistContext,
-                 essential: Optional[dict[str, Any]] = None):
+                 essential: Optional[dict[str, Any]] = None, eval_cfg: Optional[EvalConfig] = None):
         self.cfg, self.samples_cfg, self.model_cfg = trainer_cfg, samples_cfg, model_cfg
         self.dist = dist_ctx
         self.run_dir = Path(trainer_cfg.default_local_dir)
@@ -126,6 +130,8 @@ class Run(RunActions):
                            self.run_dir, self.essential)
         self.preemption = PreemptionWatch()
         check_available(trainer_cfg.logger)  # a missing tracker package fails before any model
+        self.metrics = build_metric_set(samples_cfg.metrics)  # so does an unknown task metric
+        self.harness = Harness.create(eval_cfg, self.run_dir) if eval_cfg else None  # and lm-eval's tasks
         self.position = Position()
         self.total_steps = 0
         self.samples_s = 0.0  # time in sample events since `take_samples_time` was last called
@@ -191,7 +197,9 @@ class Run(RunActions):
         primary, s = self.dist.is_primary, self.samples_cfg
         history = SampleHistory(self.run_dir, s.alerts, resume_step=self.step) if s.history and primary else None
         report = LiveReport(self.run_dir, total_steps, self.tracking) if s.report and primary else None
-        self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars)
+        self.sample_logger = SampleLogger(self.tracking, history, report, max_print_chars, self.metrics)
+        if self.harness is not None and primary:
+            self.harness.attach(self.tracking, tokenizer, resume_step=self.step)
         self.replica = ModelReplica(model_config, replica_dtype, replica_device, self.dist.device, train_dtype,
                                     m.attn_implementation, m.trust_remote_code, lora)
 
@@ -302,6 +310,8 @@ class Run(RunActions):
             samples.generation_s = time.perf_counter() - start - gather_s
             log.debug("%s samples: gather %.3fs, generation %.3fs, %s", spec.stage, gather_s, samples.generation_s,
                       samples.settings.describe())
+            if self.harness is not None:  # benchmarks on the same copy; warns on its own failure
+                samples.benchmark_metrics = self.harness.maybe_run(copy, self.step, spec.stage)
             return samples
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
@@ -311,10 +321,11 @@ class Run(RunActions):
 
     def _log_on_rank_zero(self, samples: Samples, spec: SampleEventSpec) -> Optional[dict[str, float]]:
         try:
-            return self.sample_logger.log(
+            metrics = self.sample_logger.log(
                 self.step, spec.stage, spec.prefix, spec.style, samples.prompts, samples.generated, samples.references,
-                samples.settings, samples.seeds, samples.generation_s, samples.rewards,
+                samples.settings, samples.seeds, samples.generation_s, samples.rewards, samples.meta,
             )
+            return {**metrics, **samples.benchmark_metrics}  # what the metric watches may watch
         except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
             log.warning("%s failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
             return None

@@ -1,8 +1,10 @@
-"""Reward functions: a registry of named built-ins plus user functions.
+"""Scoring functions: one registry of named built-ins plus user functions, for two uses: RL
+rewards (`reward.functions`) and task metrics on logged samples (`samples.metrics`,
+`workers.metrics`). Every reward is a metric and every metric a reward.
 
-A reward function is `fn(prompt: str, response: str, ground_truth: str | None, **kwargs)` and
-returns a float, or None when it does not apply (e.g. no ground truth for a free-text sample
-prompt); None is left out of the logged rewards and counts as 0 in the training reward.
+A function is `fn(prompt: str, response: str, ground_truth: str | None, **kwargs)` and returns
+a float, or None when it does not apply (e.g. no ground truth for a free-text sample prompt);
+None is left out of the logged rewards and metrics and counts as 0 in the training reward.
 Users give functions as `module:function` in YAML or as callables in Python, each with a name.
 """
 
@@ -54,14 +56,73 @@ def exact_match(prompt: str, response: str, ground_truth: Optional[str] = None, 
     return float(response.strip() == str(ground_truth).strip())
 
 
+_FINAL_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def final_number(text: str) -> Optional[str]:
+    """GSM8K's answer: the number after `####`, else the last number in the text; commas and a
+    trailing `.0` dropped (`1,234.0` -> `1234`), so equal numbers compare equal as text."""
+    marked = _FINAL_ANSWER.search(text)
+    found = [marked.group(1)] if marked else _NUMBER.findall(text.replace(",", ""))
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return "0" if number in ("-0", "") else number
+
+
 @register_reward("last_number_match")
 def last_number_match(prompt: str, response: str, ground_truth: Optional[str] = None, **_: Any) -> Optional[float]:
-    """GSM8K style: the last number in the response equals the last number of the ground truth."""
+    """GSM8K style: the response's final number (after `####`, else its last) equals the ground
+    truth's (after `####`, else its last)."""
     if ground_truth is None:
         return None
-    want = _NUMBER.findall(str(ground_truth).replace(",", ""))
-    got = _NUMBER.findall(response.replace(",", ""))
-    return float(bool(want) and bool(got) and float(got[-1]) == float(want[-1]))
+    want, got = final_number(str(ground_truth)), final_number(response)
+    return float(want is not None and got == want)
+
+
+@register_reward("contains")
+def contains(prompt: str, response: str, ground_truth: Optional[str] = None, text: Optional[str] = None,
+             ignore_case: bool = False, **_: Any) -> Optional[float]:
+    """1.0 when the response contains `text` (kwargs), else the ground truth (trimmed)."""
+    needle = text if text is not None else ground_truth
+    if needle is None:
+        return None
+    needle, hay = str(needle).strip(), response
+    if ignore_case:
+        needle, hay = needle.lower(), hay.lower()
+    return float(needle in hay)
+
+
+@register_reward("rouge_l")
+def rouge_l(prompt: str, response: str, ground_truth: Optional[str] = None, use_stemmer: bool = False,
+            **_: Any) -> Optional[float]:
+    """ROUGE-L F-measure against the ground truth, from Google's `rouge-score` package."""
+    if ground_truth is None:
+        return None
+    return _rouge_scorer(use_stemmer).score(str(ground_truth), response)["rougeL"].fmeasure
+
+
+_SCORERS: dict[bool, Any] = {}
+
+
+def _rouge_scorer(use_stemmer: bool):
+    if use_stemmer not in _SCORERS:
+        from rouge_score import rouge_scorer  # optional: the `eval` extra
+
+        _SCORERS[use_stemmer] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+    return _SCORERS[use_stemmer]
+
+
+@register_reward("length_chars")
+def length_chars(prompt: str, response: str, ground_truth: Optional[str] = None, **_: Any) -> float:
+    """The response's length in characters (a metric to watch, not a reward to train on)."""
+    return float(len(response))
+
+
+# Registered functions that need an optional package: (import name, pip extra naming it).
+NEEDS_PACKAGE = {"rouge_l": ("rouge_score", "rouge-score")}
 
 
 @register_reward("length_penalty")

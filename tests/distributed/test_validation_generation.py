@@ -6,7 +6,7 @@ import re
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import read_metrics, run_module
+from helpers import read_metrics, run_module, write_lm_eval_tasks
 from workers.generation import GenerationSettings, encode_prompts, generate
 
 pytestmark = pytest.mark.distributed
@@ -83,3 +83,30 @@ def test_greedy_samples_from_the_gathered_copy_equal_the_exported_model(tiny_mod
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         plain = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         assert tok.decode(plain[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == shown
+
+
+def test_k_samples_and_lm_eval_on_two_ranks_repeat_after_a_resume(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("lm_eval", reason="the [eval] extra")
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+    common = ["trainer.total_training_steps=4", "trainer.test_freq=1", "trainer.save_freq=2", "trainer.max_val_samples=3",
+              "generation.max_new_tokens=4", "generation.num_samples_per_prompt=4", "generation.also_greedy=true",
+              "eval.every_n_validations=2", "eval.lm_eval.tasks=[sat_tiny_mc,sat_tiny_gen]",
+              f"eval.lm_eval.include_path={tasks}", "trainer.export_hf_model=false"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_module(MODULE, [*base_args(tiny_model, tiny_data, full), *common], nproc=2)
+    metrics = read_metrics(full)
+    for step in (1, 2, 3, 4):
+        for name in ("exact_match", "last_number_match"):
+            assert metrics[step][f"val/metric/{name}/pass@4"] >= metrics[step][f"val/metric/{name}/mean@4"]
+    assert [s for s in sorted(metrics) if "eval/sat_tiny_mc/acc" in metrics[s]] == [2, 4]
+    run_module(MODULE, [*base_args(tiny_model, tiny_data, resumed), *common, "trainer.resume_mode=resume_path",
+                        f"trainer.resume_from_path={full / 'global_step_2'}"], nproc=2)
+
+    def samples(run_dir, step):
+        rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        return [(r["prompt_id"], r["generation"]) for r in rows if r["kind"] == "sample" and r["step"] == step]
+
+    for step in (3, 4):
+        assert len(samples(full, step)) == 3 * 5 and samples(resumed, step) == samples(full, step)
+    # The resumed process counts its own validations: lm-eval at its 2nd, step 4, as the full run's.
+    assert [s for s in sorted(read_metrics(resumed)) if "eval/sat_tiny_gen/exact_match" in read_metrics(resumed)[s]] == [4]

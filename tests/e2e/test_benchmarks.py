@@ -94,6 +94,9 @@ def test_generation_benchmark_quick_prints_its_table(tmp_path):
         assert rows[name][3] in ("yes", "NO"), rows[name]
     assert number(rows["validations per run"][1]) >= 1
     assert json.loads((tmp_path / "bench_generation.json").read_text())["batched_speedup"] > 0
+    # The evaluating run is off in --quick (it would be a third demo run): its rows say so.
+    assert rows["time per validation, evaluating"][1] == "n/a"
+    assert rows["demo run wall time, evaluating (k=4 + greedy, metrics, lm-eval)"][1] == "n/a"
 
 
 @pytest.mark.distributed

@@ -79,3 +79,24 @@ def test_ppo_critic_has_no_dropout_and_checkpoints_activations_when_asked(tiny_m
     # Checkpointed or not, the critic learns: its loss was computed and logged at both steps.
     metrics = read_metrics(tmp_path / "run")
     assert sorted(s for s, m in metrics.items() if "critic/vf_loss" in m) == [1, 2], metrics
+
+
+def test_rl_samples_from_a_prompts_file_with_k_answers_are_scored_by_task_metrics(tiny_model, rl_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "1+1=", "reference": "2", "id": "one-plus-one", "tags": ["math"]}) + "\n")
+    run = create_rl_trainer(
+        model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="grpo", batch_size=2,
+        sample_logging={"enabled": True, "max_new_tokens": 3, "num_samples_per_prompt": 2, "also_greedy": True},
+        **{"trainer.default_local_dir": str(tmp_path / "run"), "trainer.total_training_steps": 1, "rollout.max_new_tokens": 3,
+           "rollout.responses_per_prompt": 2, "data.max_val_prompts": 1, "logging.loggers": ["file"],
+           "samples.prompts_file": str(prompts), "samples.metrics": [{"fn": "length_chars"}, {"fn": "contains"}]},
+    )
+    run.train()
+    post = read_metrics(tmp_path / "run")[1]
+    assert 0 <= post["samples/metric/length_chars/mean@2"] and "samples/metric/length_chars/greedy" in post
+    assert post["samples/metric/contains/pass@2"] >= post["samples/metric/contains/mean@2"]
+    assert "samples/tag/math/metric/contains" in post
+    rows = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "sample"]
+    assert [r["prompt_id"] for r in rows] == ["one-plus-one", "one-plus-one#1", "one-plus-one#greedy"]
+    assert all(r["reference"] == "2" and "last_number_match" in r["rewards"] for r in rows)  # scored against it

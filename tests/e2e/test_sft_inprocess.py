@@ -1,5 +1,7 @@
 """The SFT trainer in this process (one rank): failure handling that needs code injected."""
 
+import importlib.util
+import json
 import logging
 import math
 
@@ -9,10 +11,12 @@ import torch
 from hydra import compose, initialize_config_module
 
 import trainer.fsdp_sft_trainer as sft
+import trainer.sample_prompts as sample_prompts
 from config.env import DistEnv
 from config.loading import resolve
 from config.schema import ConfigError, SFTConfig
-from helpers import read_metrics, write_parquet
+from helpers import read_metrics, write_lm_eval_tasks, write_parquet
+from trainer.data import DataError
 from trainer.tracking.file import read_records
 from trainer.distributed import init_distributed
 
@@ -35,7 +39,7 @@ def test_generation_failure_warns_and_training_finishes(tiny_model, tiny_data, t
     def boom(*args, **kwargs):
         raise RuntimeError("injected generation failure")
 
-    monkeypatch.setattr(sft, "generate", boom)
+    monkeypatch.setattr(sample_prompts, "generate", boom)
     run_dir = tmp_path / "run"
     trainer = make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=2", "trainer.save_freq=2")
     with caplog.at_level(logging.WARNING):
@@ -109,7 +113,7 @@ def test_sample_prompts_are_the_first_distinct_ones(tiny_model, tiny_data, tmp_p
     val = write_parquet(doubled, tmp_path / "val_doubled.parquet")
     trainer = make_trainer(tiny_model, tiny_data, tmp_path / "run", f"data.val_files={val}", "trainer.max_val_samples=3",
                            "trainer.total_training_steps=1")
-    chosen = [e.prompt_text for mb in trainer.sample_batches for e in mb.examples]
+    chosen = [p.text for p in trainer.sample_prompts]
     assert chosen == [rows[0]["prompt"], rows[1]["prompt"], rows[2]["prompt"]]
 
 
@@ -146,3 +150,103 @@ def test_sigterm_is_handled_during_fit_only(tiny_model, tiny_data, tmp_path):
     assert signal.getsignal(signal.SIGTERM) == trainer.run.preemption._on_signal
     trainer.fit()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _sample_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines() if '"kind": "sample"' in line]
+
+
+def test_validation_scores_task_metrics_with_k_samples_and_a_greedy_answer(tiny_model, tiny_data, tmp_path):
+    args = ("trainer.total_training_steps=2", "trainer.test_freq=2", "trainer.max_val_samples=3",
+            "trainer.export_hf_model=false", "generation.num_samples_per_prompt=3", "generation.also_greedy=true")
+    make_trainer(tiny_model, tiny_data, tmp_path / "a", *args).fit()
+    val = read_metrics(tmp_path / "a")[2]
+    for name in ("exact_match", "last_number_match"):  # the default metrics: the rows have references
+        assert 0.0 <= val[f"val/metric/{name}"] <= 1.0 and 0.0 <= val[f"val/metric/{name}/greedy"] <= 1.0
+        assert val[f"val/metric/{name}/pass@3"] >= val[f"val/metric/{name}/mean@3"]
+        assert val[f"val/metric/{name}/mean@3"] == pytest.approx(val[f"val/metric/{name}"])
+    assert val["val/samples_generated"] == 3 * (3 + 1)
+    rows = _sample_rows(tmp_path / "a")
+    assert [(r["index"], r.get("sample", 0), r.get("greedy", False)) for r in rows[:4]] == [
+        (1, 0, False), (2, 1, False), (3, 2, False), (4, 0, True)]
+    assert all(set(r["metrics"]) == {"exact_match", "last_number_match"} for r in rows)
+    assert len({r["prompt_id"] for r in rows}) == 12  # each answer its own history series
+    # The same samples on a rerun.
+    make_trainer(tiny_model, tiny_data, tmp_path / "b", *args).fit()
+    assert [r["generation"] for r in _sample_rows(tmp_path / "b")] == [r["generation"] for r in rows]
+
+
+def test_prompts_file_with_tags_and_ids_drives_validation_samples(tiny_model, tiny_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "1+2=", "reference": "3", "id": "sum", "tags": ["math"], "do_sample": False, "max_new_tokens": 2},
+        {"prompt": "Say hi", "id": "hi", "tags": ["chat"], "reference": "hi"},
+    ]))
+    make_trainer(tiny_model, tiny_data, tmp_path / "run", "trainer.total_training_steps=1", "trainer.export_hf_model=false",
+                 f"samples.prompts_file={prompts}", "samples.metrics=[{fn: contains}, {fn: length_chars}]").fit()
+    val = read_metrics(tmp_path / "run")[1]
+    assert {"val/tag/math/metric/contains", "val/tag/chat/metric/length_chars", "val/metric/contains"} <= set(val)
+    assert "val/metric/exact_match" not in val
+    rows = _sample_rows(tmp_path / "run")
+    assert [(r["prompt_id"], r["tags"], r["settings"]["max_new_tokens"]) for r in rows] == [
+        ("sum", ["math"], 2), ("hi", ["chat"], 4)]
+    assert rows[0]["settings"]["do_sample"] is False and rows[0]["generated_tokens"] <= 2
+
+
+@pytest.mark.parametrize("override, error, words", [
+    ("samples.metrics=[{fn: exact_match}, {fn: bleu}]", ConfigError, "samples.metrics[1].fn: unknown metric 'bleu'"),
+    ("samples.alerts.metric=rouge_l", ConfigError, "samples.alerts.metric: 'rouge_l' is not one of"),
+])
+def test_a_bad_metric_stops_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch, override, error, words):
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    with pytest.raises(error) as err:
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", override)
+    assert str(err.value).startswith(words) and "\n" not in str(err.value)
+
+
+def test_a_bad_prompts_file_row_stops_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "x", "temperature": 0}\n')
+    with pytest.raises(DataError) as err:
+        make_trainer(tiny_model, tiny_data, tmp_path / "run", f"samples.prompts_file={prompts}")
+    assert str(err.value) == f"{prompts}: row 2: `temperature` must be > 0, got 0"
+
+
+def test_lm_eval_runs_local_tasks_on_the_gathered_copy_every_n_validations(tiny_model, tiny_data, tmp_path):
+    pytest.importorskip("lm_eval", reason="the [eval] extra")
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+    run_dir = tmp_path / "run"
+    make_trainer(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=4", "trainer.test_freq=1",
+                 "trainer.max_val_samples=2", "trainer.export_hf_model=false", "eval.every_n_validations=2",
+                 "eval.lm_eval.tasks=[sat_tiny_mc,sat_tiny_gen]", f"eval.lm_eval.include_path={tasks}").fit()
+    metrics = read_metrics(run_dir)
+    assert [s for s in sorted(metrics) if "eval/sat_tiny_mc/acc" in metrics[s]] == [2, 4]
+    assert all(0.0 <= metrics[s]["eval/sat_tiny_gen/exact_match"] <= 1.0 for s in (2, 4))
+    assert metrics[4]["eval/sat_tiny_mc/acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    records = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert sorted((r["step"], r["task"]) for r in records) == [
+        (2, "sat_tiny_gen"), (2, "sat_tiny_mc"), (4, "sat_tiny_gen"), (4, "sat_tiny_mc")]
+    assert all(r["num_samples"] == (3 if r["task"] == "sat_tiny_mc" else 2) for r in records)
+    assert "val/metric/exact_match" in metrics[1]  # the samples went on as usual
+
+
+def test_lm_eval_problems_stop_before_the_model(tiny_model, tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="the [eval] extra")
+    monkeypatch.setattr(sft, "build_sharded_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+
+    def error(*overrides):
+        with pytest.raises(ConfigError) as err:
+            make_trainer(tiny_model, tiny_data, tmp_path / "run", *overrides)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert error("eval.lm_eval.tasks=[sat_tiny_mc,no_such_task]", f"eval.lm_eval.include_path={tasks}").startswith(
+        f"eval.lm_eval.tasks[1]: unknown task 'no_such_task' in {tasks}")
+    assert error("eval.lm_eval.tasks=[sat_tiny_mc]", f"eval.lm_eval.include_path={tmp_path / 'nowhere'}") == (
+        f"eval.lm_eval.include_path: {tmp_path / 'nowhere'}: no such file or folder")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert "pip install 'sample-aware-trainer[eval]'" in error("eval.lm_eval.tasks=[sat_tiny_mc]",
+                                                               f"eval.lm_eval.include_path={tasks}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -345,3 +346,39 @@ def test_alerts_without_a_sample_row_and_alerts_only_in_samples(tmp_path):
     ghost = tree.root.find_all(id="alert-3")[0]
     assert next(a for a in ghost.ancestors() if a.tag == "details").attrs["id"] == "event-alerts"
     assert d.attrs["data-alerts"] == "3"
+
+
+def test_grid_colours_by_a_chosen_task_metric_and_charts_metrics_tags_and_lm_eval(tmp_path):
+    from report_fixtures import sample_record
+
+    run = tmp_path / "run-metrics"
+    run.mkdir()
+    samples = []
+    for step in (10, 20):
+        for index, (pid, answer) in enumerate((("gsm", "so #### 72"), ("essay", "a long text")), start=1):
+            s = sample_record(step, "validation", "val", index, pid, f"prompt {pid}", "#### 72" if pid == "gsm" else "a text",
+                              answer, None)
+            s["metrics"] = {"exact_match": 0.0, "last_number_match": 1.0 if pid == "gsm" else 0.0,
+                            "rouge_l": 0.25 * step / 10 + (0.5 if pid == "essay" else 0.0)}
+            samples.append(s)
+    greedy = dict(samples[-1], index=3, prompt_id="essay#greedy", greedy=True)
+    samples.append(greedy)
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    metrics = [{"step": step, "time": float(step), "val/metric/last_number_match": 0.5, "val/metric/rouge_l/pass@4": 0.5,
+                "val/tag/math/metric/last_number_match": 1.0, "eval/sums/acc": 0.25 * step / 10, "eval/time_s": 3.0}
+               for step in (10, 20)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    tree = Tree(write_report(run).read_text(encoding="utf-8"))
+    [select] = tree.root.find_all("select", id="grid-metric")
+    assert [o.attrs["value"] for o in select.find_all("option")] == ["auto", "exact_match", "last_number_match", "rouge_l"]
+    cells = {(c.parent.attrs["data-prompt-id"], c.attrs["href"]): c.attrs["data-cls"].split("|")
+             for c in tree.root.find_all("a", class_="c") if "data-cls" in c.attrs}
+    # auto (exact match: all wrong), exact_match, last_number_match (right for gsm), rouge_l (graded: buckets)
+    assert cells[("gsm", "#p1-e1")] == ["em0", "em0", "em1", "r0"]
+    assert cells[("essay", "#p2-e2")] == ["em0", "em0", "em0", "r4"]
+    for chart in ("chart-metrics", "chart-tags", "chart-eval"):
+        assert tree.root.find_all("div", id=chart), chart
+    eval_chart = tree.root.find_all("div", id="chart-eval")[0].all_text()
+    assert "eval/sums/acc" in eval_chart and "eval/time_s" not in eval_chart
+    essay = timeline(tree, "essay#greedy").all_text()
+    assert "greedy" in essay and "rouge_l 1" in essay

@@ -95,3 +95,18 @@ def test_cli_compares_three_runs_and_names_same_named_runs_apart(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nothing'}: no metrics.jsonl or samples.jsonl (not a run directory?)"]
+
+
+def test_task_metrics_and_lm_eval_are_compared_as_curves(tmp_path):
+    a, b = write_run(tmp_path / "a", A_EVENTS), write_run(tmp_path / "b", B_EVENTS)
+    for run, value in ((a, 0.25), (b, 0.75)):
+        with open(run / "metrics.jsonl", "a") as handle:
+            for step in (10, 20):
+                handle.write(json.dumps({"step": step, "time": 0.0, "val/metric/last_number_match": value,
+                                         "val/tag/math/metric/last_number_match": value, "eval/sums/acc": value,
+                                         "eval/time_s": 2.0}) + "\n")
+    page = render_compare(load_runs([a, b]))
+    chart = page.split('id="cmp-metrics"')[1].split("</div>")[0]
+    for name in ("A val/metric/last_number_match", "B val/metric/last_number_match", "A eval/sums/acc", "B eval/sums/acc"):
+        assert name in chart, name
+    assert "eval/time_s" not in chart and "/tag/" not in chart

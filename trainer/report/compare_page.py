@@ -162,8 +162,12 @@ def _charts(runs: list[Run]) -> list[str]:
     """The curves of every run overlaid."""
     lines = ['<section id="charts"><h2>Curves</h2>']
     reward_names = sorted({k for r in runs for m in r.metrics.values() for k in m if "/reward/" in k or k.endswith("/exact_match")})
+    # Task metric means (with mean@k, pass@k, greedy) and lm-eval results, where the runs have them.
+    metric_names = sorted({k for r in runs for m in r.metrics.values() for k in m
+                           if ("/metric/" in k and "/tag/" not in k) or (k.startswith("eval/") and k != "eval/time_s")})
     for chart_id, title, names in (("cmp-loss", "Loss (train / val)", ["train/loss", "val/loss"]),
-                                   ("cmp-rewards", "Rewards and exact match", reward_names)):
+                                   ("cmp-rewards", "Rewards and exact match", reward_names),
+                                   ("cmp-metrics", "Task metrics and lm-eval", metric_names)):
         # a colour per metric, solid for run A and dashed for the others, so each pair reads at a glance
         series = [(f"{r.label} {n}", pts, PALETTE[m % len(PALETTE)], i > 0) for m, n in enumerate(names)
                   for i, r in enumerate(runs) if (pts := metric_series(r.metrics, n))]

@@ -136,6 +136,12 @@ def _signals_html(sample: dict) -> str:
     else:
         parts.append("<span>EM –</span>")
     parts.append(f"<span>sim {esc(fmt_num(sig.get('similarity_to_previous'), 2))}</span>")
+    metrics = sample.get("metrics") if isinstance(sample.get("metrics"), dict) else {}
+    parts += [f'<span class="metric">{esc(k)} {esc(fmt_num(v, 2))}</span>' for k, v in metrics.items() if k != "exact_match"]
+    if sample.get("greedy"):
+        parts.append('<span class="tag">greedy</span>')
+    elif sample.get("sample"):
+        parts.append(f'<span class="tag">sample {int(sample["sample"]) + 1}</span>')
     tags = sample.get("alerts") or []
     if isinstance(tags, list) and tags:
         parts.append("<br>" + "".join(f'<span class="tag">{esc(t)}</span>' for t in tags))
@@ -213,6 +219,15 @@ def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict]) -> list[st
         lines.append(f'<div class="chart-box" id="chart-rewards">{chart}</div>')
     else:
         lines.append('<p class="chart-empty" id="chart-rewards-empty">No reward chart: no */reward/* or val/exact_match metric.</p>')
+    # Task metrics (means, mean@k, pass@k, greedy; per-tag means) and lm-eval results, when the run has them.
+    for chart_id, title, keep in (
+        ("chart-metrics", "Task metrics", lambda k: "/metric/" in k and "/tag/" not in k),
+        ("chart-tags", "Task metrics per prompt tag", lambda k: "/tag/" in k),
+        ("chart-eval", "lm-eval", lambda k: k.startswith("eval/") and k != "eval/time_s"),
+    ):
+        series = [(n, p) for n in sorted({k for m in metrics.values() for k in m if keep(k)}) if (p := metric_series(metrics, n))]
+        if series:
+            lines.append(f'<div class="chart-box" id="{chart_id}">{svg_chart(chart_id, title, series, (), "value")}</div>')
     lines.append("</section>")
     return lines
 

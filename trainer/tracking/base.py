@@ -42,7 +42,11 @@ class SampleRecord:
     reference: Optional[str] = None
     rewards: dict[str, float] = field(default_factory=dict)
     signals: dict[str, Any] = field(default_factory=dict)
-    prompt_id: str = ""
+    prompt_id: str = ""  # the prompt's id; with several answers per prompt, `<id>#<j>` / `<id>#greedy`
+    metrics: dict[str, float] = field(default_factory=dict)  # task metrics (samples.metrics) that applied
+    sample: int = 0  # which of the prompt's k sampled answers (0-based)
+    greedy: bool = False  # the greedy answer beside the sampled ones (generation.also_greedy)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class SampleEvent:
                 "reference": s.reference or "",
                 "generation": s.generation,
                 **{f"reward/{k}": v for k, v in s.rewards.items()},
+                **{f"metric/{k}": v for k, v in s.metrics.items()},
             }
             for s in self.samples
         ]

@@ -68,6 +68,18 @@
     grid.addEventListener("mouseleave", function () { tip.hidden = true; });
   }
 
+  // The grid's colouring: each cell holds its class for every choice of the selector.
+  var gridMetric = document.getElementById("grid-metric");
+  if (gridMetric && grid) {
+    gridMetric.addEventListener("change", function () {
+      var i = gridMetric.selectedIndex;
+      Array.prototype.forEach.call(grid.querySelectorAll("a.c[data-cls]"), function (cell) {
+        var alert = cell.classList.contains("al");
+        cell.className = "c " + cell.getAttribute("data-cls").split("|")[i] + (alert ? " al" : "");
+      });
+    });
+  }
+
   apply();
   body.dataset.ready = "1";
 })();
