@@ -1,4 +1,5 @@
 """The typed schema of the RL trainers (PPO, GRPO, GSPO).
+(Over 400 lines: one dataclass per RL config section, each key with its help text.)
 
 Shares the model, optimizer, generation-free trainer and sample-history sections with SFT.
 Batch sizes say what they count: `data.prompts_per_step` prompts per optimizer step over all

@@ -1,4 +1,5 @@
 """verl's configuration keys: what each means here.
+(Over 400 lines: mostly the table of verl's keys, one line each; the rules stay beside it.)
 
 verl users paste their command lines. Every key verl's SFT trainer config has (and every key
 verl's FSDP GRPO example scripts use) is listed here with what it does in this project:

@@ -1,5 +1,6 @@
 """Sharded, atomic checkpoints with `torch.distributed.checkpoint`, exact resume, and the
 Hugging Face model directories made from a model or a checkpoint.
+(Over 400 lines: saving, loading, pruning and damage checks of one on-disk format belong together.)
 
 Layout of a run directory:
 

@@ -1,6 +1,7 @@
 """The token cache: a tokenized data set (SFT examples, RL prompts) as flat NumPy arrays on
 disk, written once per (files' content, tokenizer, settings that change tokens) and
 memory-mapped by every rank.
+(Over 400 lines: the cache's key, writer, reader and pruning share its file format.)
 
 One entry, `<cache_dir>/<key>/` (key: a hash of the files' bytes, the tokenizer and the settings):
 

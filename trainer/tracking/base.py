@@ -1,4 +1,5 @@
 """The tracker interface, its registry, and the fan-out every trainer uses.
+(Over 400 lines: the fan-out's background senders, queues and time budgets are one mechanism.)
 
 A backend implements `Tracker` and registers itself by name with `@register_tracker`. `Tracking`
 creates the configured backends on the primary rank only (other ranks get a fan-out over
