@@ -22,6 +22,7 @@ import trainer.fsdp_sft_trainer as sft
 from config import env as env_config
 from config.loading import resolve
 from config.schema import SFTConfig
+from trainer.data import collate
 from trainer.distributed import init_distributed, teardown
 from workers.packing import Layout
 
@@ -40,7 +41,7 @@ def reference(model_dir, micro_batches, val_examples, pad_id):
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     with torch.no_grad():
-        val = sft.collate(val_examples, pad_id) if val_examples else None
+        val = collate(val_examples, pad_id) if val_examples else None
         val_loss = (sft.token_loss_sum(model, val) / val.num_loss_tokens).item() if val is not None else None
     return loss.item(), grads, val_loss
 

@@ -193,7 +193,7 @@ def test_create_rl_trainer_refuses_names_with_no_counterpart(rl_data, tiny_model
 
 @pytest.mark.parametrize("names, schema", [(trl.SFT, SFTConfig), (trl.GRPO, RLConfig)])
 def test_every_translated_key_exists_in_the_schema(names, schema):
-    samples = {"report_to": "wandb", "loss_type": "grpo", "scale_rewards": True, "importance_sampling_level": "sequence",
+    samples = {"report_to": "wandb", "loss_type": "grpo", "scale_rewards": True, "importance_sampling_level": "sequence", "vllm_mode": "colocate",
                "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_generations": 4, "top_k": 5}
     defaults = OmegaConf.structured(schema)
     given = {name: samples.get(name, 1) for name in names}
