@@ -226,7 +226,10 @@ class RLTrainer:
                 self.validate()
             if stage := self.schedule.stage(run.step):
                 self.log_samples(stage)
+            rollbacks = run.control.rollbacks
             run.end_step(self.save_checkpoint)
+            if run.control.rollbacks != rollbacks:
+                self.engine.update_weights()  # the rollback restored older weights: the engine must get them
         run.end_loop()
         if self.cfg.logging.sample_logging.enabled:
             self.log_samples("post-train")
