@@ -141,29 +141,28 @@ def user_errors_exit(rank: int, during_training: bool = False) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def preempted_exit(rank: int) -> Iterator[None]:
-    """A run stopped on SIGTERM (checkpoint written) ends its process with exit code 143, as a
-    process killed by SIGTERM would, so scripts and schedulers do not take it for a finished run."""
+def _stopped_exit(rank: int, stop_type: type[Exception], code: int, level: int, prefix: str = "") -> Iterator[None]:
+    """A run that stopped on purpose (its checkpoint written) ends every rank's process with its
+    own exit code: rank 0 says why, the process group is torn down, no traceback."""
     try:
         yield
-    except Preempted as stop:
+    except stop_type as stop:
         if rank == 0:
-            log.warning("%s", stop)
+            log.log(level, "%s%s", prefix, stop)
         teardown()
-        exit_now(PREEMPTED_EXIT_CODE)
+        exit_now(code)
 
 
-@contextlib.contextmanager
-def alert_stopped_exit(rank: int) -> Iterator[None]:
-    """A run stopped by a sample alert (checkpoint and reason written) ends its process with
-    `ALERT_STOP_EXIT_CODE`, so a scheduler script can tell it from a finish (0) and a crash (1)."""
-    try:
-        yield
-    except AlertStopped as stop:
-        if rank == 0:
-            log.error("stopped by %s", stop)
-        teardown()
-        exit_now(ALERT_STOP_EXIT_CODE)
+def preempted_exit(rank: int) -> contextlib.AbstractContextManager:
+    """SIGTERM: exit code 143, as a process killed by SIGTERM would, so scripts and schedulers do
+    not take it for a finished run."""
+    return _stopped_exit(rank, Preempted, PREEMPTED_EXIT_CODE, logging.WARNING)
+
+
+def alert_stopped_exit(rank: int) -> contextlib.AbstractContextManager:
+    """A sample alert whose action is `stop`: `ALERT_STOP_EXIT_CODE`, so a scheduler script can
+    tell it from a finish (0) and a crash (1)."""
+    return _stopped_exit(rank, AlertStopped, ALERT_STOP_EXIT_CODE, logging.ERROR, "stopped by ")
 
 
 def announce_config(resolved: Resolved, rank: int) -> None:
