@@ -6,6 +6,9 @@ the regression over the first 10% rise of the validation loss, in validations.
     python scripts/alert_precision.py [--seeds 1 2 3 4 5] [--out DIR] [regression_demo options]
     python scripts/alert_precision.py --quick          # a small run of each seed (the test suite's)
     python scripts/alert_precision.py --analyse DIR    # the table of runs already in DIR
+    python scripts/alert_precision.py --analyse DIR --replay [--rule drift_share=0.5 ...]
+                                                       # ... with the alerts today's rules (or these
+                                                       # samples.alerts values) raise on those runs
 
 The goals (issue 25): at most 1 alert per 10 healthy validations summed over the seeds, and the
 first alert at least 2 validations before the loss rise on every seed. --quick checks the
@@ -25,7 +28,8 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.history import HISTORY_FILE  # noqa: E402
+from config.schema import AlertConfig  # noqa: E402
+from trainer.history import HISTORY_FILE, replay_alerts  # noqa: E402
 from trainer.tracking.file import read_metrics, read_records  # noqa: E402
 
 FALSE_ALARM_GOAL = 0.1  # alerts per healthy validation, summed over the seeds
@@ -54,11 +58,16 @@ def first_loss_rise(val_loss: dict[int, float], after: int, rise: float = 0.10) 
     return None
 
 
-def analyse(run_dir: Path, at: int, seed: str) -> SeedResult:
+def analyse(run_dir: Path, at: int, seed: str, replay: Optional[AlertConfig] = None) -> SeedResult:
     """One run directory: validations up to step `at` are healthy; a rolled-back run's discarded
-    records do not count."""
+    records do not count. `replay`: count the alerts these rules raise on the recorded samples
+    instead of the alerts recorded (exact for a warn-only run: trainer.history.replay_alerts)."""
     val_loss = {s: m["val/loss"] for s, m in read_metrics(run_dir).items() if "val/loss" in m}
-    alerts = [r for r in read_records(run_dir / HISTORY_FILE) if r.get("kind") == "alert" and not r.get("discarded")]
+    records = read_records(run_dir / HISTORY_FILE)
+    if replay is not None:
+        alerts = replay_alerts(records, replay)
+    else:
+        alerts = [r for r in records if r.get("kind") == "alert" and not r.get("discarded")]
     healthy = [s for s in sorted(val_loss) if s <= at]
     after = sorted(a["step"] for a in alerts if a["step"] > at)
     rise = first_loss_rise(val_loss, at)
@@ -103,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs of the arithmetic task (plumbing only)")
     parser.add_argument("--analyse", type=Path, default=None, help="only read the runs already in this directory")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--replay", action="store_true", help="with --analyse: the alerts of today's rules on the recorded samples")
+    parser.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --replay: a samples.alerts value to try (e.g. drift_share=0.5); repeatable")
     args, demo_args = parser.parse_known_args(argv)
     demo_args = [*QUICK, *demo_args] if args.quick else demo_args
     known = argparse.ArgumentParser(add_help=False)
@@ -121,7 +133,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         print(f"error: no run in {', '.join(missing)} (metrics.jsonl missing)", file=sys.stderr)
         return 2
-    text, ok = table([analyse(d, demo.at, seed) for seed, d in dirs.items()])
+    rules = None
+    if args.replay:
+        values = dict(item.split("=", 1) for item in args.rule)
+        defaults = AlertConfig()
+        rules = AlertConfig(**{k: v if getattr(defaults, k) is None else type(getattr(defaults, k))(v) for k, v in values.items()})
+        rules.check()
+    text, ok = table([analyse(d, demo.at, seed, rules) for seed, d in dirs.items()])
     print(text)
     return 0 if ok or args.quick else 1
 

@@ -22,13 +22,14 @@ import logging
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config.schema import AlertConfig
-from trainer.tracking import SampleEvent
+from trainer.tracking import SampleEvent, SampleRecord
 from trainer.tracking.file import read_records
 from workers.generation import Generated, GenerationSettings
 
@@ -139,13 +140,13 @@ class SampleHistory:
 
     def _replay(self, records: list[dict]) -> None:
         """Rebuild the rules' memory from the kept history, so a resumed run alerts as before."""
-        samples = [r for r in records if r.get("kind") == "sample"]
-        for (prefix, step), group in itertools.groupby(samples, key=lambda r: (r["prefix"], r["step"])):
-            group = list(group)
-            series = self.series.setdefault(prefix, _Series())
-            self._remember(series, [r["prompt_id"] for r in group], [r["generation"] for r in group],
-                           [self._watched(r.get("metrics", {}), r["signals"]) for r in group], [r.get("rewards", {}) for r in group],
-                           [r["generated_tokens"] for r in group])
+        for _, _, group in _recorded_events(records):
+            self._remember_records(self.series.setdefault(group[0]["prefix"], _Series()), group)
+
+    def _remember_records(self, series: _Series, group: list[dict]) -> None:
+        self._remember(series, [r["prompt_id"] for r in group], [r["generation"] for r in group],
+                       [self._watched(r.get("metrics", {}), r["signals"]) for r in group], [r.get("rewards", {}) for r in group],
+                       [r["generated_tokens"] for r in group])
 
     def _watched(self, metrics: dict, signals: dict) -> Optional[float]:
         """The watched metric of one sample (exact match from its signals in files from before metrics)."""
@@ -298,6 +299,35 @@ class SampleHistory:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def _recorded_events(records: Sequence[dict]):
+    """(prefix, step, sample records) of each event in a history's records, in file order."""
+    samples = [r for r in records if r.get("kind") == "sample"]
+    for (prefix, step), group in itertools.groupby(samples, key=lambda r: (r["prefix"], r["step"])):
+        yield prefix, step, list(group)
+
+
+def replay_alerts(records: Sequence[dict], rules: AlertConfig) -> list[dict]:
+    """The alerts `rules` raise on a recorded history (a samples.jsonl's records; discarded ones are
+    left out). The rules read nothing but what the records hold (signals, metrics, rewards, answers,
+    lengths) and `warn` leaves training alone, so this is what a warn-only run with these rules
+    raises: rules can be tuned on recorded runs without training again (scripts/alert_precision.py
+    --replay). Returns alert records as the history file writes them."""
+    with tempfile.TemporaryDirectory() as scratch:
+        history = SampleHistory(Path(scratch), rules)
+    out = []
+    for prefix, step, group in _recorded_events([r for r in records if not r.get("discarded")]):
+        series = history.series.setdefault(prefix, _Series())
+        event = SampleEvent(step=step, stage=group[0].get("stage", ""), prefix=prefix, style="validation", samples=[
+            SampleRecord(index=r["index"], prompt=r["prompt"], generation=r["generation"], reference=r.get("reference"),
+                         rewards=r.get("rewards", {}), signals=r["signals"], prompt_id=r["prompt_id"],
+                         metrics=r.get("metrics", {}), sample=r.get("sample", 0), greedy=r.get("greedy", False))
+            for r in group])
+        out += [{"kind": "alert", "step": step, "stage": event.stage, "prefix": prefix, "rule": a.rule,
+                 "prompt_id": a.prompt_id, "message": a.message} for a in history._check(event, series)]
+        history._remember_records(series, group)
+    return out
 
 
 def _json_default(value: Any) -> Any:

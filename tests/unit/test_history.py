@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from config.schema import AlertConfig
-from trainer.history import HISTORY_FILE, SampleHistory, repetition
+from trainer.history import HISTORY_FILE, SampleHistory, repetition, replay_alerts
 from trainer.tracking.file import read_records
 from trainer.tracking import SampleEvent, SampleRecord
 from workers.generation import Generated, GenerationSettings
@@ -140,3 +140,22 @@ def test_drift_fires_when_settled_answers_move_together(tmp_path):
     assert [a for a in ev.alerts if a.startswith("drift")] == [
         "drift: 40% of answers changed after 2 stable events (0% changed last time)"]
     assert metrics["val/alert/drift"] == 1.0
+
+
+def test_replaying_a_recorded_history_raises_the_alerts_the_run_raised(tmp_path):
+    """Rules tuned offline (scripts/alert_precision.py --replay) see what a run would have seen."""
+    rules = AlertConfig(drift_share=0.4, stable_share=0.2, stable_events=2, metric_drop=0.2, length_change_ratio=2.0)
+    history = SampleHistory(tmp_path, rules)
+    refs = ["1", "2", "3", "4", "5"]
+    events = [["a", "b", "c", "d", "e"], refs, refs, refs, ["1", "x", "y", "z", "5"], ["1" * 30, "2", "3", "4", "5"],
+              refs, ["x", "x", "x", "x", "x"]]
+    for step, texts in enumerate(events, start=1):
+        record(history, step, texts, references=refs)
+    recorded = [{k: v for k, v in r.items() if k != "time"} for r in read_records(tmp_path / HISTORY_FILE) if r["kind"] == "alert"]
+    assert {r["rule"] for r in recorded} >= {"drift", "exact_match_drop", "length_change"}  # the replay has something to match
+    assert replay_alerts(read_records(tmp_path / HISTORY_FILE), rules) == recorded
+    # Other rules, the same records: a stricter drop margin keeps only what still clears it.
+    stricter = replay_alerts(read_records(tmp_path / HISTORY_FILE), AlertConfig(**{**rules.__dict__, "metric_drop": 0.9}))
+    assert any(r["rule"] == "exact_match_drop" for r in stricter)
+    assert [r for r in stricter if r["rule"] == "exact_match_drop"] == [r for r in recorded if r["rule"] == "exact_match_drop"
+                                                                        and float(r["message"].split()[2].rstrip(",")) <= 0.1]
