@@ -173,9 +173,15 @@ def _action_markers(frame: _Frame, actions: ChartActions) -> list[str]:
     dotted one at the step it restored; per stop a thick line. Each links to its entry."""
     top, bottom = TOP, TOP + PLOT_H
     out = ['<g class="action-markers">']
+    labels_at: dict[float, int] = {}  # labels drawn at an x so far: the next one goes below (runs compared)
+
+    def label_y(x: float) -> int:
+        labels_at[x] = labels_at.get(x, 0) + 1
+        return top + 11 + 13 * (labels_at[x] - 1)
+
     for r in actions.rollbacks:
         x0, x1 = frame.px(r.to_step), frame.px(r.step)
-        label = f'<text class="action-label" x="{x1 + 3}" y="{top + 11}" fill="{ROLLBACK_COLOR}">{esc(r.label)}↺</text>'
+        label = f'<text class="action-label" x="{x1 + 3}" y="{label_y(x1)}" fill="{ROLLBACK_COLOR}">{esc(r.label)}↺</text>'
         out.append(f'<a href="{esc(r.href)}" class="action-link"><title>{esc(r.tip)}</title>'
                    f'<rect class="discarded-band" x="{x0}" y="{top}" width="{round(max(0.0, x1 - x0), 1)}" height="{PLOT_H}" '
                    f'fill="{DISCARDED_COLOR}" fill-opacity="0.12"/>'
@@ -188,7 +194,7 @@ def _action_markers(frame: _Frame, actions: ChartActions) -> list[str]:
         out.append(f'<a href="{esc(st.href)}" class="action-link"><title>{esc(st.tip)}</title>'
                    f'<line class="stop-marker" data-step="{int(st.step)}" x1="{x}" x2="{x}" y1="{top}" y2="{bottom}" '
                    f'stroke="{STOP_COLOR}" stroke-width="3"/>'
-                   f'<text class="action-label" x="{x + 4}" y="{top + 11}" fill="{STOP_COLOR}">{esc(st.label)}■</text></a>')
+                   f'<text class="action-label" x="{x + 4}" y="{label_y(x)}" fill="{STOP_COLOR}">{esc(st.label)}■</text></a>')
     out.append("</g>")
     return out
 
