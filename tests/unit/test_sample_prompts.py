@@ -100,8 +100,8 @@ def test_prompts_file_settings_are_respected_and_batched(tiny_model, tmp_path):
     assert [g.token_ids for g in again.generated] == [g.token_ids for g in out.generated[:2]]  # greedy repeats
 
 
-def _event(style: str, answers: list[tuple[str, int, bool]]) -> "SampleEvent":
-    """answers: (prompt id, sample j, greedy) in the order trainer.sample_prompts makes them."""
+def _event(style: str, answers: list[tuple[str, int, bool]]):
+    """A SampleEvent; answers: (prompt id, sample j, greedy) in the order trainer.sample_prompts makes them."""
     from trainer.samples import SampleMeta
     from trainer.tracking import SampleEvent, SampleRecord
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.report.charts import ChartActions, RollbackMark, StopMark, svg_chart
+from trainer.report.charts import ChartActions, svg_chart
+from trainer.report.rollbacks import Actions, chart_marks, read_actions, run_actions
 from trainer.report.shared import (
-    PALETTE, Actions, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_actions, read_history,
-    read_metric_branches, rollback_text, run_progress, stop_text, word_diff,
+    PALETTE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_history, read_metric_branches,
+    run_progress, word_diff,
 )
 
 SETTING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")
@@ -157,7 +158,7 @@ def _header(runs: list[Run], warnings: list[str]) -> list[str]:
              '<ul class="stats" id="runs">']
     for r in runs:
         lines.append(f'<li class="run" data-label="{esc(r.label)}"><b>{esc(r.label)}</b> {esc(r.name)} — {esc(r.progress)}'
-                     f'{_run_actions(r)}</li>')
+                     f'{run_actions(r.label, r.actions, r.discarded_samples)}</li>')
     lines.append("</ul></header>")
     if warnings:
         lines.append('<section id="warnings">' + "".join(f'<p class="warning">⚠ {esc(m)}</p>' for m in warnings) + "</section>")
@@ -166,46 +167,11 @@ def _header(runs: list[Run], warnings: list[str]) -> list[str]:
     return lines
 
 
-def _run_actions(run: Run) -> str:
-    """A run's rollbacks and stop, after its line in the header (the chart markers link here)."""
-    if not run.actions and not run.discarded_samples:
-        return ""
-    a = run.actions
-    items = [f'<li class="action rollback" data-step="{r["step"]}" data-to-step="{r["to_step"]}">↺ step {r["step"]}: '
-             f'{esc(rollback_text(r))}</li>' for r in (a.rollbacks if a else [])]
-    if a and a.stop:
-        items.append(f'<li class="action stop" data-step="{a.stop["step"]}">■ {esc(stop_text(a.stop))}</li>')
-    if run.discarded_samples:
-        items.append(f'<li class="meta">{run.discarded_samples} samples of discarded steps left out of the comparison</li>')
-    return f'<ul class="run-actions" id="actions-{esc(run.label)}">{"".join(items)}</ul>'
-
-
-def _chart_actions(runs: list[Run]) -> Optional[ChartActions]:
-    """Every run's rollbacks and stop as markers labelled with its letter, and per series
-    ("<letter> <metric>") the points each rollback discarded."""
-    if not any(r.actions for r in runs):
-        return None
-    marks = ChartActions([], [], {})
-    for run in runs:
-        a = run.actions
-        if not a:
-            continue
-        href = f"#actions-{run.label}"
-        marks.rollbacks += [RollbackMark(r["step"], r["to_step"], f"{run.label} {run.name}, step {r['step']}: {rollback_text(r)}",
-                                         href, run.label) for r in a.rollbacks]
-        if a.stop:
-            marks.stops += [StopMark(a.stop["step"], f"{run.label} {run.name}: {stop_text(a.stop)}", href, run.label)]
-        for rollback, steps in zip(a.rollbacks, a.discarded):
-            for name in sorted({k for values in steps.values() for k in values}):
-                points = [(step, float(values[name])) for step, values in steps.items() if name in values]
-                before = [p for p in metric_series(run.metrics, name) if p[0] <= rollback["to_step"]]
-                marks.discarded.setdefault(f"{run.label} {name}", []).append((before[-1] if before else None, points))
-    return marks
-
-
 def _charts(runs: list[Run]) -> list[str]:
-    """The curves of every run overlaid."""
-    marks = _chart_actions(runs)
+    """The curves of every run overlaid, with each run's rollbacks and stop (labelled with its letter)."""
+    marks = ChartActions([], [], {})
+    for r in runs:
+        chart_marks(r.actions, r.metrics, r.label, f"#actions-{r.label}", into=marks)
     lines = ['<section id="charts"><h2>Curves</h2>']
     reward_names = sorted({k for r in runs for m in r.metrics.values() for k in m if "/reward/" in k or k.endswith("/exact_match")})
     # Task metric means (with mean@k, pass@k, greedy) and lm-eval results, where the runs have them.

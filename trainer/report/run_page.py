@@ -19,6 +19,8 @@ All text from the run is escaped with `html.escape`; the page embeds no data in 
 The CSS and JS are files in trainer/report/assets/, inlined. The JS sets
 `document.body.dataset.ready = "1"` once initialised; a handler installed in `<head>` writes any
 uncaught error into `<div id="js-errors">` (the browser test checks both).
+(Over 400 lines: one function per section of one page, read top to bottom like the page; the
+grid and the rollbacks' pieces are modules of their own.)
 """
 
 from __future__ import annotations
@@ -29,11 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from trainer.report.charts import ChartActions, RollbackMark, StopMark, svg_chart
+from trainer.report.charts import svg_chart
 from trainer.report.grid import render_grid
+from trainer.report.rollbacks import (
+    Actions, action_list, chart_marks, discarded_label, read_actions, rollback_row, stop_row, summary,
+)
 from trainer.report.shared import (
-    REPORT_FILE, Actions, action_details, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview,
-    read_actions, read_history, read_metric_branches, rollback_text, run_progress, stop_text, word_diff,
+    REPORT_FILE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_history, read_metric_branches,
+    run_progress, word_diff,
 )
 
 MARKER_TIP_ALERTS = 8  # alerts listed in the tooltip of one step's marker
@@ -189,9 +194,7 @@ def _header(run_name: str, metrics: dict[int, dict[str, float]], samples: list[d
         f'<li id="stat-alerts" data-value="{len(view.alerts)}"><b>{len(view.alerts)}</b> alerts{first}</li>',
     ]
     if actions:
-        bits = [f"{len(actions.rollbacks)} rollback{'s' if len(actions.rollbacks) != 1 else ''}"] if actions.rollbacks else []
-        bits += [stop_text(actions.stop)] if actions.stop else []
-        lines.append(f'<li id="stat-actions" data-rollbacks="{len(actions.rollbacks)}"><a href="#actions">{esc(" · ".join(bits))}</a></li>')
+        lines.append(f'<li id="stat-actions" data-rollbacks="{len(actions.rollbacks)}"><a href="#actions">{esc(summary(actions))}</a></li>')
     if progress:
         lines.append(f'<li id="stat-progress">{esc(progress)}</li>')
     lines.append("</ul></header>")
@@ -212,26 +215,8 @@ def _alert_markers(alerts: list[dict]) -> list[tuple[int, str, str]]:
     return markers
 
 
-def _chart_actions(metrics: dict[int, dict[str, float]], actions: Optional[Actions]) -> Optional[ChartActions]:
-    """The rollbacks and stop as chart markers, and per metric the points each rollback discarded,
-    starting from the last kept point at or before the step it went back to (so the discarded
-    branch leaves the kept curve where it did)."""
-    if not actions:
-        return None
-    discarded: dict[str, list] = {}
-    for rollback, steps in zip(actions.rollbacks, actions.discarded):
-        for name in sorted({k for values in steps.values() for k in values}):
-            points = [(step, float(values[name])) for step, values in steps.items() if name in values]
-            before = [p for p in metric_series(metrics, name) if p[0] <= rollback["to_step"]]
-            discarded.setdefault(name, []).append((before[-1] if before else None, points))
-    rollbacks = [RollbackMark(r["step"], r["to_step"], f"step {r['step']}: {rollback_text(r)}", f"#rollback-{r['number']}")
-                 for r in actions.rollbacks]
-    stops = [StopMark(actions.stop["step"], stop_text(actions.stop), "#run-stop")] if actions.stop else []
-    return ChartActions(rollbacks, stops, discarded)
-
-
 def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict], actions: Optional[Actions] = None) -> list[str]:
-    marks = _chart_actions(metrics, actions)
+    marks = chart_marks(actions, metrics) if actions else None  # rollbacks and the stop, on every chart
     lines = ['<section id="charts"><h2>Curves</h2>']
     loss_series = [(name, metric_series(metrics, name)) for name in ("train/loss", "val/loss")]
     loss_series = [(n, p) for n, p in loss_series if p]
@@ -274,26 +259,6 @@ def _alert_list(view: _RunView) -> list[str]:
     return lines
 
 
-def _action_list(actions: Optional[Actions]) -> list[str]:
-    """The run's rollbacks and its stop, each an anchor the chart markers and timeline rows link to."""
-    if not actions:
-        return []
-    lines = ['<section id="actions"><h2>What the run did about its alerts</h2><ol id="action-list">']
-    for r in actions.rollbacks:
-        details = action_details(r)
-        lines.append(f'<li class="action rollback" id="rollback-{r["number"]}" data-step="{r["step"]}" data-to-step="{r["to_step"]}">'
-                     f'<b>↺ step {r["step"]}: {esc(rollback_text(r))}</b>'
-                     f'{" — " + esc(details) if details else ""} <span class="meta">(steps {r["to_step"] + 1}–{r["step"]} '
-                     f'discarded: drawn grey and dashed on the curves, their samples kept and marked)</span></li>')
-    if actions.stop:
-        st, details = actions.stop, action_details(actions.stop)
-        checkpoint = f' <span class="meta">checkpoint {esc(st["checkpoint"])}</span>' if st.get("checkpoint") else ""
-        lines.append(f'<li class="action stop" id="run-stop" data-step="{st["step"]}"><b>■ {esc(stop_text(st))}</b>'
-                     f'{" — " + esc(details) if details else ""}{checkpoint}</li>')
-    lines.append("</ol></section>")
-    return lines
-
-
 def _controls(prompt_count: int) -> str:
     return ('<section id="controls">'
             '<input id="prompt-filter" type="search" placeholder="Filter prompts…" aria-label="Filter prompts">'
@@ -304,43 +269,19 @@ def _controls(prompt_count: int) -> str:
             f'<span id="visible-count">{prompt_count} prompts</span></section>')
 
 
-def _discarded_by(sample: dict, rollbacks: list[dict]) -> Optional[dict]:
-    """The rollback that discarded a sample marked so: the first one after it (in the history's
-    order) that went back before its step."""
-    if not sample.get("discarded"):
-        return None
-    return next((r for r in rollbacks if r["number"] > sample.get("segment", 0) and r["to_step"] < sample["step"]), None)
-
-
-def _event_row(sample: dict, num: int, k: int, diff: str, has_alert: bool, discarded_by: Optional[dict] = None,
-               discarded: bool = False) -> str:
+def _event_row(sample: dict, num: int, k: int, diff: str, has_alert: bool, label: str = "") -> str:
     """Row `k` of prompt `num`'s timeline: step, stage and settings, the diffed generation, signals, rewards.
     A sample of a step a rollback discarded is greyed, with a label linking to that rollback."""
     prefix = str(sample.get("prefix", ""))
     settings = _settings_text(sample.get("settings"))
     tokens = f"in {fmt_num(sample.get('prompt_tokens'))} · out {fmt_num(sample.get('generated_tokens'))} tok"
-    label = ""
-    if discarded:
-        where = (f'<a href="#rollback-{discarded_by["number"]}">discarded by the rollback at step {discarded_by["step"]}</a>'
-                 if discarded_by else "discarded by a rollback")
-        label = f'<span class="disc-label">{where}</span>'
-    return (f'<tr class="event{" has-alert" if has_alert else ""}{" discarded" if discarded else ""}" id="p{num}-e{k}" data-step="{sample["step"]}">'
+    discarded = " discarded" if sample.get("discarded") else ""
+    return (f'<tr class="event{" has-alert" if has_alert else ""}{discarded}" id="p{num}-e{k}" data-step="{sample["step"]}">'
             f'<td class="step">{sample["step"]}</td>'
             f'<td class="stage" title="{esc(settings)}">{esc(sample.get("stage", ""))}<small>{esc(prefix)} #{esc(fmt_num(sample.get("index")))}'
             f'{" · " + esc(settings.split(" · ")[0]) if settings else ""}</small><small>{esc(tokens)}</small></td>'
             f'<td><div class="gen">{diff}</div></td>'
             f'<td class="signals">{label}{_signals_html(sample)}</td><td class="rewards">{_rewards_html(sample.get("rewards"))}</td></tr>')
-
-
-def _rollback_row(rollback: dict) -> str:
-    return (f'<tr class="action-row rollback-row" data-step="{rollback["step"]}" data-to-step="{rollback["to_step"]}"><td colspan="5">'
-            f'↺ <a href="#rollback-{rollback["number"]}">step {rollback["step"]}: {esc(rollback_text(rollback))}</a>'
-            f' <span class="meta">the rows of steps {rollback["to_step"] + 1}–{rollback["step"]} above are discarded</span></td></tr>')
-
-
-def _stop_row(stop: dict) -> str:
-    return (f'<tr class="action-row stop-row" data-step="{stop["step"]}"><td colspan="5">■ <a href="#run-stop">{esc(stop_text(stop))}</a>'
-            f'{" — " + esc(preview(str(stop.get("message", "")), 160)) if stop.get("message") else ""}</td></tr>')
 
 
 def _timeline_rows(rows: list[dict], num: int, alerts: list[dict], actions: Optional[Actions] = None) -> list[str]:
@@ -370,7 +311,7 @@ def _timeline_rows(rows: list[dict], num: int, alerts: list[dict], actions: Opti
             if orphan is None and rollback is None:
                 return
             if rollback is not None and (orphan is None or rollback < orphan):
-                lines.append(_rollback_row(rollbacks[next_rollback]))
+                lines.append(rollback_row(rollbacks[next_rollback]))
                 next_rollback += 1
                 continue
             key = pending.pop(0)
@@ -387,7 +328,7 @@ def _timeline_rows(rows: list[dict], num: int, alerts: list[dict], actions: Opti
         discarded = bool(s.get("discarded"))
         base = previous.get(prefix) if discarded else previous_kept.get(prefix)
         lines.append(_event_row(s, num, k, word_diff(base, gen), bool(ev_alerts) or bool(s.get("alerts")),
-                                _discarded_by(s, rollbacks), discarded))
+                                discarded_label(s, rollbacks) if discarded else ""))
         previous[prefix] = gen
         if not discarded:
             previous_kept[prefix] = gen
@@ -396,7 +337,7 @@ def _timeline_rows(rows: list[dict], num: int, alerts: list[dict], actions: Opti
             placed.add(key)
     place_before((math.inf, math.inf))
     if actions and actions.stop:
-        lines.append(_stop_row(actions.stop))
+        lines.append(stop_row(actions.stop))
     return lines
 
 
@@ -455,7 +396,7 @@ def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: 
     lines.append(render_grid(view.prompts, view.numbers, view.alerts_by_prompt, view.event_wide))
     lines += _charts(metrics, view.alerts, actions)
     lines += _alert_list(view)
-    lines += _action_list(actions)
+    lines += action_list(actions)
     lines.append(_controls(len(view.prompts)))
     lines += _timelines(view, actions)
     # the actions' styles only on the pages that show some, so other pages stay as they were

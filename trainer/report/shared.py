@@ -254,60 +254,6 @@ def run_progress(run_dir: Path, metrics: dict[int, dict[str, float]], samples: l
 
 
 # --------------------------------------------------------------------------------------------
-# What the run did about its alerts: rollbacks and a stop
-
-
-@dataclass
-class Actions:
-    """A run's rollbacks and its stop, as both pages show them."""
-
-    rollbacks: list[dict]  # samples.jsonl's "rollback" records (trainer/run_actions.py), in order, each with "number"
-    discarded: list[dict[int, dict[str, float]]]  # per rollback: the metrics of the steps it discarded
-    stop: Optional[dict]  # run_state.json's "stop": {rule, step, message, prompt?, checkpoint?}
-
-    def __bool__(self) -> bool:
-        return bool(self.rollbacks or self.stop)
-
-
-def read_actions(run_dir: Path, rollbacks: Sequence[dict], branches: MetricBranches) -> Actions:
-    """The history's rollback records, each with the metrics it discarded (the n-th rollback
-    logged in metrics.jsonl is the n-th record); a rollback only metrics.jsonl knows (no history
-    file) from what it logged. The stop comes from run_state.json."""
-    rollbacks = [dict(r) for r in rollbacks]
-    for m in branches.markers[len(rollbacks):]:
-        rollbacks.append({"kind": "rollback", "step": m["step"], "to_step": m["to_step"], "lr_scale": m["lr_scale"],
-                          "number": len(rollbacks) + 1})
-    discarded = branches.discarded[: len(rollbacks)] + [{}] * max(0, len(rollbacks) - len(branches.discarded))
-    stop = read_run_state(run_dir).get("stop")
-    valid = isinstance(stop, dict) and isinstance(stop.get("step"), int) and not isinstance(stop.get("step"), bool)
-    return Actions(rollbacks, discarded, stop if valid else None)
-
-
-def rollback_text(rollback: dict) -> str:
-    """"rolled back to step S: rule, learning rate xF, data of steps a-b skipped" (or reshuffled)."""
-    parts = [str(rollback.get("rule") or "alert")]
-    if is_finite(rollback.get("lr_scale")):
-        parts.append(f"learning rate ×{fmt_num(rollback['lr_scale'], 4)}")
-    skipped = rollback.get("skipped")
-    if isinstance(skipped, list) and len(skipped) == 2:
-        parts.append(f"data of steps {skipped[0]}–{skipped[1]} skipped")
-    elif "skipped" in rollback:  # trainer/run_actions.py writes None when the data was reshuffled
-        parts.append("data reshuffled")
-    return f"rolled back to step {rollback['to_step']}: " + ", ".join(parts)
-
-
-def stop_text(stop: dict) -> str:
-    return f"stopped: {stop.get('rule') or 'alert'} at step {stop['step']}"
-
-
-def action_details(action: dict) -> str:
-    """The prompt and message of a rollback or stop, for its entry in the list (plain text)."""
-    prompt = action.get("prompt")
-    bits = [f"prompt {preview(str(prompt), 80)!r}" if prompt else "", str(action.get("message") or "")]
-    return " — ".join(b for b in bits if b)
-
-
-# --------------------------------------------------------------------------------------------
 # Word diff
 
 _WORD = re.compile(r"(\S+)(\s*)")
