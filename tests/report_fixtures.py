@@ -232,3 +232,76 @@ def build_grid_run(run_dir: Path, prompts: int = 64, events: int = 200, words: i
     metrics = [{"step": s, "time": float(s), "train/loss": 3 * math.exp(-s / 600) + 0.2} for s in range(1, events * 10 + 1)]
     _write_lines(run_dir / "metrics.jsonl", metrics, b"")
     return {"prompts": prompts, "events": events, "alert_cells": alert_cells, "learned_at": learned_at}
+
+
+# A run that rolled back and then stopped, in the files' format as trainer/history.py,
+# trainer/run_actions.py and trainer/tracking/file.py write them (compare a real run of
+# tests/distributed/test_alert_actions_ranks.py): validations at steps 2, 4 and 6; an alert at 6
+# rolls back to step 4 (the step-6 samples and alert stay, marked "discarded", then the "rollback"
+# record); steps 5-6 are trained again, a second alert at step 8 stops the run.
+ROLLBACK_GENERATIONS = [  # (step, discarded, {prompt_id: generation})
+    (2, False, {"pa1": "I think 41", "pb2": "le chat"}),
+    (4, False, {"pa1": "42", "pb2": "chat et chien"}),
+    (6, True, {"pa1": "BROKEN BROKEN BROKEN BROKEN", "pb2": "GARBAGE"}),
+    (6, False, {"pa1": "42 again", "pb2": "chat et chien"}),
+    (8, False, {"pa1": "42 42 42 42 42 42", "pb2": "chat et chien"}),
+]
+DISCARDED_LOSS = {5: 0.9, 6: 1.3}  # train/loss of the discarded steps (rising: why the run rolled back)
+RETRAINED_LOSS = {5: 0.55, 6: 0.5, 7: 0.45, 8: 0.4}
+
+
+def build_rollback_run(run_dir: Path, skip_data: bool = True) -> dict:
+    """Write samples.jsonl, metrics.jsonl and run_state.json of the run above; return its facts."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    previous: dict[str, str] = {}
+    t = 0.0
+    for step, discarded, gens in ROLLBACK_GENERATIONS:
+        alert = step in (6, 8) and (discarded or step == 8)
+        for index, (pid, gen) in enumerate(gens.items(), start=1):
+            prompt, ref = PROMPTS[pid]
+            tags = [f"repeats itself at step {step}"] if alert and pid == "pa1" else []
+            record = sample_record(step, "validation", "val", index, pid, prompt, ref, gen, previous.get(pid), alerts=tags, t=t)
+            records.append({**record, "discarded": True} if discarded else record)
+            if not discarded:
+                previous[pid] = gen
+            t += 1
+        if alert:
+            a = {"kind": "alert", "step": step, "stage": "validation", "prefix": "val", "rule": "degeneration", "prompt_id": "pa1",
+                 "message": f"repeats itself at step {step}", "time": 1_700_000_000.0 + t}
+            records.append({**a, "discarded": True} if discarded else a)
+        if discarded:
+            records.append({"kind": "rollback", "step": 6, "prefix": "val", "to_step": 4, "rule": "degeneration",
+                            "prompt": PROMPTS["pa1"][0], "message": "repeats itself at step 6", "rollbacks": 1, "lr_scale": 0.5,
+                            "skipped": [5, 6] if skip_data else None, "time": 1_700_000_000.0 + t})
+    _write_lines(run_dir / "samples.jsonl", records, b"")
+
+    def train(step: int, loss: float) -> dict:
+        return {"step": step, "time": float(step), "train/loss": loss, "train/lr": 1e-3}
+
+    metrics = [train(s, 1.0 - 0.1 * s) for s in range(1, 5)] + [train(s, v) for s, v in DISCARDED_LOSS.items()]
+    metrics.insert(2, {"step": 2, "time": 2.5, "val/loss": 0.95, "val/exact_match": 0.0})
+    metrics.insert(5, {"step": 4, "time": 4.5, "val/loss": 0.7, "val/exact_match": 1.0})
+    metrics.append({"step": 6, "time": 6.5, "val/loss": 1.5, "val/exact_match": 0.0, "val/alerts": 1.0, "val/alert/degeneration": 1.0})
+    metrics.append({"step": 6, "time": 6.6, "val/rollback": 1.0, "val/rollback_to_step": 4.0, "train/lr_scale": 0.5})
+    for s, v in RETRAINED_LOSS.items():
+        metrics.append({**train(s, v), "train/lr": 5e-4})
+        if s in (6, 8):
+            metrics.append({"step": s, "time": s + 0.5, "val/loss": 0.65 if s == 6 else 0.8, "val/exact_match": 1.0,
+                            "val/alerts": float(s == 8)})
+    _write_lines(run_dir / "metrics.jsonl", metrics, b"")
+    reason = "sample alert [degeneration] at step 8 (prompt 'What is 6*7? Answer:'): repeats itself at step 8"
+    (run_dir / "run_state.json").write_text(json.dumps({
+        "status": "stopped", "total_steps": 12, "exit_code": 3, "updated": 1_700_000_100.0, "reason": reason,
+        "stop": {"rule": "degeneration", "prompt": PROMPTS["pa1"][0], "step": 8, "message": "repeats itself at step 8",
+                 "checkpoint": str(run_dir / "global_step_8")}, "host": "elsewhere"}))
+    return {
+        "rollback_text": "rolled back to step 4: degeneration, learning rate ×0.5, "
+                         + ("data of steps 5–6 skipped" if skip_data else "data reshuffled"),
+        "stop_text": "stopped: degeneration at step 8",
+        "discarded": {"pa1": "BROKEN BROKEN BROKEN BROKEN", "pb2": "GARBAGE"},
+        "retrained": {"pa1": "42 again", "pb2": "chat et chien"},
+        "discarded_loss": DISCARDED_LOSS, "retrained_loss": RETRAINED_LOSS,
+        "columns": 5,  # sample events: 2, 4, 6 (discarded), 6, 8
+    }

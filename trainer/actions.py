@@ -113,6 +113,7 @@ class Outcome:
 
     new_best: bool = False
     stop: Optional[str] = None  # the one line saying why the run ends here
+    stop_by: Optional[str] = None  # which watch ended it: "early_stopping" or "stop_at"
     error: Optional[str] = None  # an unknown metric: ConfigError on every rank
     control: Optional[dict] = None
 
@@ -159,12 +160,14 @@ class Watches:
             else:
                 control.watch_stale += 1
                 if control.watch_stale >= e.patience:
+                    out.stop_by = "early_stopping"
                     out.stop = (f"early stopping at step {step}: {e.metric} has not improved by more than {e.min_delta} "
                                 f"for {e.patience} validation(s) (best {control.watch_best:.6g}, now {values['early_stopping']:.6g})")
         if "stop_at" in values and out.stop is None:
             s = c.stop_at
             v = values["stop_at"]
             if (v >= s.value) if s.mode == "max" else (v <= s.value):
+                out.stop_by = "stop_at"
                 out.stop = f"stop_at reached at step {step}: {s.metric}={v:.6g} ({'>=' if s.mode == 'max' else '<='} {s.value:g})"
         out.control = asdict(control)
         return out

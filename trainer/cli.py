@@ -177,13 +177,14 @@ def announce_config(resolved: Resolved, rank: int) -> None:
         log.info("%s: environment variable %s ignored, the command line sets it", key, variable)
 
 
-def finish_run(run_dir: Path, tracking: Tracking, report: Optional["LiveReport"], is_primary: bool) -> None:
+def finish_run(run_dir: Path, tracking: Tracking, report: Optional["LiveReport"], is_primary: bool,
+               stop: Optional[dict] = None) -> None:
     """The final report (primary rank, when the run keeps one), handed to every tracker that can
-    show it; then close them."""
+    show it; then close them. `stop`: why a metric watch ended the run early (run_state.json)."""
     if is_primary and report is not None:
         from trainer.report import write_report
 
-        report.finish()
+        report.finish(stop)
         try:
             path = write_report(run_dir)
             tracking.log_artifact(path)

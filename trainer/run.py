@@ -140,6 +140,7 @@ class Run(RunActions):
         self.control = Control()
         self.watches = Watches(trainer_cfg)
         self.stop_reason: Optional[str] = None  # early stopping / stop_at: the run ends cleanly after this step
+        self._stop_record: Optional[dict] = None  # rank 0: that stop for run_state.json and the report
         self._decision: Optional[Decision] = None  # this step's alert action, agreed by every rank
         self._observed: dict[str, float] = {}  # rank 0: metrics of this step's validation and sample events
         self._observed_step = -1
@@ -260,6 +261,8 @@ class Run(RunActions):
                 self.stop_reason = outcome.stop
                 if self.dist.is_primary:
                     log.warning("%s; checkpoint %s; the run ends here", outcome.stop, self.checkpointer.step_dir(self.step))
+                    self._stop_record = {"rule": outcome.stop_by, "step": self.step, "message": outcome.stop,
+                                         "checkpoint": str(self.checkpointer.step_dir(self.step))}
         if not self.done and self.preemption.requested():
             self._bar.close()
             self.preemption.checkpoint_and_stop(self.step, self.checkpointer, save_checkpoint, self.tracking)
@@ -361,7 +364,7 @@ class Run(RunActions):
             merged = self.run_dir / "hf_model_merged" if self.model_cfg.lora_export_merged else None
             self.checkpointer.export_hf_model(model, self.run_dir / "hf_model", merged)
             self._export_best()
-        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary)
+        finish_run(self.run_dir, self.tracking, self.sample_logger.report, self.dist.is_primary, self._stop_record)
 
 
 # ---------------------------------------------------------------------- entry points

@@ -136,6 +136,8 @@ class RunActions:
             self.tracking.log_metrics({f"{decision.prefix}/rollback": float(self.control.rollbacks),
                                        f"{decision.prefix}/rollback_to_step": float(back),
                                        "train/lr_scale": self.control.lr_scale}, alert.global_step)
+            if self.sample_logger.report is not None:  # the live page shows the rollback now, not at the next event
+                self.sample_logger.report.update()
         dist.barrier()
         save_checkpoint()
         self._bar.close()  # counts again from the restored step

@@ -85,6 +85,14 @@ def test_rollback_then_max_rollbacks_stop_and_a_killed_rolled_back_run_relaunche
     discarded = [r for r in records if r.get("discarded")]
     assert discarded and {r["step"] for r in discarded} == {6}  # the first step 6's samples and alert
     assert sum(r["kind"] == "sample" and r["step"] == 6 and not r.get("discarded") for r in records) == 2
+    # The live report, as the run left it: the rollback and the stop marked, the discarded steps apart.
+    page = (a / "report.html").read_text(encoding="utf-8")
+    assert "rolled back to step 4: degeneration, learning rate ×0.5, data of steps 5–6 skipped" in page
+    assert 'id="run-stop"' in page and "stopped: degeneration at step 8" in page
+    assert page.count('<tr class="action-row rollback-row" data-step="6" data-to-step="4">') == 2  # one per prompt
+    assert len(re.findall(r'<tr class="event[^"]* discarded" id="p\d-e\d" data-step="6">', page)) == 2
+    assert '<line class="rollback-marker" data-step="6" data-to-step="4"' in page
+    assert '<g class="series discarded" data-series="train/loss"' in page
 
     # The same run killed right after its rollback (every rank, no clean-up), then relaunched:
     # it resumes the rolled-back run, not the discarded steps, and reaches the same weights.
@@ -113,6 +121,9 @@ def test_keep_best_survives_pruning_and_early_stopping_and_stop_at_end_cleanly(t
                   "trainer.early_stopping.patience=2", "trainer.max_ckpt_to_keep=1", "trainer.export_hf_model=true")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "early stopping at step 6" in proc.stderr
+    stop = json.loads((run / "run_state.json").read_text())["stop"]  # for the report
+    assert (stop["rule"], stop["step"]) == ("early_stopping", 6) and stop["message"].startswith("early stopping at step 6")
+    assert "stopped: early_stopping at step 6" in (run / "report.html").read_text(encoding="utf-8")
     assert max(read_metrics(run)) == 6
     assert sorted(p.name for p in run.glob("global_step_*")) == ["global_step_2", "global_step_6"]
     best = json.loads((run / "best_checkpoint.json").read_text())

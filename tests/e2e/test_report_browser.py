@@ -263,6 +263,25 @@ def test_grid_hover_shows_the_generation_and_click_opens_the_timeline(setup, tmp
     assert r["opened"] and r["openedPrompt"] == "pa1" and r["flash"] and r["rowStep"] == "100"
 
 
+
+def test_rollback_page_hovers_a_discarded_cell_and_opens_its_row(tmp_path):
+    """A run that rolled back and stopped: no JS error, the discarded event's cell shows its
+    discarded generation with the label, and opens its greyed row."""
+    from report_fixtures import build_rollback_run
+
+    browser = Browser(chromium_binary(), tmp_path)
+    facts = build_rollback_run(tmp_path / "rb")
+    html = write_report(tmp_path / "rb").read_text(encoding="utf-8")
+    probe = tmp_path / "rb-probe.html"  # prompt pa1 (#1), its third event: step 6 before the rollback
+    probe.write_text(html.replace("</body>", GRID_PROBE.replace("__CELL__", "#p1-e3") + "</body>"), encoding="utf-8")
+    dom, console = browser.dump_dom(probe)
+    assert console == [] and js_errors(dom) == "" and re.search(r'<body[^>]*\bdata-ready="1"', dom)
+    r = probe_result(dom)
+    assert r["cols"] == facts["columns"] and r["tipShown"]
+    assert r["tip"].startswith("#1 · step 6 · validation · discarded by the rollback at step 6")
+    assert r["tip"].split("\n", 1)[1].strip() == facts["discarded"]["pa1"]  # its own text (the deleted "42" left out)
+    assert r["opened"] and r["openedPrompt"] == "pa1" and r["flash"] and r["rowStep"] == "6"
+
 GRID_SIZE_LIMIT_BYTES = 12_000_000  # 64 prompts x 200 events of 25 words, timelines included
 
 

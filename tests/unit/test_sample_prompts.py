@@ -98,3 +98,56 @@ def test_prompts_file_settings_are_respected_and_batched(tiny_model, tmp_path):
     assert out.references[:2] == ["3", None]
     again = generate_samples(model, tok, prompts[:2], BASE, SamplingPlan(2), run_seed=99)  # another seed
     assert [g.token_ids for g in again.generated] == [g.token_ids for g in out.generated[:2]]  # greedy repeats
+
+
+def _event(style: str, answers: list[tuple[str, int, bool]]):
+    """A SampleEvent; answers: (prompt id, sample j, greedy) in the order trainer.sample_prompts makes them."""
+    from trainer.samples import SampleMeta
+    from trainer.tracking import SampleEvent, SampleRecord
+
+    records = [SampleRecord(index=i, prompt=f"prompt {pid}", generation=f"answer {i}", prompt_id=SampleMeta(j, g).key(pid),
+                            sample=j, greedy=g, rewards={"r": 0.5} if style != "validation" else {})
+               for i, (pid, j, g) in enumerate(answers, start=1)]
+    return SampleEvent(step=3, stage="validation" if style == "validation" else "step_3", prefix="val", style=style, samples=records)
+
+
+def test_console_block_says_which_answer_is_which_and_prints_each_prompt_once():
+    from trainer.tracking.console import format_samples
+
+    two_by_two_and_greedy = [("a", 0, False), ("a", 1, False), ("a", 0, True), ("b", 0, False), ("b", 1, False), ("b", 0, True)]
+    assert format_samples(_event("validation", two_by_two_and_greedy), 100).splitlines() == [
+        "=== Validation Samples (Step 3) ===",
+        "Prompt 1: prompt a",
+        "Generation 1 (prompt 1, sample 1/2): answer 1",
+        "Generation 2 (prompt 1, sample 2/2): answer 2",
+        "Generation 3 (prompt 1, greedy): answer 3",
+        "-" * 50,
+        "Prompt 2: prompt b",
+        "Generation 4 (prompt 2, sample 1/2): answer 4",
+        "Generation 5 (prompt 2, sample 2/2): answer 5",
+        "Generation 6 (prompt 2, greedy): answer 6",
+        "-" * 50,
+    ]
+    assert format_samples(_event("qualitative", two_by_two_and_greedy[:3]), 100).splitlines() == [
+        "=" * 80,
+        "Qualitative samples (step_3) - prompts: 1, answers: 3",
+        "[Prompt 1/1] Prompt: prompt a",
+        "[Sample 1/3] Response (prompt 1, sample 1/2): answer 1",
+        "[Sample 1/3] Rewards: {'r': 0.5}",
+        "[Sample 2/3] Response (prompt 1, sample 2/2): answer 2",
+        "[Sample 2/3] Rewards: {'r': 0.5}",
+        "[Sample 3/3] Response (prompt 1, greedy): answer 3",
+        "[Sample 3/3] Rewards: {'r': 0.5}",
+        "=" * 80,
+    ]
+    # one answer per prompt, no greedy one: the seed documents' form, unchanged
+    one_each = [("a", 0, False), ("b", 0, False)]
+    assert format_samples(_event("validation", one_each), 100).splitlines() == [
+        "=== Validation Samples (Step 3) ===", "Prompt 1: prompt a", "Generation 1: answer 1", "-" * 50,
+        "Prompt 2: prompt b", "Generation 2: answer 2", "-" * 50,
+    ]
+    assert format_samples(_event("qualitative", one_each), 100).splitlines() == [
+        "=" * 80, "Qualitative samples (step_3) - prompts: 2",
+        "[Sample 1/2] Prompt: prompt a", "[Sample 1/2] Response: answer 1", "[Sample 1/2] Rewards: {'r': 0.5}",
+        "[Sample 2/2] Prompt: prompt b", "[Sample 2/2] Response: answer 2", "[Sample 2/2] Rewards: {'r': 0.5}", "=" * 80,
+    ]

@@ -11,9 +11,11 @@ During a run the page is rewritten at each sample event (`LiveReport`). From Pyt
 `write_report(run_dir, out=None) -> Path`, `write_compare(run_dirs, out) -> Path`.
 
 The package, one concern per module; imports run down this list only (no circle):
-  shared.py        reading a run directory, how far it got, formatting, word diff, page shell
+  shared.py        reading a run directory (the steps a rollback discarded apart), how far it got,
+                   formatting, word diff, page shell
   charts.py        the SVG line chart both pages draw
   grid.py          the run page's grid (prompts x sample events)
+  rollbacks.py     what a run did about its alerts (rollbacks, a stop): reading, texts, chart marks, rows
   run_page.py      the run page, one function per section
   compare_page.py  the comparison page, one function per section
   live.py          `LiveReport`: the page kept current during a run, `run_state.json`

@@ -1,16 +1,18 @@
 """The inline SVG line chart both pages draw (drawn here in Python: the page loads nothing).
 
 `svg_chart` lays out the legend, picks round ticks for both axes, then draws, in this order, the
-grid and axes, the alert markers, one polyline per series (with a dot per point when there are
-few) and the legend. A series of more than MAX_POINTS points is thinned to its per-bucket minima
-and maxima, so spikes survive.
+grid and axes, the alert markers, the run's actions (`ChartActions`: a band over the steps each
+rollback discarded, a line at its alert step and one at the step it went back to, a line where
+an alert stopped the run), one polyline per series (with a dot per point when there are few),
+each series' discarded segments dashed apart from it, and the legend. A series of more than
+MAX_POINTS points is thinned to its per-bucket minima and maxima, so spikes survive.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 from trainer.report.shared import PALETTE, esc, fmt_num
 
@@ -19,6 +21,40 @@ WIDTH, PLOT_H = 960, 260  # px
 LEFT, RIGHT, TOP = 68, 20, 30  # px of margin around the plot
 PLOT_W = WIDTH - LEFT - RIGHT
 ALERT_COLOR = "#d62728"
+ROLLBACK_COLOR = "#7b3fa0"
+STOP_COLOR = "#1d2330"
+DISCARDED_COLOR = "#9aa0a6"
+
+
+@dataclass(frozen=True)
+class RollbackMark:
+    step: int  # the alert step
+    to_step: int  # the step it went back to
+    tip: str
+    href: str
+    label: str = ""  # drawn at the top of the line (the run's letter on the comparison page)
+
+
+@dataclass(frozen=True)
+class StopMark:
+    step: int
+    tip: str
+    href: str
+    label: str = ""
+
+
+@dataclass
+class ChartActions:
+    """What the run did about its alerts, drawn on every chart: rollbacks, a stop, and per series
+    name the segments of points a rollback discarded, each (the kept point it branches off or
+    None, the discarded points)."""
+
+    rollbacks: Sequence[RollbackMark] = ()
+    stops: Sequence[StopMark] = ()
+    discarded: dict[str, list[tuple[Optional[tuple[float, float]], list[tuple[float, float]]]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.rollbacks or self.stops or any(self.discarded.values()))
 
 
 def _downsample(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
@@ -132,6 +168,55 @@ def _alert_markers(frame: _Frame, markers: Sequence[tuple[int, str, str]]) -> li
     return out
 
 
+def _action_markers(frame: _Frame, actions: ChartActions) -> list[str]:
+    """Per rollback a grey band over the discarded steps, a solid line at its alert step and a
+    dotted one at the step it restored; per stop a thick line. Each links to its entry."""
+    top, bottom = TOP, TOP + PLOT_H
+    out = ['<g class="action-markers">']
+    labels_at: dict[float, int] = {}  # labels drawn at an x so far: the next one goes below (runs compared)
+
+    def label_y(x: float) -> int:
+        labels_at[x] = labels_at.get(x, 0) + 1
+        return top + 11 + 13 * (labels_at[x] - 1)
+
+    for r in actions.rollbacks:
+        x0, x1 = frame.px(r.to_step), frame.px(r.step)
+        label = f'<text class="action-label" x="{x1 + 3}" y="{label_y(x1)}" fill="{ROLLBACK_COLOR}">{esc(r.label)}↺</text>'
+        out.append(f'<a href="{esc(r.href)}" class="action-link"><title>{esc(r.tip)}</title>'
+                   f'<rect class="discarded-band" x="{x0}" y="{top}" width="{round(max(0.0, x1 - x0), 1)}" height="{PLOT_H}" '
+                   f'fill="{DISCARDED_COLOR}" fill-opacity="0.12"/>'
+                   f'<line class="rollback-marker" data-step="{int(r.step)}" data-to-step="{int(r.to_step)}" x1="{x1}" x2="{x1}" '
+                   f'y1="{top}" y2="{bottom}" stroke="{ROLLBACK_COLOR}" stroke-width="2"/>'
+                   f'<line class="restore-marker" data-step="{int(r.to_step)}" x1="{x0}" x2="{x0}" y1="{top}" y2="{bottom}" '
+                   f'stroke="{ROLLBACK_COLOR}" stroke-width="1.4" stroke-dasharray="2 3"/>{label}</a>')
+    for st in actions.stops:
+        x = frame.px(st.step)
+        out.append(f'<a href="{esc(st.href)}" class="action-link"><title>{esc(st.tip)}</title>'
+                   f'<line class="stop-marker" data-step="{int(st.step)}" x1="{x}" x2="{x}" y1="{top}" y2="{bottom}" '
+                   f'stroke="{STOP_COLOR}" stroke-width="3"/>'
+                   f'<text class="action-label" x="{x + 4}" y="{label_y(x)}" fill="{STOP_COLOR}">{esc(st.label)}■</text></a>')
+    out.append("</g>")
+    return out
+
+
+def _discarded_lines(frame: _Frame, name: str, segments: list, color: str) -> list[str]:
+    """A series' points that a rollback discarded: grey dashed polylines (one per rollback, from
+    the kept point it branches off) in a group of their own, hidden and shown with the series by
+    its legend item; a dot per discarded point when there are few."""
+    out = [f'<g class="series discarded" data-series="{esc(name)}" data-segments="{len(segments)}" style="color:{color}">']
+    for anchor, points in segments:
+        points = _downsample(points)
+        coords = " ".join(f"{frame.px(s)},{frame.py(v)}" for s, v in ([anchor] if anchor else []) + points)
+        out.append(f'<polyline class="discarded-line" points="{coords}" fill="none" stroke="{DISCARDED_COLOR}" stroke-width="1.6" '
+                   f'stroke-dasharray="3 3"><title>{esc(name)}: discarded by a rollback</title></polyline>')
+        if len(points) <= 60:
+            for s, v in points:
+                out.append(f'<circle cx="{frame.px(s)}" cy="{frame.py(v)}" r="2.5" fill="{DISCARDED_COLOR}">'
+                           f'<title>{esc(name)} (discarded) @ step {_tick_label(s)}: {esc(fmt_num(v, 4))}</title></circle>')
+    out.append("</g>")
+    return out
+
+
 def _series_line(frame: _Frame, name: str, points: list[tuple[float, float]], color: str, dashed: bool) -> list[str]:
     dash = ' stroke-dasharray="7 4"' if dashed else ""
     points = _downsample(points)
@@ -145,15 +230,18 @@ def _series_line(frame: _Frame, name: str, points: list[tuple[float, float]], co
     return out
 
 
+LEGEND_DASH = {"rollback": "", "discarded": ' stroke-dasharray="3 3"', "stop": ""}  # the actions' legend items
+
+
 def _legend(rows: list[list[tuple[int, tuple[str, str, str]]]], legend_top: int) -> list[str]:
     out = ['<g class="legend">']
     for r, row_items in enumerate(rows):
         y = legend_top + 18 * r
         for x, (name, color, kind) in row_items:
             lx = LEFT + x
-            cls = "legend-item alert-legend" if kind == "marker" else "legend-item"
-            attr = "" if kind == "marker" else f' data-series="{esc(name)}"'
-            dash = ' stroke-dasharray="4 3"' if kind == "marker" else (' stroke-dasharray="7 4"' if kind == "dashed" else "")
+            cls = "legend-item alert-legend" if kind == "marker" else (f"legend-item {kind}-legend" if kind in LEGEND_DASH else "legend-item")
+            attr = "" if kind == "marker" or kind in LEGEND_DASH else f' data-series="{esc(name)}"'
+            dash = ' stroke-dasharray="4 3"' if kind == "marker" else (' stroke-dasharray="7 4"' if kind == "dashed" else LEGEND_DASH.get(kind, ""))
             out.append(f'<g class="{cls}"{attr}><line x1="{lx}" x2="{lx + 24}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"{dash}/>'
                        f'<text x="{lx + 30}" y="{y + 4}">{esc(name)}</text></g>')
     out.append("</g>")
@@ -166,20 +254,34 @@ def svg_chart(
     series: Sequence[tuple[str, list[tuple[float, float]]]],
     markers: Sequence[tuple[int, str, str]] = (),
     y_label: str = "",
+    actions: Optional[ChartActions] = None,
 ) -> str:
     """An inline SVG line chart. `series`: (name, [(step, value)]) or (name, points, colour, dashed);
-    `markers`: (step, tooltip, href)."""
+    `markers`: (step, tooltip, href); `actions`: the run's rollbacks and stops."""
     styles = [(entry[2], entry[3]) if len(entry) > 2 else (PALETTE[i % len(PALETTE)], False) for i, entry in enumerate(series)]
     series = [(entry[0], entry[1]) for entry in series]
     items = [(name, styles[i][0], "dashed" if styles[i][1] else "line") for i, (name, _) in enumerate(series)]
     if markers:
         items.append(("alert", ALERT_COLOR, "marker"))
+    actions = actions or ChartActions()
+    discarded = {name: [seg for seg in actions.discarded.get(name, []) if seg[1]] for name, _ in series}
+    discarded = {name: segs for name, segs in discarded.items() if segs}
+    if actions.rollbacks:
+        items.append(("rollback", ROLLBACK_COLOR, "rollback"))
+    if discarded:
+        items.append(("discarded steps", DISCARDED_COLOR, "discarded"))
+    if actions.stops:
+        items.append(("stop", STOP_COLOR, "stop"))
     rows = _legend_rows(items)
     legend_top = TOP + PLOT_H + 56
     height = legend_top + 18 * len(rows) + 6
 
     steps = [p[0] for _, pts in series for p in pts] + [m[0] for m in markers]
     values = [p[1] for _, pts in series for p in pts]
+    if actions:
+        steps += [s for r in actions.rollbacks for s in (r.step, r.to_step)] + [st.step for st in actions.stops]
+        steps += [p[0] for segs in discarded.values() for _, seg in segs for p in seg]
+        values += [p[1] for segs in discarded.values() for _, seg in segs for p in seg]
     x0, x1, xticks = _nice_ticks(min(steps), max(steps), target=8, integer=True)
     y0, y1, yticks = _nice_ticks(min(values), max(values), target=6)
     frame = _Frame(x0, x1, y0, y1)
@@ -192,8 +294,12 @@ def svg_chart(
     out += _grid_and_axes(frame, xticks, yticks, y_label)
     if markers:
         out += _alert_markers(frame, markers)
+    if actions.rollbacks or actions.stops:
+        out += _action_markers(frame, actions)
     for (name, points), (color, dashed) in zip(series, styles):
         out += _series_line(frame, name, points, color, dashed)
+        if name in discarded:
+            out += _discarded_lines(frame, name, discarded[name], color)
     out += _legend(rows, legend_top)
     out.append("</svg>")
     return "".join(out)

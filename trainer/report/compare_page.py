@@ -9,11 +9,15 @@ own seed (derived from the run seed and the prompt id), two runs with the same s
 settings differ only because their models differ; when the settings or seeds differ the page
 warns first, since then a different answer is not only the model's doing.
 
-The page, top to bottom (one function below per section): the runs and how far each got; the
-warnings; the curves of every run overlaid; the prompts where the runs disagree most (first step
+The page, top to bottom (one function below per section): the runs and how far each got, with
+the rollbacks and the stop of each (trainer/run_actions.py); the warnings; the curves of every run
+overlaid, each run's rollbacks and stop marked on them (labelled with its letter) and the steps
+a rollback discarded drawn apart, dashed grey; the prompts where the runs disagree most (first step
 where they diverge, how many matched events disagree); then one collapsed section per prompt with
 the generations side by side, each other run's text diffed word by word against run A's. One
 self-contained file, like the run page (inline CSS/JS from trainer/report/assets, no network).
+Samples of steps a rollback discarded are left out of the comparison: each run is compared by
+the history it kept.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.report.charts import svg_chart
+from trainer.report.charts import ChartActions, svg_chart
+from trainer.report.rollbacks import Actions, chart_marks, read_actions, run_actions
 from trainer.report.shared import (
-    PALETTE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_finite_metrics, read_samples,
+    PALETTE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_history, read_metric_branches,
     run_progress, word_diff,
 )
 
@@ -40,9 +45,11 @@ SETTING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")
 class Run:
     label: str  # "A", "B", ...
     name: str
-    metrics: dict[int, dict[str, float]]
-    samples: list[dict]
+    metrics: dict[int, dict[str, float]]  # the kept steps (see `read_metric_branches`)
+    samples: list[dict]  # without those of steps a rollback discarded
     progress: str
+    actions: Optional[Actions] = None
+    discarded_samples: int = 0
 
     def by_prompt(self) -> dict[tuple[str, str], list[dict]]:
         """(prompt_id, prefix) -> its samples in step order."""
@@ -59,9 +66,10 @@ def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
         names = [f"{d.resolve().parent.name}/{d.resolve().name}" for d in dirs]
     runs = []
     for i, (d, name) in enumerate(zip(dirs, names)):
-        metrics = read_finite_metrics(d)
-        samples, _ = read_samples(d)
-        runs.append(Run(_label(i), name, metrics, samples, run_progress(d, metrics, samples)))
+        branches, history = read_metric_branches(d), read_history(d)
+        samples = sorted((s for s in history.samples if not s.get("discarded")), key=lambda s: (s["step"], s["index"]))
+        runs.append(Run(_label(i), name, branches.kept, samples, run_progress(d, branches.kept, samples),
+                        read_actions(d, history.rollbacks, branches), len(history.samples) - len(samples)))
     return runs
 
 
@@ -149,7 +157,8 @@ def _header(runs: list[Run], warnings: list[str]) -> list[str]:
     lines = ['<header id="header"><h1>Runs compared: ' + " vs ".join(f"<span>{esc(r.label)}</span> {esc(r.name)}" for r in runs) + "</h1>",
              '<ul class="stats" id="runs">']
     for r in runs:
-        lines.append(f'<li class="run" data-label="{esc(r.label)}"><b>{esc(r.label)}</b> {esc(r.name)} — {esc(r.progress)}</li>')
+        lines.append(f'<li class="run" data-label="{esc(r.label)}"><b>{esc(r.label)}</b> {esc(r.name)} — {esc(r.progress)}'
+                     f'{run_actions(r.label, r.actions, r.discarded_samples)}</li>')
     lines.append("</ul></header>")
     if warnings:
         lines.append('<section id="warnings">' + "".join(f'<p class="warning">⚠ {esc(m)}</p>' for m in warnings) + "</section>")
@@ -159,7 +168,10 @@ def _header(runs: list[Run], warnings: list[str]) -> list[str]:
 
 
 def _charts(runs: list[Run]) -> list[str]:
-    """The curves of every run overlaid."""
+    """The curves of every run overlaid, with each run's rollbacks and stop (labelled with its letter)."""
+    marks = ChartActions([], [], {})
+    for r in runs:
+        chart_marks(r.actions, r.metrics, r.label, f"#actions-{r.label}", into=marks)
     lines = ['<section id="charts"><h2>Curves</h2>']
     reward_names = sorted({k for r in runs for m in r.metrics.values() for k in m if "/reward/" in k or k.endswith("/exact_match")})
     # Task metric means (with mean@k, pass@k, greedy) and lm-eval results, where the runs have them.
@@ -172,7 +184,7 @@ def _charts(runs: list[Run]) -> list[str]:
         series = [(f"{r.label} {n}", pts, PALETTE[m % len(PALETTE)], i > 0) for m, n in enumerate(names)
                   for i, r in enumerate(runs) if (pts := metric_series(r.metrics, n))]
         if series:
-            lines.append(f'<div class="chart-box" id="{chart_id}">{svg_chart(chart_id, title, series, (), "value")}</div>')
+            lines.append(f'<div class="chart-box" id="{chart_id}">{svg_chart(chart_id, title, series, (), "value", marks)}</div>')
     lines.append("</section>")
     return lines
 
@@ -263,7 +275,9 @@ def render_compare(runs: list[Run]) -> str:
         lines += _side_by_side(p, numbers[(p.pid, p.prefix)], runs)
     lines.append("</section>")
     title = " vs ".join(r.name for r in runs)
-    return page_html(f"Runs compared — {title}", lines, css=("report.css", "compare.css"), js=("page.js", "compare.js"))
+    # the actions' styles only when a run has some, so other pages stay as they were
+    css = ("report.css", "compare.css") + (("actions.css",) if any(r.actions or r.discarded_samples for r in runs) else ())
+    return page_html(f"Runs compared — {title}", lines, css=css, js=("page.js", "compare.js"))
 
 
 def write_compare(run_dirs: Sequence[Path], out: Path) -> Path:

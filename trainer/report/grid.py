@@ -5,6 +5,8 @@ else the reward, else how much the answer changed), or by a task metric picked i
 selector (each cell carries its class for every choice), outlined when it has an alert, and links to
 its row in the prompt's timeline (`#p<N>-e<K>`); the page's script shows that row's generation on
 hover, so no text is stored twice. Alerts about a whole event get a row of their own on top.
+Columns follow the history's order: the events of steps a rollback discarded come before the
+rollback, greyed (attribute `data-disc`), and the same steps trained again get columns of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ EMPTY_CELL = '<span class="c"></span>'
 
 
 def _event_key(sample: dict) -> tuple:
-    return sample["step"], str(sample.get("stage", "")), str(sample.get("prefix", ""))
+    """(segment, step, stage, prefix): the segment (rollbacks before it) keeps a discarded event
+    and the same step trained again apart."""
+    return sample.get("segment", 0), sample["step"], str(sample.get("stage", "")), str(sample.get("prefix", ""))
 
 
 def _mean_reward(sample: dict) -> Optional[float]:
@@ -89,7 +93,7 @@ def _metric_class(sample: dict, name: str, kind: tuple[bool, float, float]) -> s
 def _head_row(columns: list[tuple]) -> str:
     """Column heads: about ten step labels across."""
     every = max(1, math.ceil(len(columns) / 10))
-    heads = "".join(f'<span class="gh" style="grid-column:{i + 2}">{columns[i][0]}</span>' for i in range(0, len(columns), every))
+    heads = "".join(f'<span class="gh" style="grid-column:{i + 2}">{columns[i][1]}</span>' for i in range(0, len(columns), every))
     return f'<div class="grid-row grid-head"><span class="gl">step</span>{heads}</div>'
 
 
@@ -98,23 +102,25 @@ def _event_wide_row(columns: list[tuple], event_wide: Sequence[dict]) -> str:
     cells = [EMPTY_CELL] * len(columns)
     for a in event_wide:
         for i, key in enumerate(columns):
-            if key[:2] == (a["step"], str(a.get("stage", ""))) and cells[i].startswith("<span"):
+            if key[:3] == (a.get("segment", 0), a["step"], str(a.get("stage", ""))) and cells[i].startswith("<span"):
                 cells[i] = f'<a class="c al" href="#{a["anchor"]}"></a>'
     return f'<div class="grid-row grid-events"><span class="gl">⚠ all prompts</span>{"".join(cells)}</div>'
 
 
 def _prompt_row(pid: str, rows: list[dict], num: int, alerts: list[dict], col_of: dict[tuple, int],
                 reward_range: tuple[float, float], metric_kinds: Optional[dict] = None) -> str:
-    alert_events = {(a["step"], str(a.get("stage", ""))) for a in alerts}
+    alert_events = {(a.get("segment", 0), a["step"], str(a.get("stage", ""))) for a in alerts}
     cells = [EMPTY_CELL] * len(col_of)
     for k, s in enumerate(rows, start=1):
         cls = _cell_class(s, reward_range)
         # The class for each choice of the selector (auto first), which the page's script swaps in.
         choices = "" if not metric_kinds else ' data-cls="' + "|".join(
             [cls] + [_metric_class(s, name, kind) for name, kind in metric_kinds.items()]) + '"'
-        if s.get("alerts") or (s["step"], str(s.get("stage", ""))) in alert_events:
+        if s.get("alerts") or _event_key(s)[:3] in alert_events:
             cls += " al"
-        cells[col_of[_event_key(s)]] = f'<a class="c {cls}"{choices} href="#p{num}-e{k}"></a>'
+        # a step a rollback discarded: an attribute, not a class, which the metric selector rewrites
+        disc = ' data-disc="1"' if s.get("discarded") else ""
+        cells[col_of[_event_key(s)]] = f'<a class="c {cls}"{choices}{disc} href="#p{num}-e{k}"></a>'
     label = preview(str(rows[-1].get("prompt", "")), 40)
     return (f'<div class="grid-row" data-prompt-id="{esc(pid)}"><a class="gl" href="#p{num}-e1" title="{esc(label)}">'
             f'#{num} {esc(label)}</a>{"".join(cells)}</div>')
@@ -127,7 +133,7 @@ def render_grid(prompts: dict[str, list[dict]], numbers: dict[str, int], alerts_
     for rows in prompts.values():
         for s in rows:
             events.setdefault(_event_key(s), None)
-    columns = sorted(events, key=lambda k: k[0])  # by step; same-step events keep their file order
+    columns = sorted(events, key=lambda k: k[:2])  # by segment and step; same-step events keep their file order
     if not columns:
         return '<section id="grid-section"><h2>At a glance</h2><p class="meta" id="grid-empty">No sample events yet.</p></section>'
     col_of = {k: i for i, k in enumerate(columns)}

@@ -6,7 +6,9 @@ report of what it did. `LiveReport.update` rewrites `<run_dir>/report.html` atom
 temporary file, then rename: a reader never sees half a page) from the run's own files, and
 returns the seconds it took (logged as `<prefix>/report_time_s`; `scripts/bench_generation.py`
 measures its share of a run). `run_state.json` says whether the run is going (or died) or ended,
-and how many steps it has, so `python -m trainer.report RUN_DIR` can say how far it got.
+and how many steps it has, so `python -m trainer.report RUN_DIR` can say how far it got, and under
+"stop" why the run stopped early (an alert's `stop` action, trainer/run_actions.py, or a metric
+watch: early_stopping, stop_at), which the report marks on its timeline and curves.
 
 Only the primary rank writes; a failure warns and training goes on.
 """
@@ -32,10 +34,10 @@ class LiveReport:
         self.failed = False
         self._state("running")
 
-    def _state(self, status: str) -> None:
+    def _state(self, status: str, stop: Optional[dict] = None) -> None:
         try:
             write_run_state(self.run_dir, {"status": status, "total_steps": self.total_steps, "pid": os.getpid(),
-                                           "updated": time.time()})
+                                           "updated": time.time(), **({"stop": stop} if stop else {})})
         except OSError as err:
             log.warning("run_state.json not written: %s", err)
 
@@ -52,6 +54,8 @@ class LiveReport:
         self.tracking.replace_artifact(path)
         return time.perf_counter() - started
 
-    def finish(self) -> None:
-        """The run ended: mark it so; the caller writes the final report."""
-        self._state("finished")
+    def finish(self, stop: Optional[dict] = None) -> None:
+        """The run ended: mark it so, with the watch that ended it early if one did (`stop`:
+        rule "early_stopping" or "stop_at", step, message, checkpoint: shown by the report like an
+        alert's stop); the caller writes the final report."""
+        self._state("finished", stop)

@@ -6,6 +6,9 @@ What the page shows, top to bottom (one function below per section):
   * the train/val loss chart (alert steps drawn as red vertical lines that link to the alert) and
     the reward chart (every metric containing "/reward/" plus "val/exact_match");
   * the list of alerts, each linking to its row;
+  * when the run acted on its alerts, the list of its rollbacks and its stop: each is also a
+    marker on every chart (the steps a rollback discarded drawn apart, dashed grey) and a row in
+    every prompt's timeline, and the samples of discarded steps stay, greyed and labelled;
   * controls: filter prompts by text, expand / collapse all, only prompts with alerts, diff on/off;
   * one collapsed `<details class="timeline">` per prompt (in order of first appearance) with one
     row per event: the generation with the words changed since the previous event of the same
@@ -16,10 +19,13 @@ All text from the run is escaped with `html.escape`; the page embeds no data in 
 The CSS and JS are files in trainer/report/assets/, inlined. The JS sets
 `document.body.dataset.ready = "1"` once initialised; a handler installed in `<head>` writes any
 uncaught error into `<div id="js-errors">` (the browser test checks both).
+(Over 400 lines: one function per section of one page, read top to bottom like the page; the
+grid and the rollbacks' pieces are modules of their own.)
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +33,12 @@ from typing import Any, Optional
 
 from trainer.report.charts import svg_chart
 from trainer.report.grid import render_grid
+from trainer.report.rollbacks import (
+    Actions, action_list, chart_marks, discarded_label, read_actions, rollback_row, stop_row, summary,
+)
 from trainer.report.shared import (
-    REPORT_FILE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_finite_metrics,
-    read_samples, run_progress, word_diff,
+    REPORT_FILE, atomic_write, esc, fmt_num, is_finite, metric_series, page_html, preview, read_history, read_metric_branches,
+    run_progress, word_diff,
 )
 
 MARKER_TIP_ALERTS = 8  # alerts listed in the tooltip of one step's marker
@@ -53,20 +62,21 @@ def _prepare_alerts(samples: list[dict], alerts: list[dict]) -> list[dict]:
     """Alert records plus in-sample alert strings no record covers, numbered in step order."""
     by_event: dict[tuple, list[dict]] = {}
     for a in alerts:
-        by_event.setdefault((a["step"], str(a.get("stage", "")), a.get("prompt_id")), []).append(a)
+        by_event.setdefault((a.get("segment", 0), a["step"], str(a.get("stage", "")), a.get("prompt_id")), []).append(a)
     extra = []
     for s in samples:
         tags = s.get("alerts")
         if not isinstance(tags, list):
             continue
-        recs = by_event.get((s["step"], str(s.get("stage", "")), s["prompt_id"]), [])
+        recs = by_event.get((s.get("segment", 0), s["step"], str(s.get("stage", "")), s["prompt_id"]), [])
         for tag in tags:
             tag = str(tag)
             if any(tag in (str(r.get("rule")), str(r.get("message"))) or (r.get("rule") and str(r["rule"]) in tag) for r in recs):
                 continue
             extra.append({"kind": "alert", "step": s["step"], "stage": s.get("stage", ""), "rule": tag,
-                          "prompt_id": s["prompt_id"], "message": tag, "synthetic": True})
-    merged = sorted([dict(a) for a in alerts] + extra, key=lambda a: a["step"])
+                          "prompt_id": s["prompt_id"], "message": tag, "synthetic": True, "segment": s.get("segment", 0),
+                          **({"discarded": True} if s.get("discarded") else {})})
+    merged = sorted([dict(a) for a in alerts] + extra, key=lambda a: (a.get("segment", 0), a["step"]))
     for n, a in enumerate(merged, start=1):
         a["anchor"] = f"alert-{n}"
     return merged
@@ -101,8 +111,9 @@ def _alert_label(alert: dict, prompt_numbers: dict[str, int]) -> str:
 
 def _alert_row(alert: dict, colspan: int = 5) -> str:
     synthetic = ' <span class="meta">(from the sample record)</span>' if alert.get("synthetic") else ""
+    discarded = " discarded" if alert.get("discarded") else ""
     return (
-        f'<tr class="alert-row rule-{esc(re.sub(r"[^A-Za-z0-9_-]", "_", str(alert.get("rule", ""))))}" id="{alert["anchor"]}">'
+        f'<tr class="alert-row rule-{esc(re.sub(r"[^A-Za-z0-9_-]", "_", str(alert.get("rule", ""))))}{discarded}" id="{alert["anchor"]}">'
         f'<td colspan="{colspan}">⚠ <span class="rule">{esc(alert.get("rule", ""))}</span> '
         f'<span class="meta">step {alert["step"]} · {esc(alert.get("stage", ""))}</span> — '
         f'<span class="alert-message">{esc(alert.get("message", ""))}</span>{synthetic}</td></tr>'
@@ -169,7 +180,8 @@ def _latest_text(sample: dict) -> str:
 # The sections of the page, top to bottom; each returns its lines
 
 
-def _header(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], view: _RunView, progress: str) -> list[str]:
+def _header(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], view: _RunView, progress: str,
+            actions: Optional[Actions] = None) -> list[str]:
     events = {(s["step"], str(s.get("stage", "")), str(s.get("prefix", ""))) for s in samples}
     steps = sorted(set(metrics) | {s["step"] for s in samples})
     last = f" (last {steps[-1]})" if steps else ""
@@ -181,6 +193,8 @@ def _header(run_name: str, metrics: dict[int, dict[str, float]], samples: list[d
         f'<li id="stat-events" data-value="{len(events)}"><b>{len(events)}</b> sample events · {len(view.prompts)} prompts</li>',
         f'<li id="stat-alerts" data-value="{len(view.alerts)}"><b>{len(view.alerts)}</b> alerts{first}</li>',
     ]
+    if actions:
+        lines.append(f'<li id="stat-actions" data-rollbacks="{len(actions.rollbacks)}"><a href="#actions">{esc(summary(actions))}</a></li>')
     if progress:
         lines.append(f'<li id="stat-progress">{esc(progress)}</li>')
     lines.append("</ul></header>")
@@ -201,12 +215,13 @@ def _alert_markers(alerts: list[dict]) -> list[tuple[int, str, str]]:
     return markers
 
 
-def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict]) -> list[str]:
+def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict], actions: Optional[Actions] = None) -> list[str]:
+    marks = chart_marks(actions, metrics) if actions else None  # rollbacks and the stop, on every chart
     lines = ['<section id="charts"><h2>Curves</h2>']
     loss_series = [(name, metric_series(metrics, name)) for name in ("train/loss", "val/loss")]
     loss_series = [(n, p) for n, p in loss_series if p]
     if loss_series:
-        chart = svg_chart("chart-loss", "Loss (train / val)", loss_series, _alert_markers(alerts), "loss")
+        chart = svg_chart("chart-loss", "Loss (train / val)", loss_series, _alert_markers(alerts), "loss", marks)
         lines.append(f'<div class="chart-box" id="chart-loss">{chart}</div>')
     else:
         lines.append('<p class="chart-empty" id="chart-loss-empty">No loss chart: no train/loss or val/loss in metrics.jsonl.</p>')
@@ -215,7 +230,7 @@ def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict]) -> list[st
         names.append("val/exact_match")
     reward_series = [(n, p) for n, p in ((n, metric_series(metrics, n)) for n in names) if p]
     if reward_series:
-        chart = svg_chart("chart-rewards", "Rewards and exact match", reward_series, (), "value")
+        chart = svg_chart("chart-rewards", "Rewards and exact match", reward_series, (), "value", marks)
         lines.append(f'<div class="chart-box" id="chart-rewards">{chart}</div>')
     else:
         lines.append('<p class="chart-empty" id="chart-rewards-empty">No reward chart: no */reward/* or val/exact_match metric.</p>')
@@ -227,7 +242,7 @@ def _charts(metrics: dict[int, dict[str, float]], alerts: list[dict]) -> list[st
     ):
         series = [(n, p) for n in sorted({k for m in metrics.values() for k in m if keep(k)}) if (p := metric_series(metrics, n))]
         if series:
-            lines.append(f'<div class="chart-box" id="{chart_id}">{svg_chart(chart_id, title, series, (), "value")}</div>')
+            lines.append(f'<div class="chart-box" id="{chart_id}">{svg_chart(chart_id, title, series, (), "value", marks)}</div>')
     lines.append("</section>")
     return lines
 
@@ -254,54 +269,83 @@ def _controls(prompt_count: int) -> str:
             f'<span id="visible-count">{prompt_count} prompts</span></section>')
 
 
-def _event_row(sample: dict, num: int, k: int, diff: str, has_alert: bool) -> str:
-    """Row `k` of prompt `num`'s timeline: step, stage and settings, the diffed generation, signals, rewards."""
+def _event_row(sample: dict, num: int, k: int, diff: str, has_alert: bool, label: str = "") -> str:
+    """Row `k` of prompt `num`'s timeline: step, stage and settings, the diffed generation, signals, rewards.
+    A sample of a step a rollback discarded is greyed, with a label linking to that rollback."""
     prefix = str(sample.get("prefix", ""))
     settings = _settings_text(sample.get("settings"))
     tokens = f"in {fmt_num(sample.get('prompt_tokens'))} · out {fmt_num(sample.get('generated_tokens'))} tok"
-    return (f'<tr class="event{" has-alert" if has_alert else ""}" id="p{num}-e{k}" data-step="{sample["step"]}">'
+    discarded = " discarded" if sample.get("discarded") else ""
+    return (f'<tr class="event{" has-alert" if has_alert else ""}{discarded}" id="p{num}-e{k}" data-step="{sample["step"]}">'
             f'<td class="step">{sample["step"]}</td>'
             f'<td class="stage" title="{esc(settings)}">{esc(sample.get("stage", ""))}<small>{esc(prefix)} #{esc(fmt_num(sample.get("index")))}'
             f'{" · " + esc(settings.split(" · ")[0]) if settings else ""}</small><small>{esc(tokens)}</small></td>'
             f'<td><div class="gen">{diff}</div></td>'
-            f'<td class="signals">{_signals_html(sample)}</td><td class="rewards">{_rewards_html(sample.get("rewards"))}</td></tr>')
+            f'<td class="signals">{label}{_signals_html(sample)}</td><td class="rewards">{_rewards_html(sample.get("rewards"))}</td></tr>')
 
 
-def _timeline_rows(rows: list[dict], num: int, alerts: list[dict]) -> list[str]:
-    """One row per event, each diffed against the prompt's previous event of the same prefix;
-    each event's alerts right after its row. An alert whose event has no row for this prompt goes
-    before the first later row, or at the end."""
+def _timeline_rows(rows: list[dict], num: int, alerts: list[dict], actions: Optional[Actions] = None) -> list[str]:
+    """One row per event, each diffed against the prompt's previous event of the same prefix (a
+    row after a rollback against the last row the rollback kept); each event's alerts right after
+    its row. An alert whose event has no row for this prompt goes before the first later row, or
+    at the end. Each rollback's row comes before the first row of the steps trained again; the
+    stop's row last. Rows are in the history's order: (segment, step)."""
     by_event: dict[tuple, list[dict]] = {}
     for a in alerts:
-        by_event.setdefault((a["step"], str(a.get("stage", ""))), []).append(a)
+        by_event.setdefault((a.get("segment", 0), a["step"], str(a.get("stage", ""))), []).append(a)
+    rollbacks = list(actions.rollbacks) if actions else []
     lines: list[str] = []
-    previous: dict[str, str] = {}  # prefix -> previous generation
+    previous: dict[str, str] = {}  # prefix -> previous generation (of any row)
+    previous_kept: dict[str, str] = {}  # prefix -> previous generation of a row no rollback discarded
     placed: set[tuple] = set()
     pending = sorted(by_event)  # alert events, to place alerts with no sample row at their step
+    next_rollback = 0
+
+    def place_before(position: tuple) -> None:
+        """Orphan alerts and rollbacks that come before `position` (segment, step), in order."""
+        nonlocal next_rollback
+        while True:
+            orphan = pending[0][:2] if pending and pending[0][:2] < position else None
+            rollback = (rollbacks[next_rollback]["number"], -math.inf) if next_rollback < len(rollbacks) else None
+            rollback = rollback if rollback is not None and rollback < position else None
+            if orphan is None and rollback is None:
+                return
+            if rollback is not None and (orphan is None or rollback < orphan):
+                lines.append(rollback_row(rollbacks[next_rollback]))
+                next_rollback += 1
+                continue
+            key = pending.pop(0)
+            if key not in placed:
+                lines.extend(_alert_row(a) for a in by_event[key])
+                placed.add(key)
+
     for k, s in enumerate(rows, start=1):
-        key = (s["step"], str(s.get("stage", "")))
-        while pending and pending[0][0] < s["step"]:
-            orphan = pending.pop(0)
-            if orphan not in placed:
-                lines += [_alert_row(a) for a in by_event[orphan]]
-                placed.add(orphan)
+        key = (s.get("segment", 0), s["step"], str(s.get("stage", "")))
+        place_before(key[:2])
         ev_alerts = by_event.get(key, [])
         prefix = str(s.get("prefix", ""))
         gen = str(s.get("generation", "") or "")
-        lines.append(_event_row(s, num, k, word_diff(previous.get(prefix), gen), bool(ev_alerts) or bool(s.get("alerts"))))
+        discarded = bool(s.get("discarded"))
+        base = previous.get(prefix) if discarded else previous_kept.get(prefix)
+        lines.append(_event_row(s, num, k, word_diff(base, gen), bool(ev_alerts) or bool(s.get("alerts")),
+                                discarded_label(s, rollbacks) if discarded else ""))
         previous[prefix] = gen
+        if not discarded:
+            previous_kept[prefix] = gen
         if key not in placed:
             lines += [_alert_row(a) for a in ev_alerts]
             placed.add(key)
-    for key in pending:
-        if key not in placed:
-            lines += [_alert_row(a) for a in by_event[key]]
+    place_before((math.inf, math.inf))
+    if actions and actions.stop:
+        lines.append(stop_row(actions.stop))
     return lines
 
 
-def _timeline(pid: str, rows: list[dict], num: int, alerts: list[dict]) -> list[str]:
+def _timeline(pid: str, rows: list[dict], num: int, alerts: list[dict], actions: Optional[Actions] = None) -> list[str]:
     """One prompt's collapsed section: summary, the prompt and its reference in full, the event table."""
-    latest = rows[-1]
+    kept = [r for r in rows if not r.get("discarded")]
+    latest = (kept or rows)[-1]
+    discarded = len(rows) - len(kept)
     prompt_text = str(latest.get("prompt", ""))
     reference = latest.get("reference")
     cls = "timeline has-alerts" if alerts else "timeline"
@@ -310,7 +354,8 @@ def _timeline(pid: str, rows: list[dict], num: int, alerts: list[dict]) -> list[
     lines = [
         f'<details class="{cls}" id="prompt-{num}" data-prompt-id="{esc(pid)}" data-alerts="{len(alerts)}" data-events="{len(rows)}">',
         f'<summary><span class="pnum">#{num}</span><span class="prompt-preview">{esc(preview(prompt_text))}</span>'
-        f'<span class="meta">{len(rows)} events{" · latest " + latest_bits if latest_bits else ""}</span>{badge}</summary>',
+        f'<span class="meta">{len(rows)} events{f" ({discarded} discarded)" if discarded else ""}'
+        f'{" · latest " + latest_bits if latest_bits else ""}</span>{badge}</summary>',
         '<div class="timeline-body"><div class="prompt-full">'
         f'<span class="label">Prompt</span><pre class="prompt-text">{esc(prompt_text)}</pre>'
         f'<span class="label">Reference</span><pre class="reference-text">{esc(reference) if reference is not None else "–"}</pre>'
@@ -318,12 +363,12 @@ def _timeline(pid: str, rows: list[dict], num: int, alerts: list[dict]) -> list[
         '<table class="events"><colgroup><col class="c-step"><col class="c-stage"><col class="c-gen"><col class="c-signals"><col class="c-rewards"></colgroup>'
         "<thead><tr><th>Step</th><th>Stage</th><th>Generation (changes since the previous event)</th><th>Signals</th><th>Rewards</th></tr></thead><tbody>",
     ]
-    lines += _timeline_rows(rows, num, alerts)
+    lines += _timeline_rows(rows, num, alerts, actions)
     lines.append("</tbody></table></div></details>")
     return lines
 
 
-def _timelines(view: _RunView) -> list[str]:
+def _timelines(view: _RunView, actions: Optional[Actions] = None) -> list[str]:
     lines = [f'<section id="timelines"><h2>Prompts ({len(view.prompts)})</h2>']
     if view.event_wide:
         lines.append(f'<details class="event-alerts" id="event-alerts"><summary><b>Event-wide alerts</b> '
@@ -333,7 +378,7 @@ def _timelines(view: _RunView) -> list[str]:
     if not view.prompts:
         lines.append('<p class="meta" id="no-samples">No samples in samples.jsonl.</p>')
     for pid, rows in view.prompts.items():
-        lines += _timeline(pid, rows, view.numbers[pid], view.alerts_by_prompt.get(pid, []))
+        lines += _timeline(pid, rows, view.numbers[pid], view.alerts_by_prompt.get(pid, []), actions)
     lines.append("</section>")
     return lines
 
@@ -343,16 +388,20 @@ def _timelines(view: _RunView) -> list[str]:
 
 
 def render_report(run_name: str, metrics: dict[int, dict[str, float]], samples: list[dict], alerts: list[dict],
-                  progress: str = "") -> str:
-    """The whole page as a string (pure: no file access). `progress`: how far the run got."""
+                  progress: str = "", actions: Optional[Actions] = None) -> str:
+    """The whole page as a string (pure: no file access). `progress`: how far the run got;
+    `actions`: its rollbacks and stop (`metrics` then holds the kept steps only)."""
     view = _arrange(samples, alerts)
-    lines = _header(run_name, metrics, samples, view, progress)
+    lines = _header(run_name, metrics, samples, view, progress, actions)
     lines.append(render_grid(view.prompts, view.numbers, view.alerts_by_prompt, view.event_wide))
-    lines += _charts(metrics, view.alerts)
+    lines += _charts(metrics, view.alerts, actions)
     lines += _alert_list(view)
+    lines += action_list(actions)
     lines.append(_controls(len(view.prompts)))
-    lines += _timelines(view)
-    return page_html(f"Run report — {run_name}", lines, css=("report.css",), js=("page.js", "report.js"))
+    lines += _timelines(view, actions)
+    # the actions' styles only on the pages that show some, so other pages stay as they were
+    css = ("report.css", "actions.css") if actions or any(s.get("discarded") for s in samples) else ("report.css",)
+    return page_html(f"Run report — {run_name}", lines, css=css, js=("page.js", "report.js"))
 
 
 def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
@@ -361,8 +410,11 @@ def write_report(run_dir: Path, out: Optional[Path] = None) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: not a directory")
     out = Path(out) if out is not None else run_dir / REPORT_FILE
-    metrics = read_finite_metrics(run_dir)
-    samples, alerts = read_samples(run_dir)
+    branches = read_metric_branches(run_dir)
+    history = read_history(run_dir)
+    actions = read_actions(run_dir, history.rollbacks, branches)
     name = run_dir.resolve().name or str(run_dir)
-    atomic_write(out, render_report(name, metrics, samples, alerts, run_progress(run_dir, metrics, samples)))
+    page = render_report(name, branches.kept, history.samples, history.alerts,
+                         run_progress(run_dir, branches.kept, history.samples), actions)
+    atomic_write(out, page)
     return out

@@ -17,6 +17,7 @@ import re
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -76,15 +77,34 @@ def _int(value: Any, default: int = 0) -> int:
 
 
 def read_samples(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(samples, alerts) from `<run_dir>/samples.jsonl`.
+    """(samples, alerts) from `<run_dir>/samples.jsonl` (see `read_history`)."""
+    history = read_history(run_dir)
+    return history.samples, history.alerts
+
+
+@dataclass
+class History:
+    """What `samples.jsonl` holds, arranged for the pages."""
+
+    samples: list[dict]
+    alerts: list[dict]
+    rollbacks: list[dict]  # the "rollback" records in file order, each with its "number" (1, 2, ...)
+
+
+def read_history(run_dir: Path) -> History:
+    """Samples, alerts and rollbacks from `<run_dir>/samples.jsonl`.
 
     Broken lines (a torn last line after a crash) are skipped. After a resume the same
     (step, stage, prompt_id) sample, or the same (step, stage, prompt_id, rule) alert, can appear
-    twice: the last one wins. Samples are sorted by step then index, alerts by step (stable).
+    twice: the last one wins. Every record gets its "segment": how many rollbacks came before it
+    in the file (which is in the order things happened), so the steps a rollback discarded
+    (marked "discarded" by trainer/history.py) and the same steps trained again stay apart.
+    Samples are sorted by segment, step then index, alerts by segment then step (stable).
     """
     path = Path(run_dir) / SAMPLES_FILE
     samples: dict[tuple, dict] = {}
     alerts: dict[tuple, dict] = {}
+    rollbacks: list[dict] = []
     for record in read_records(path):
         if "step" not in record:
             continue
@@ -94,27 +114,76 @@ def read_samples(run_dir: Path) -> tuple[list[dict], list[dict]]:
             continue
         stage = str(record.get("stage", ""))
         kind = record.get("kind", "sample" if "generation" in record else None)
+        segment = len(rollbacks)
         if kind == "sample":
             record["index"] = _int(record.get("index"), 0)
             pid = record.get("prompt_id") or f"#{record.get('prefix', '')}:{record['index']}"
             record["prompt_id"] = str(pid)
-            key = (record["step"], stage, record["prompt_id"])
+            record["segment"] = segment
+            key = (segment, record["step"], stage, record["prompt_id"])
             samples.pop(key, None)  # keep the position of the last copy too
             samples[key] = record
         elif kind == "alert":
             pid = record.get("prompt_id")
             record["prompt_id"] = None if pid is None else str(pid)
-            key = (record["step"], stage, record["prompt_id"], str(record.get("rule", "")))
+            record["segment"] = segment
+            key = (segment, record["step"], stage, record["prompt_id"], str(record.get("rule", "")))
             alerts.pop(key, None)
             alerts[key] = record
-    sample_list = sorted(samples.values(), key=lambda r: (r["step"], r["index"]))
-    alert_list = sorted(alerts.values(), key=lambda r: r["step"])
-    return sample_list, alert_list
+        elif kind == "rollback":
+            record["to_step"] = _int(record.get("to_step"), record["step"])
+            record["number"] = segment + 1
+            rollbacks.append(record)
+    sample_list = sorted(samples.values(), key=lambda r: (r["segment"], r["step"], r["index"]))
+    alert_list = sorted(alerts.values(), key=lambda r: (r["segment"], r["step"]))
+    return History(sample_list, alert_list, rollbacks)
 
 
 def read_finite_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
     """`metrics.jsonl` by step, without the values a chart cannot draw (NaN, inf, non-numbers)."""
     return {step: {k: v for k, v in m.items() if is_finite(v)} for step, m in read_metrics(run_dir).items()}
+
+
+ROLLBACK_METRIC_SUFFIX = "/rollback_to_step"  # the key trainer/run_actions.py logs at each rollback
+
+
+@dataclass
+class MetricBranches:
+    """`metrics.jsonl` split at its rollbacks: the run's kept history, and per rollback the steps
+    it discarded (the file keeps both: a rollback trains the same step numbers again)."""
+
+    kept: dict[int, dict[str, float]]  # by step, finite values only, later records win
+    discarded: list[dict[int, dict[str, float]]]  # per rollback (file order): its discarded steps
+    markers: list[dict]  # per rollback: {"step", "to_step", "lr_scale"} from its logged record
+
+
+def read_metric_branches(run_dir: Path) -> MetricBranches:
+    """A rollback logs `<prefix>/rollback_to_step` at the alert step, after the discarded steps'
+    records and before those of the steps trained again: a record written before a rollback's
+    record, at a step after that rollback's `to_step`, was discarded. Without rollbacks `kept`
+    is `read_finite_metrics`."""
+    records = []
+    for record in read_records(Path(run_dir) / METRICS_FILE):
+        try:
+            step = int(record.pop("step"))
+        except (KeyError, TypeError, ValueError):
+            continue
+        record.pop("time", None)
+        records.append((step, {k: v for k, v in record.items() if is_finite(v)}))
+    markers = []
+    for i, (step, values) in enumerate(records):
+        back = [v for k, v in values.items() if k.endswith(ROLLBACK_METRIC_SUFFIX)]
+        if back:
+            markers.append({"index": i, "step": step, "to_step": int(back[0]), "lr_scale": values.get("train/lr_scale")})
+    kept: dict[int, dict[str, float]] = {}
+    discarded: list[dict[int, dict[str, float]]] = [{} for _ in markers]
+    for i, (step, values) in enumerate(records):
+        # the first later rollback that went back before this step discarded it
+        owner = next((n for n, m in enumerate(markers) if m["index"] > i and step > m["to_step"]), None)
+        target = kept if owner is None else discarded[owner]
+        target.setdefault(step, {}).update(values)
+    return MetricBranches(dict(sorted(kept.items())), [dict(sorted(d.items())) for d in discarded],
+                          [{k: v for k, v in m.items() if k != "index"} for m in markers])
 
 
 # --------------------------------------------------------------------------------------------
