@@ -456,16 +456,22 @@ class RLConfig:
             return None
         return next((int(v), key) for v, key in candidates if v is not None)
 
+    def forwards_run(self) -> list[str]:
+        """The FORWARDS a step of this config runs: the rollout's log-probs only off-policy (more
+        than one mini-batch or epoch), the reference's only with a KL loss, the critic's with gae."""
+        runs = {"old_log_prob": self.actor.ppo_epochs > 1 or self.actor.mini_batches_per_step > 1,
+                "ref_log_prob": self.algorithm.kl_coef > 0,
+                "critic": self.algorithm.adv_estimator == "gae", "values": self.algorithm.adv_estimator == "gae"}
+        return [f for f in self.FORWARDS if runs.get(f, True)]
+
     def _check_token_budgets(self) -> None:
         """A budget must hold the longest sequence the rollouts can make (verl asserts it per batch)."""
         from config.verl import verl_rl_name
 
         longest = self.data.max_prompt_length + self.rollout.max_new_tokens
-        runs = {"ref_log_prob": self.algorithm.kl_coef > 0, "critic": self.algorithm.adv_estimator == "gae",
-                "values": self.algorithm.adv_estimator == "gae"}
-        for forward in self.FORWARDS:
+        for forward in self.forwards_run():
             budget = self.token_budget(forward)
-            if budget is not None and runs.get(forward, True):
+            if budget is not None:
                 verl = verl_rl_name(budget[1])
                 _require(budget[0] >= longest, budget[1] + (f" (verl: {verl})" if verl and verl != budget[1] else ""),
                          f"{budget[0]} tokens is less than the longest sequence, data.max_prompt_length + "

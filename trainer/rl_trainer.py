@@ -183,6 +183,11 @@ class RLTrainer:
                  dist_ctx.world_size, reference, ", critic" if self.critic else "",
                  f", reward model {rm.path} ({param_count(self.reward_model.model) / 1e6:.2f}M, weight {rm.weight})"
                  if self.reward_model else "")
+        budgets = {f: cfg.token_budget(f) for f in cfg.forwards_run()}
+        if any(budgets.values()):  # what verl users set with use_dynamic_bsz, said once
+            log.info("token-budget micro-batches (tokens per forward on one rank, padding included): %s",
+                     ", ".join(f"{f} {b[0]}" if b else f"{f} by sequences"
+                               for f, b in budgets.items()))
 
         self.run.attach(self.model_config, self.tokenizer, self.lora, total_steps,
                         lambda: (self.actor, self.optimizer, self.scheduler, self._extra()),
