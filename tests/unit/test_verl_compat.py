@@ -414,6 +414,16 @@ def test_verl_token_budget_keys_map_onto_ours(tiny_model, rl_data):
                                                                     (8192, "critic.forward_max_token_len_per_gpu"))
 
 
+def test_verl_seq_balance_script_cuts_every_actor_forward_by_its_budget(tiny_model, gsm8k):
+    paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "Qwen/Qwen2-7B-Instruct": str(tiny_model)}
+    args = command_line(GRPO_SCRIPTS["run_qwen2-7b_seq_balance.sh"], paths, ["data.train_batch_size=16",
+                        "actor_rollout_ref.actor.ppo_mini_batch_size=8", "trainer.n_gpus_per_node=2"])
+    c = rl(without(args, "actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
+                   "actor_rollout_ref.rollout.multi_turn.format"), world_size=2).config
+    assert c.forwards_run() == ["actor", "old_log_prob", "ref_log_prob"]
+    assert {c.token_budget(f) for f in c.forwards_run()} == {(24000, "actor.ppo_max_token_len_per_gpu")}
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=600"],
      "actor.ppo_max_token_len_per_gpu (verl: actor_rollout_ref.actor.ppo_max_token_len_per_gpu): 600 tokens is less than the "
