@@ -1,4 +1,6 @@
 """The RL actor and critic on FSDP shards: rollout batches, log-probs, values, and updates.
+(Over 400 lines: the forwards and the two updates share one micro-batching and one loss
+normalisation, whose lockstep and exactness are read together.)
 
 Every forward here runs on a sharded model and is a collective, so every rank runs the same
 number of them: each rank holds the same number of sequences (whole prompt groups) and splits
@@ -18,10 +20,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from config.schema import ConfigError
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
-from config.schema import ConfigError
 from workers import prompt_cache
 from workers.micro_batches import balanced_groups, token_budget_groups
 from workers.model import activation_checkpointing, cache_arguments, cache_keyword, lm_head_rows
