@@ -184,6 +184,7 @@ NOT_SECRETS = frozenset({
     "prompt_key", "response_key", "answer_key", "messages_key", "prompt_dict_keys", "response_dict_keys",
     "tools_key", "enable_thinking_key", "completion_key",
     "max_new_tokens", "max_token_len_per_gpu", "max_num_batched_tokens",
+    "ppo_max_token_len_per_gpu", "log_prob_max_token_len_per_gpu", "forward_max_token_len_per_gpu",  # RL's token budgets
 })
 
 

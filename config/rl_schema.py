@@ -188,6 +188,12 @@ class RolloutConfig:
         "Sequences per no-grad forward for the rollout's log-probs on one rank (null: actor.micro_batch_size_per_gpu); "
         "not run when the update is on-policy (one mini-batch, one epoch).", None
     )
+    log_prob_use_dynamic_bsz: Optional[bool] = doc(
+        "Cut the rollout's log-prob forwards by tokens (`log_prob_max_token_len_per_gpu`) instead of sequences "
+        "(null: actor.use_dynamic_bsz).", None)
+    log_prob_max_token_len_per_gpu: Optional[int] = doc(
+        "Token budget (prompt + response, padding included) of one rollout log-prob forward on one rank "
+        "(null: actor.ppo_max_token_len_per_gpu).", None)
     micro_batch_size_per_gpu: Optional[int] = doc(
         "Sequences per `generate` call on one rank, rollouts and validation (null: all of the rank's in one call). "
         "Bounds the KV cache; the samples do not depend on it (one seed per sequence).", None
@@ -213,6 +219,8 @@ class RolloutConfig:
         _require(self.val_top_p is None or 0 < self.val_top_p <= 1, "rollout.val_top_p", "must be in (0, 1]")
         _require(self.log_prob_micro_batch_size_per_gpu is None or self.log_prob_micro_batch_size_per_gpu > 0,
                  "rollout.log_prob_micro_batch_size_per_gpu", "must be > 0")
+        _require(self.log_prob_max_token_len_per_gpu is None or self.log_prob_max_token_len_per_gpu > 0,
+                 "rollout.log_prob_max_token_len_per_gpu", "must be > 0")
 
 
 @dataclass
@@ -245,9 +253,17 @@ class ActorConfig:
     micro_batch_size_per_gpu: int = doc("Sequences (prompt + one response) per forward/backward on one rank.", 32)
     ppo_epochs: int = doc("Passes over each rollout batch.", 1)
     mini_batches_per_step: int = doc("Optimizer steps per pass (1: one update per rollout, fully on-policy).", 1)
+    use_dynamic_bsz: bool = doc(
+        "Cut each mini-batch into micro-batches by tokens (`ppo_max_token_len_per_gpu`) instead of "
+        "`micro_batch_size_per_gpu` sequences: short responses share a forward (as verl). The loss is normalised "
+        "over the whole mini-batch, so the update is the same; every rank runs as many micro-batches.", False)
+    ppo_max_token_len_per_gpu: int = doc(
+        "Token budget of one actor forward/backward on one rank with `use_dynamic_bsz`: rows × (longest prompt + "
+        "longest response) of the micro-batch. Must hold data.max_prompt_length + rollout.max_new_tokens.", 16384)
 
     def check(self) -> None:
         _require(self.micro_batch_size_per_gpu > 0, "actor.micro_batch_size_per_gpu", "must be > 0")
+        _require(self.ppo_max_token_len_per_gpu > 0, "actor.ppo_max_token_len_per_gpu", "must be > 0")
         _require(self.ppo_epochs > 0, "actor.ppo_epochs", "must be > 0")
         _require(self.mini_batches_per_step > 0, "actor.mini_batches_per_step", "must be > 0")
 
@@ -260,10 +276,17 @@ class RefConfig:
     log_prob_micro_batch_size_per_gpu: Optional[int] = doc(
         "Sequences per forward for reference log-probs on one rank (null: actor.micro_batch_size_per_gpu).", None
     )
+    log_prob_use_dynamic_bsz: Optional[bool] = doc(
+        "Cut the reference's forwards by tokens (`log_prob_max_token_len_per_gpu`) instead of sequences "
+        "(null: actor.use_dynamic_bsz).", None)
+    log_prob_max_token_len_per_gpu: Optional[int] = doc(
+        "Token budget of one reference forward on one rank (null: actor.ppo_max_token_len_per_gpu).", None)
 
     def check(self) -> None:
         _require(self.log_prob_micro_batch_size_per_gpu is None or self.log_prob_micro_batch_size_per_gpu > 0,
                  "ref.log_prob_micro_batch_size_per_gpu", "must be > 0")
+        _require(self.log_prob_max_token_len_per_gpu is None or self.log_prob_max_token_len_per_gpu > 0,
+                 "ref.log_prob_max_token_len_per_gpu", "must be > 0")
 
 
 @dataclass
@@ -278,9 +301,19 @@ class CriticConfig:
     warmup_steps: int = doc("Steps that train only the critic before the actor starts.", 0)
     enable_gradient_checkpointing: Optional[bool] = doc(
         "Recompute the critic's activations in backward; null: as the actor (model.enable_gradient_checkpointing).", None)
+    use_dynamic_bsz: Optional[bool] = doc(
+        "Cut the critic's forwards by tokens instead of actor.micro_batch_size_per_gpu sequences "
+        "(null: actor.use_dynamic_bsz).", None)
+    ppo_max_token_len_per_gpu: int = doc("Token budget of one critic forward/backward on one rank (verl's default: "
+                                         "twice the actor's, as a value head has no vocabulary-wide logits).", 32768)
+    forward_max_token_len_per_gpu: Optional[int] = doc(
+        "Token budget of one no-grad value forward on one rank (null: critic.ppo_max_token_len_per_gpu).", None)
 
     def check(self) -> None:
         _require(self.lr > 0, "critic.lr", "must be > 0")
+        _require(self.ppo_max_token_len_per_gpu > 0, "critic.ppo_max_token_len_per_gpu", "must be > 0")
+        _require(self.forward_max_token_len_per_gpu is None or self.forward_max_token_len_per_gpu > 0,
+                 "critic.forward_max_token_len_per_gpu", "must be > 0")
         _require(self.cliprange_value > 0, "critic.cliprange_value", "must be > 0")
         _require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0")
 
@@ -388,6 +421,7 @@ class RLConfig:
         if self.algorithm.adv_estimator == "grpo":
             _require(self.rollout.responses_per_prompt > 1, "rollout.responses_per_prompt",
                      "GRPO normalises within a group: needs at least 2 responses per prompt")
+        self._check_token_budgets()
         # The documented `logging` section wins over the trainer keys it duplicates.
         if self.logging.output_dir:
             self.trainer.default_local_dir = self.logging.output_dir
@@ -396,6 +430,52 @@ class RLConfig:
             self.trainer.check()
         missing_inputs(self.model.partial_pretrain, self.data.train_files,
                        "python -m trainer.fsdp_sft_trainer --config-name demo, then python -m trainer.rl_trainer --config-name grpo_demo")
+
+
+    # The forwards of an RL step, each with its own micro-batches (verl's keys: actor, rollout log-prob, ref, critic).
+    FORWARDS: ClassVar[tuple[str, ...]] = ("actor", "old_log_prob", "ref_log_prob", "critic", "values")
+
+    def token_budget(self, forward: str) -> Optional[tuple[int, str]]:
+        """(tokens, the key they come from) of one `forward` of FORWARDS with token-budget
+        micro-batches, None where its micro-batches count sequences. The log-prob and critic
+        settings default to the actor's, as verl's YAML interpolates them."""
+        a, c = self.actor, self.critic
+        actor = (a.ppo_max_token_len_per_gpu, "actor.ppo_max_token_len_per_gpu")
+        critic = (c.ppo_max_token_len_per_gpu, "critic.ppo_max_token_len_per_gpu")
+        settings = {  # forward: (its use_dynamic_bsz, its budget candidates, first set wins)
+            "actor": (a.use_dynamic_bsz, [actor]),
+            "old_log_prob": (self.rollout.log_prob_use_dynamic_bsz,
+                             [(self.rollout.log_prob_max_token_len_per_gpu, "rollout.log_prob_max_token_len_per_gpu"), actor]),
+            "ref_log_prob": (self.ref.log_prob_use_dynamic_bsz,
+                             [(self.ref.log_prob_max_token_len_per_gpu, "ref.log_prob_max_token_len_per_gpu"), actor]),
+            "critic": (c.use_dynamic_bsz, [critic]),
+            "values": (c.use_dynamic_bsz, [(c.forward_max_token_len_per_gpu, "critic.forward_max_token_len_per_gpu"), critic]),
+        }
+        use, candidates = settings[forward]
+        if not (a.use_dynamic_bsz if use is None else use):
+            return None
+        return next((int(v), key) for v, key in candidates if v is not None)
+
+    def forwards_run(self) -> list[str]:
+        """The FORWARDS a step of this config runs: the rollout's log-probs only off-policy (more
+        than one mini-batch or epoch), the reference's only with a KL loss, the critic's with gae."""
+        runs = {"old_log_prob": self.actor.ppo_epochs > 1 or self.actor.mini_batches_per_step > 1,
+                "ref_log_prob": self.algorithm.kl_coef > 0,
+                "critic": self.algorithm.adv_estimator == "gae", "values": self.algorithm.adv_estimator == "gae"}
+        return [f for f in self.FORWARDS if runs.get(f, True)]
+
+    def _check_token_budgets(self) -> None:
+        """A budget must hold the longest sequence the rollouts can make (verl asserts it per batch)."""
+        from config.verl import verl_rl_name
+
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        for forward in self.forwards_run():
+            budget = self.token_budget(forward)
+            if budget is not None:
+                verl = verl_rl_name(budget[1])
+                _require(budget[0] >= longest, budget[1] + (f" (verl: {verl})" if verl and verl != budget[1] else ""),
+                         f"{budget[0]} tokens is less than the longest sequence, data.max_prompt_length + "
+                         f"rollout.max_new_tokens = {self.data.max_prompt_length} + {self.rollout.max_new_tokens} = {longest}")
 
 
 def lift_flat_sample_logging(raw: dict) -> dict:

@@ -426,7 +426,6 @@ def _profiler(section: str) -> tuple[VerlKey, ...]:
 OFFLOAD = "FSDP2 offloads parameters, gradients and optimizer state together"
 FSDP1 = "an FSDP1 setting; FSDP2 (fully_shard) here"
 RM_ON_FSDP = "the reward model runs on the FSDP2 workers here (a sequence classifier), not on an inference engine"
-DYNAMIC_BSZ = "token-budget micro-batches are not available in RL yet; micro-batches count sequences"
 
 PPO_KEYS: tuple[VerlKey, ...] = (
     # data
@@ -491,8 +490,8 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.actor.loss_agg_mode", "token-mean", target="algorithm.loss_agg_mode"),
     Alias(f"{ARA}.actor.policy_loss.loss_mode", "vanilla", target="algorithm.policy_loss"),
     Refused(f"{ARA}.actor.entropy_coeff", 0, allowed=(0.0,), reason="no entropy bonus here (it must be 0)"),
-    Refused(f"{ARA}.actor.use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
-    Inert(f"{ARA}.actor.ppo_max_token_len_per_gpu", 16384, reason="used only with use_dynamic_bsz"),
+    Alias(f"{ARA}.actor.use_dynamic_bsz", False, target="actor.use_dynamic_bsz"),
+    Alias(f"{ARA}.actor.ppo_max_token_len_per_gpu", 16384, target="actor.ppo_max_token_len_per_gpu"),
     Alias(f"{ARA}.actor.fsdp_config.param_offload", False, target="model.fsdp_config.cpu_offload", why=OFFLOAD),
     Alias(f"{ARA}.actor.fsdp_config.optimizer_offload", False, target="model.fsdp_config.cpu_offload", why=OFFLOAD),
     Refused(f"{ARA}.actor.fsdp_config.model_dtype", "fp32", allowed=("float32",),
@@ -517,8 +516,9 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     # reference policy
     Alias(f"{ARA}.ref.fsdp_config.param_offload", False, target="ref.cpu_offload"),
     Alias(f"{ARA}.ref.log_prob_micro_batch_size_per_gpu", None, target="ref.log_prob_micro_batch_size_per_gpu"),
-    Refused(f"{ARA}.ref.log_prob_use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
-    Inert(f"{ARA}.ref.log_prob_max_token_len_per_gpu", 16384, reason="used only with log_prob_use_dynamic_bsz"),
+    # verl's YAML defaults these to the actor's (${oc.select:...actor.use_dynamic_bsz}): here null means the same.
+    Alias(f"{ARA}.ref.log_prob_use_dynamic_bsz", None, target="ref.log_prob_use_dynamic_bsz"),
+    Alias(f"{ARA}.ref.log_prob_max_token_len_per_gpu", None, target="ref.log_prob_max_token_len_per_gpu"),
     Inert(f"{ARA}.ref.fsdp_config.forward_prefetch", False, reason=FSDP1),
     Inert(f"{ARA}.ref.strategy", "fsdp", reason="always FSDP2 (fully_shard) here"),
     Pending(f"{ARA}.ref.ulysses_sequence_parallel_size", 1,
@@ -538,8 +538,8 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Alias(f"{ARA}.rollout.val_kwargs.top_p", 1.0, target="rollout.val_top_p"),
     Refused(f"{ARA}.rollout.val_kwargs.n", 1, reason="one validation response per prompt here"),
     Alias(f"{ARA}.rollout.log_prob_micro_batch_size_per_gpu", None, target="rollout.log_prob_micro_batch_size_per_gpu"),
-    Refused(f"{ARA}.rollout.log_prob_use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
-    Inert(f"{ARA}.rollout.log_prob_max_token_len_per_gpu", 16384, reason="used only with log_prob_use_dynamic_bsz"),
+    Alias(f"{ARA}.rollout.log_prob_use_dynamic_bsz", None, target="rollout.log_prob_use_dynamic_bsz"),
+    Alias(f"{ARA}.rollout.log_prob_max_token_len_per_gpu", None, target="rollout.log_prob_max_token_len_per_gpu"),
     Rule(f"{ARA}.rollout.name", "vllm", fn=_rollout_name,
          doc="our `rollout.name` (hf or vllm; sglang and trtllm are refused in one line naming the alternative)"),
     Inert(f"{ARA}.rollout.mode", "async", reason="the colocated engine is called in-process, one batch per rank "
@@ -604,9 +604,6 @@ PPO_KEYS: tuple[VerlKey, ...] = (
     Inert("critic.ppo_micro_batch_size_per_gpu", None, reason="the critic's micro-batches are the actor's (actor.micro_batch_size_per_gpu)"),
     Inert("critic.model.fsdp_config.param_offload", False, reason=f"the critic is sharded like the actor (model.fsdp_config); {OFFLOAD}"),
     Inert("critic.model.fsdp_config.optimizer_offload", False, reason=f"the critic is sharded like the actor (model.fsdp_config); {OFFLOAD}"),
-    Refused("critic.use_dynamic_bsz", False, reason=DYNAMIC_BSZ),
-    Inert("critic.ppo_max_token_len_per_gpu", 32768, reason="used only with use_dynamic_bsz"),
-    Inert("critic.forward_max_token_len_per_gpu", 32768, reason="used only with use_dynamic_bsz"),
     Pending("critic.ulysses_sequence_parallel_size", 1,
             feature="Ulysses sequence parallelism in RL (SFT has it: ulysses_sequence_parallel_size)"),
     Refused("critic.optim.lr_warmup_steps_ratio", 0.0, allowed=(0,),
@@ -645,8 +642,16 @@ PPO_SAME_NAME = (
     "data.filter_overlong_prompts", "data.apply_chat_template_kwargs", "trainer.logger", "trainer.project_name",
     "trainer.experiment_name", "trainer.total_epochs", "trainer.total_training_steps", "trainer.save_freq",
     "trainer.test_freq", "trainer.default_local_dir", "trainer.resume_mode", "trainer.resume_from_path",
-    "trainer.val_before_train", "critic.cliprange_value",
+    "trainer.val_before_train", "critic.cliprange_value", "critic.use_dynamic_bsz", "critic.ppo_max_token_len_per_gpu",
+    "critic.forward_max_token_len_per_gpu",
 )
+
+
+def verl_rl_name(key: str) -> Optional[str]:
+    """verl's name of our RL key `key` (None: verl has none), for errors a verl user can act on."""
+    if key in PPO_SAME_NAME:
+        return key
+    return next((e.key for e in PPO_KEYS if isinstance(e, Alias) and e.target == key), None)
 
 
 def rl_key_table() -> str:

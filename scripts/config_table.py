@@ -270,7 +270,8 @@ def rl_page() -> str:
         "`gspo_trainer` and `ppo_trainer` share the base (`config/rl_trainer.yaml`) and set their own",
         "`algorithm.*`. `data.prompts_per_step` counts prompts per optimizer step over all ranks,",
         "`rollout.responses_per_prompt` responses per prompt, `actor.micro_batch_size_per_gpu` sequences",
-        "(prompt + response) per forward on one rank.", "",
+        "(prompt + response) per forward on one rank, or with `actor.use_dynamic_bsz` as many as fit",
+        "`actor.ppo_max_token_len_per_gpu` tokens.", "",
         table("rl"), "",
     ])
 

@@ -210,3 +210,22 @@ def write_lm_eval_tasks(folder):
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 3\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     return folder
+
+
+def skewed_rollout(groups: int, per_group: int, prompt_tokens: tuple[int, int], response_tokens: tuple[int, int],
+                   vocab_size: int, pad_id: int, seed: int = 0):
+    """A rollout batch (workers.actor.RolloutBatch) of `groups` prompts × `per_group` responses with
+    lengths drawn from the given (low, high) ranges, token ids random (no generation): the long-tailed
+    lengths token-budget micro-batches are for, with a group's rows sharing their prompt as in GRPO."""
+    from workers.actor import build_rollout_batch
+    from workers.generation import Generated
+
+    rng = random.Random(seed)
+    ids = [t for t in range(3, vocab_size) if t != pad_id]
+    generated, group_index = [], []
+    for g in range(groups):
+        prompt = rng.choices(ids, k=rng.randint(*prompt_tokens))
+        for _ in range(per_group):
+            generated.append(Generated(prompt, rng.choices(ids, k=rng.randint(*response_tokens)), "", False))
+            group_index.append(g)
+    return build_rollout_batch(generated, group_index, pad_id)

@@ -1,6 +1,6 @@
 """The override lists of verl's own example scripts (volcengine/verl at b178a3c, 2026-01-29),
-as its users paste them: `examples/sft/gsm8k/*.sh`, `examples/sft/multiturn/run_qwen_05_sp2.sh`
-and three of `examples/grpo_trainer/*.sh`. Only what follows `-m verl.trainer.<module>` is kept;
+as its users paste them: `examples/sft/gsm8k/*.sh`, `examples/sft/multiturn/run_qwen_05_sp2.sh`,
+three of `examples/grpo_trainer/*.sh` and one of `examples/ppo_trainer/*.sh`. Only what follows `-m verl.trainer.<module>` is kept;
 `command_line()` swaps the model and data paths for a test's assets, as a user with their own
 files would, and puts the caller's extra arguments where the script has `$@`.
 """
@@ -263,6 +263,50 @@ GRPO_SCRIPTS = {
     trainer.project_name='verl_grpo_example_gsm8k'
     trainer.experiment_name='qwen2.5_3b_grpo_lora'
     trainer.n_gpus_per_node=2
+    trainer.nnodes=1
+    trainer.save_freq=20
+    trainer.test_freq=5
+    trainer.total_epochs=15 $@
+    """,
+    # Token-budget micro-batches (3f38806). The script's shell variables as it sets them:
+    # rollout_name="sglang", rollout_mode="async", so return_raw_chat="True".
+    "run_qwen2-7b_seq_balance.sh": """
+    algorithm.adv_estimator=grpo
+    data.train_files=$HOME/data/gsm8k/train.parquet
+    data.val_files=$HOME/data/gsm8k/test.parquet
+    data.return_raw_chat=True
+    data.train_batch_size=1024
+    data.max_prompt_length=512
+    data.max_response_length=1024
+    data.filter_overlong_prompts=True
+    data.truncation='error'
+    actor_rollout_ref.model.path=Qwen/Qwen2-7B-Instruct
+    actor_rollout_ref.actor.optim.lr=1e-6
+    actor_rollout_ref.model.use_remove_padding=True
+    actor_rollout_ref.actor.ppo_mini_batch_size=256
+    actor_rollout_ref.actor.use_dynamic_bsz=True
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000
+    actor_rollout_ref.actor.use_kl_loss=True
+    actor_rollout_ref.actor.kl_loss_coef=0.001
+    actor_rollout_ref.actor.kl_loss_type=low_var_kl
+    actor_rollout_ref.actor.entropy_coeff=0
+    actor_rollout_ref.model.enable_gradient_checkpointing=True
+    actor_rollout_ref.actor.fsdp_config.param_offload=False
+    actor_rollout_ref.actor.fsdp_config.optimizer_offload=False
+    actor_rollout_ref.rollout.tensor_model_parallel_size=2
+    actor_rollout_ref.rollout.name=sglang
+    actor_rollout_ref.rollout.mode=async
+    actor_rollout_ref.rollout.multi_turn.format=hermes
+    actor_rollout_ref.rollout.gpu_memory_utilization=0.6
+    actor_rollout_ref.rollout.n=5
+    actor_rollout_ref.ref.fsdp_config.param_offload=True
+    algorithm.use_kl_in_reward=False
+    trainer.critic_warmup=0
+    trainer.logger=['console','wandb']
+    trainer.project_name='verl_grpo_example_gsm8k'
+    trainer.experiment_name='qwen2_7b_function_rm_kl1e-3'
+    trainer.val_before_train=False
+    trainer.n_gpus_per_node=8
     trainer.nnodes=1
     trainer.save_freq=20
     trainer.test_freq=5

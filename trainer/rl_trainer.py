@@ -49,6 +49,7 @@ from trainer.samples import prompt_id, sample_seed
 from workers import core_algos
 from workers.actor import (
     CRITIC_MODEL_KWARGS,
+    MicroBatching,
     RolloutBatch,
     UpdateSettings,
     build_rollout_batch,
@@ -182,6 +183,11 @@ class RLTrainer:
                  dist_ctx.world_size, reference, ", critic" if self.critic else "",
                  f", reward model {rm.path} ({param_count(self.reward_model.model) / 1e6:.2f}M, weight {rm.weight})"
                  if self.reward_model else "")
+        budgets = {f: cfg.token_budget(f) for f in cfg.forwards_run()}
+        if any(budgets.values()):  # what verl users set with use_dynamic_bsz, said once
+            log.info("token-budget micro-batches (tokens per forward on one rank, padding included): %s",
+                     ", ".join(f"{f} {b[0]}" if b else f"{f} by sequences"
+                               for f, b in budgets.items()))
 
         self.run.attach(self.model_config, self.tokenizer, self.lora, total_steps,
                         lambda: (self.actor, self.optimizer, self.scheduler, self._extra()),
@@ -200,9 +206,15 @@ class RLTrainer:
                                    m.trust_remote_code, m.attn_implementation, gradient_checkpointing, auto_class, lora,
                                    **kwargs)
 
+    def micro_batching(self, forward: str, size: int) -> MicroBatching:
+        """`size` sequences per micro-batch, or the token budget of `forward` (RLConfig.token_budget)."""
+        budget = self.cfg.token_budget(forward)
+        return MicroBatching(size) if budget is None else MicroBatching(size, *budget)
+
     def reference_log_probs(self, batch: RolloutBatch, log_probs) -> torch.Tensor:
         """The frozen reference's log-probs: its own model, or with LoRA the actor's base."""
-        mbs = self.cfg.ref.log_prob_micro_batch_size_per_gpu or self.cfg.actor.micro_batch_size_per_gpu
+        size = self.cfg.ref.log_prob_micro_batch_size_per_gpu or self.cfg.actor.micro_batch_size_per_gpu
+        mbs = self.micro_batching("ref_log_prob", size)
         if self.reference is not None:
             return forward_in_micro_batches(log_probs, self.reference, batch, mbs)
         with adapters_disabled(self.actor):
@@ -246,16 +258,18 @@ class RLTrainer:
         mbs = cfg.actor.micro_batch_size_per_gpu
         # A group's responses share their prompt: one forward of it per group (the same on every rank).
         shared = cfg.rollout.responses_per_prompt > 1
+        actor = self.micro_batching("actor", mbs)
         settings = UpdateSettings(mbs, cfg.actor.ppo_epochs, cfg.actor.mini_batches_per_step, cfg.optim.clip_grad,
-                                  self.dist.world_size, cfg.trainer.seed, shared_prompts=shared)
+                                  self.dist.world_size, cfg.trainer.seed, shared_prompts=shared,
+                                  max_tokens=actor.max_tokens, max_tokens_key=actor.key)
         log_probs = partial(response_log_probs, temperature=cfg.rollout.temperature, shared_prompts=shared)
         if not on_policy(settings):  # on-policy the update uses its own detached log-probs (ratio 1)
-            batch.old_log_prob = forward_in_micro_batches(log_probs, self.actor, batch,
-                                                          cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs)
+            batch.old_log_prob = forward_in_micro_batches(
+                log_probs, self.actor, batch, self.micro_batching("old_log_prob", cfg.rollout.log_prob_micro_batch_size_per_gpu or mbs))
         if cfg.algorithm.kl_coef > 0:
             batch.ref_log_prob = self.reference_log_probs(batch, log_probs)
         if self.critic is not None:
-            batch.values = forward_in_micro_batches(response_values, self.critic, batch, mbs)
+            batch.values = forward_in_micro_batches(response_values, self.critic, batch, self.micro_batching("values", mbs))
         log_probs_s = time.perf_counter() - start - rollout_s
         a = cfg.algorithm
         batch.advantages, batch.returns = core_algos.get_adv_estimator(a.adv_estimator)(
@@ -264,8 +278,10 @@ class RLTrainer:
         )
         metrics: dict[str, float] = {}
         if self.critic is not None:
-            metrics.update(update_critic(self.critic, self.critic_optimizer, batch, cfg.critic.cliprange_value,
-                                         a.loss_agg_mode, settings, position.global_step))
+            critic = self.micro_batching("critic", mbs)
+            metrics.update(update_critic(self.critic, self.critic_optimizer, batch, cfg.critic.cliprange_value, a.loss_agg_mode,
+                                         replace(settings, max_tokens=critic.max_tokens, max_tokens_key=critic.key),
+                                         position.global_step))
         if self.critic is None or position.global_step >= cfg.critic.warmup_steps:
             loss_cfg = core_algos.PolicyLossConfig(a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_c, a.loss_agg_mode,
                                                    cfg.rollout.max_new_tokens)

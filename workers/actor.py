@@ -1,11 +1,15 @@
 """The RL actor and critic on FSDP shards: rollout batches, log-probs, values, and updates.
+(Over 400 lines: the forwards and the two updates share one micro-batching and one loss
+normalisation, whose lockstep and exactness are read together.)
 
 Every forward here runs on a sharded model and is a collective, so every rank runs the same
 number of them: each rank holds the same number of sequences (whole prompt groups) and splits
 them into the same number of micro- and mini-batches.
 
 Losses are normalised by a global count (tokens or sequences of the mini-batch, summed over
-ranks once), so the update does not depend on how the batch is split.
+ranks once), so the update does not depend on how the batch is split: into micro-batches of a
+fixed number of sequences, or of a token budget (`MicroBatching.max_tokens`, verl's
+use_dynamic_bsz), where the ranks agree on one count with an all-reduce first.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from config.schema import ConfigError
 from workers import core_algos
 from workers.fsdp import full_grad_norm
 from workers.generation import Generated
 from workers import prompt_cache
+from workers.micro_batches import balanced_groups, token_budget_groups
 from workers.model import activation_checkpointing, cache_arguments, cache_keyword, lm_head_rows
 
 
@@ -54,6 +60,28 @@ class RolloutBatch:
     def to(self, device: torch.device) -> "RolloutBatch":
         tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **tensors)
+
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """Each row's prompt tokens and response tokens."""
+        prompts = self.attention_mask[:, : self.prompt_width].sum(-1)
+        return prompts.tolist(), self.response_mask.sum(-1).long().tolist()
+
+    def trimmed(self) -> "RolloutBatch":
+        """The same rows without the columns none of them uses: prompt padding left of the
+        longest prompt, response padding right of the longest response. Positions and masks of
+        the tokens are unchanged, so a forward gives the same values on fewer columns."""
+        prompts, responses = self.lengths()
+        p, r = max(1, max(prompts)), max(1, max(responses))
+        P = self.prompt_width
+        tensors = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if isinstance(t, torch.Tensor) and t.dim() == 2:
+                tensors[f.name] = t[:, P - p : P + r] if f.name in _SEQUENCE_FIELDS else t[:, :r]
+        return replace(self, prompt_width=p, **tensors)
+
+
+_SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")  # [N, P + R]; the other 2-D fields are [N, R]
 
 
 def build_rollout_batch(generated: Sequence[Generated], group_index: Sequence[int], pad_id: int) -> RolloutBatch:
@@ -194,13 +222,67 @@ def response_values(critic: torch.nn.Module, batch: RolloutBatch) -> torch.Tenso
     return _response_logits(critic, batch).float().squeeze(-1)
 
 
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one rank's sequences are cut into forwards: `size` sequences each, or, with
+    `max_tokens` (verl's use_dynamic_bsz), as many as fit that many tokens counted as the forward
+    computes them (rows × (longest prompt + longest response) of the micro-batch, which is
+    trimmed to those widths). `key` is the budget's config key, for the error naming it."""
+
+    size: int
+    max_tokens: Optional[int] = None
+    key: str = "max_tokens"
+
+
+def micro_batch_rows(batch: RolloutBatch, how: MicroBatching) -> list[torch.Tensor]:
+    """Collective with a token budget. The rows of each micro-batch of `batch`.
+
+    Fixed size: runs of `size` rows. Token budget: each rank finds the fewest micro-batches its
+    rows fit in, the ranks take the largest of those counts (every forward of a sharded model is
+    a collective, so all run as many: verl's `rearrange_micro_batches(..., same_micro_num_in_dp=True)`
+    does the same all-reduce MAX), then each rank cuts its rows into that many, balanced
+    (`workers.micro_batches.balanced_groups`). A sequence longer than the budget stops every rank
+    with the same one-line error (the config check catches it first when the lengths are known)."""
+    n = len(batch)
+    if how.max_tokens is None:
+        return [torch.arange(i, min(i + how.size, n)) for i in range(0, n, how.size)]
+    prompts, responses = batch.lengths()
+    lengths = (prompts, [max(1, r) for r in responses])  # a response of no token still takes a column
+    longest = max(p + r for p, r in zip(*lengths))
+    need = torch.tensor([len(token_budget_groups(range(n), lengths, how.max_tokens)),
+                         longest if longest > how.max_tokens else 0], dtype=torch.long)
+    if dist.is_initialized():
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    count, too_long = need.tolist()
+    if too_long:
+        raise ConfigError(f"{how.key}={how.max_tokens}: smaller than a sequence of {too_long} tokens (prompt + response); "
+                          "it must hold the longest sequence (data.max_prompt_length + rollout.max_new_tokens)")
+    groups = balanced_groups(range(n), lengths, how.max_tokens, count)
+    return [torch.tensor(sorted(g), dtype=torch.long) for g in groups]
+
+
+def micro_batches(batch: RolloutBatch, how: MicroBatching) -> list[tuple[torch.Tensor, RolloutBatch]]:
+    """(rows, micro-batch) pairs; token-budget micro-batches are trimmed to their own widths."""
+    if how.max_tokens is None:
+        return [(rows, batch.select(slice(int(rows[0]), int(rows[-1]) + 1))) for rows in micro_batch_rows(batch, how)]
+    return [(rows, batch.select(rows.to(batch.input_ids.device)).trimmed()) for rows in micro_batch_rows(batch, how)]
+
+
 @torch.no_grad()
-def forward_in_micro_batches(fn: Callable, model: torch.nn.Module, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+def forward_in_micro_batches(fn: Callable, model: torch.nn.Module, batch: RolloutBatch, how: MicroBatching | int) -> torch.Tensor:
+    """`fn(model, micro)` ([rows, R'] per micro-batch) for every row of `batch`, in its order: [N, R],
+    0 right of a trimmed micro-batch's responses. `how`: a MicroBatching or a micro-batch size."""
+    how = MicroBatching(how) if isinstance(how, int) else how
     was_training = model.training
     model.eval()
-    outs = [fn(model, batch.select(slice(i, i + micro_batch_size))) for i in range(0, len(batch), micro_batch_size)]
+    out: Optional[torch.Tensor] = None
+    for rows, micro in micro_batches(batch, how):
+        values = fn(model, micro)
+        if out is None:
+            out = values.new_zeros((len(batch), batch.response_mask.shape[1]))
+        out[rows.to(values.device), : values.shape[1]] = values
     model.train(was_training)
-    return torch.cat(outs)
+    return out
 
 
 def _global_count(value: float, device: torch.device) -> float:
@@ -224,6 +306,12 @@ class UpdateSettings:
     world_size: int
     seed: int  # shuffles mini-batches reproducibly
     shared_prompts: bool = False  # `response_log_probs`: rows of a group share one prompt forward
+    max_tokens: Optional[int] = None  # token-budget micro-batches (MicroBatching.max_tokens) instead of micro_batch_size
+    max_tokens_key: str = "actor.ppo_max_token_len_per_gpu"  # named when a sequence does not fit
+
+    @property
+    def micro_batching(self) -> MicroBatching:
+        return MicroBatching(self.micro_batch_size, self.max_tokens, self.max_tokens_key)
 
 
 def on_policy(settings: UpdateSettings) -> bool:
@@ -274,8 +362,7 @@ def update_policy(
         for index in _mini_batches(len(batch), settings.mini_batches, generator):
             mini = batch.select(index)
             denominator = loss_denominator(loss_cfg.loss_agg_mode, mini.response_mask, device)
-            for i in range(0, len(mini), settings.micro_batch_size):
-                micro = mini.select(slice(i, i + settings.micro_batch_size))
+            for _, micro in micro_batches(mini, settings.micro_batching):
                 log_prob = response_log_probs(actor, micro, temperature, settings.shared_prompts)
                 # On-policy (no old log-probs: one mini-batch, one epoch) the sampling policy is the
                 # current one, so the ratio is exactly 1: its detached log-probs stand in (as TRL does).
@@ -336,12 +423,12 @@ def update_critic(
         for index in _mini_batches(len(batch), settings.mini_batches, generator):
             mini = batch.select(index)
             denominator = loss_denominator(loss_agg_mode, mini.response_mask, device)
-            for i in range(0, len(mini), settings.micro_batch_size):
-                micro = mini.select(slice(i, i + settings.micro_batch_size))
+            for _, micro in micro_batches(mini, settings.micro_batching):
                 values = response_values(critic, micro)
+                # The rank's response width, not a trimmed micro-batch's: the same normaliser for every split.
                 loss, metrics = core_algos.value_loss(values, micro.returns, micro.values, micro.response_mask,
                                                       cliprange_value, loss_agg_mode, denominator,
-                                                      max_response_length=micro.response_mask.shape[1])
+                                                      max_response_length=batch.response_mask.shape[1])
                 (loss * settings.world_size).backward()
                 loss_sum += float(loss.detach())
                 clipfrac_sum += float(metrics["vf_clipfrac"])

@@ -334,7 +334,6 @@ def test_wrong_engine_settings_are_one_line_errors(override, message, tiny_model
     ("actor_rollout_ref.actor.entropy_coeff=0.001", "no entropy bonus"),
     ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "not available yet"),
     ("critic.ulysses_sequence_parallel_size=2", "not available yet"),
-    ("critic.use_dynamic_bsz=True", "token-budget micro-batches are not available in RL"),
     ("critic.optim.lr_warmup_steps_ratio=0.05", "the critic's learning rate is constant here"),
     ("critic.ppo_mini_batch_size=8", "the critic uses the actor's setting here (actor.mini_batches_per_step=4, i.e. mini-batches of 4 prompts)"),
     ("critic.ppo_epochs=2", "the critic uses the actor's setting here (actor.ppo_epochs=1"),
@@ -384,6 +383,66 @@ def test_verl_critic_settings_that_ask_for_the_actors_are_accepted(tiny_model, r
     assert all(any(n.startswith(k.split("=")[0]) and "the actor's setting" in n for n in resolved.notes) for k in critic)
 
 
+def test_verl_token_budget_keys_map_onto_ours(tiny_model, rl_data):
+    """verl's use_dynamic_bsz keys: the actor's, and the log-prob and critic ones that default to it."""
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+              "actor_rollout_ref.actor.use_kl_loss=True"]
+    off = rl(inputs, world_size=2).config
+    assert all(off.token_budget(f) is None for f in RLConfig.FORWARDS)  # verl's default: micro-batches count sequences
+    resolved = rl([*inputs, "actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096",
+                   "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=8192"], world_size=2)
+    c = resolved.config
+    assert (c.actor.use_dynamic_bsz, c.actor.ppo_max_token_len_per_gpu) == (True, 4096)
+    assert c.token_budget("actor") == c.token_budget("old_log_prob") == (4096, "actor.ppo_max_token_len_per_gpu")
+    assert c.token_budget("ref_log_prob") == (8192, "ref.log_prob_max_token_len_per_gpu")
+    assert any(n.startswith("actor_rollout_ref.actor.use_dynamic_bsz=True (verl): read as actor.use_dynamic_bsz=True")
+               for n in resolved.notes)
+    # Each log-prob forward can say otherwise, as in verl.
+    c = rl([*inputs, "actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=False",
+            "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=2048"], world_size=2).config
+    assert c.token_budget("old_log_prob") is None and c.rollout.log_prob_max_token_len_per_gpu == 2048
+    c = rl([*inputs, "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True"], world_size=2).config
+    assert c.token_budget("actor") is None and c.token_budget("old_log_prob") == (16384, "actor.ppo_max_token_len_per_gpu")
+    # The critic's keys are ours by the same names; its budget is its own (verl: 32768), the value forward's defaults to it.
+    ppo = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16"]
+    c = rl([*ppo, "actor_rollout_ref.actor.use_dynamic_bsz=True"], world_size=2, name="ppo_trainer").config
+    assert c.token_budget("critic") == c.token_budget("values") == (32768, "critic.ppo_max_token_len_per_gpu")
+    c = rl([*ppo, "critic.use_dynamic_bsz=True", "critic.ppo_max_token_len_per_gpu=4096", "critic.forward_max_token_len_per_gpu=8192"],
+           world_size=2, name="ppo_trainer").config
+    assert c.token_budget("actor") is None
+    assert (c.token_budget("critic"), c.token_budget("values")) == ((4096, "critic.ppo_max_token_len_per_gpu"),
+                                                                    (8192, "critic.forward_max_token_len_per_gpu"))
+
+
+def test_verl_seq_balance_script_cuts_every_actor_forward_by_its_budget(tiny_model, gsm8k):
+    paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "Qwen/Qwen2-7B-Instruct": str(tiny_model)}
+    args = command_line(GRPO_SCRIPTS["run_qwen2-7b_seq_balance.sh"], paths, ["data.train_batch_size=16",
+                        "actor_rollout_ref.actor.ppo_mini_batch_size=8", "trainer.n_gpus_per_node=2"])
+    c = rl(without(args, "actor_rollout_ref.rollout.name", "actor_rollout_ref.rollout.tensor_model_parallel_size",
+                   "actor_rollout_ref.rollout.multi_turn.format"), world_size=2).config
+    assert c.forwards_run() == ["actor", "old_log_prob", "ref_log_prob"]
+    assert {c.token_budget(f) for f in c.forwards_run()} == {(24000, "actor.ppo_max_token_len_per_gpu")}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=600"],
+     "actor.ppo_max_token_len_per_gpu (verl: actor_rollout_ref.actor.ppo_max_token_len_per_gpu): 600 tokens is less than the "
+     "longest sequence, data.max_prompt_length + rollout.max_new_tokens = 512 + 512 = 1024"),
+    (["actor.use_dynamic_bsz=true", "ref.log_prob_max_token_len_per_gpu=1000"],
+     "ref.log_prob_max_token_len_per_gpu (verl: actor_rollout_ref.ref.log_prob_max_token_len_per_gpu): 1000 tokens is less"),
+    (["critic.use_dynamic_bsz=true", "critic.forward_max_token_len_per_gpu=64", "algorithm.adv_estimator=gae",
+      "algorithm.name=ppo"], "critic.forward_max_token_len_per_gpu: 64 tokens is less than the longest sequence"),
+])
+def test_a_token_budget_below_the_longest_sequence_is_one_line_naming_the_key(overrides, message, tiny_model, rl_data):
+    inputs = [f"model.partial_pretrain={tiny_model}", f"data.train_files={rl_data['train']}", "data.train_batch_size=16",
+              "actor_rollout_ref.actor.use_kl_loss=True", "data.max_prompt_length=512", "data.max_response_length=512"]
+    with pytest.raises(ConfigError) as err:
+        rl([*inputs, *overrides], world_size=2)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    # The same budget without token-budget micro-batches asks for nothing.
+    rl([*inputs, *[o for o in overrides if "use_dynamic_bsz" not in o]], world_size=2)
+
+
 @pytest.mark.parametrize("script", sorted(GRPO_SCRIPTS))
 def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script, tiny_model, gsm8k, tmp_path):
     paths = {"$HOME/data/gsm8k/train.parquet": str(gsm8k["train"]), "$HOME/data/gsm8k/test.parquet": str(gsm8k["test"]),
@@ -396,8 +455,8 @@ def test_verl_grpo_scripts_are_refused_only_for_what_has_no_meaning_here(script,
     message = str(err.value)
     refused = set(re.findall(r"(?:^|; )([\w.]+)=", message))
     table = docs_verl_rl_table()
-    for key in refused:
-        assert key in table and table[key].startswith("refused"), key
+    for key in refused:  # refused outright, or for some values (rollout.name=sglang)
+        assert key in table and (table[key].startswith("refused") or " are refused" in table[key]), key
     cleaned = without(args, *refused)
     c = rl(cleaned, world_size=2).config
     assert c.algorithm.adv_estimator == "grpo" and c.rollout.responses_per_prompt == 5 and c.algorithm.kl_coef == 0.001

@@ -16,6 +16,7 @@ import torch
 from config.schema import DataConfig
 from trainer.data.rows import DataError
 from trainer.data.sft_examples import IGNORE, Example
+from workers.micro_batches import split_to_count, token_budget_groups  # shared with RL's token-budget micro-batches
 
 
 # ----------------------------------------------------------------------------- batching
@@ -106,29 +107,6 @@ def balanced_shares(batch: Sequence[int], lengths: Sequence[int], world_size: in
         shares[r].append(i)
         tokens[r] += lengths[i]
     return shares
-
-
-def token_budget_groups(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Length-sorted micro-batches whose padded size (longest × count) stays within `budget`."""
-    groups: list[list[int]] = []
-    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
-        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
-            groups[-1].append(i)  # sorted longest first: the group's first member is its longest
-        else:
-            groups.append([i])
-    return groups
-
-
-def split_to_count(groups: list[list[int]], count: int) -> list[list[int]]:
-    """Split the largest groups until there are `count` (every rank runs as many forwards)."""
-    groups = [list(g) for g in groups]
-    while len(groups) < count:
-        k = max(range(len(groups)), key=lambda k: (len(groups[k]), -k))
-        if len(groups[k]) < 2:
-            break
-        g = groups.pop(k)
-        groups[k:k] = [g[: len(g) // 2], g[len(g) // 2 :]]
-    return groups
 
 
 class SFTBatches:
