@@ -16,7 +16,8 @@ into a model built from its config and saved from there. Without those packages 
 What it does:
 1. writes GSM8K-format data (`question`, `answer` with `<<a*b=c>>` calculator notes and a final
    `#### N` line, as GSM8K's train split has them): word problems made from templates, so the
-   demo needs no download;
+   demo needs no download; the validation answers are worded by a second "annotator", so a right
+   answer shows in `last_number_match` and not in `exact_match` (as with GSM8K's own references);
 2. runs `torchrun --nproc_per_node=2 -m trainer.fsdp_sft_trainer` once per learning rate (full
    fine-tune in fp32; validation with 4 sampled generations after every step), the same seed, so
    each prompt samples with the same seed in both runs and the comparison is like with like;
@@ -108,8 +109,10 @@ NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Mark", "Albert", "Ken", 
 ITEMS = ["apples", "books", "stickers", "marbles", "pencils", "cookies", "cards", "shells"]
 
 
-def word_problem(rng: random.Random) -> dict:
-    """One GSM8K-style problem with its worked answer (two calculator steps, then `#### N`)."""
+def word_problem(rng: random.Random, annotator: int = 0) -> dict:
+    """One GSM8K-style problem with its worked answer (two calculator steps, then `#### N`).
+    `annotator` 1 words the same working as a second person would: GSM8K's references are written
+    by people, and a model's right answer rarely repeats one word for word."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.randrange(3)
     a, b, c = rng.randint(3, 20), rng.randint(2, 9), rng.randint(2, 15)
@@ -118,23 +121,29 @@ def word_problem(rng: random.Random) -> dict:
         final = total + c
         question = (f"{name} has {b} boxes of {item} with {a} {item} in each box. A friend gives {name} {c} more {item}. "
                     f"How many {item} does {name} have now?")
-        answer = (f"The boxes hold {b}*{a} = <<{b}*{a}={total}>>{total} {item}.\n"
-                  f"With the gift, {name} has {total}+{c} = <<{total}+{c}={final}>>{final} {item}.\n#### {final}")
+        steps = ((f"The boxes hold {b}*{a} = <<{b}*{a}={total}>>{total} {item}.",
+                  f"With the gift, {name} has {total}+{c} = <<{total}+{c}={final}>>{final} {item}."),
+                 (f"{b} boxes of {a} make {b}*{a}=<<{b}*{a}={total}>>{total}.",
+                  f"Adding the friend's {c} gives {total}+{c}=<<{total}+{c}={final}>>{final}."))
     elif kind == 1:
         total = a * b + c
-        final = total - c
+        final = a
         question = (f"{name} had {total} {item}. {name} gave away {c} of them and shared the rest equally among {b} friends. "
                     f"How many {item} did each friend get?")
-        answer = (f"After giving some away, {name} had {total}-{c} = <<{total}-{c}={final}>>{final} {item}.\n"
-                  f"Each friend got {final}/{b} = <<{final}/{b}={a}>>{a} {item}.\n#### {a}")
+        steps = ((f"After giving some away, {name} had {total}-{c} = <<{total}-{c}={total - c}>>{total - c} {item}.",
+                  f"Each friend got {total - c}/{b} = <<{total - c}/{b}={a}>>{a} {item}."),
+                 (f"{total}-{c}=<<{total}-{c}={total - c}>>{total - c} {item} were left to share.",
+                  f"Split {b} ways that is {total - c}/{b}=<<{total - c}/{b}={a}>>{a} each."))
     else:
         price = rng.randint(2, 12)
         spent = price * a
         final = spent + c
         question = (f"{name} buys {a} {item} at ${price} each and pays ${c} for delivery. How much does {name} pay in all?")
-        answer = (f"The {item} cost {a}*{price} = <<{a}*{price}={spent}>>{spent} dollars.\n"
-                  f"With delivery, {name} pays {spent}+{c} = <<{spent}+{c}={final}>>{final} dollars.\n#### {final}")
-    return {"question": question, "answer": answer}
+        steps = ((f"The {item} cost {a}*{price} = <<{a}*{price}={spent}>>{spent} dollars.",
+                  f"With delivery, {name} pays {spent}+{c} = <<{spent}+{c}={final}>>{final} dollars."),
+                 (f"{a} {item} at ${price} come to {a}*{price}=<<{a}*{price}={spent}>>{spent}.",
+                  f"Delivery adds {c}: {spent}+{c}=<<{spent}+{c}={final}>>{final}."))
+    return {"question": question, "answer": "\n".join([*steps[annotator], f"#### {final}"])}
 
 
 def write_data(out: Path, train_rows: int, val_rows: int, seed: int = 0) -> dict[str, Path]:
@@ -144,9 +153,11 @@ def write_data(out: Path, train_rows: int, val_rows: int, seed: int = 0) -> dict
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for split, n in (("train", train_rows), ("val", val_rows)):
+    # The validation references come from the second annotator, as a held-out set written by
+    # other people would: exact match then stays near 0 while the final number can be right.
+    for split, n, annotator in (("train", train_rows, 0), ("val", val_rows, 1)):
         files[split] = out / f"{split}.parquet"
-        pq.write_table(pa.Table.from_pylist([word_problem(rng) for _ in range(n)]), files[split])
+        pq.write_table(pa.Table.from_pylist([word_problem(rng, annotator) for _ in range(n)]), files[split])
     return files
 
 

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import real_model_demo as demo  # noqa: E402
 
 
-def test_word_problems_have_gsm8k_answers_whose_arithmetic_holds():
+@pytest.mark.parametrize("annotator", [0, 1])
+def test_word_problems_have_gsm8k_answers_whose_arithmetic_holds(annotator):
     rng = random.Random(3)
     for _ in range(60):
-        row = demo.word_problem(rng)
+        row = demo.word_problem(rng, annotator)
         *steps, final = row["answer"].split("\n")
         assert row["question"].endswith("?") and re.fullmatch(r"#### \d+", final)
         notes = [re.search(r"<<(\d+)([*/+-])(\d+)=(\d+)>>\4", s) for s in steps]
@@ -31,6 +32,13 @@ def test_word_problems_have_gsm8k_answers_whose_arithmetic_holds():
         for a, op, b, result in (n.groups() for n in notes):
             assert eval(f"{a}{op}{b}") == int(result)  # noqa: S307 - our own digits and one operator
         assert final == f"#### {notes[-1].group(4)}"
+
+
+def test_the_second_annotator_words_the_same_working_differently():
+    """Validation references: the same question and final number, other words (exact match != last number)."""
+    first, second = demo.word_problem(random.Random(9), 0), demo.word_problem(random.Random(9), 1)
+    assert first["question"] == second["question"]
+    assert first["answer"] != second["answer"] and first["answer"].split("\n")[-1] == second["answer"].split("\n")[-1]
 
 
 def _resolved(cmd: list[str]):
