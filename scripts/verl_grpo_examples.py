@@ -1,5 +1,4 @@
-"""verl's FSDP GRPO example scripts (examples/grpo_trainer/*.sh), run here as a verl user would:
-(Over 400 lines: the small bash reader is most of it; it stays beside the one thing that uses it.)
+"""verl's FSDP GRPO example scripts (examples/grpo_trainer/*.sh), run here as a verl user would.
 
     python scripts/verl_grpo_examples.py --verl VERL_DIR [--commit SHA] [--only NAME] [--work DIR]
         [--python PY] [--extra KEY=VALUE] [--show]
@@ -28,6 +27,8 @@ instead of running it. Nothing here executes the scripts: they are parsed.
 """
 
 from __future__ import annotations
+
+# (Over 400 lines: the small bash reader is most of it; it stays beside the one thing that uses it.)
 
 import argparse
 import os
