@@ -39,6 +39,7 @@ from workers.generation import Generated, GenerationSettings, as_generated, gene
 from workers.lora import ADAPTER_NAME, LoraSpec
 
 log = logging.getLogger(__name__)
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,17 @@ class VLLMEngine(RolloutEngine):
         # `reload_weights` (vLLM's in-place reload), not the model's `load_weights` alone: after the
         # first load the CPU backend repacks linear weights for its kernels, and the reload
         # re-runs that processing layer by layer on the streamed checkpoint-format tensors.
-        _driver_worker(self.llm).reload_weights(
-            weights_iterator=engine_weights(self.actor, self.settings.dtype, self.lora), is_checkpoint_format=True)
+        # Layers with no weights of their own in the checkpoint format (a tied LM head, rotary
+        # embeddings) make vLLM warn "Failed to load weights" on every reload: two lines per step
+        # that say nothing (the tied head follows the embeddings: tests/distributed/test_rollout_engine.py).
+        reload_log = logging.getLogger(_RELOAD_LOGGER)
+        level = reload_log.level
+        reload_log.setLevel(logging.ERROR)
+        try:
+            _driver_worker(self.llm).reload_weights(
+                weights_iterator=engine_weights(self.actor, self.settings.dtype, self.lora), is_checkpoint_format=True)
+        finally:
+            reload_log.setLevel(level)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.stale = False
         self.last_sync_s = time.perf_counter() - start
