@@ -358,7 +358,14 @@ class AlertConfig:
         "deviations of chance flips, so the noise of a few sampled answers does not alert; 0 turns this off.",
         2.0,
     )
-    length_change_ratio: float = doc("Mean generated length changing by this factor against the previous event.", 2.0)
+    length_change_ratio: float = doc(
+        "Mean generated length changing by this factor against the event before the change began.", 2.0)
+    persist_events: int = doc(
+        "Degeneration and length change alert only when the change lasts this many events in a row (1: at "
+        "the first event). While a model learns a new format one answer loops once, or one event's answers "
+        "run long, and the next event is fine: measured on the regression demo (docs/alerts-actions.md).",
+        2,
+    )
     drift_share: float = doc(
         "Drift: share of prompts whose generation changed since the previous event, right after "
         "`stable_events` events where at most `stable_share` changed (each prompt keeps its own "
@@ -418,6 +425,7 @@ class AlertConfig:
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")
         _require(self.noise_z >= 0, "samples.alerts.noise_z", "must be >= 0")
         _require(self.length_change_ratio > 1, "samples.alerts.length_change_ratio", "must be > 1")
+        _require(self.persist_events >= 1, "samples.alerts.persist_events", "must be >= 1")
         _require(self.min_history >= 1, "samples.alerts.min_history", "must be >= 1")
         _require(self.stable_events >= 1, "samples.alerts.stable_events", "must be >= 1")
 

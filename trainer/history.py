@@ -92,6 +92,9 @@ class _Series:
     best_exact_match: Optional[_Mean] = None  # of the watched metric (`alerts.metric`: exact match by default)
     best_reward: dict[str, _Mean] = field(default_factory=dict)
     previous_mean_length: Optional[float] = None
+    mean_lengths: list[float] = field(default_factory=list)  # per event, oldest first (the length rule's baseline)
+    loop_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row its answer repeated itself
+    limit_streak: int = 0  # events in a row in which too many samples ran to max_new_tokens
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
     right_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered right
@@ -146,14 +149,19 @@ class SampleHistory:
     def _remember_records(self, series: _Series, group: list[dict]) -> None:
         self._remember(series, [r["prompt_id"] for r in group], [r["generation"] for r in group],
                        [self._watched(r.get("metrics", {}), r["signals"]) for r in group], [r.get("rewards", {}) for r in group],
-                       [r["generated_tokens"] for r in group])
+                       [r["generated_tokens"] for r in group], [r["signals"] for r in group])
 
     def _watched(self, metrics: dict, signals: dict) -> Optional[float]:
         """The watched metric of one sample (exact match from its signals in files from before metrics)."""
         return metrics.get(self.metric, signals.get(self.metric))
 
-    def _remember(self, series: _Series, pids, generations, matches, rewards, lengths) -> None:
+    def _remember(self, series: _Series, pids, generations, matches, rewards, lengths, signals) -> None:
         series.events += 1
+        for pid, sig in zip(pids, signals):
+            series.loop_streak[pid] = series.loop_streak.get(pid, 0) + 1 if sig["repetition"] > self.rules.repetition_threshold else 0
+        if signals:
+            over = sum(bool(sig["hit_limit"]) for sig in signals) / len(signals) > self.rules.limit_hit_share
+            series.limit_streak = series.limit_streak + 1 if over else 0
         share = _change_share(series, pids, generations)
         if share is not None:
             series.previous_change_share = share
@@ -178,6 +186,7 @@ class SampleHistory:
             if name not in series.best_reward or mean.value > series.best_reward[name].value:
                 series.best_reward[name] = mean
         series.previous_mean_length = sum(lengths) / max(1, len(lengths))
+        series.mean_lengths = [*series.mean_lengths, series.previous_mean_length][-max(2, self.rules.persist_events + 1):]
 
     # ------------------------------------------------------------------ one event
     def record(
@@ -207,7 +216,7 @@ class SampleHistory:
 
         self._remember(series, [s.prompt_id for s in event.samples], [s.generation for s in event.samples],
                        [self._watched(s.metrics, s.signals) for s in event.samples], [s.rewards for s in event.samples],
-                       [g.num_tokens for g in generations])
+                       [g.num_tokens for g in generations], [s.signals for s in event.samples])
         n = max(1, len(event.samples))
         sims = [s.signals["similarity_to_previous"] for s in event.samples if s.signals["similarity_to_previous"] is not None]
         metrics = {
@@ -225,13 +234,18 @@ class SampleHistory:
         r = self.rules
         samples = event.samples
         alerts: list[Alert] = []
+        # Degeneration and length changes must last `persist_events` events: while a model learns a
+        # new format, one answer loops once or one event's answers run long, and the next are fine.
+        persist = r.persist_events
+        lasting = "" if persist == 1 else f", {persist} events in a row"
         for s in samples:
-            if s.signals["repetition"] > r.repetition_threshold:
-                alerts.append(Alert("degeneration", f"sample {s.index} repeats itself ({s.signals['repetition']:.0%} of 3-grams)", s.prompt_id))
+            if s.signals["repetition"] > r.repetition_threshold and series.loop_streak.get(s.prompt_id, 0) + 1 >= persist:
+                alerts.append(Alert("degeneration", f"sample {s.index} repeats itself ({s.signals['repetition']:.0%} of 3-grams{lasting})",
+                                    s.prompt_id))
         if samples:
             share = sum(s.signals["hit_limit"] for s in samples) / len(samples)
-            if share > r.limit_hit_share:
-                alerts.append(Alert("degeneration", f"{share:.0%} of samples ran to max_new_tokens without stopping"))
+            if share > r.limit_hit_share and series.limit_streak + 1 >= persist:
+                alerts.append(Alert("degeneration", f"{share:.0%} of samples ran to max_new_tokens without stopping{lasting}"))
         firsts = [s.generation for s in samples if s.sample == 0 and not s.greedy]  # one answer per prompt
         if len(firsts) >= 2:
             pairs = list(itertools.combinations(firsts, 2))
@@ -266,11 +280,14 @@ class SampleHistory:
                 values = [s.rewards[name] for s in samples if name in s.rewards]
                 if values and (mean := _Mean.of(values)).dropped_from(best, r.metric_drop, r.noise_z):
                     alerts.append(Alert("reward_drop", f"reward {name} {mean.value:.3f}, best so far {best.value:.3f}"))
-            if series.previous_mean_length is not None and samples:
+            if len(series.mean_lengths) >= persist and samples:
+                # Against the mean of the event before the change began: every event since then,
+                # this one included, beyond the ratio on the same side.
                 mean_len = sum(s.signals["length_tokens"] for s in samples) / len(samples)
-                ratio = (mean_len + 1) / (series.previous_mean_length + 1)
-                if ratio > r.length_change_ratio or ratio < 1 / r.length_change_ratio:
-                    alerts.append(Alert("length_change", f"mean length {series.previous_mean_length:.1f} -> {mean_len:.1f} tokens"))
+                base = series.mean_lengths[-persist]
+                ratios = [(m + 1) / (base + 1) for m in [*series.mean_lengths[len(series.mean_lengths) - persist + 1:], mean_len]]
+                if all(x > r.length_change_ratio for x in ratios) or all(x < 1 / r.length_change_ratio for x in ratios):
+                    alerts.append(Alert("length_change", f"mean length {base:.1f} -> {mean_len:.1f} tokens{lasting}"))
         return alerts
 
     def _append(self, event: SampleEvent, generations, settings: GenerationSettings, seeds, alerts: list[Alert]) -> None:

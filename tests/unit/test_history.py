@@ -56,7 +56,7 @@ def test_records_carry_signals_and_similarity_to_the_previous_generation(tmp_pat
 
 
 def test_degeneration_and_collapse_rules(tmp_path, caplog):
-    history = SampleHistory(tmp_path, AlertConfig())
+    history = SampleHistory(tmp_path, AlertConfig(persist_events=1))
     with caplog.at_level(logging.WARNING):
         ev, metrics = record(history, 5, ["a b a b a b a b", "the the the the"], token_ids=[[1, 2] * 6, [3] * 8], stopped=[False, False])
     rules = sorted(a.split(":")[0] for a in ev.alerts)
@@ -101,7 +101,7 @@ def test_forgetting_fires_when_answers_right_for_a_while_turn_wrong_together(tmp
 
 
 def test_reward_drop_and_length_change(tmp_path):
-    history = SampleHistory(tmp_path, AlertConfig(metric_drop=0.2, length_change_ratio=2.0))
+    history = SampleHistory(tmp_path, AlertConfig(metric_drop=0.2, length_change_ratio=2.0, persist_events=1))
     record(history, 1, ["abc", "abd"], rewards=[{"r": 1.0}, {"r": 0.8}], prefix="samples")
     ev, _ = record(history, 2, ["abcabcabcabcabcabc", "x" * 20], rewards=[{"r": 0.5}, {"r": 0.4}], prefix="samples")
     rules = {a.split(":")[0] for a in ev.alerts}
@@ -144,7 +144,8 @@ def test_drift_fires_when_settled_answers_move_together(tmp_path):
 
 def test_replaying_a_recorded_history_raises_the_alerts_the_run_raised(tmp_path):
     """Rules tuned offline (scripts/alert_precision.py --replay) see what a run would have seen."""
-    rules = AlertConfig(drift_share=0.4, stable_share=0.2, stable_events=2, metric_drop=0.2, length_change_ratio=2.0)
+    rules = AlertConfig(drift_share=0.4, stable_share=0.2, stable_events=2, metric_drop=0.2, length_change_ratio=2.0,
+                        persist_events=1)
     history = SampleHistory(tmp_path, rules)
     refs = ["1", "2", "3", "4", "5"]
     events = [["a", "b", "c", "d", "e"], refs, refs, refs, ["1", "x", "y", "z", "5"], ["1" * 30, "2", "3", "4", "5"],
@@ -159,3 +160,42 @@ def test_replaying_a_recorded_history_raises_the_alerts_the_run_raised(tmp_path)
     assert any(r["rule"] == "exact_match_drop" for r in stricter)
     assert [r for r in stricter if r["rule"] == "exact_match_drop"] == [r for r in recorded if r["rule"] == "exact_match_drop"
                                                                         and float(r["message"].split()[2].rstrip(",")) <= 0.1]
+
+
+def test_degeneration_and_length_change_must_last_persist_events(tmp_path):
+    """One answer looping once, or one event of long answers, is what a model learning a format does."""
+    history = SampleHistory(tmp_path, AlertConfig(persist_events=2, length_change_ratio=2.0))
+    loop, fine = [1, 2] * 4, [1, 2, 3]  # short loops: the mean length stays put
+    rules = lambda ev: [a.split(":")[0] for a in ev.alerts]  # noqa: E731
+    ev, _ = record(history, 1, ["ok", "ok too"], token_ids=[fine, fine])
+    ev, _ = record(history, 2, ["a b a b", "ok too"], token_ids=[loop, fine])
+    assert rules(ev) == []  # prompt id0 loops once
+    ev, _ = record(history, 3, ["ok", "ok too"], token_ids=[fine, fine])
+    ev, _ = record(history, 4, ["ok", "a b a b"], token_ids=[fine, loop])
+    assert rules(ev) == []  # another prompt, once: no streak
+    ev, _ = record(history, 5, ["ok", "a b a b"], token_ids=[fine, loop])
+    assert rules(ev) == ["degeneration"] and "sample 2 repeats itself" in ev.alerts[0] and "2 events in a row" in ev.alerts[0]
+    # Running to max_new_tokens: one event is not enough, two are.
+    ev, _ = record(history, 6, ["ok", "fine"], token_ids=[fine, fine], stopped=[False, False])
+    assert "degeneration" not in rules(ev)
+    ev, _ = record(history, 7, ["ok", "fine"], token_ids=[fine, fine], stopped=[False, False])
+    assert rules(ev) == ["degeneration"] and "ran to max_new_tokens" in ev.alerts[0]
+
+    lengths = SampleHistory(tmp_path / "lengths", AlertConfig(persist_events=2, length_change_ratio=2.0))
+    short, long_ = [[1, 2, 3]] * 2, [list(range(10, 30))] * 2
+    fired = {}
+    for step, ids in enumerate([short, short, long_, short, long_, long_, long_], start=1):
+        ev, _ = record(lengths, step, ["x", "y"], token_ids=ids)
+        fired[step] = [a for a in ev.alerts if a.startswith("length_change")]
+    # A one-event spike (step 3) passes; a lasting change alerts at its second event (step 6), once.
+    assert [step for step, alerts in fired.items() if alerts] == [6]
+    assert fired[6] == ["length_change: mean length 3.0 -> 20.0 tokens, 2 events in a row"]
+
+
+def test_a_resumed_history_remembers_streaks(tmp_path):
+    """The streaks are rebuilt from the file: a loop before the resume and one after alert."""
+    history = SampleHistory(tmp_path, AlertConfig(persist_events=2))
+    record(history, 10, ["a b a b"], token_ids=[[1, 2] * 6])
+    resumed = SampleHistory(tmp_path, AlertConfig(persist_events=2), resume_step=10)
+    ev, _ = record(resumed, 20, ["a b a b"], token_ids=[[1, 2] * 6])
+    assert [a.split(":")[0] for a in ev.alerts] == ["degeneration"]
