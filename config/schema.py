@@ -361,9 +361,9 @@ class AlertConfig:
     length_change_ratio: float = doc(
         "Mean generated length changing by this factor against the event before the change began.", 2.0)
     persist_events: int = doc(
-        "Degeneration and length change alert only when the change lasts this many events in a row (1: at "
-        "the first event). While a model learns a new format one answer loops once, or one event's answers "
-        "run long, and the next event is fine: measured on the regression demo (docs/alerts-actions.md).",
+        "Degeneration, length change and forgetting alert only when the change lasts this many events in a row "
+        "(1: at the first event). While a model learns a new format one answer loops once, one event's answers "
+        "run long, or a whole event dips and recovers: measured on the regression demo (docs/alerts-actions.md).",
         2,
     )
     drift_share: float = doc(

@@ -95,6 +95,7 @@ class _Series:
     mean_lengths: list[float] = field(default_factory=list)  # per event, oldest first (the length rule's baseline)
     loop_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row its answer repeated itself
     limit_streak: int = 0  # events in a row in which too many samples ran to max_new_tokens
+    wrong_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered wrong
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
     right_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered right
@@ -174,6 +175,7 @@ class SampleHistory:
                 series.mastered_seen += 1
                 series.mastered_lost += match == 0.0
             series.right_streak[pid] = series.right_streak.get(pid, 0) + 1 if match == 1.0 else 0
+            series.wrong_streak[pid] = series.wrong_streak.get(pid, 0) + 1 if match == 0.0 else 0
             if series.right_streak[pid] >= self.rules.stable_events:
                 series.mastered.add(pid)
         matches = [m for m in matches if m is not None]
@@ -260,15 +262,17 @@ class SampleHistory:
                                          f"({series.previous_change_share:.0%} changed last time)"))
         watched = {s.index: self._watched(s.metrics, s.signals) for s in samples}
         mastered = [s for s in samples if s.prompt_id in series.mastered and watched[s.index] is not None]
-        forgotten = [s for s in mastered if watched[s.index] == 0.0]
-        # A sampled answer can flip by chance, more often while the model is unsure: the number
-        # forgotten must beat the run's own rate of such flips by `noise_z` standard deviations.
-        chance = (series.mastered_lost + 1) / (series.mastered_seen + 2)
+        # Forgotten: wrong `persist_events` events in a row. A sampled answer can flip by chance,
+        # more often while the model is unsure, and a whole event can dip and recover; a prompt
+        # that stays wrong is what a regression looks like. The number forgotten must also beat
+        # the run's own rate of such flips (to the power of the events) by `noise_z` deviations.
+        forgotten = [s for s in mastered if watched[s.index] == 0.0 and series.wrong_streak.get(s.prompt_id, 0) + 1 >= persist]
+        chance = ((series.mastered_lost + 1) / (series.mastered_seen + 2)) ** persist
         expected, spread = len(mastered) * chance, math.sqrt(len(mastered) * chance * (1 - chance))
         if (len(forgotten) >= 2 and len(forgotten) >= r.forgotten_share * len(mastered)
                 and len(forgotten) > expected + r.noise_z * spread):
             alerts.append(Alert("forgetting", f"{len(forgotten)} of {len(mastered)} prompts once answered right ({self.metric}) "
-                                              f"{r.stable_events} times in a row are now wrong (sample "
+                                              f"{r.stable_events} times in a row are now wrong{lasting} (sample "
                                               f"{', '.join(str(s.index) for s in forgotten)})"))
         if series.events >= r.min_history:
             matches = [v for v in watched.values() if v is not None]

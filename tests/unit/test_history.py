@@ -84,8 +84,9 @@ def test_a_drop_within_the_noise_of_the_sampled_answers_does_not_alert(tmp_path)
 def test_forgetting_fires_when_answers_right_for_a_while_turn_wrong_together(tmp_path):
     refs = ["1", "2", "3", "4", "5"]
 
-    def run(events, name, noise_z=2.0):
-        history = SampleHistory(tmp_path / name, AlertConfig(stable_events=2, forgotten_share=0.4, noise_z=noise_z))
+    def run(events, name, noise_z=2.0, persist=1):
+        history = SampleHistory(tmp_path / name, AlertConfig(stable_events=2, forgotten_share=0.4, noise_z=noise_z,
+                                                             persist_events=persist))
         return [[a for a in record(history, step, texts, references=refs)[0].alerts if a.startswith("forgetting")]
                 for step, texts in enumerate(events, start=1)]
 
@@ -98,6 +99,11 @@ def test_forgetting_fires_when_answers_right_for_a_while_turn_wrong_together(tmp
               right, right, ["x", "x", "3", "4", "5"]]
     assert not any(run(unsure, "unsure"))
     assert run(unsure, "unsure_no_noise_rule", noise_z=0)[-1]
+    # persist_events=2: a whole event that dips and recovers is not forgetting; prompts that stay wrong are.
+    dip = [right] * 6 + [["x", "x", "x", "4", "5"], right]
+    assert not any(run(dip, "dip", persist=2))
+    lasting = run([right] * 6 + [["1", "x", "x", "4", "5"]] * 2, "lasting", persist=2)
+    assert not any(lasting[:-1]) and "2 of 5 prompts" in lasting[-1][0] and "2 events in a row" in lasting[-1][0]
 
 
 def test_reward_drop_and_length_change(tmp_path):
