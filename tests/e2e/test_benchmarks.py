@@ -130,3 +130,21 @@ def test_rl_benchmark_tiny_prints_its_table(tmp_path):
     saved = json.loads((tmp_path / "bench_rl.json").read_text())
     assert saved["summary"]["bpe"]["ours"]["tokens_per_s"] > 0
     assert (tmp_path / "bench_rl.md").read_text().strip() == out.strip()
+
+
+def test_rl_benchmark_refuses_bad_input_in_one_line_before_any_model(tmp_path):
+    """The smollm2 task without its model directory, an unknown task or engine: exit 2, one line
+    naming the flag (and, for the model, how to make it), no run started (no work directory)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update({"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    cases = {("--models", "demo,smollm2", "--model-dir", str(tmp_path / "none")):
+             ["--model-dir", str(tmp_path / "none"), "scripts/real_model_demo.py --model"],
+             ("--models", "demo,gsm8k"): ["--models gsm8k", "smollm2"],
+             ("--rollout", "hf,sglang"): ["--rollout sglang", "hf, vllm"]}
+    for args, expected in cases.items():
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_rl.py"), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr)
+        assert all(text in lines[0] for text in expected), (args, lines[0])
+    assert not list(tmp_path.glob("bench_rl_*"))  # refused before the work directory is made
