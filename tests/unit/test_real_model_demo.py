@@ -57,6 +57,9 @@ def test_training_command_is_a_valid_config_and_lora_is_one_flag_away(tmp_path):
     assert (cfg.data.prompt_key, cfg.data.response_key, cfg.trainer.max_val_samples) == ("question", "answer", 2)
     assert cfg.samples.report and cfg.trainer.default_local_dir == str(run)
     assert cfg.model.lora_rank == 0
+    cfg = _resolved(demo.train_command(model, data, run, 1e-4, 3, 4, 2, 16, lora_rank=0, seed=5,
+                                       extra=["trainer.test_freq=2", "generation.do_sample=false"]))
+    assert cfg.trainer.test_freq == 2 and cfg.generation.do_sample is False  # the user's overrides win
     # LoRA: verl's keys, accepted by the config (was: refused or accepted, both passed)
     cfg = _resolved(demo.train_command(model, data, run, 1e-4, 3, 4, 2, 16, lora_rank=8, seed=5))
     assert (cfg.model.lora_rank, cfg.model.lora_alpha) == (8, 16)
