@@ -119,7 +119,7 @@ def test_event_summary_means_at_k_greedy_and_tags():
 
 
 def test_drop_and_forgetting_rules_watch_the_configured_metric(tmp_path):
-    history = SampleHistory(tmp_path, AlertConfig(noise_z=0, metric="gsm8k"))
+    history = SampleHistory(tmp_path, AlertConfig(noise_z=0, metric="gsm8k", persist_events=1))
     settings = GenerationSettings(max_new_tokens=8)
 
     def record(step, values):

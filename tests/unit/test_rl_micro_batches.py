@@ -141,7 +141,8 @@ def test_actor_update_with_a_token_budget_equals_the_fixed_one(models, one_rank,
     assert m_budget["actor/pg_loss"] == pytest.approx(m_fixed["actor/pg_loss"], rel=1e-5, abs=1e-7)
     assert m_budget["actor/grad_norm"] == pytest.approx(m_fixed["actor/grad_norm"], rel=1e-5) and m_fixed["actor/grad_norm"] > 0
     for a, b in zip(d_budget, d_fixed):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        # A parameter change is a difference of two fp32 values of up to ~1: its rounding is ~1e-7.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert sum(float(d.abs().sum()) for d in d_fixed) > 0
 
 
@@ -160,5 +161,5 @@ def test_critic_update_with_a_token_budget_equals_the_fixed_one(models, one_rank
     (m_fixed, d_fixed), (m_budget, d_budget) = results
     assert m_budget["critic/vf_loss"] == pytest.approx(m_fixed["critic/vf_loss"], rel=1e-5)
     for a, b in zip(d_budget, d_fixed):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert sum(float(d.abs().sum()) for d in d_fixed) > 0
