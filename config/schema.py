@@ -382,6 +382,11 @@ class AlertConfig:
         "rate of such flips).",
         0.4,
     )
+    forgotten_chance: float = doc(
+        "Forgetting also fires for a single settled prompt whose streak of wrong answers is this unlikely "
+        "by chance (its own rate of wrong answers since it settled, to the power of the streak).",
+        1e-4,
+    )
     min_history: int = doc("Events seen before drop/length rules may fire.", 1)
     metric: Optional[str] = doc(
         "The task metric (a `samples.metrics` name) the drop and forgetting rules watch; the drop rule is "
@@ -426,6 +431,7 @@ class AlertConfig:
         _require(self.noise_z >= 0, "samples.alerts.noise_z", "must be >= 0")
         _require(self.length_change_ratio > 1, "samples.alerts.length_change_ratio", "must be > 1")
         _require(self.persist_events >= 1, "samples.alerts.persist_events", "must be >= 1")
+        _require(0 <= self.forgotten_chance < 1, "samples.alerts.forgotten_chance", f"must be in [0, 1), got {self.forgotten_chance}")
         _require(self.min_history >= 1, "samples.alerts.min_history", "must be >= 1")
         _require(self.stable_events >= 1, "samples.alerts.stable_events", "must be >= 1")
 

@@ -96,6 +96,8 @@ class _Series:
     loop_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row its answer repeated itself
     limit_streak: int = 0  # events in a row in which too many samples ran to max_new_tokens
     wrong_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered wrong
+    prompt_seen: dict[str, int] = field(default_factory=dict)  # per settled prompt: answers since it settled ...
+    prompt_lost: dict[str, int] = field(default_factory=dict)  # ... and how many of them were wrong
     previous_change_share: Optional[float] = None  # share of prompts whose answer changed last time
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
     right_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered right
@@ -174,6 +176,8 @@ class SampleHistory:
             if pid in series.mastered:
                 series.mastered_seen += 1
                 series.mastered_lost += match == 0.0
+                series.prompt_seen[pid] = series.prompt_seen.get(pid, 0) + 1
+                series.prompt_lost[pid] = series.prompt_lost.get(pid, 0) + (match == 0.0)
             series.right_streak[pid] = series.right_streak.get(pid, 0) + 1 if match == 1.0 else 0
             series.wrong_streak[pid] = series.wrong_streak.get(pid, 0) + 1 if match == 0.0 else 0
             if series.right_streak[pid] >= self.rules.stable_events:
@@ -274,6 +278,18 @@ class SampleHistory:
             alerts.append(Alert("forgetting", f"{len(forgotten)} of {len(mastered)} prompts once answered right ({self.metric}) "
                                               f"{r.stable_events} times in a row are now wrong{lasting} (sample "
                                               f"{', '.join(str(s.index) for s in forgotten)})"))
+        else:
+            # One prompt alone, when it was reliable: the chance of its streak of wrong answers, from
+            # its own rate before the streak, is below `forgotten_chance`. A regression often shows
+            # in one settled answer for several validations before it spreads to others.
+            for s in forgotten:
+                k = series.wrong_streak.get(s.prompt_id, 0) + 1
+                seen = series.prompt_seen.get(s.prompt_id, 0) - (k - 1)
+                lost = series.prompt_lost.get(s.prompt_id, 0) - (k - 1)
+                if ((lost + 1) / (seen + 2)) ** k < r.forgotten_chance:
+                    alerts.append(Alert("forgetting", f"sample {s.index} ({self.metric}), right {seen - lost} of {seen} times "
+                                                      f"since it settled, is wrong {k} events in a row", s.prompt_id))
+                    break
         if series.events >= r.min_history:
             matches = [v for v in watched.values() if v is not None]
             best = series.best_exact_match

@@ -205,3 +205,20 @@ def test_a_resumed_history_remembers_streaks(tmp_path):
     resumed = SampleHistory(tmp_path, AlertConfig(persist_events=2), resume_step=10)
     ev, _ = record(resumed, 20, ["a b a b"], token_ids=[[1, 2] * 6])
     assert [a.split(":")[0] for a in ev.alerts] == ["degeneration"]
+
+
+def test_one_reliable_prompt_that_stays_wrong_is_forgetting_and_a_flaky_one_is_not(tmp_path):
+    refs = ["1", "2", "3", "4", "5"]
+    history = SampleHistory(tmp_path, AlertConfig(stable_events=2, persist_events=2, forgotten_chance=1e-4))
+    steps = [refs] * 12  # every prompt settles and stays right: a clean record
+    flaky = [["x" if (i + j) % 2 else a for j, a in enumerate(refs[:1])] + refs[1:] for i in range(6)]  # prompt 1 flips
+    history_flaky = SampleHistory(tmp_path / "flaky", AlertConfig(stable_events=2, persist_events=2, forgotten_chance=1e-4))
+    alerts, flaky_alerts = [], []
+    for step, texts in enumerate(steps + [["1", "x", "3", "4", "5"]] * 4, start=1):
+        alerts.append([a for a in record(history, step, texts, references=refs)[0].alerts if a.startswith("forgetting")])
+    # wrong once: nothing; wrong 2-3 times after 10 right ones: (1/12)^k is still above 1e-4 at k=3 ...
+    assert not any(alerts[:15]) and alerts[15] == ["forgetting: sample 2 (exact_match), right 10 of 10 times since it settled, "
+                                                   "is wrong 4 events in a row"]
+    for step, texts in enumerate([refs, refs] + flaky * 2 + [["x", "2", "3", "4", "5"]] * 4, start=1):
+        flaky_alerts.append([a for a in record(history_flaky, step, texts, references=refs)[0].alerts if a.startswith("forgetting")])
+    assert not any(flaky_alerts)  # a prompt wrong half the time since it settled: its streak is chance
