@@ -91,7 +91,6 @@ class _Series:
     previous_generation: dict[str, str] = field(default_factory=dict)
     best_exact_match: Optional[_Mean] = None  # of the watched metric (`alerts.metric`: exact match by default)
     best_reward: dict[str, _Mean] = field(default_factory=dict)
-    previous_mean_length: Optional[float] = None
     mean_lengths: list[float] = field(default_factory=list)  # per event, oldest first (the length rule's baseline)
     loop_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row its answer repeated itself
     limit_streak: int = 0  # events in a row in which too many samples ran to max_new_tokens
@@ -102,8 +101,6 @@ class _Series:
     stable_streak: int = 0  # events in a row in which at most `stable_share` of the answers changed
     right_streak: dict[str, int] = field(default_factory=dict)  # per prompt: events in a row answered right
     mastered: set[str] = field(default_factory=set)  # prompts once answered right `stable_events` times in a row
-    mastered_seen: int = 0  # answers to mastered prompts met so far (prompt x event) ...
-    mastered_lost: int = 0  # ... and how many of them were wrong: the run's rate of chance flips
 
 
 def _change_share(series: _Series, pids, generations) -> Optional[float]:
@@ -174,8 +171,6 @@ class SampleHistory:
             if match is None:
                 continue
             if pid in series.mastered:
-                series.mastered_seen += 1
-                series.mastered_lost += match == 0.0
                 series.prompt_seen[pid] = series.prompt_seen.get(pid, 0) + 1
                 series.prompt_lost[pid] = series.prompt_lost.get(pid, 0) + (match == 0.0)
             series.right_streak[pid] = series.right_streak.get(pid, 0) + 1 if match == 1.0 else 0
@@ -191,8 +186,8 @@ class SampleHistory:
             mean = _Mean.of([r[name] for r in rewards])
             if name not in series.best_reward or mean.value > series.best_reward[name].value:
                 series.best_reward[name] = mean
-        series.previous_mean_length = sum(lengths) / max(1, len(lengths))
-        series.mean_lengths = [*series.mean_lengths, series.previous_mean_length][-max(2, self.rules.persist_events + 1):]
+        mean_length = sum(lengths) / max(1, len(lengths))
+        series.mean_lengths = [*series.mean_lengths, mean_length][-max(2, self.rules.persist_events + 1):]
 
     # ------------------------------------------------------------------ one event
     def record(
@@ -271,7 +266,9 @@ class SampleHistory:
         # that stays wrong is what a regression looks like. The number forgotten must also beat
         # the run's own rate of such flips (to the power of the events) by `noise_z` deviations.
         forgotten = [s for s in mastered if watched[s.index] == 0.0 and series.wrong_streak.get(s.prompt_id, 0) + 1 >= persist]
-        chance = ((series.mastered_lost + 1) / (series.mastered_seen + 2)) ** persist
+        # The run's rate of chance flips: wrong answers to settled prompts over all their answers.
+        seen, lost = sum(series.prompt_seen.values()), sum(series.prompt_lost.values())
+        chance = ((lost + 1) / (seen + 2)) ** persist
         expected, spread = len(mastered) * chance, math.sqrt(len(mastered) * chance * (1 - chance))
         if (len(forgotten) >= 2 and len(forgotten) >= r.forgotten_share * len(mastered)
                 and len(forgotten) > expected + r.noise_z * spread):
