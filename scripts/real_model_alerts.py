@@ -3,7 +3,7 @@ whose training data hold a bad shard, trained three times with the same data and
 alerts only warn, stop the run, or roll it back.
 
     python scripts/real_model_alerts.py [--model DIR] [--out DIR] [--actions warn stop rollback]
-                                        [--good-steps 12] [--bad-steps 4] [--after-steps 12]
+                                        [--good-steps 12] [--bad-steps 6] [--after-steps 6]
                                         [--images docs/images] [--reports-only] [KEY=VALUE ...]
 
 The data (scripts/real_model_demo.py's word problems, unshuffled so the shard lands where it is
@@ -168,14 +168,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("real_model_alerts"), help="where the data, runs and pages go")
     parser.add_argument("--actions", nargs="+", choices=ACTIONS, default=list(ACTIONS))
     parser.add_argument("--good-steps", type=int, default=12, help="steps of worked answers before the bad shard")
-    parser.add_argument("--bad-steps", type=int, default=4, help="steps of the bad shard (every answer the refusal)")
-    parser.add_argument("--after-steps", type=int, default=12, help="steps of worked answers after it")
+    parser.add_argument("--bad-steps", type=int, default=6, help="steps of the bad shard (every answer the refusal)")
+    parser.add_argument("--after-steps", type=int, default=6, help="steps of worked answers after it")
     parser.add_argument("--every", type=int, default=2, help="steps between validations and between checkpoints")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=4e-5)
     parser.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--val-samples", type=int, default=12, help="sampled answers per validation (one per prompt)")
     parser.add_argument("--val-rows", type=int, default=16, help="validation rows (the loss is over all of them)")
-    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--images", type=Path, default=None, help="save screenshots of the pages here (e.g. docs/images)")
     parser.add_argument("--reports-only", action="store_true", help="only redo the pages and the summary from an earlier call's runs")
