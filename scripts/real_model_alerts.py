@@ -10,7 +10,7 @@ The data (scripts/real_model_demo.py's word problems, unshuffled so the shard la
 put): --good-steps batches of worked answers, then --bad-steps batches whose every answer is one
 canned refusal ("I'm sorry, but I can't help with that."), the way a distillation job writes a
 teacher's refusals or failed calls into its output, then --after-steps batches of worked answers
-again. The validation data are clean (answers worded by a second annotator, as in the demo).
+again. The validation data are clean problems worded like the training answers.
 
 Each run validates and checkpoints every 2 steps (`trainer.test_freq`, `trainer.save_freq`) and
 differs from the others in `samples.alerts.action` alone:
@@ -71,7 +71,10 @@ def write_data(out: Path, good_steps: int, bad_steps: int, after_steps: int, bat
     bad = [{**row, "answer": REFUSAL} for row in rows(bad_steps)]
     files = {"train": out / "train.parquet", "val": out / "val.parquet"}
     pq.write_table(pa.Table.from_pylist([*rows(good_steps), *bad, *rows(after_steps)]), files["train"])
-    pq.write_table(pa.Table.from_pylist([word_problem(rng, 1) for _ in range(val_rows)]), files["val"])
+    # Validation answers worded as the training ones: with a second annotator's wording (the evaluation
+    # demo's) the validation loss of this learning rate rises in the healthy steps already, as the
+    # model learns the first annotator's phrases, and says nothing about the shard.
+    pq.write_table(pa.Table.from_pylist([word_problem(rng) for _ in range(val_rows)]), files["val"])
     return files
 
 
@@ -80,7 +83,7 @@ def run_overrides(action: str, args: argparse.Namespace) -> list[str]:
     return [
         "data.shuffle=false", f"trainer.test_freq={args.every}", f"trainer.save_freq={args.every}",
         "trainer.max_ckpt_to_keep=3", "trainer.checkpoint.save_contents=[model,optimizer,extra]",
-        # The validation answers are worded by another annotator: the final number is what can match.
+        # The final number: right answers in other words count (exact match is printed beside it).
         "samples.alerts.metric=last_number_match", f"samples.alerts.action={action}",
         *args.overrides,
     ]
@@ -202,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         times_file.write_text(json.dumps(seconds))
     elif times_file.is_file():
         seconds = json.loads(times_file.read_text())
-    made = pages(list(run_dirs.values()), out, args.images)
+    made = pages(list(run_dirs.values()), out, args.images, prefix="real-model-alerts")
     text = summary(run_dirs, seconds, bad_window)
     (out / "summary.md").write_text(text + "\n")
     print(text)

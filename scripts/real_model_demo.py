@@ -246,8 +246,9 @@ def metrics_table(run_dirs: Sequence[Path], names: Sequence[str] = ("exact_match
     return "\n".join(lines)
 
 
-def pages(run_dirs: list[Path], out: Path, images: Optional[Path]) -> dict[str, Path]:
-    """Both reports, the comparison, and their screenshots when `images` is given."""
+def pages(run_dirs: list[Path], out: Path, images: Optional[Path], prefix: str = "real-model") -> dict[str, Path]:
+    """The runs' reports, the comparison, and their screenshots (`images/<prefix>-<page>.png`) when
+    `images` is given."""
     made = {}
     for run in run_dirs:
         made[run.name] = write_report(run)
@@ -255,7 +256,7 @@ def pages(run_dirs: list[Path], out: Path, images: Optional[Path]) -> dict[str, 
         made["compare"] = write_compare(run_dirs, out / "compare.html")
     if images is None:
         return made
-    shots = [(f"real-model-{name}.png", page, "") for name, page in made.items()]
+    shots = [(f"{prefix}-{name}.png", page, "") for name, page in made.items()]
     # The comparison again with the first prompt where the runs disagree opened and the curves
     # hidden (headless Chromium paints a scrolled page badly, so the view is made not to scroll).
     html = made["compare"].read_text(encoding="utf-8") if "compare" in made else ""
@@ -265,7 +266,7 @@ def pages(run_dirs: list[Path], out: Path, images: Optional[Path]) -> dict[str, 
         view.write_text(html.replace("</body>", "<script>document.getElementById('charts').hidden = true;"
                                      f"document.querySelector('details.cmp-prompt[data-prompt-id=\"{first.group(1)}\"]').open = true;"
                                      "</script></body>"), encoding="utf-8")
-        shots.append(("real-model-compare-prompt.png", view, ""))
+        shots.append((f"{prefix}-compare-prompt.png", view, ""))
     for name, page, fragment in shots:
         png = images / name
         ok = screenshot(page, png, fragment=fragment)
