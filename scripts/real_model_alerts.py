@@ -139,29 +139,52 @@ def alert_steps(run_dir: Path) -> list[int]:
     return steps
 
 
-def summary(run_dirs: dict[str, Path], seconds: dict[str, float], bad_window: tuple[int, int]) -> str:
-    lines = []
+def optimizer_steps(run_dir: Path) -> int:
+    """Steps the run trained, the discarded ones of a rollback included (one train/loss record each)."""
+    return sum("train/loss" in record for record in read_records(run_dir / "metrics.jsonl"))
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary(run_dirs: dict[str, Path], seconds: dict[str, float], bad_window: tuple[int, int], every: int = 2) -> str:
+    lines, finals = [], []
     for action, run in run_dirs.items():
         state = run_status(run)
         logged = [line.split("] ", 1)[-1] for line in (run.parent / f"{run.name}.log").read_text(errors="replace").splitlines()
                   if ACTION_LINE.search(line) and "rank1" not in line]
         lines += [f"## {action}", "", "```", *logged[:12], "```", ""]
-        lines += ["| step | val/loss | last_number_match | refusals among the samples |", "|---|---|---|---|"]
+        lines += ["| step | val/loss | exact_match | last_number_match | refusals among the samples |", "|---|---|---|---|---|"]
         refusals = refusal_share(run)
         validations = kept_validations(run)
         for step, m in sorted(validations.items()):
-            lnm = m.get("val/metric/last_number_match")
-            lines.append(f"| {step} | {m['val/loss']:.4f} | {'-' if lnm is None else f'{lnm:.3f}'} | {refusals.get(step, 0.0):.0%} |")
+            lines.append(f"| {step} | {m['val/loss']:.4f} | {fmt(m.get('val/metric/exact_match'), '.3f')} | "
+                         f"{fmt(m.get('val/metric/last_number_match'), '.3f')} | {refusals.get(step, 0.0):.0%} |")
         loss_rise, best = first_loss_rise({s: m["val/loss"] for s, m in validations.items()}, after=bad_window[0] - 1)
         alerts = alert_steps(run)
         first = next((s for s in alerts if s >= bad_window[0]), None)
-        lines += ["", f"- bad shard: steps {bad_window[0]}-{bad_window[1]}; alerts at steps {alerts or 'none'}; "
-                  f"first after the shard began: {first}; val loss first 10% above its best ({best:.4f}): {loss_rise}",
-                  f"- status {state.get('status')}, {seconds.get(action, float('nan')):.0f} s of wall time"
+        if first is None:
+            lead = "no alert after the shard began"
+        elif loss_rise is None:
+            lead = f"the validation loss never rose 10% above its best ({best:.4f}) after the shard began"
+        else:
+            lead = f"the validation loss rose 10% above its best ({best:.4f}) at step {loss_rise}: a lead of {(loss_rise - first) // every} validations"
+        lines += ["", f"- bad shard: steps {bad_window[0]}-{bad_window[1]}; alerts at steps {alerts or 'none'}; first from the shard on: "
+                  f"{first}; {lead}",
+                  f"- {state.get('status')} after {optimizer_steps(run)} optimizer steps, {seconds.get(action, float('nan')):.0f} s"
                   + (f"; {state['reason']}" if state.get("reason") else ""), ""]
-    if "warn" in seconds and "stop" in seconds:
-        saved = 1 - seconds["stop"] / seconds["warn"]
-        lines.append(f"stop ended {saved:.0%} sooner than warn ({seconds['stop']:.0f} s against {seconds['warn']:.0f} s)")
+        if validations:
+            step, m = max(validations.items())
+            finals.append(f"| {action} | {state.get('status')} | {step} | {optimizer_steps(run)} | {fmt(seconds.get(action), '.0f')} | "
+                          f"{m['val/loss']:.4f} | {fmt(m.get('val/metric/exact_match'), '.3f')} | "
+                          f"{fmt(m.get('val/metric/last_number_match'), '.3f')} | {refusals.get(step, 0.0):.0%} |")
+    lines += ["## side by side (the last validation of each run)", "",
+              "| action | status | step | optimizer steps run | seconds | val/loss | exact_match | last_number_match | refusals |",
+              "|---|---|---|---|---|---|---|---|---|", *finals]
+    if seconds.get("warn") and seconds.get("stop"):
+        lines += ["", f"stop ended {1 - seconds['stop'] / seconds['warn']:.0%} sooner than warn "
+                      f"({seconds['stop']:.0f} s against {seconds['warn']:.0f} s)"]
     return "\n".join(lines)
 
 
@@ -203,10 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for checkpoint in run.glob("global_step_*"):
                 shutil.rmtree(checkpoint, ignore_errors=True)
         times_file.write_text(json.dumps(seconds))
-    elif times_file.is_file():
-        seconds = json.loads(times_file.read_text())
+    else:
+        run_dirs = {action: run for action, run in run_dirs.items() if run.is_dir()}
+        seconds = json.loads(times_file.read_text()) if times_file.is_file() else {}
     made = pages(list(run_dirs.values()), out, args.images, prefix="real-model-alerts")
-    text = summary(run_dirs, seconds, bad_window)
+    text = summary(run_dirs, seconds, bad_window, args.every)
     (out / "summary.md").write_text(text + "\n")
     print(text)
     print(json.dumps({k: str(v) for k, v in made.items()}, indent=1))
