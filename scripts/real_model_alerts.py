@@ -10,7 +10,8 @@ The data (scripts/real_model_demo.py's word problems, unshuffled so the shard la
 put): --good-steps batches of worked answers, then --bad-steps batches whose every answer is one
 canned refusal ("I'm sorry, but I can't help with that."), the way a distillation job writes a
 teacher's refusals or failed calls into its output, then --after-steps batches of worked answers
-again. The validation data are clean problems worded like the training answers.
+again. Answers are worded by one of two "annotators" at random (scripts/real_model_demo.py's
+word problems), training and validation data alike; the validation data are clean.
 
 Each run validates and checkpoints every 2 steps (`trainer.test_freq`, `trainer.save_freq`) and
 differs from the others in `samples.alerts.action` alone:
@@ -65,16 +66,16 @@ def write_data(out: Path, good_steps: int, bad_steps: int, after_steps: int, bat
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
 
-    def rows(steps: int, annotator: int = 0) -> list[dict]:
-        return [word_problem(rng, annotator) for _ in range(steps * batch)]
+    def rows(n: int) -> list[dict]:
+        # Each answer worded by one of two annotators at random, as people's answers vary: the
+        # validation loss then keeps a floor, as a real one does (the wording cannot be predicted),
+        # instead of falling to ~0.06 on template answers, where any change of the model shows.
+        return [word_problem(rng, annotator=rng.randrange(2)) for _ in range(n)]
 
-    bad = [{**row, "answer": REFUSAL} for row in rows(bad_steps)]
+    bad = [{**row, "answer": REFUSAL} for row in rows(bad_steps * batch)]
     files = {"train": out / "train.parquet", "val": out / "val.parquet"}
-    pq.write_table(pa.Table.from_pylist([*rows(good_steps), *bad, *rows(after_steps)]), files["train"])
-    # Validation answers worded as the training ones: with a second annotator's wording (the evaluation
-    # demo's) the validation loss of this learning rate rises in the healthy steps already, as the
-    # model learns the first annotator's phrases, and says nothing about the shard.
-    pq.write_table(pa.Table.from_pylist([word_problem(rng) for _ in range(val_rows)]), files["val"])
+    pq.write_table(pa.Table.from_pylist([*rows(good_steps * batch), *bad, *rows(after_steps * batch)]), files["train"])
+    pq.write_table(pa.Table.from_pylist(rows(val_rows)), files["val"])
     return files
 
 
