@@ -3,15 +3,14 @@ whose training data hold a bad shard, trained three times with the same data and
 alerts only warn, stop the run, or roll it back.
 
     python scripts/real_model_alerts.py [--model DIR] [--out DIR] [--actions warn stop rollback]
-                                        [--good-steps 12] [--bad-steps 6] [--after-steps 6]
+                                        [--good-steps 10] [--bad-steps 8] [--after-steps 6]
                                         [--images docs/images] [--reports-only] [KEY=VALUE ...]
 
 The data (scripts/real_model_demo.py's word problems, unshuffled so the shard lands where it is
 put): --good-steps batches of worked answers, then --bad-steps batches whose every answer is one
 canned refusal ("I'm sorry, but I can't help with that."), the way a distillation job writes a
 teacher's refusals or failed calls into its output, then --after-steps batches of worked answers
-again. Answers are worded by one of two "annotators" at random (scripts/real_model_demo.py's
-word problems), training and validation data alike; the validation data are clean.
+again. The validation data are clean, worded by a second annotator (as in real_model_demo.py).
 
 Each run validates and checkpoints every 2 steps (`trainer.test_freq`, `trainer.save_freq`) and
 differs from the others in `samples.alerts.action` alone:
@@ -66,16 +65,16 @@ def write_data(out: Path, good_steps: int, bad_steps: int, after_steps: int, bat
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
 
-    def rows(n: int) -> list[dict]:
-        # Each answer worded by one of two annotators at random, as people's answers vary: the
-        # validation loss then keeps a floor, as a real one does (the wording cannot be predicted),
-        # instead of falling to ~0.06 on template answers, where any change of the model shows.
-        return [word_problem(rng, annotator=rng.randrange(2)) for _ in range(n)]
+    def rows(n: int, annotator: int = 0) -> list[dict]:
+        return [word_problem(rng, annotator) for _ in range(n)]
 
     bad = [{**row, "answer": REFUSAL} for row in rows(bad_steps * batch)]
     files = {"train": out / "train.parquet", "val": out / "val.parquet"}
     pq.write_table(pa.Table.from_pylist([*rows(good_steps * batch), *bad, *rows(after_steps * batch)]), files["train"])
-    pq.write_table(pa.Table.from_pylist(rows(val_rows)), files["val"])
+    # The validation answers are worded by a second annotator (scripts/real_model_demo.py): the
+    # validation loss keeps a floor, as a real one does, instead of falling to ~0.06 on answers
+    # worded as the training ones, where any change of the model shows.
+    pq.write_table(pa.Table.from_pylist(rows(val_rows, annotator=1)), files["val"])
     return files
 
 
@@ -194,11 +193,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"SmolLM2-135M-Instruct HF directory (default {DEFAULT_MODEL})")
     parser.add_argument("--out", type=Path, default=Path("real_model_alerts"), help="where the data, runs and pages go")
     parser.add_argument("--actions", nargs="+", choices=ACTIONS, default=list(ACTIONS))
-    parser.add_argument("--good-steps", type=int, default=12, help="steps of worked answers before the bad shard")
-    parser.add_argument("--bad-steps", type=int, default=6, help="steps of the bad shard (every answer the refusal)")
+    parser.add_argument("--good-steps", type=int, default=10, help="steps of worked answers before the bad shard")
+    parser.add_argument("--bad-steps", type=int, default=8, help="steps of the bad shard (every answer the refusal)")
     parser.add_argument("--after-steps", type=int, default=6, help="steps of worked answers after it")
     parser.add_argument("--every", type=int, default=2, help="steps between validations and between checkpoints")
-    parser.add_argument("--lr", type=float, default=4e-5)
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--batch", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--val-samples", type=int, default=12, help="sampled answers per validation (one per prompt)")
     parser.add_argument("--val-rows", type=int, default=16, help="validation rows (the loss is over all of them)")
