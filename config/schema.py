@@ -351,6 +351,10 @@ class AlertConfig:
     repetition_threshold: float = doc("Degeneration: share of repeated 3-grams in a generation above this.", 0.5)
     limit_hit_share: float = doc("Degeneration: share of samples hitting max_new_tokens above this.", 0.5)
     collapse_similarity: float = doc("Collapse: mean similarity between different prompts' generations above this.", 0.9)
+    collapse_share: float = doc(
+        "Collapse also when at least this share of the prompts (3 or more) get generations near-identical to one "
+        "another (similarity above collapse_similarity): most answers turned into one, the rest not yet; 1 turns "
+        "this off.", 0.5)
     metric_drop: float = doc("Exact match or reward falling this far (absolute) below the run's best.", 0.2)
     noise_z: float = doc(
         "A drop must also exceed this many standard errors of the difference between the event's mean and "
@@ -423,8 +427,8 @@ class AlertConfig:
             if action is not None:
                 _one_of(action, f"samples.alerts.actions.{rule}", ALERT_ACTIONS)
         self.rollback.check()
-        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "drift_share", "stable_share",
-                     "forgotten_share"):
+        for name in ("repetition_threshold", "limit_hit_share", "collapse_similarity", "collapse_share", "drift_share",
+                     "stable_share", "forgotten_share"):
             value = getattr(self, name)
             _require(0 < value <= 1, f"samples.alerts.{name}", f"must be in (0, 1], got {value}")
         _require(self.metric_drop > 0, "samples.alerts.metric_drop", "must be > 0")

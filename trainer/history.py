@@ -249,10 +249,18 @@ class SampleHistory:
                 alerts.append(Alert("degeneration", f"{share:.0%} of samples ran to max_new_tokens without stopping{lasting}"))
         firsts = [s.generation for s in samples if s.sample == 0 and not s.greedy]  # one answer per prompt
         if len(firsts) >= 2:
-            pairs = list(itertools.combinations(firsts, 2))
-            mean_sim = sum(similarity(a, b) for a, b in pairs) / len(pairs)
+            sims = {(i, j): similarity(firsts[i], firsts[j]) for i, j in itertools.combinations(range(len(firsts)), 2)}
+            mean_sim = sum(sims.values()) / len(sims)
+            # The largest set of prompts whose answers are near-identical to one prompt's: a bad shard
+            # of one canned answer turns most answers into it while the rest still differ, and the
+            # mean over all pairs stays low until nearly every answer has turned.
+            alike = max(1 + sum(sims[min(i, j), max(i, j)] > r.collapse_similarity for j in range(len(firsts)) if j != i)
+                        for i in range(len(firsts)))
             if mean_sim > r.collapse_similarity:
                 alerts.append(Alert("collapse", f"different prompts get near-identical generations (mean similarity {mean_sim:.2f})"))
+            elif alike >= 3 and alike >= r.collapse_share * len(firsts):
+                alerts.append(Alert("collapse", f"{alike} of {len(firsts)} prompts get near-identical generations "
+                                                f"(similarity above {r.collapse_similarity:g})"))
         share = _change_share(series, [s.prompt_id for s in samples], [s.generation for s in samples])
         if share is not None and series.stable_streak >= r.stable_events and share >= r.drift_share:
             # Each prompt keeps its seed, so a changed answer means a changed model. Answers that

@@ -67,6 +67,21 @@ def test_degeneration_and_collapse_rules(tmp_path, caplog):
     assert any(a.startswith("collapse:") for a in ev.alerts)
 
 
+def test_collapse_of_most_prompts_alerts_before_the_mean_similarity_does(tmp_path):
+    """A shard of one canned answer: 9 of 12 prompts answer it, the other 3 still differ."""
+    refusal, own = "I'm sorry, but I can't help with that.", [f"The answer is {i * 37} apples, #### {i * 37}" for i in range(12)]
+    for turned, alerted in ((9, True), (6, True), (5, False), (2, False)):
+        history = SampleHistory(tmp_path / str(turned), AlertConfig(persist_events=1))
+        ev, _ = record(history, 1, [refusal] * turned + own[turned:])
+        collapse = [a for a in ev.alerts if a.startswith("collapse:")]
+        assert bool(collapse) == alerted, (turned, ev.alerts)
+        if alerted:
+            assert f"{turned} of 12 prompts get near-identical generations" in collapse[0]
+    history = SampleHistory(tmp_path / "off", AlertConfig(persist_events=1, collapse_share=1.0))
+    ev, _ = record(history, 1, [refusal] * 9 + own[9:])
+    assert not [a for a in ev.alerts if a.startswith("collapse:")]  # 1 turns it off
+
+
 def test_a_drop_within_the_noise_of_the_sampled_answers_does_not_alert(tmp_path):
     def exact_match_alerts(config, right_after):
         history = SampleHistory(tmp_path / f"{config.noise_z}_{right_after}", config)
