@@ -46,6 +46,8 @@ def test_the_three_runs_differ_in_the_action_alone(tmp_path):
         assert (cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.optim.lr) == (2, 2, 3e-5)  # the user's overrides win
         assert "optimizer" in cfg.trainer.checkpoint.save_contents  # a rollback restores the optimizer too
         assert cfg.samples.alerts.metric == "last_number_match"
+        assert cfg.samples.alerts.action_for("last_number_match_drop") == "warn"
+        assert cfg.samples.alerts.action_for("collapse") == action
     assert configs["warn"].trainer.default_local_dir != configs["stop"].trainer.default_local_dir
 
 
