@@ -55,6 +55,7 @@ REFUSAL = "I'm sorry, but I can't help with that."
 ACTIONS = ("warn", "stop", "rollback")
 # The lines a run logs about its alerts and what they did (trainer/history.py, trainer/run_actions.py).
 ACTION_LINE = re.compile(r"sample alert|rolled back|stopped by|no checkpoint is written")
+LOG_PREFIX = re.compile(r"^(\[rank\d+\]:?\s*)?[\d-]+ [\d:,]+ ")  # torchrun's rank tag, the log's time stamp
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,7 +157,7 @@ def summary(run_dirs: dict[str, Path], seconds: dict[str, float], bad_window: tu
     lines, finals = [], []
     for action, run in run_dirs.items():
         state = run_status(run)
-        logged = [line.split("] ", 1)[-1] for line in (run.parent / f"{run.name}.log").read_text(errors="replace").splitlines()
+        logged = [LOG_PREFIX.sub("", line) for line in (run.parent / f"{run.name}.log").read_text(errors="replace").splitlines()
                   if ACTION_LINE.search(line) and "rank1" not in line]
         lines += [f"## {action}", "", "```", *logged[:12], "```", ""]
         lines += ["| step | val/loss | exact_match | last_number_match | refusals among the samples |", "|---|---|---|---|---|"]

@@ -74,15 +74,18 @@ def test_summary_counts_what_a_rolled_back_run_kept(tmp_path):
     ])
     (run / "run_state.json").write_text(json.dumps({"status": "finished"}))
     (tmp_path / "rollback.log").write_text(
-        "[rank0] WARNING sample alert [collapse] at step 4 (validation, all prompts): near-identical\n"
-        "[rank1] WARNING sample alert [collapse] at step 4 (validation, all prompts): near-identical\n"
-        "[rank0] INFO step 4: train/loss=0.1\n")
+        "[rank0]: 2026-12-06 14:51:16,178 WARNING trainer.history: sample alert [collapse] at step 4 (validation, all prompts): near-identical\n"
+        "[rank1]: 2026-12-06 14:51:16,178 WARNING trainer.history: sample alert [collapse] at step 4 (validation, all prompts): near-identical\n"
+        "2026-12-06 14:51:17,444 ERROR trainer: stopped by sample alert [collapse] at step 4 (all prompts): near-identical; exit code 3\n"
+        "[rank0]: 2026-12-06 14:51:16,178 INFO trainer: step 4: train/loss=0.1\n")
     validations = alerts.kept_validations(run)
     assert {s: m["val/loss"] for s, m in validations.items()} == {2: 1.0, 4: 0.9, 6: 1.2}
     assert validations[4]["val/metric/last_number_match"] == 0.5
     assert alerts.refusal_share(run) == {2: 0.0, 4: 0.0, 6: 1.0}
     text = alerts.summary({"rollback": run}, {"rollback": 12.0}, bad_window=(3, 4))
-    assert text.count("sample alert [collapse]") == 1  # rank 0's line only
+    assert "WARNING trainer.history: sample alert [collapse] at step 4 (validation" in text  # the rule's name kept
+    assert text.count("sample alert [collapse] at step 4 (validation") == 1  # rank 0's line only
+    assert "ERROR trainer: stopped by sample alert [collapse] at step 4" in text and "train/loss" not in text
     assert "| 4 | 0.9000 | - | 0.500 | 0% |" in text and "| 6 | 1.2000 | - | - | 100% |" in text
     assert "rose 10% above its best (0.9000) at step 6: a lead of 1 validations" in text
     assert "| rollback | finished | 6 | 0 | 12 | 1.2000 |" in text  # the last validation kept
