@@ -49,7 +49,7 @@ from real_model_demo import (  # noqa: E402
 )
 from regression_demo import first_loss_rise  # noqa: E402
 
-from trainer.tracking.file import read_metrics, read_records  # noqa: E402
+from trainer.tracking.file import read_records  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that."
 ACTIONS = ("warn", "stop", "rollback")
