@@ -49,6 +49,7 @@ from real_model_demo import (  # noqa: E402
 )
 from regression_demo import first_loss_rise  # noqa: E402
 
+from trainer.report.shared import read_metric_branches, read_run_state  # noqa: E402
 from trainer.tracking.file import read_records  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -100,17 +101,10 @@ def train(cmd: list[str], log_file: Path, run_dir: Path) -> tuple[float, int]:
     with open(log_file, "w") as log:
         code = subprocess.run(cmd, cwd=ROOT, env=child_env(1), stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - started
-    if code != 0 and run_status(run_dir).get("status") != "stopped":
+    if code != 0 and read_run_state(run_dir).get("status") != "stopped":
         tail = log_file.read_text(errors="replace").splitlines()[-25:]
         raise SystemExit(f"error: training failed (exit {code}), log {log_file}:\n" + "\n".join(tail))
     return seconds, code
-
-
-def run_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "run_state.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # ----------------------------------------------------------------------------- what happened
@@ -125,15 +119,9 @@ def refusal_share(run_dir: Path) -> dict[int, float]:
 
 
 def kept_validations(run_dir: Path) -> dict[int, dict]:
-    """step -> the validation metrics the run kept: after a rollback, a step trained again replaces
-    the discarded one (metrics.jsonl keeps both, in the order written)."""
-    out: dict[int, dict] = {}
-    for record in read_records(run_dir / "metrics.jsonl"):
-        if "val/loss" in record:
-            out[record["step"]] = dict(record)
-        elif record.get("step") in out and any(k.startswith("val/") for k in record):
-            out[record["step"]].update(record)
-    return out
+    """step -> the validation metrics the run kept (a rolled-back run's discarded steps left out,
+    as its report does)."""
+    return {step: m for step, m in read_metric_branches(run_dir).kept.items() if "val/loss" in m}
 
 
 def alert_steps(run_dir: Path) -> list[int]:
@@ -156,7 +144,7 @@ def fmt(value: Optional[float], spec: str) -> str:
 def summary(run_dirs: dict[str, Path], seconds: dict[str, float], bad_window: tuple[int, int], every: int = 2) -> str:
     lines, finals = [], []
     for action, run in run_dirs.items():
-        state = run_status(run)
+        state = read_run_state(run)
         logged = [LOG_PREFIX.sub("", line) for line in (run.parent / f"{run.name}.log").read_text(errors="replace").splitlines()
                   if ACTION_LINE.search(line) and "rank1" not in line]
         lines += [f"## {action}", "", "```", *logged[:12], "```", ""]

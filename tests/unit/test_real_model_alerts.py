@@ -61,7 +61,7 @@ def test_summary_counts_what_a_rolled_back_run_kept(tmp_path):
     _write(run / "metrics.jsonl", [
         {"step": 2, "val/loss": 1.0}, {"step": 2, "val/metric/last_number_match": 0.25},
         {"step": 4, "val/loss": 1.05}, {"step": 4, "val/metric/last_number_match": 0.0},  # discarded below
-        {"step": 2, "rollback_to_step": 2},
+        {"step": 4, "val/rollback": 1.0, "val/rollback_to_step": 2.0},  # as trainer/run_actions.py logs it
         {"step": 4, "val/loss": 0.9}, {"step": 4, "val/metric/last_number_match": 0.5},
         {"step": 6, "val/loss": 1.2},
     ])
