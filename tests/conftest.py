@@ -62,15 +62,3 @@ def rl_data(tmp_path_factory) -> dict:
         "train": write_parquet(rl_rows(32, seed=3), root / "rl_train.parquet"),
         "val": write_parquet(rl_rows(6, seed=4), root / "rl_val.parquet"),
     }
-
-
-# The suite runs on 2 workers (pytest-xdist, `--dist loadgroup` in pyproject.toml): each file's
-# tests stay on one worker, so a module-scoped fixture (a trained run, a batch of CLI runs) is
-# built once; the benchmarks' tests, each one long and with no shared fixture, spread over both.
-SPREAD_FILES = {"test_benchmarks.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -229,3 +229,32 @@ def skewed_rollout(groups: int, per_group: int, prompt_tokens: tuple[int, int], 
             generated.append(Generated(prompt, rng.choices(ids, k=rng.randint(*response_tokens)), "", False))
             group_index.append(g)
     return build_rollout_batch(generated, group_index, pad_id)
+
+
+# ---------------------------------------------------------------- the benchmarks' tests
+def run_script(name: str, *args: str, timeout: int = 420) -> str:
+    """stdout of `scripts/NAME ARGS` from the repository root; fails the test on a non-zero exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def tables(text: str) -> dict[str, list[list[str]]]:
+    """{section heading: rows of cells} for each markdown table under a `## ` heading."""
+    found: dict[str, list[list[str]]] = {}
+    heading = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:]
+            found[heading] = []
+        elif line.startswith("|") and not set(line) <= set("|- "):
+            found[heading].append([c.strip() for c in line.strip().strip("|").split("|")])
+    return {h: rows[1:] for h, rows in found.items()}  # without the header row
+
+
+def number(cell: str) -> float:
+    """A table cell's number, without its unit ("12%", "1.7x", "3.2 s")."""
+    return float(cell.replace("%", "").replace("x", "").replace(" s", "").strip())
