@@ -42,8 +42,7 @@ And a real pretrained chat model (not in the default `--models`):
   on GSM8K-style word problems (real_model_demo.py's templates) as chat prompts of ~100 tokens
   with SmolLM2's system prompt, 64 new tokens, 4 prompts x 4 responses, 8 steps (2 warm-up), the
   `last_number_match` reward on both sides. `--group 8` gives TRL's default group
-  (`num_generations=8`): the rollout's decode steps cost about the same for 32 sequences as for 16
-  on this engine, while the update grows with them (and TRL's with each response's copy of the prompt).
+  (`num_generations=8`), where TRL's update computes each group's prompt 8 times to our once.
 
 Reading the table: s/step is the median time between steps (ours: between the steps' metric
 records, so everything of a step counts, sample logging included; TRL: between `on_step_end`
