@@ -602,9 +602,11 @@ def main() -> int:
     cli = {k: v for k, v in (("runs", args.runs), ("steps", args.steps), ("group", args.group)) if v is not None}
     sizes = {name: task_size(size, args.size, name, cli) for name in models}
     for name, s in sizes.items():
-        if s.steps <= s.warmup + 1 or s.runs < 1 or s.group < 2:
+        if s.steps <= s.warmup + 1 or s.runs < 1:
             bad_input(f"--steps must be more than {s.warmup + 1} for {name} (the warm-up and one measured step), "
-                         "--runs at least 1, --group at least 2 (GRPO's advantages need 2 responses to a prompt)")
+                         "--runs at least 1")
+        if s.group < 2:
+            bad_input(f"--group {s.group}: at least 2 responses per prompt (GRPO's advantages compare a prompt's responses)")
     peers = peer_status()
     use_trl = size.trl and not args.no_trl and all(peers.values())
     trl_note = ("not run (--size tiny)" if not size.trl else "not run (--no-trl)" if args.no_trl

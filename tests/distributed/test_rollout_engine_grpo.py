@@ -26,9 +26,10 @@ def qwen2(tmp_path_factory):
 
 
 def test_grpo_with_the_vllm_engine_trains_validates_and_resumes_exactly(qwen2, tmp_path):
-    """3 steps on the engine, a checkpoint at step 2; then a second run resumed from it: the engine
-    is built from the checkpoint path's model and must sample from the resumed actor, so step 3
-    repeats to the last digit. 5 held-out prompts on 2 ranks: uneven shares (3 and 2) per engine."""
+    """3 steps on the engine, a checkpoint at step 2; then a second run resumed from it: its engine
+    starts from the base model's files and must sample from the resumed actor (pushed before the
+    first rollout), so step 3 repeats to the last digit. 5 held-out prompts on 2 ranks: uneven
+    shares (3 and 2) per engine."""
     data = {"train": write_parquet(rl_rows(16, seed=3), tmp_path / "train.parquet"),
             "val": write_parquet(rl_rows(5, seed=4), tmp_path / "val.parquet")}
 

@@ -40,7 +40,7 @@ def test_rl_benchmark_refuses_bad_input_in_one_line_before_any_model(tmp_path):
              ["--model-dir", str(tmp_path / "none"), "scripts/real_model_demo.py --model"],
              ("--models", "demo,gsm8k"): ["--models gsm8k", "smollm2"],
              ("--rollout", "hf,sglang"): ["--rollout sglang", "hf, vllm"],
-             ("--models", "demo", "--group", "1"): ["--group at least 2", "demo"]}
+             ("--models", "demo", "--group", "1"): ["--group 1", "at least 2"]}
     for args, expected in cases.items():
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_rl.py"), *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=60)
