@@ -67,7 +67,7 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, t
     one = tmp_path / "one"
     two = tmp_path / "two"
     fixed = ["data.use_dynamic_bsz=false", "data.micro_batch_size_per_gpu=2"]
-    run_module(MODULE, args(tiny_model, tiny_data, one, *common, *fixed), nproc=1)  # 1 × 4 micro
+    run_module(MODULE, args(tiny_model, tiny_data, one, *common, *fixed), nproc=0)  # 1 × 4 micro, no torchrun
     run_module(MODULE, args(tiny_model, tiny_data, two, *common, *fixed), nproc=2)  # 2 × 2 micro
     budget = tmp_path / "budget"  # 2 ranks, micro-batches cut by a token budget instead of a count
     run_module(MODULE, args(tiny_model, tiny_data, budget, *common, "data.max_token_len_per_gpu=48"), nproc=2)
@@ -78,30 +78,38 @@ def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, t
             assert a[step]["train/grad_norm"] == pytest.approx(other[step]["train/grad_norm"], rel=1e-4)
 
 
-def test_resume_from_an_epoch_boundary_continues_with_the_next_epoch(tiny_model, tiny_data, tmp_path):
-    # 64 examples / 16 per step = 4 steps per epoch; checkpoints at 4 (an epoch boundary) and 8.
-    common = ["trainer.total_epochs=2", "data.train_batch_size=16", "data.micro_batch_size_per_gpu=4", "trainer.save_freq=4",
-              "trainer.max_val_samples=0", "trainer.export_hf_model=false"]
-    full = tmp_path / "full"
-    run_module(MODULE, args(tiny_model, tiny_data, full, *common), nproc=2)
-    state = json.loads((full / "global_step_4" / "trainer_state.json").read_text())
+# 10 epochs of 64 examples, 16 a step (4 steps an epoch, 40 in all), micro-batches cut by a token
+# budget. One uninterrupted run of it, checkpointed every 4 steps (every epoch boundary), is the
+# reference of both resume tests below.
+TEN_EPOCHS = ["trainer.total_epochs=10", "data.train_batch_size=16", "data.max_token_len_per_gpu=40", "trainer.max_val_samples=0",
+              "trainer.test_freq=-1", "trainer.export_hf_model=false"]
+
+
+@pytest.fixture(scope="module")
+def ten_epochs(tiny_model, tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ten_epochs") / "run"
+    run_module(MODULE, args(tiny_model, tiny_data, run_dir, *TEN_EPOCHS, "trainer.save_freq=4"), nproc=2)
+    return run_dir
+
+
+def test_resume_from_an_epoch_boundary_continues_with_the_next_epoch(tiny_model, tiny_data, ten_epochs, tmp_path):
+    state = json.loads((ten_epochs / "global_step_4" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)
+    # Steps 5-8 from the checkpoint at step 4; the schedule stays the 40 steps of all epochs.
     resumed = tmp_path / "resumed"
-    run_module(MODULE, args(tiny_model, tiny_data, resumed, *common, "trainer.resume_mode=resume_path",
-                            f"trainer.resume_from_path={full / 'global_step_4'}"), nproc=2)
-    want, got = losses(full), losses(resumed)
+    run_module(MODULE, args(tiny_model, tiny_data, resumed, *TEN_EPOCHS, "trainer.total_training_steps=8",
+                            "trainer.resume_mode=resume_path", f"trainer.resume_from_path={ten_epochs / 'global_step_4'}"), nproc=2)
+    want, got = losses(ten_epochs), losses(resumed)
     assert sorted(got) == [5, 6, 7, 8]
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7)
     # Step 5 is the first batch of the second epoch (0-based epoch 1), not a replay of epoch 0.
-    assert read_metrics(resumed)[5]["train/epoch"] == read_metrics(full)[5]["train/epoch"] == 1.0
+    assert read_metrics(resumed)[5]["train/epoch"] == read_metrics(ten_epochs)[5]["train/epoch"] == 1.0
 
 
-def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path):
-    common = ["trainer.total_epochs=10", "data.train_batch_size=16", "data.max_token_len_per_gpu=40", "trainer.save_freq=10",
-              "trainer.max_val_samples=0", "trainer.test_freq=-1", "trainer.export_hf_model=false", "trainer.max_ckpt_to_keep=2"]
-    reference = tmp_path / "reference"
-    run_module(MODULE, args(tiny_model, tiny_data, reference, *common), nproc=2)
+def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, ten_epochs, tmp_path):
+    common = [*TEN_EPOCHS, "trainer.save_freq=10", "trainer.max_ckpt_to_keep=2"]
+    reference = ten_epochs
 
     crashed = tmp_path / "crashed"
     env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -135,20 +143,22 @@ def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, tmp_path
     assert len(list(crashed.glob("global_step_*"))) == 2  # max_ckpt_to_keep
 
 
-def test_hsdp_2x2_trains_like_fsdp_over_4_and_resumes(tiny_model, tiny_data, tmp_path):
-    """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them;
-    its checkpoint (each pair's shards, replicas once) resumes to the same step 3."""
+def test_hsdp_2x2_trains_like_one_process_and_resumes(tiny_model, tiny_data, tmp_path):
+    """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them. The
+    losses and gradient norms of the global batch are one process's (plain `python -m`, no
+    torchrun: the reference costs one interpreter, not five); its checkpoint (each pair's shards,
+    replicas once) resumes to the same step 3."""
     common = ["data.train_batch_size=16", "data.micro_batch_size_per_gpu=2", "trainer.test_freq=-1", "trainer.max_val_samples=0",
               "trainer.export_hf_model=false", "optim.lr_scheduler=constant"]
-    fsdp, hsdp = tmp_path / "fsdp", tmp_path / "hsdp"
-    run_module(MODULE, args(tiny_model, tiny_data, fsdp, *common, "trainer.total_training_steps=3"), nproc=4)
+    one, hsdp = tmp_path / "one", tmp_path / "hsdp"
+    run_module(MODULE, args(tiny_model, tiny_data, one, *common, "trainer.total_training_steps=3"), nproc=0)
     hsdp_args = [*common, "model.fsdp_config.fsdp_size=2"]
     proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *hsdp_args, "trainer.total_training_steps=2"), nproc=4)
     assert "HSDP: 2 replica groups × 2 shards" in proc.stderr
     assert (hsdp / "global_step_2" / ".metadata").is_file()
     proc = run_module(MODULE, args(tiny_model, tiny_data, hsdp, *hsdp_args, "trainer.total_training_steps=3"), nproc=4)
     assert "resumed from" in proc.stderr
-    a, b = read_metrics(fsdp), read_metrics(hsdp)
+    a, b = read_metrics(one), read_metrics(hsdp)
     assert sorted(b) == [1, 2, 3]
     for step in (1, 2, 3):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5), step
