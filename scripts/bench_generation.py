@@ -34,7 +34,7 @@ Reading the table:
   it is what the user chose to spend; `eval/time_s` summed shows lm-eval's part. On by default,
   off with `--quick` unless `--evaluate` is given.
 
-`--quick` (used by the test suite) runs 20 steps (one validation) and 2 repeats of 16 tokens:
+`--quick` (used by the test suite) runs 6 steps (one validation) and 2 repeats of 16 tokens:
 it checks that the benchmark works; its shares are not representative. Nothing is asserted.
 """
 
@@ -71,7 +71,7 @@ class Settings:
 
 
 FULL = Settings(demo_steps=300, max_new_tokens=32, repeats=5)
-QUICK = Settings(demo_steps=20, max_new_tokens=16, repeats=2)
+QUICK = Settings(demo_steps=6, max_new_tokens=16, repeats=2)
 
 
 def log(msg: str) -> None:
@@ -298,7 +298,7 @@ def main() -> int:
         f"{settings.repeats} after a warm-up.",
     ]
     if args.quick:
-        notes.append("--quick: one validation in a 20-step run (lm-eval at it); the shares are not representative.")
+        notes.append("--quick: one validation in a 6-step run (lm-eval at it); the shares are not representative.")
     if any("busy machine" in r[4] for r in body):
         notes.append("Rows marked 'busy machine' ran while other processes used the cores: rerun on an idle machine.")
     wall = time.perf_counter() - started

@@ -15,7 +15,8 @@ What it does, one step after another in one invocation:
    - ours, `python -m trainer.fsdp_sft_trainer`, 1 process x 2 threads, the config defaults;
    - ours again with the length-aware data keys (`data.group_by_length`,
      `data.max_token_len_per_gpu`) all off when a default turns one on, and with each key that
-     is off by default turned on, to show what they bring (only keys the trainer's schema has);
+     is off by default turned on, to show what they bring (only keys the trainer's schema has;
+     tiny: the first of these runs alone);
    - ours, `torchrun --nproc_per_node=2`, 2 processes x 1 thread (FSDP2 over gloo), defaults;
    - the same with LoRA (`model.lora_rank=16`, all linear layers): adapters only, frozen base;
    - TRL's SFTTrainer (prompt-completion data, loss on the completion, no packing), if installed;
@@ -116,6 +117,7 @@ class Size:
     mem_separate: bool  # False: the memory table reuses the throughput runs (tiny: keeps the test short)
     timeout_s: int
     switch_rows: bool = True  # measure model.compile and activation checkpointing (tiny: skipped, they only add time)
+    all_variants: bool = True  # every data-key variant row (tiny: the first alone, which checks the mechanism)
 
 
 SIZES = {
@@ -129,7 +131,7 @@ SIZES = {
         num_pairs=64, max_length=64, batch=8, median_tokens=14, sigma=0.8, vocab=320,
         hidden=32, layers=2, heads=2, intermediate=64, warmup=1, steps=3, matmul_n=512, matmul_reps=3,
         mem_hidden=32, mem_layers=2, mem_heads=2, mem_intermediate=64, mem_max_length=64, mem_batch=8, mem_steps=4,
-        mem_separate=False, timeout_s=300, switch_rows=False,
+        mem_separate=False, timeout_s=300, switch_rows=False, all_variants=False,
     ),
 }
 LR = 1e-3
@@ -852,7 +854,8 @@ def main() -> int:
         default_desc = describe(new_keys) or "plain path"
         if not args.lora_only:
             ours(DEFAULT_ROW, "ours_1p", 1, {}, f"config defaults ({default_desc})")
-            for i, (label, values) in enumerate(key_variants(new_keys, size.max_length)):
+            variants = key_variants(new_keys, size.max_length)
+            for i, (label, values) in enumerate(variants if size.all_variants else variants[:1]):
                 ours(f"ours 1 proc x 2 threads, {label}", f"ours_1p_variant{i}", 1, values,
                      describe(values) + ("" if label == "keys off" else ", other keys at their defaults"))
         # Switches that are measured, not assumed to help.
