@@ -27,7 +27,8 @@ def run_case(module, case: dict) -> dict:
             sys.argv = [module.__file__, *case["args"]]
             code = 0
             try:
-                module.main()
+                returned = module.main()  # `sys.exit(main())` under `python -m`: an int is the exit code
+                code = returned if isinstance(returned, int) else 0
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
             except BaseException:  # noqa: BLE001 - reported as the CLI would

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -85,6 +86,18 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[SimpleNamespace]:
+    """`python -m module ARGS` for each case, as processes forked after one import (tests/cli_cases.py):
+    the seconds of imports a CLI run spends before it reads its arguments are paid once.
+    cases: [{"args": [...], "env": {...}, "cwd": "..."}]; each result has returncode, stdout, stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), module], input=json.dumps(cases), cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
 
 
 def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,

@@ -1,14 +1,10 @@
 """Bad input stops the run with one line naming the culprit, before any model is built."""
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import ROOT, write_parquet
+from helpers import run_cases, write_parquet
 
 
 def first_error_line(proc):
@@ -28,16 +24,6 @@ CASES = [
     (["model.partial_pretrain=nonexistent-org/model"], {}, "error: model.partial_pretrain='nonexistent-org/model': cannot load a tokenizer"),
     (["trainer.logger=[console,nosuch]"], {}, "error: trainer.logger: got 'nosuch'"),
 ]
-
-
-def run_cases(module: str, cases: list[dict]) -> list[SimpleNamespace]:
-    """`python -m module ARGS` for each case, as processes forked after one import (tests/cli_cases.py)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), module], input=json.dumps(cases), cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
 
 
 @pytest.fixture(scope="module")

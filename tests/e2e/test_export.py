@@ -4,14 +4,12 @@
 Two SFT runs under torchrun (2 processes) serve every test here:
   run A saves [model, hf_model] at steps 2 and 4 (no optimizer, no extra) and exports hf_model;
   run B resumes from A's step 2 with the default contents, trains steps 3-4 and exports hf_model.
-The export commands of a test group run at once (2 cores; most of each is the import of torch).
+The export commands of a test group run as forks of one process that imported trainer.export once
+(tests/cli_cases.py): most of a CLI run is its imports.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import ROOT, make_tiny_model, read_metrics, run_module
+from helpers import make_tiny_model, read_metrics, run_cases, run_module
 
 pytestmark = pytest.mark.distributed
 SFT = "trainer.fsdp_sft_trainer"
@@ -42,17 +40,9 @@ def sft_args(model, data, run_dir, *extra):
     ]
 
 
-def run_exports(*arg_lists) -> list[subprocess.CompletedProcess]:
-    """`python -m trainer.export ARGS` for each list, all at once."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    procs = [subprocess.Popen([sys.executable, "-m", "trainer.export", *map(str, args)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in arg_lists]
-    done = []
-    for proc, args in zip(procs, arg_lists):
-        out, err = proc.communicate(timeout=180)
-        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
-    return done
+def run_exports(*arg_lists) -> list:
+    """`python -m trainer.export ARGS` for each list, each a process forked after one import."""
+    return run_cases("trainer.export", [{"args": [str(a) for a in args]} for args in arg_lists])
 
 
 def logits(model_dir: Path) -> torch.Tensor:
