@@ -102,7 +102,7 @@ def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[Simple
 
 def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,
                timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m module` (nproc=1, no torchrun) or `torchrun --standalone --nproc_per_node=N -m module`."""
+    """Run `python -m module` (nproc=0: one plain process, no torchrun) or `torchrun --standalone --nproc_per_node=N -m module`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
     full_env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     full_env.update(env or {})
