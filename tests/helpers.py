@@ -88,14 +88,19 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a CLI run a test starts: the project importable, offline, no VERL_* overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(extra or {})})
+    return env
+
+
 def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[SimpleNamespace]:
     """`python -m module ARGS` for each case, as processes forked after one import (tests/cli_cases.py):
     the seconds of imports a CLI run spends before it reads its arguments are paid once.
     cases: [{"args": [...], "env": {...}, "cwd": "..."}]; each result has returncode, stdout, stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), module], input=json.dumps(cases), cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
 
@@ -103,9 +108,7 @@ def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[Simple
 def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,
                timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m module` (nproc=0: one plain process, no torchrun) or `torchrun --standalone --nproc_per_node=N -m module`."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("VERL_")}
-    full_env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    full_env.update(env or {})
+    full_env = child_env(env)
     if nproc == 0:
         cmd = [sys.executable, "-m", module, *args]
     else:
