@@ -6,8 +6,11 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,19 +108,75 @@ def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[Simple
     return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(rank: int, nproc: int, port: int) -> dict:
+    """What torchrun --standalone sets in each worker's environment on one node (torch/distributed/
+    elastic/agent/server/local_elastic_agent.py), rank 0 hosting the store (no agent store)."""
+    ranks = {name: str(rank) for name in ("RANK", "LOCAL_RANK", "ROLE_RANK")}
+    sizes = {name: str(nproc) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "ROLE_WORLD_SIZE")}
+    return {**ranks, **sizes, "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_NAME": "default",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "none",
+            "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"}
+
+
+def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`cmd` as `nproc` ranks on this host with torchrun's worker environment, without torchrun's
+    agent: an interpreter (~2 CPU-s) and a rendezvous fewer per launch. As torchrun does, the first
+    rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to one stdout and
+    one stderr. The tests whose subject is the launcher itself (test_cluster.py,
+    test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run torchrun."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, **worker_env(rank, nproc, port)}, stdout=out, stderr=err)
+                 for rank in range(nproc)]
+        deadline, code = time.monotonic() + timeout, 0
+        try:
+            while any(p.poll() is None for p in procs):
+                code = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
+                if code:  # the first failure's own exit code, not the stopped ranks' ones
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                time.sleep(0.05)
+        finally:
+            stop(procs)
+        code = code or next((p.returncode for p in procs if p.returncode != 0), 0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,
                timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m module` (nproc=0: one plain process, no torchrun) or `torchrun --standalone --nproc_per_node=N -m module`."""
+    """Run `python -m module`: nproc=0 as one plain process, nproc>=1 as that many ranks with the
+    environment torchrun gives its workers (run_ranks)."""
     full_env = child_env(env)
+    cmd = [sys.executable, "-m", module, *args]
     if nproc == 0:
-        cmd = [sys.executable, "-m", module, *args]
+        proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        proc = run_ranks(cmd, nproc, cwd or ROOT, full_env, timeout)
     if check and proc.returncode != 0:
-        # torchrun's own report fills the tail of stderr: show the children's errors first.
+        # the other ranks' reports (a peer gone, SIGTERM) fill the tail of stderr: show the errors first.
         errors = [l for l in proc.stderr.splitlines() if ("Error" in l or "error:" in l) and "elastic" not in l]
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\nERRORS:\n" + "\n".join(errors[:20])
+        raise AssertionError(f"{' '.join(cmd)} on {nproc} ranks failed ({proc.returncode}):\nERRORS:\n" + "\n".join(errors[:20])
                              + f"\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
     return proc
 

@@ -3,7 +3,6 @@ rendezvous on 127.0.0.1), node-local run directories, SIGTERM (preemption), one 
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, read_metrics, run_module
+from helpers import ROOT, free_port, read_metrics, run_module
 
 pytestmark = pytest.mark.distributed
 MODULE = "trainer.fsdp_sft_trainer"
@@ -27,12 +26,6 @@ def args(model, data, run_dir, *extra):
         "data.prompt_key=prompt", "data.response_key=response", "optim.lr=1e-3", "data.train_batch_size=16",
         "data.micro_batch_size_per_gpu=4", "trainer.max_val_samples=0", "trainer.test_freq=-1", *extra,
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(**extra) -> dict:

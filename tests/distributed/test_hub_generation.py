@@ -1,4 +1,4 @@
-"""Hub models as they come (torchrun, 2 ranks): a model directory's generation_config.json
+"""Hub models as they come (2 gloo ranks): a model directory's generation_config.json
 changes nothing in what the trainers sample, and its EOS ids end generations.
 
 Rank 0 loads the weights with `from_pretrained` (and so sees the file); the other ranks, and

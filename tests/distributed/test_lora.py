@@ -1,4 +1,4 @@
-"""LoRA on FSDP2 under torchrun with 2 processes (gloo): verl's own LoRA scripts, paths swapped.
+"""LoRA on FSDP2 on 2 gloo ranks: verl's own LoRA scripts, paths swapped.
 
 SFT: verl's `run_qwen_05_peft.sh` trains 4 steps with a checkpoint (with `hf_model`) at 2 and 4
 and exports the adapter and the merged model; a second run resumes from step 2. One run serves every SFT test:

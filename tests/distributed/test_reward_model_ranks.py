@@ -49,7 +49,7 @@ HH = [("What is a good name for a cat?", "Whiskers.", "No."), ("Name a colour.",
 
 
 def test_grpo_with_a_reward_model_on_two_ranks(tiny_model, tmp_path):
-    """A whole run under torchrun: rollouts scored on both ranks, validation with uneven shares
+    """A whole run on 2 ranks: rollouts scored on both ranks, validation with uneven shares
     (3 prompts on 2 ranks, one per reward-model forward: a spare forward keeps rank 1 in step),
     and sample events scored collectively. The training reward is the weighted model score."""
     rows = [{"chosen": f"\n\nHuman: {q}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}"}

@@ -1,4 +1,4 @@
-"""The RL trainers under torchrun with 2 processes: GRPO and PPO on a tiny model, samples with
+"""The RL trainers on 2 gloo ranks: GRPO and PPO on a tiny model, samples with
 rewards during and after training, trackers, and exact resume."""
 
 import json

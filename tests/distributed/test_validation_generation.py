@@ -1,4 +1,4 @@
-"""Validation samples under torchrun (2 ranks): the seed document's examples, end to end."""
+"""Validation samples on 2 gloo ranks: the seed document's examples, end to end."""
 
 import json
 import re

@@ -1,6 +1,6 @@
 """verl's GRPO example scripts run as its users run them, through scripts/verl_grpo_examples.py:
 the script text itself (vendored in tests/verl_examples/, verl b178a3c), its paths swapped for
-tiny stand-ins, scaled down at the end of the command line, torchrun with 2 gloo processes.
+tiny stand-ins, scaled down at the end of the command line, 2 gloo ranks.
 
 The vLLM one runs in the engine's venv (`pytest -m vllm`, .ci/run) and is skipped elsewhere.
 """

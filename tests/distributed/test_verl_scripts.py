@@ -1,6 +1,6 @@
 """verl's own SFT example scripts, run as its users run them: the override list unchanged but for
 the module path, the model and the data paths, plus what the scripts take in `$@` to keep the
-run short; torchrun with 2 processes."""
+run short; 2 gloo ranks."""
 
 import math
 

@@ -1,7 +1,7 @@
 """Checkpoints verl users can use: `huggingface/` in every checkpoint, `trainer.checkpoint.save_contents`
 / `load_contents`, and `python -m trainer.export` (a checkpoint → a Hugging Face model directory).
 
-Two SFT runs under torchrun (2 processes) serve every test here:
+Two SFT runs on 2 gloo ranks serve every test here:
   run A saves [model, hf_model] at steps 2 and 4 (no optimizer, no extra) and exports hf_model;
   run B resumes from A's step 2 with the default contents, trains steps 3-4 and exports hf_model.
 The export commands of a test group run as forks of one process that imported trainer.export once

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,14 +31,10 @@ from trainer.tracking.base import read_run_records
 from trainer.tracking.file import read_metrics, read_records
 from trainer.tracking.sync import main as tracking_main
 
+from helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, TEST_FREQ = 16, 8  # 64 training rows, 8 per step: one epoch per validation
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(workdir: Path, port: int) -> subprocess.Popen:
