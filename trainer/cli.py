@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -149,6 +150,10 @@ def _stopped_exit(rank: int, stop_type: type[Exception], code: int, level: int, 
     except stop_type as stop:
         if rank == 0:
             log.log(level, "%s%s", prefix, stop)
+        # Past teardown's barrier every rank has stopped; a rank that exits first makes torchrun
+        # SIGTERM the others (it takes any nonzero exit for a failure), which would then end with
+        # -15 instead of this code. Their checkpoint is written and the trackers closed: end now.
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
         teardown()
         exit_now(code)
 

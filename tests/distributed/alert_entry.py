@@ -6,10 +6,14 @@ tests/distributed/test_alert_actions_ranks.py). Environment variables, read here
     ALERT_CRASH_AFTER_ROLLBACK=1      every rank ends its process (exit 9, no clean-up) right after
                                       a rollback has restored and re-saved its checkpoint: a kill
     ALERT_TRAINER=rl                  the RL trainer (python -m trainer.rl_trainer) instead of SFT
+    ALERT_SLOW_EXIT=SECONDS           rank 0's last exit hook sleeps that long: the other rank has
+                                      exited first, as when rank 0's trackers take longer to end
 """
 
+import atexit
 import os
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -45,6 +49,9 @@ def install() -> None:
             os._exit(9)
 
         run.Run._roll_back = roll_back
+
+    if os.environ.get("ALERT_SLOW_EXIT") and os.environ.get("RANK") == "0":
+        atexit.register(time.sleep, float(os.environ["ALERT_SLOW_EXIT"]))
 
 
 if __name__ == "__main__":

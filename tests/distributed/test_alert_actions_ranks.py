@@ -59,7 +59,8 @@ ROLLBACK = ["samples.alerts.actions.degeneration=rollback", "samples.alerts.roll
 def test_rollback_then_max_rollbacks_stop_and_a_killed_rolled_back_run_relaunches_exactly(tiny_model, tiny_data, tmp_path):
     # Alerts at the 3rd and 5th validations: steps 6 and, after rolling back to step 4, 8 again.
     a = tmp_path / "a"
-    proc = launch(tiny_model, tiny_data, a, *ROLLBACK, env={"ALERT_INJECT": "degeneration@3,degeneration@5"})
+    # rank 0 ends last: torchrun SIGTERMs it once rank 1 has exited 3, and it must still end with 3
+    proc = launch(tiny_model, tiny_data, a, *ROLLBACK, env={"ALERT_INJECT": "degeneration@3,degeneration@5", "ALERT_SLOW_EXIT": "5"})
     out = proc.stdout + proc.stderr
     assert worker_exit_codes(proc) == [3, 3], out[-3000:]  # max_rollbacks reached: stop, on every rank
     assert "rolled back to" in out and "global_step_4" in out, out[-3000:]
