@@ -150,9 +150,9 @@ def _stopped_exit(rank: int, stop_type: type[Exception], code: int, level: int, 
     except stop_type as stop:
         if rank == 0:
             log.log(level, "%s%s", prefix, stop)
-        # Past teardown's barrier every rank has stopped; a rank that exits first makes torchrun
-        # SIGTERM the others (it takes any nonzero exit for a failure), which would then end with
-        # -15 instead of this code. Their checkpoint is written and the trackers closed: end now.
+        # Every rank is stopping on purpose here, its checkpoint written and trackers closed. The
+        # first to exit makes torchrun SIGTERM the rest (to it any nonzero exit is a failure):
+        # they end with this code too, not -15.
         signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
         teardown()
         exit_now(code)
