@@ -182,8 +182,8 @@ class SampleHistory:
             mean = _Mean.of(matches)
             if series.best_exact_match is None or mean.value > series.best_exact_match.value:
                 series.best_exact_match = mean
-        for name in (rewards[0] if rewards else {}):
-            mean = _Mean.of([r[name] for r in rewards])
+        for name in dict.fromkeys(name for r in rewards or [] for name in r):
+            mean = _Mean.of([r[name] for r in rewards if name in r])
             if name not in series.best_reward or mean.value > series.best_reward[name].value:
                 series.best_reward[name] = mean
         mean_length = sum(lengths) / max(1, len(lengths))

@@ -106,7 +106,7 @@ class SampleLogger:
         if matches:
             metrics[f"{prefix}/exact_match"] = sum(matches) / len(matches)
         if rewards:
-            for name in rewards[0]:
+            for name in dict.fromkeys(name for r in rewards for name in r):  # a sample may lack one (a failed scorer)
                 values = [r.rewards[name] for r in sampled if name in r.rewards]
                 if values:
                     metrics[f"{prefix}/reward/{name}"] = sum(values) / len(values)

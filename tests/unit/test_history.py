@@ -5,10 +5,12 @@ import logging
 
 import pytest
 
+from config.env import tracker_env
 from config.schema import AlertConfig
 from trainer.history import HISTORY_FILE, SampleHistory, repetition, replay_alerts
 from trainer.tracking.file import read_records
-from trainer.tracking import SampleEvent, SampleRecord
+from trainer.samples import SampleLogger
+from trainer.tracking import SampleEvent, SampleRecord, TrackerContext, Tracking
 from workers.generation import Generated, GenerationSettings
 
 SETTINGS = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
@@ -237,3 +239,17 @@ def test_one_reliable_prompt_that_stays_wrong_is_forgetting_and_a_flaky_one_is_n
     for step, texts in enumerate([refs, refs] + flaky * 2 + [["x", "2", "3", "4", "5"]] * 4, start=1):
         flaky_alerts.append([a for a in record(history_flaky, step, texts, references=refs)[0].alerts if a.startswith("forgetting")])
     assert not any(flaky_alerts)  # a prompt wrong half the time since it settled: its streak is chance
+
+
+def test_a_reward_the_first_sample_lacks_is_still_watched(tmp_path):
+    # the reward model's score on the second sample only (its scorer failed on the first)
+    history = SampleHistory(tmp_path, AlertConfig(metric_drop=0.2, persist_events=1))
+    record(history, 1, ["abc", "abd"], rewards=[{"r": 1.0}, {"r": 0.8, "rm": 2.0}], prefix="samples")
+    ev, _ = record(history, 2, ["abc", "abd"], rewards=[{"r": 1.0}, {"r": 0.8, "rm": -3.0}], prefix="samples")
+    assert [a.split(":")[0] for a in ev.alerts] == ["reward_drop"] and "rm" in ev.alerts[0], ev.alerts
+
+    tracking = Tracking(["file"], TrackerContext(tmp_path / "run", "p", "e", tracker_env({})), is_primary=True)
+    gens = [Generated([1, 2], [5, 6], t, True) for t in ("abc", "abd")]
+    metrics = SampleLogger(tracking, None).log(3, "train", "samples", "rollout", ["p0", "p1"], gens, [None, None], SETTINGS,
+                                               [0, 1], 0.01, rewards=[{"r": 1.0}, {"r": 0.8, "rm": 2.0}])
+    assert metrics["samples/reward/r"] == pytest.approx(0.9) and metrics["samples/reward/rm"] == 2.0
