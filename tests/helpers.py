@@ -136,6 +136,13 @@ def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) ->
     rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to one stdout and
     one stderr. The tests whose subject is the launcher itself (test_cluster.py,
     test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run torchrun."""
+    proc = _run_ranks_once(cmd, nproc, cwd, env, timeout)
+    if proc.returncode != 0 and "EADDRINUSE" in proc.stderr:  # the free port was taken before rank 0 bound it
+        proc = _run_ranks_once(cmd, nproc, cwd, env, timeout)
+    return proc
+
+
+def _run_ranks_once(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
     port = free_port()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, **worker_env(rank, nproc, port)}, stdout=out, stderr=err)
