@@ -10,9 +10,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Two xdist workers on two cores, and most tests start torchrun ranks of one thread each: the tests'
-# own processes and the plain `python -m` runs they start keep to one thread too, so that no
-# OpenMP pool spins on a core another process needs (set before torch is imported).
+# Two xdist workers on two cores, and most tests start ranks of one thread each (torchrun's default,
+# which helpers.run_ranks keeps): the tests' own processes and the plain `python -m` runs they start
+# keep to one thread too, so that no OpenMP pool spins on a core another process needs (set before
+# torch is imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The token cache's default folder (data.cache_dir=null) is under XDG_CACHE_HOME: the suite's runs
 # and their subprocesses write theirs in a folder of their own, not the user's ~/.cache.

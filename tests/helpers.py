@@ -144,6 +144,8 @@ def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) ->
 
 def _run_ranks_once(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
     port = free_port()
+    if nproc > 1:  # torchrun's own default for its workers, unless the caller set one
+        env = {"OMP_NUM_THREADS": "1", **env}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, **worker_env(rank, nproc, port)}, stdout=out, stderr=err)
                  for rank in range(nproc)]
