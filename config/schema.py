@@ -256,6 +256,9 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------- optimizer
+LR_SCHEDULERS = ("cosine", "constant", "wsd")  # trainer.optim.LR_SCHEDULES builds each
+
+
 @dataclass
 class OptimConfig:
     lr: float = doc("Peak learning rate.", 1e-5)
@@ -276,7 +279,7 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(0 <= self.lr_warmup_steps_ratio < 1, "optim.lr_warmup_steps_ratio", "must be in [0, 1)")
         _require(self.clip_grad > 0, "optim.clip_grad", "must be > 0")
-        _one_of(self.lr_scheduler, "optim.lr_scheduler", ("cosine", "constant", "wsd"))
+        _one_of(self.lr_scheduler, "optim.lr_scheduler", LR_SCHEDULERS)
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
         _require(0 < self.wsd_decay_ratio <= 1, "optim.wsd_decay_ratio", "must be in (0, 1]")
         _require(self.num_cycles > 0, "optim.num_cycles", "must be > 0")

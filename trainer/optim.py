@@ -57,15 +57,26 @@ def _wsd(step: int, *, warmup: int, stable: int, decay: int, min_lr_ratio: float
     return min_lr_ratio
 
 
+def _constant_schedule(cfg: OptimConfig, warmup: int, total_steps: int):
+    return partial(_constant, warmup=warmup)
+
+
+def _cosine_schedule(cfg: OptimConfig, warmup: int, total_steps: int):
+    return partial(_cosine, warmup=warmup, total=total_steps, num_cycles=cfg.num_cycles, min_lr_ratio=cfg.min_lr_ratio)
+
+
+def _wsd_schedule(cfg: OptimConfig, warmup: int, total_steps: int):
+    decay = max(1, int(cfg.wsd_decay_ratio * total_steps))
+    return partial(_wsd, warmup=warmup, stable=total_steps - warmup - decay, decay=decay, min_lr_ratio=cfg.min_lr_ratio)
+
+
+# `optim.lr_scheduler` -> the step -> LR factor it makes; config.schema.LR_SCHEDULERS lists the same
+# names for validation before anything is built (tests/unit/test_optim.py holds the two equal).
+LR_SCHEDULES = {"constant": _constant_schedule, "cosine": _cosine_schedule, "wsd": _wsd_schedule}
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
     """`total_steps` is the whole schedule: all epochs, even when `total_training_steps` stops
     the run earlier (verl's early exit leaves the schedule alone)."""
-    warmup = cfg.warmup_steps(total_steps)
-    if cfg.lr_scheduler == "constant":
-        factor = partial(_constant, warmup=warmup)
-    elif cfg.lr_scheduler == "wsd":
-        decay = max(1, int(cfg.wsd_decay_ratio * total_steps))
-        factor = partial(_wsd, warmup=warmup, stable=total_steps - warmup - decay, decay=decay, min_lr_ratio=cfg.min_lr_ratio)
-    else:
-        factor = partial(_cosine, warmup=warmup, total=total_steps, num_cycles=cfg.num_cycles, min_lr_ratio=cfg.min_lr_ratio)
+    factor = LR_SCHEDULES[cfg.lr_scheduler](cfg, cfg.warmup_steps(total_steps), total_steps)
     return LambdaLR(optimizer, factor)

@@ -13,9 +13,9 @@ from transformers.optimization import (
     get_wsd_schedule,
 )
 
-from config.schema import OptimConfig
+from config.schema import LR_SCHEDULERS, OptimConfig
 from helpers import ROOT, child_env
-from trainer.optim import build_scheduler
+from trainer.optim import LR_SCHEDULES, build_scheduler
 
 
 def transformers_schedule(optimizer, cfg: OptimConfig, total: int):
@@ -77,3 +77,9 @@ def test_the_trainers_import_neither_peft_nor_transformers_optimization():
             "print(sorted(m for m in ('peft', 'transformers.optimization', 'transformers.trainer_utils') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_scheduler_the_config_accepts_has_a_builder():
+    # config validates the name before any model is built; it cannot import trainer (imports run
+    # config -> workers -> trainer), so the two lists are held equal here.
+    assert sorted(LR_SCHEDULES) == sorted(LR_SCHEDULERS)
