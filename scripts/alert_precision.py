@@ -27,10 +27,12 @@ from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from config.schema import AlertConfig  # noqa: E402
 from trainer.history import HISTORY_FILE, replay_alerts  # noqa: E402
 from trainer.tracking.file import read_metrics, read_records  # noqa: E402
+from regression_demo import first_loss_rise  # noqa: E402  # the loss rise the alerts race, as the demo reports it
 
 FALSE_ALARM_GOAL = 0.1  # alerts per healthy validation, summed over the seeds
 LEAD_GOAL = 2  # validations between the first alert and the loss rise, on every seed
@@ -49,15 +51,6 @@ class SeedResult:
     lead: Optional[int]  # validations from the first alert to the loss rise (> 0: the alert came first)
 
 
-def first_loss_rise(val_loss: dict[int, float], after: int, rise: float = 0.10) -> Optional[int]:
-    best = float("inf")
-    for step, loss in sorted(val_loss.items()):
-        if step > after and loss > best * (1 + rise):
-            return step
-        best = min(best, loss)
-    return None
-
-
 def analyse(run_dir: Path, at: int, seed: str, replay: Optional[AlertConfig] = None) -> SeedResult:
     """One run directory: validations up to step `at` are healthy; a rolled-back run's discarded
     records do not count. `replay`: count the alerts these rules raise on the recorded samples
@@ -70,7 +63,7 @@ def analyse(run_dir: Path, at: int, seed: str, replay: Optional[AlertConfig] = N
         alerts = [r for r in records if r.get("kind") == "alert" and not r.get("discarded")]
     healthy = [s for s in sorted(val_loss) if s <= at]
     after = sorted(a["step"] for a in alerts if a["step"] > at)
-    rise = first_loss_rise(val_loss, at)
+    rise, _ = first_loss_rise(val_loss, at)
     steps = sorted(val_loss)
     lead = None
     if after and rise is not None and after[0] in steps:
