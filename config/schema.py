@@ -161,6 +161,10 @@ class DataConfig:
 # ----------------------------------------------------------------------------- model
 @dataclass
 class FSDPConfig:
+    model_dtype: str = doc(
+        "Dtype of the sharded master weights, their gradients and the optimizer state (verl's key): fp32, or bf16 "
+        "(also `bfloat16`) to halve their memory, as verl's `model_dtype=bf16` (pure bf16 training: updates smaller "
+        "than a bf16 step of the weight are lost). With LoRA the adapters stay fp32 whatever this says.", "fp32")
     param_dtype: str = doc("Compute dtype of parameters: `auto` (bf16 on CUDA, fp32 on CPU), fp32, bf16 (fp16 is refused: it needs loss scaling).", "auto")
     reduce_dtype: str = doc("Gradient reduction dtype: `auto` (fp32), fp32, bf16.", "auto")
     cpu_offload: bool = doc("Keep sharded parameters and optimizer state on CPU (FSDP2 CPUOffloadPolicy).", False)
@@ -175,6 +179,10 @@ class FSDPConfig:
         _require(self.param_dtype != "fp16", "model.fsdp_config.param_dtype",
                  "fp16 needs loss scaling, which this trainer does not do; use bf16 (same memory) or fp32")
         _one_of(self.param_dtype, "model.fsdp_config.param_dtype", ("auto", "fp32", "bf16"))
+        self.model_dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.model_dtype, self.model_dtype)
+        _require(self.model_dtype != "fp16", "model.fsdp_config.model_dtype",
+                 "fp16 weights need loss scaling, which this trainer does not do; use bf16 (same memory) or fp32")
+        _one_of(self.model_dtype, "model.fsdp_config.model_dtype", ("fp32", "bf16"))
         _one_of(self.reduce_dtype, "model.fsdp_config.reduce_dtype", ("auto", "fp32", "bf16"))
 
     def check_world(self, world_size: int) -> None:

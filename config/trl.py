@@ -113,7 +113,8 @@ _COMMON_NEAREST: dict[str, str] = {
     "push_to_hub": "none: the run exports a Hugging Face folder (trainer.export_hf_model) to push yourself",
     "peft_config": "nearest: model.lora_rank, model.lora_alpha, model.target_modules",
     "processing_class": "nearest: the model folder's tokenizer, with data.chat_template to replace its template",
-    "model_init_kwargs": "nearest: model.* keys (model.attn_implementation, model.trust_remote_code, model.fsdp_config.param_dtype)",
+    "model_init_kwargs": "nearest: model.* keys (model.attn_implementation, model.trust_remote_code; its dtype: "
+                         "model.fsdp_config.model_dtype for the weights, model.fsdp_config.param_dtype for compute)",
     "optim": "none: the optimizer is AdamW (optim.betas, optim.weight_decay)",
     "deepspeed": "none: FSDP2 shards the model (model.fsdp_config.*)",
     "fsdp": "none: FSDP2 is always on (model.fsdp_config.*)",

@@ -36,7 +36,7 @@ from workers.fsdp import (
     compile_layers,
     full_grad_norm,
     param_count,
-    resolve_dtypes,
+    sharding_spec,
 )
 from workers.generation import GenerationSettings
 from workers.liger import liger_token_loss_sum
@@ -122,11 +122,9 @@ class FSDPSFTTrainer:
         self.lora = LoraSpec.from_model_config(cfg.model)
         if self.lora is not None:
             check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
-        self.param_dtype, reduce_dtype = resolve_dtypes(cfg.model.fsdp_config.param_dtype, cfg.model.fsdp_config.reduce_dtype, self.device)
-        self.model = self._build_model(ShardingSpec(
-            self.param_dtype, reduce_dtype, cfg.model.fsdp_config.cpu_offload, cfg.model.fsdp_config.reshard_after_forward,
-            cfg.model.fsdp_config.fsdp_size,
-        ))
+        spec = sharding_spec(cfg.model.fsdp_config, self.device)
+        self.param_dtype = spec.param_dtype
+        self.model = self._build_model(spec)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.schedule_steps)
         if self.lora is not None and dist_ctx.is_primary:
@@ -160,8 +158,9 @@ class FSDPSFTTrainer:
         sequence_parallel.enable(model, self.sp)
         if cfg.compile:
             compile_layers(model)
-        log.info("model: %s, %.2fM parameters, sharded over %d rank(s), compute %s%s", type(model).__name__,
-                 param_count(model) / 1e6, self.dist.world_size, self.param_dtype,
+        log.info("model: %s, %.2fM parameters, sharded over %d rank(s), %s weights, compute %s%s", type(model).__name__,
+                 param_count(model) / 1e6, self.dist.world_size, spec.master_dtype if self.lora is None else "fp32 adapter",
+                 self.param_dtype,
                  f", sequences split over {self.sp.size} ranks (Ulysses), data-parallel {self.sp.dp_size}"
                  if self.sp.size > 1 else "")
         return model

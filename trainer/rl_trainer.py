@@ -60,7 +60,7 @@ from workers.actor import (
     update_critic,
     update_policy,
 )
-from workers.fsdp import ShardingSpec, build_sharded_model, param_count, resolve_dtypes
+from workers.fsdp import ShardingSpec, build_sharded_model, param_count, sharding_spec
 from workers.generation import GenerationSettings, encode_prompts
 from workers.lora import LoraSpec, adapters_disabled, check_fits, trainable_summary_line
 from workers.model import import_external_lib, load_config, load_stop_ids, load_tokenizer
@@ -146,9 +146,8 @@ class RLTrainer:
             total_steps = min(total_steps, cfg.trainer.total_training_steps)
 
         torch.manual_seed(cfg.trainer.seed)
-        fsdp = cfg.model.fsdp_config
-        self.param_dtype, reduce_dtype = resolve_dtypes(fsdp.param_dtype, fsdp.reduce_dtype, self.device)
-        self.spec = ShardingSpec(self.param_dtype, reduce_dtype, fsdp.cpu_offload, fsdp.reshard_after_forward, fsdp.fsdp_size)
+        self.spec = sharding_spec(cfg.model.fsdp_config, self.device)
+        self.param_dtype = self.spec.param_dtype
         self.lora = LoraSpec.from_model_config(cfg.model)
         if self.lora is not None:
             check_fits(self.lora, self.model_config, cfg.model.trust_remote_code)
@@ -167,8 +166,10 @@ class RLTrainer:
         self.critic = self.critic_optimizer = None
         if cfg.algorithm.adv_estimator == "gae":
             checkpointing = cfg.critic.enable_gradient_checkpointing
+            # fp32 masters whatever the actor's model_dtype: verl's critic has its own (fp32 by default)
             self.critic = self._build(gradient_checkpointing=cfg.model.enable_gradient_checkpointing if checkpointing is None else checkpointing,
-                                      auto_class=AutoModelForTokenClassification, **CRITIC_MODEL_KWARGS)
+                                      auto_class=AutoModelForTokenClassification, spec=replace(self.spec, master_dtype=torch.float32),
+                                      **CRITIC_MODEL_KWARGS)
             self.critic_optimizer = build_optimizer(self.critic, cfg.optim, self.device)
             for group in self.critic_optimizer.param_groups:
                 group["lr"] = cfg.critic.lr
@@ -179,8 +180,9 @@ class RLTrainer:
                                             rm.trust_remote_code, cfg.model.attn_implementation)
         reference = ", frozen reference" if self.reference else (
             ", reference = the actor's base with adapters disabled" if cfg.algorithm.kl_coef > 0 else "")
-        log.info("%s: actor %.2fM parameters over %d rank(s)%s%s%s", cfg.algorithm.name, param_count(self.actor) / 1e6,
-                 dist_ctx.world_size, reference, ", critic" if self.critic else "",
+        log.info("%s: actor %.2fM parameters over %d rank(s), %s weights, compute %s%s%s%s", cfg.algorithm.name,
+                 param_count(self.actor) / 1e6, dist_ctx.world_size,
+                 self.spec.master_dtype if self.lora is None else "fp32 adapter", self.param_dtype, reference, ", critic" if self.critic else "",
                  f", reward model {rm.path} ({param_count(self.reward_model.model) / 1e6:.2f}M, weight {rm.weight})"
                  if self.reward_model else "")
         budgets = {f: cfg.token_budget(f) for f in cfg.forwards_run()}

@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from config.schema import FSDPConfig
 from workers.lora import LoraSpec, add_adapters
 from workers.model import DTYPES, build_from_config, decoder_layers, load_pretrained
 
@@ -34,6 +35,7 @@ class ShardingSpec:
     cpu_offload: bool = False
     reshard_after_forward: bool = True
     fsdp_size: int = -1  # ranks one model is sharded over; -1: all (see device_mesh)
+    master_dtype: torch.dtype = torch.float32  # the sharded weights the optimizer steps (model.fsdp_config.model_dtype)
 
 
 def resolve_dtypes(param_dtype: str, reduce_dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -41,6 +43,12 @@ def resolve_dtypes(param_dtype: str, reduce_dtype: str, device: torch.device) ->
     param = DTYPES.get(param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     reduce = DTYPES.get(reduce_dtype) or torch.float32
     return param, reduce
+
+
+def sharding_spec(cfg: FSDPConfig, device: torch.device) -> ShardingSpec:
+    """`model.fsdp_config` as FSDP2 takes it (the actor's and the SFT model's)."""
+    param, reduce = resolve_dtypes(cfg.param_dtype, cfg.reduce_dtype, device)
+    return ShardingSpec(param, reduce, cfg.cpu_offload, cfg.reshard_after_forward, cfg.fsdp_size, DTYPES[cfg.model_dtype])
 
 
 def shard_model(model: torch.nn.Module, mesh: DeviceMesh, spec: ShardingSpec) -> torch.nn.Module:
@@ -72,15 +80,18 @@ def build_sharded_model(
     **model_kwargs,
 ) -> torch.nn.Module:
     """Collective. Load a pretrained model on rank 0 only, shard it over all ranks, fill every
-    shard from rank 0. Master weights are fp32; `spec` sets the compute dtype. With `lora`,
-    every rank injects the same adapters before sharding; the frozen base is stored in the
-    compute dtype, the adapters (the only trainable weights) in fp32. `before_sharding`
-    patches the model (real on rank 0, meta elsewhere) first (liger-kernel)."""
+    shard from rank 0. Master weights are `spec.master_dtype` (fp32 unless model_dtype=bf16, as
+    verl's FSDP workers load the model in `fsdp_config.model_dtype`); `spec` sets the compute
+    dtype. With `lora`, every rank injects the same adapters before sharding; the frozen base is
+    stored in the compute dtype, the adapters (the only trainable weights) in fp32, whatever the
+    master dtype. `before_sharding` patches the model (real on rank 0, meta elsewhere) first
+    (liger-kernel)."""
     rank0 = dist.get_rank() == 0
+    dtype = torch.float32 if lora is not None else spec.master_dtype
     if rank0:
-        model = load_pretrained(path, torch.float32, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
+        model = load_pretrained(path, dtype, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
     else:
-        model = build_from_config(model_config, torch.float32, "meta", trust_remote_code, attn_implementation, auto_class, **model_kwargs)
+        model = build_from_config(model_config, dtype, "meta", trust_remote_code, attn_implementation, auto_class, **model_kwargs)
     if lora is not None:
         add_adapters(model, lora, frozen_dtype=spec.param_dtype, load_weights=rank0)
     full_state = model.state_dict() if rank0 else {}

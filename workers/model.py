@@ -147,12 +147,15 @@ def build_from_config(
     auto_class=None,
     **model_kwargs,
 ) -> torch.nn.Module:
-    """An uninitialised model of the same architecture (on `meta` when device is "meta")."""
+    """An uninitialised model of the same architecture (on `meta` when device is "meta").
+    `config` is left as it was: transformers' `from_config` sets `config.dtype` to `dtype` in
+    place, and a config shared with the caller then declares another dtype on the ranks that
+    built on meta than on rank 0 (which loads its own config): the final export, cast to the
+    declared dtype, gathered different sizes on different ranks."""
     auto_class = auto_class or AutoModelForCausalLM
-    if model_kwargs:  # e.g. num_labels=1 for a value head
-        config = copy.deepcopy(config)
-        for key, value in model_kwargs.items():
-            setattr(config, key, value)
+    config = copy.deepcopy(config)
+    for key, value in model_kwargs.items():  # e.g. num_labels=1 for a value head
+        setattr(config, key, value)
     with torch.device(device or "cpu"):
         return auto_class.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation

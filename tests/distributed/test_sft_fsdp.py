@@ -1,7 +1,6 @@
 """The SFT trainer on 2 gloo ranks: learning, split invariance, exact resume."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import ROOT, read_metrics, run_module
@@ -59,6 +59,24 @@ def test_two_process_run_learns_exports_and_leaves_no_litter(tiny_model, tiny_da
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert (run_dir / "hf_model" / "model.safetensors").is_file()
+
+
+def test_bf16_master_weights_on_two_ranks_train_validate_and_export_in_the_declared_dtype(tiny_model, tiny_data, tmp_path):
+    # model_dtype=bf16 over 2 ranks, through validation's gathered copy and the final export (cast
+    # on every rank to the dtype the model's config declares: the ranks once disagreed on it).
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    run_module(MODULE, args(tiny_model, tiny_data, run_dir, "model.fsdp_config.model_dtype=bf16", "trainer.total_training_steps=4",
+                            "data.train_batch_size=16", "trainer.max_val_samples=2", "generation.max_new_tokens=4"), nproc=2)
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4] and sorted(losses(run_dir, "val/loss")) == [4]
+    exported = load_file(run_dir / "hf_model" / "model.safetensors")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert json.loads((run_dir / "hf_model" / "config.json").read_text())["dtype"] == "float32"  # as the model declares
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    for name, tensor in exported.items():  # bf16 masters: every exported value is a bf16 number
+        assert torch.equal(tensor, tensor.to(torch.bfloat16).float()), name
+    assert any(not torch.equal(t, initial[n].to(torch.bfloat16).float()) for n, t in exported.items())  # it trained
 
 
 def test_loss_does_not_depend_on_how_the_batch_is_split(tiny_model, tiny_data, tmp_path):

@@ -81,6 +81,29 @@ def test_ppo_critic_has_no_dropout_and_checkpoints_activations_when_asked(tiny_m
     assert sorted(s for s, m in metrics.items() if "critic/vf_loss" in m) == [1, 2], metrics
 
 
+def test_bf16_master_weights_for_the_actor_and_its_reference_the_critic_keeps_fp32(tiny_model, rl_data, tmp_path):
+    """verl's `+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16` (its gpt-oss script): the
+    actor's weights and AdamW state in bf16, the frozen reference stored alike (it equals the
+    actor's start), the critic on fp32 masters (verl's critic has its own model_dtype, fp32)."""
+    run = create_rl_trainer(
+        model_name=str(tiny_model), dataset_name=str(rl_data["dir"]), algorithm="ppo", num_epochs=1, batch_size=16,
+        **{"trainer.default_local_dir": str(tmp_path / "run"), "rollout.max_new_tokens": 3, "data.max_val_prompts": 2,
+           "model.fsdp_config.model_dtype": "bf16", "algorithm.kl_coef": 0.1, "trainer.save_freq": -1},
+    )
+    trainer = run.train()
+
+    def dtypes(model) -> set:  # the sharded weights (`parameters()` may show a root left gathered in the compute dtype)
+        return {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+
+    assert dtypes(trainer.actor) == dtypes(trainer.reference) == {torch.bfloat16}
+    assert dtypes(trainer.critic) == {torch.float32}
+    moments = [m for s in trainer.optimizer.state.values() for m in (s["exp_avg"], s["exp_avg_sq"])]
+    assert moments and {m.dtype for m in moments} == {torch.bfloat16}
+    metrics = read_metrics(tmp_path / "run")
+    for key in ("actor/pg_loss", "actor/kl_loss", "critic/vf_loss"):
+        assert [s for s, m in metrics.items() if key in m] == [1, 2], key
+
+
 def test_rl_samples_from_a_prompts_file_with_k_answers_are_scored_by_task_metrics(tiny_model, rl_data, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "1+1=", "reference": "2", "id": "one-plus-one", "tags": ["math"]}) + "\n")

@@ -250,3 +250,38 @@ def test_lm_eval_problems_stop_before_the_model(tiny_model, tiny_data, tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     assert "pip install 'sample-aware-trainer[eval]'" in error("eval.lm_eval.tasks=[sat_tiny_mc]",
                                                                f"eval.lm_eval.include_path={tasks}")
+
+
+def test_bf16_master_weights_train_and_resume_exactly(tiny_model, tiny_data, tmp_path):
+    # verl's fsdp_config.model_dtype=bf16: the sharded weights and AdamW's state in bf16, half the
+    # memory of fp32 masters; a checkpoint holds them as they are and a resume restores them bit for bit.
+    common = ("optim.lr=1e-3", "trainer.max_val_samples=0", "trainer.export_hf_model=false", "trainer.test_freq=-1",
+              "trainer.save_freq=2")
+
+    def shard_bytes(trainer):
+        return sum(p.to_local().numel() * p.to_local().element_size() for p in trainer.model.parameters())
+
+    fp32 = make_trainer(tiny_model, tiny_data, tmp_path / "fp32", "trainer.total_training_steps=2", *common)
+    run_dir = tmp_path / "bf16"
+    first = make_trainer(tiny_model, tiny_data, run_dir, "model.fsdp_config.model_dtype=bfloat16",
+                         "trainer.total_training_steps=2", *common)
+    assert first.cfg.model.fsdp_config.model_dtype == "bf16"  # verl's spelling read as ours
+    assert 2 * shard_bytes(first) == shard_bytes(fp32)
+    initial = {k: v.full_tensor().clone() for k, v in first.model.state_dict().items()}
+    first.fit()
+    trained = {k: v.full_tensor().clone() for k, v in first.model.state_dict().items()}
+    assert {v.dtype for v in trained.values()} == {torch.bfloat16}
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # bf16 steps of lr 1e-3 moved the weights
+    moments = [s[m] for s in first.optimizer.state.values() for m in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {torch.bfloat16}
+    saved_moments = [m.full_tensor().clone() for m in moments]
+    loss = [m["train/loss"] for _, m in sorted(read_metrics(run_dir).items()) if "train/loss" in m]
+    assert len(loss) == 2 and all(math.isfinite(v) for v in loss)
+
+    resumed = make_trainer(tiny_model, tiny_data, run_dir, "model.fsdp_config.model_dtype=bf16",
+                           "trainer.total_training_steps=3", *common)
+    assert resumed.run.position.global_step == 2
+    for k, v in resumed.model.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v.full_tensor(), trained[k]), k
+    again = [s[m].full_tensor() for s in resumed.optimizer.state.values() for m in ("exp_avg", "exp_avg_sq")]
+    assert len(again) == len(saved_moments) and all(torch.equal(a, b) for a, b in zip(again, saved_moments))

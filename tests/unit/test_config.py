@@ -49,6 +49,8 @@ def test_with_generation_example_has_the_documented_values(tiny_model, tiny_data
         ("data.micro_batch_size_per_gpu=0", "data.micro_batch_size_per_gpu"),
         ("data.max_token_len_per_gpu=16", "data.max_token_len_per_gpu"),  # below max_length 32
         ("model.fsdp_config.param_dtype=fp16", "model.fsdp_config.param_dtype"),  # no loss scaling: refused
+        ("model.fsdp_config.model_dtype=fp16", "model.fsdp_config.model_dtype"),  # no loss scaling: refused
+        ("model.fsdp_config.model_dtype=int8", "model.fsdp_config.model_dtype"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -147,3 +147,18 @@ def test_hsdp_builds_its_device_mesh_once_for_every_model_of_the_run():
     # One 2-D mesh: its two dimensions' groups (was: two more per model, six for actor+reference+critic).
     assert got["new_groups"] == 2, got
     assert got["flat_same"] and got["flat_shape"] == [16]
+
+
+def test_building_on_meta_leaves_the_callers_config_declaring_its_own_dtype(tiny_model, one_rank):
+    # transformers' from_config sets config.dtype in place. Ranks other than 0 build on meta from
+    # the trainer's shared config, rank 0 loads its own: with the mutation the ranks disagreed on
+    # the declared dtype the final export casts to, and gathered different sizes (bf16 masters
+    # on 2 ranks crashed in gloo; on CUDA: a bf16 generation copy on rank 0 against fp32 masters).
+    from workers.model import build_from_config
+
+    config = load_config(str(tiny_model))
+    declared = config.dtype
+    model = build_from_config(config, torch.bfloat16, "meta")
+    assert model.config.dtype == torch.bfloat16 and config.dtype == declared != torch.bfloat16
+    build_sharded_model(str(tiny_model), config, ShardingSpec(master_dtype=torch.bfloat16), torch.device("cpu"), 1)
+    assert config.dtype == declared

@@ -590,5 +590,8 @@ def test_verl_appends_of_keys_we_define_are_overrides(tiny_model, rl_data):
                         "+trainer.not_ours=1"]  # `++` and unknown keys stay Hydra's
     c = rl(args[:4]).config
     assert (c.rollout.name, c.rollout.max_new_tokens) == ("vllm", 7)
-    with pytest.raises(ConfigError, match=r"^actor_rollout_ref.actor.fsdp_config.model_dtype=bf16: master weights are fp32"):
-        rl([*inputs, *appends_as_overrides(["+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16"])])
+    # the gpt-oss script's bf16 master weights: our model.fsdp_config.model_dtype
+    appended = rl([*inputs, *appends_as_overrides(["+actor_rollout_ref.actor.fsdp_config.model_dtype=bfloat16"])])
+    assert appended.config.model.fsdp_config.model_dtype == "bf16"
+    with pytest.raises(ConfigError, match=r"^model.fsdp_config.model_dtype: fp16 weights need loss scaling"):
+        rl([*inputs, "actor_rollout_ref.actor.fsdp_config.model_dtype=fp16"])
