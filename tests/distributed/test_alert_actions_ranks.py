@@ -4,7 +4,6 @@ checkpoint kept through pruning, early stopping and stop_at; a rollback in GRPO.
 events by tests/distributed/alert_entry.py; the real rules are set so that they never fire."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, read_metrics
+from helpers import ROOT, child_env, read_metrics
 from trainer.checkpoint import load_model_state
 
 pytestmark = pytest.mark.distributed
@@ -38,8 +37,8 @@ def launch(model, data, run_dir, *extra, env=None):
 
 
 def run_torchrun(args, env=None):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("VERL_", "ALERT_"))}
-    full_env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    # no ALERT_* but the test's own: alert_entry.py injects alerts and delays exits by them
+    full_env = {k: v for k, v in child_env().items() if not k.startswith("ALERT_")} | (env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ENTRY, *args]
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=240)
 

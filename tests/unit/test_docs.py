@@ -307,7 +307,6 @@ def test_the_verl_pages_command_lines_here_resolve_without_a_refusal(tiny_model,
     from config.rl_schema import RLConfig, lift_flat_sample_logging
     from config.schema import SFTConfig
 
-    page = (ROOT / "docs" / "coming-from-verl.md").read_text(encoding="utf-8")
     swaps = {"$HOME/data/gsm8k/train.parquet": None, "$HOME/data/gsm8k/test.parquet": None,
              "google/gemma-2b-it": str(tiny_model), "Qwen/Qwen2-7B-Instruct": str(tiny_model)}
     ran = set()

@@ -78,7 +78,7 @@ def test_missing_model_says_how_to_make_it(tmp_path, monkeypatch):
 
 
 def test_samples_as_text_follow_one_prompt_through_both_runs(tmp_path):
-    a, b = build_small_run(tmp_path / "a"), build_small_run(tmp_path / "b")
+    build_small_run(tmp_path / "a"), build_small_run(tmp_path / "b")
     text = demo.samples_markdown([("A", tmp_path / "a"), ("B", tmp_path / "b")])
     assert text.startswith("Prompt: What is 6*7? Answer:\n\nReference: 42\n")
     assert text.count("### ") == 2
