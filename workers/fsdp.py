@@ -92,6 +92,12 @@ def build_sharded_model(
         model = load_pretrained(path, dtype, trust_remote_code, attn_implementation, auto_class, **model_kwargs)
     else:
         model = build_from_config(model_config, dtype, "meta", trust_remote_code, attn_implementation, auto_class, **model_kwargs)
+    # from_pretrained keeps a model's `_keep_in_fp32_modules_strict` (MoE routers of DeepSeek-V3.2,
+    # AFMoE, ...) in fp32 under bf16 on rank 0; the meta build elsewhere does not. The ranks'
+    # parameters must agree before sharding (or the gathers mismatch): all in the master dtype.
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     if lora is not None:
         add_adapters(model, lora, frozen_dtype=spec.param_dtype, load_weights=rank0)
     full_state = model.state_dict() if rank0 else {}

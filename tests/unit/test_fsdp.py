@@ -162,3 +162,14 @@ def test_building_on_meta_leaves_the_callers_config_declaring_its_own_dtype(tiny
     assert model.config.dtype == torch.bfloat16 and config.dtype == declared != torch.bfloat16
     build_sharded_model(str(tiny_model), config, ShardingSpec(master_dtype=torch.bfloat16), torch.device("cpu"), 1)
     assert config.dtype == declared
+
+
+def test_bf16_masters_are_bf16_on_rank_zero_too_where_transformers_keeps_modules_in_fp32(tiny_model, one_rank, monkeypatch):
+    # Rank 0 loads with from_pretrained, which keeps `_keep_in_fp32_modules_strict` in fp32 under
+    # bf16; the other ranks build on meta, which does not: the shards must agree.
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["norm"])
+    config = load_config(str(tiny_model))
+    model = build_sharded_model(str(tiny_model), config, ShardingSpec(master_dtype=torch.bfloat16), torch.device("cpu"), 1)
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
