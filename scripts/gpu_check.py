@@ -67,19 +67,12 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def has_vllm_engine() -> bool:
-    """The trainer's rollout engine choice (`rollout.name`), once the engine issue has landed."""
-    from config.rl_schema import RolloutConfig
-
-    return "name" in {f.name for f in dataclasses.fields(RolloutConfig)}
-
-
-def plan(gpus: int, on_cpu: bool = False, have: Callable[[str], bool] = installed,
-         vllm_engine: Callable[[], bool] = has_vllm_engine) -> list[Check]:
+def plan(gpus: int, on_cpu: bool = False, have: Callable[[str], bool] = installed) -> list[Check]:
     """Every path, in the order they run; those that cannot run here carry the reason."""
     cuda_only = "needs a CUDA GPU" if on_cpu else None
     checks = [
         Check("sft-bf16", "bf16 SFT, FSDP2", SFT),
+        Check("bf16-masters", "SFT with bf16 master weights and AdamW state", SFT, ("model.fsdp_config.model_dtype=bf16",)),
         Check("cpu-offload", "SFT with model.fsdp_config.cpu_offload", SFT, ("model.fsdp_config.cpu_offload=true",)),
         Check("activation-checkpointing", "SFT with activation checkpointing", SFT, ("model.enable_gradient_checkpointing=true",)),
         Check("padding-free-flash-attn", "padding-free batches, flash-attention varlen", SFT,
@@ -95,8 +88,7 @@ def plan(gpus: int, on_cpu: bool = False, have: Callable[[str], bool] = installe
         Check("resume", "SFT saved at half way, resumed to the end", SFT, runs=2),
         Check("grpo-hf", "GRPO, HF generate rollouts", RL),
         Check("grpo-vllm", "GRPO, vLLM rollouts", RL, ("rollout.name=vllm",),
-              skip=cuda_only or (None if have("vllm") else "vllm not installed")
-              or (None if vllm_engine() else "this trainer has no vLLM rollout engine yet (rollout.name)")),
+              skip=cuda_only or (None if have("vllm") else "vllm not installed (pip install -e '.[vllm]')")),
     ]
     nccl = "needs 2 or more GPUs" if gpus < 2 else None
     checks += [

@@ -20,7 +20,7 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_check  # noqa: E402
 
-ALL_PATHS = ["sft-bf16", "cpu-offload", "activation-checkpointing", "padding-free-flash-attn", "liger", "lora",
+ALL_PATHS = ["sft-bf16", "bf16-masters", "cpu-offload", "activation-checkpointing", "padding-free-flash-attn", "liger", "lora",
              "sample-copy-gpu", "resume", "grpo-hf", "grpo-vllm", "sft-bf16-nccl-x2", "grpo-hf-nccl-x2"]
 
 
@@ -52,23 +52,20 @@ def test_dry_run_lists_every_path_and_without_it_a_cpu_says_it_needs_a_gpu(tmp_p
 
 
 def test_the_plan_on_a_two_gpu_machine_with_every_package():
-    checks = {c.name: c for c in gpu_check.plan(2, have=lambda package: True, vllm_engine=lambda: False)}
+    checks = {c.name: c for c in gpu_check.plan(2, have=lambda package: True)}
     assert list(checks) == ALL_PATHS
-    runnable = {n for n, c in checks.items() if c.skip is None}
-    assert runnable == set(ALL_PATHS) - {"grpo-vllm"}
-    assert checks["grpo-vllm"].skip == "this trainer has no vLLM rollout engine yet (rollout.name)"
+    assert all(c.skip is None for c in checks.values())
+    assert checks["bf16-masters"].overrides == ("model.fsdp_config.model_dtype=bf16",)
     assert checks["sft-bf16-nccl-x2"].nproc == checks["grpo-hf-nccl-x2"].nproc == 2
     missing = {c.name: c.skip for c in gpu_check.plan(1, have=lambda package: False)}
     assert missing["padding-free-flash-attn"] == "flash-attn not installed (pip install flash-attn)"
-    assert missing["liger"].startswith("liger-kernel not installed") and missing["grpo-vllm"] == "vllm not installed"
+    assert missing["liger"].startswith("liger-kernel not installed") and missing["grpo-vllm"].startswith("vllm not installed")
 
 
 def test_every_command_it_would_run_is_a_valid_config(tiny_model, tmp_path):
     data = gpu_check.write_data(tmp_path / "data", train_rows=8, val_rows=4)
     checked = 0
-    for check in gpu_check.plan(2, have=lambda package: True, vllm_engine=lambda: True):
-        if check.name == "grpo-vllm":
-            continue  # rollout.name arrives with the engine issue
+    for check in gpu_check.plan(2, have=lambda package: True):
         for cmd in gpu_check.commands(check, tiny_model, data, tmp_path / check.name, steps=4):
             overrides = cmd[cmd.index(check.module) + 1:]
             name, schema = ("sft_trainer", SFTConfig) if check.module == gpu_check.SFT else ("grpo_trainer", RLConfig)
@@ -79,7 +76,7 @@ def test_every_command_it_would_run_is_a_valid_config(tiny_model, tmp_path):
             except ConfigError as err:  # flash-attention is checked against what is installed
                 assert check.name == "padding-free-flash-attn" and "flash" in str(err), (check.name, str(err))
             checked += 1
-    assert checked == 12  # the resume's two runs
+    assert checked == 14  # the resume's two runs
 
 
 @pytest.mark.distributed
