@@ -90,7 +90,7 @@ def run_overrides(action: str, args: argparse.Namespace) -> list[str]:
         "samples.alerts.metric=last_number_match", f"samples.alerts.action={action}",
         # A drop of the metric over 12 sampled answers is noise as often as not (it fired at step 8,
         # before the shard, when 4 of 12 right answers became 0 of 12): it warns, the rest act.
-        "+samples.alerts.actions.last_number_match_drop=warn",  # `+`: a metric's drop rule is not in the YAML
+        "samples.alerts.actions.last_number_match_drop=warn",
         *args.overrides,
     ]
 

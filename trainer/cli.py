@@ -66,8 +66,19 @@ def appends_as_overrides(argv: Sequence[str]) -> list[str]:
     out = []
     for arg in argv:
         key = arg[1:].split("=", 1)[0] if arg.startswith("+") and not arg.startswith("++") and "=" in arg else None
-        out.append(arg[1:] if key in known else arg)
+        out.append(arg[1:] if key in known else "++" + arg if _open_key(arg) else arg)
     return out
+
+
+def _open_key(arg: str) -> bool:
+    """`samples.alerts.actions.<metric>_drop=...` without `+`: the drop rule of any `samples.metrics`
+    name. The YAML lists the built-in rules only, and Hydra refuses a key its config lacks unless
+    appended; `++` adds it, or sets it where a user's YAML already has it."""
+    from config.schema import ALERT_RULES
+
+    key = arg.split("=", 1)[0] if "=" in arg and not arg.startswith(("+", "~")) else ""
+    prefix = "samples.alerts.actions."
+    return key.startswith(prefix) and key.endswith("_drop") and key[len(prefix):] not in ALERT_RULES
 
 
 def _defined_keys() -> set[str]:

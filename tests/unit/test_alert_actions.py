@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 
 from config.loading import resolve
 from config.schema import AlertConfig, ConfigError, KeepBestConfig, RollbackConfig, SFTConfig, TrainerConfig
@@ -35,6 +35,24 @@ def test_bad_action_and_watch_keys_are_one_line_naming_the_key(override, key):
 def test_per_rule_actions_from_the_command_line():
     alerts = load(["samples.alerts.actions.collapse=stop"]).samples.alerts
     assert alerts.action_for("collapse") == "stop" and alerts.action_for("drift") == "warn"
+
+
+def test_the_drop_rule_of_any_metric_is_set_from_the_command_line_without_a_plus(tmp_path):
+    # samples.alerts.actions.<metric>_drop for a metric the YAML does not list: Hydra alone says
+    # "Key 'last_number_match_drop' is not in struct"; the CLI adds it (`++`, which also sets a key
+    # a user's YAML already has).
+    from trainer.cli import appends_as_overrides
+
+    given = ["samples.alerts.actions.last_number_match_drop=stop", "samples.alerts.actions.exact_match_drop=rollback"]
+    args = appends_as_overrides(given)
+    assert args == ["++samples.alerts.actions.last_number_match_drop=stop", "samples.alerts.actions.exact_match_drop=rollback"]
+    alerts = load(args).samples.alerts
+    assert (alerts.action_for("last_number_match_drop"), alerts.action_for("exact_match_drop")) == ("stop", "rollback")
+    (tmp_path / "mine.yaml").write_text("defaults: [demo, _self_]\nsamples:\n  alerts:\n    actions:\n"
+                                        "      last_number_match_drop: warn\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("mine", overrides=args[:1])
+    assert resolve(cfg, SFTConfig, args[:1], {}, 1).config.samples.alerts.action_for("last_number_match_drop") == "stop"
 
 
 def test_rollback_without_checkpoints_is_said_at_start_up():

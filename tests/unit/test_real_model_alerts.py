@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_module
 from config.loading import resolve
 from config.schema import SFTConfig
 from helpers import make_tiny_model
+from trainer.cli import appends_as_overrides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import real_model_alerts as alerts  # noqa: E402
@@ -38,7 +39,7 @@ def test_the_three_runs_differ_in_the_action_alone(tmp_path):
     configs = {}
     for action in alerts.ACTIONS:
         cmd = alerts.train_command(model, data, tmp_path / action, 2e-5, 3, 4, 2, 16, 0, 1, alerts.run_overrides(action, args))
-        overrides = cmd[cmd.index("trainer.fsdp_sft_trainer") + 1:]
+        overrides = appends_as_overrides(cmd[cmd.index("trainer.fsdp_sft_trainer") + 1:])  # as the CLI reads them
         with initialize_config_module(config_module="config", version_base="1.3"):
             cfg = resolve(compose("sft_trainer", overrides=overrides), SFTConfig, overrides, {}, 2).config
         configs[action] = cfg
