@@ -172,3 +172,24 @@ def field_names(cls):
 def test_secrets_are_redacted():
     cleaned = redact({"a": {"api_key": "s3cr3t", "Token": "t", "x": 1}, "db_password": "p", "list": [{"secret_thing": 2}]})
     assert cleaned == {"a": {"api_key": "<redacted>", "Token": "<redacted>", "x": 1}, "db_password": "<redacted>", "list": [{"secret_thing": "<redacted>"}]}
+
+
+@pytest.mark.parametrize("config_name", ["sft_trainer", "demo", "grpo_trainer", "ppo_trainer", "grpo_demo"])
+def test_every_schema_key_is_in_the_yaml_so_the_command_line_can_set_it(config_name):
+    # Hydra refuses an override of a key its composed config lacks ("not in struct"), and a `+`
+    # on a key the schema defines is read as a plain override (trainer.cli.appends_as_overrides):
+    # a schema key missing from the YAML could not be set at all (trainer.collective_timeout_seconds was).
+    from omegaconf import OmegaConf
+
+    from config.rl_schema import RLConfig
+
+    def fields(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            yield from fields(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    with initialize_config_module(config_module="config", version_base="1.3"):
+        cfg = compose(config_name)
+    schema = SFTConfig() if config_name in ("sft_trainer", "demo") else RLConfig()
+    missing = [key for key in fields(schema) if OmegaConf.select(cfg, key, default="<absent>") == "<absent>"]
+    assert missing == []
