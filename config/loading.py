@@ -145,6 +145,18 @@ def to_dict(typed: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
 
 
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def redact(value: Any, name: str = "") -> Any:
     """A copy with every value whose key names a secret (KEY, TOKEN, SECRET, PASSWORD) removed."""
     if isinstance(value, Mapping):

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -130,24 +131,30 @@ def worker_env(rank: int, nproc: int, port: int) -> dict:
             "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"}
 
 
-def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
+              rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     """`cmd` as `nproc` ranks on this host with torchrun's worker environment, without torchrun's
     agent: an interpreter (~2 CPU-s) and a rendezvous fewer per launch. As torchrun does, the first
     rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to one stdout and
     one stderr. The tests whose subject is the launcher itself (test_cluster.py,
-    test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run torchrun."""
-    proc = _run_ranks_once(cmd, nproc, cwd, env, timeout)
+    test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run torchrun.
+    `rank_env` / `rank_cwd`: rank i's own environment (over torchrun's: LOCAL_RANK=0 makes it a
+    node of its own) and working directory, as ranks on different nodes have."""
+    proc = _run_ranks_once(cmd, nproc, cwd, env, timeout, rank_env, rank_cwd)
     if proc.returncode != 0 and "EADDRINUSE" in proc.stderr:  # the free port was taken before rank 0 bound it
-        proc = _run_ranks_once(cmd, nproc, cwd, env, timeout)
+        proc = _run_ranks_once(cmd, nproc, cwd, env, timeout, rank_env, rank_cwd)
     return proc
 
 
-def _run_ranks_once(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int) -> subprocess.CompletedProcess:
+def _run_ranks_once(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
+                    rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     port = free_port()
     if nproc > 1:  # torchrun's own default for its workers, unless the caller set one
         env = {"OMP_NUM_THREADS": "1", **env}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen(cmd, cwd=cwd, env={**env, **worker_env(rank, nproc, port)}, stdout=out, stderr=err)
+        procs = [subprocess.Popen(cmd, cwd=rank_cwd[rank] if rank_cwd else cwd,
+                                  env={**env, **worker_env(rank, nproc, port), **(rank_env[rank] if rank_env else {})},
+                                  stdout=out, stderr=err)
                  for rank in range(nproc)]
         deadline, code = time.monotonic() + timeout, 0
         try:
@@ -179,7 +186,8 @@ def stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
 
 
 def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = None, env: dict | None = None,
-               timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+               timeout: int = 300, check: bool = True, rank_env: Sequence[dict] = (),
+               rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     """Run `python -m module`: nproc=0 as one plain process, nproc>=1 as that many ranks with the
     environment torchrun gives its workers (run_ranks)."""
     full_env = child_env(env)
@@ -187,7 +195,7 @@ def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = 
     if nproc == 0:
         proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     else:
-        proc = run_ranks(cmd, nproc, cwd or ROOT, full_env, timeout)
+        proc = run_ranks(cmd, nproc, cwd or ROOT, full_env, timeout, rank_env, rank_cwd)
     if check and proc.returncode != 0:
         # the other ranks' reports (a peer gone, SIGTERM) fill the tail of stderr: show the errors first.
         errors = [l for l in proc.stderr.splitlines() if ("Error" in l or "error:" in l) and "elastic" not in l]

@@ -48,6 +48,7 @@ from config.schema import ConfigError, SFTConfig
 from trainer.cli import announce_config, setup_logging
 from trainer.data import hf_datasets
 from trainer.distributed import init_distributed, teardown
+from trainer.faults import same_config_on_every_rank
 from trainer.fsdp_sft_trainer import FSDPSFTTrainer
 from trainer.rl_trainer import RLTrainer
 from config.loading import resolve
@@ -121,6 +122,7 @@ class _Run:
         if self.backend is not None and self.backend.note and denv.rank == 0:
             log.info("%s", self.backend.note)
         ctx = init_distributed(denv, self.config.trainer.device, self.config.trainer.collective_timeout_seconds)
+        same_config_on_every_rank(self.config)
         self.trainer = self._build(ctx)
         self.trainer.fit()
         teardown()

@@ -11,6 +11,8 @@ Every function here that talks to other ranks is a collective, called at the sam
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -23,6 +25,7 @@ from typing import Any, Callable, NoReturn, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from config.loading import flatten, redact, to_dict
 from config.schema import ConfigError
 from trainer.distributed import broadcast_object
 
@@ -82,6 +85,54 @@ def check_shared_run_dir(run_dir: Path, key: str = "trainer.default_local_dir") 
             f"rank 0 wrote there (rank {rank} runs on host {socket.gethostname()} in {os.getcwd()}); multi-node runs need the run "
             f"directory on a filesystem every node mounts (NFS, Lustre, ...), given as the same absolute path"
         )
+
+
+# ---------------------------------------------------------------------- inputs every rank must share
+def same_on_every_rank(values: dict[str, Any], why: str) -> None:
+    """Collective. `values` (key -> a JSON-able value) must be the same on every rank, or every rank
+    raises the same one-line error naming the keys that differ, and `why` they must not.
+
+    Each node resolves its own config and reads its own files: `VERL_*` variables, a node-local
+    YAML or data file, a relative path. Ranks that disagree on what sets a step or forward count
+    enter different collectives and wait for each other, silently, until the collective timeout.
+    One hash per rank is compared (one all-reduce); the values travel only when they differ."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    text = json.dumps(values, sort_keys=True, default=str)
+    digests = torch.zeros(world, dtype=torch.int64)  # one row per rank, filled by summing one-hot rows
+    digests[rank] = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+    dist.all_reduce(digests, op=dist.ReduceOp.SUM)
+    differ = [r for r, d in enumerate(digests.tolist()) if d != digests[0]]
+    if not differ:
+        return
+    first = json.loads(broadcast_object(text, src=0))
+    theirs = json.loads(broadcast_object(text, src=differ[0]))
+    keys = sorted(k for k in set(first) | set(theirs) if first.get(k) != theirs.get(k))
+    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    raise ConfigError(f"{shown}: differ between rank 0 and rank {differ[0]} "
+                      f"({len(differ)} of {world} ranks differ from rank 0); {why}")
+
+
+def same_config_on_every_rank(config: Any) -> None:
+    """Collective. The resolved config (secrets redacted) alike on every rank: a `VERL_*` variable
+    set on one node only (`VERL_MAX_VAL_SAMPLES=0` skips the sample event's collectives there) or
+    a node-local YAML stops every rank at start instead of hanging them later."""
+    same_on_every_rank(flatten(redact(to_dict(config))),
+                       "each node resolves the config itself: give every node the same command line, YAML files and "
+                       "VERL_* environment variables")
+
+
+def same_inputs_on_every_rank(data: dict[str, Any], model_config: Any, stop_ids: Any) -> None:
+    """Collective. The data (`data`: key -> `token_cache.rows_fingerprint`) and the model's config
+    and stop tokens alike on every rank. Each node reads its own copy: one that differs sets
+    another step or forward count on that node's ranks, and every rank hangs in a collective."""
+    config = {k: v for k, v in model_config.to_dict().items() if k != "transformers_version"}
+    model = hashlib.sha256(json.dumps([config, list(stop_ids)], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    same_on_every_rank({**data, "model.partial_pretrain": model},
+                       "every node must read the same data and model, tokenized alike: a node-local copy that differs, a "
+                       "relative path that names another file on another node, or another version of this project, "
+                       "transformers or tokenizers on one node")
 
 
 # ---------------------------------------------------------------------- decisions made once

@@ -25,10 +25,12 @@ from config.loading import Resolved, resolve
 from config.schema import SFTConfig
 from trainer.data import IGNORE, MicroBatch, SFTBatches, load_sft_examples, validation_micro_batches
 from trainer.distributed import DistContext, all_reduce_sum
+from trainer.faults import same_inputs_on_every_rank
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.sample_prompts import SamplePrompt, SamplingPlan, encode_file_prompts, generate_samples, read_prompts_file
+from trainer.token_cache import rows_fingerprint
 from workers import liger, sequence_parallel
 from workers.fsdp import (
     ShardingSpec,
@@ -112,6 +114,8 @@ class FSDPSFTTrainer:
             load_sft_examples(d.val_files, "data.val_files", self.tokenizer, d, d.val_max_samples, cache_dir, ranks)
             if d.val_files else []
         )
+        same_inputs_on_every_rank({"data.train_files": rows_fingerprint(train),
+                                   "data.val_files": rows_fingerprint(self.val_examples)}, self.model_config, self.stop_ids)
         # The ranks of a sequence-parallel group hold the same micro-batches.
         self.batches = SFTBatches(train, cfg.data, cfg.trainer.seed, self.sp.dp_rank, self.sp.dp_size, self.tokenizer.pad_token_id)
         # total_training_steps is an early exit (as in verl): the schedule still spans every epoch.

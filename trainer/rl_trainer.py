@@ -40,12 +40,14 @@ from config.loading import resolve
 from config.rl_schema import RLConfig, SampleLoggingConfig, lift_flat_sample_logging
 from config.schema import ConfigError
 from trainer.distributed import DistContext, all_reduce_sum
+from trainer.faults import same_inputs_on_every_rank
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.data.rl_prompts import PromptBatches, RLPrompt, load_rl_prompts, rollout_seed
 from trainer.resume_guard import essential_config
 from trainer.run import Run, SampleEventSpec, Samples, entry_point
 from trainer.sample_prompts import SamplePrompt, SamplingPlan, encode_file_prompts, generate_samples, read_prompts_file
 from trainer.samples import prompt_id, sample_seed
+from trainer.token_cache import rows_fingerprint
 from workers import core_algos
 from workers.actor import (
     CRITIC_MODEL_KWARGS,
@@ -138,6 +140,8 @@ class RLTrainer:
         self.prompts = load_rl_prompts(cfg.data.train_files, "data.train_files", self.tokenizer, cfg.data, cache_dir, ranks)
         val = load_rl_prompts(cfg.data.val_files, "data.val_files", self.tokenizer, cfg.data, cache_dir, ranks) if cfg.data.val_files else []
         self.val_prompts = val if cfg.data.max_val_prompts is None else val[: cfg.data.max_val_prompts]
+        same_inputs_on_every_rank({"data.train_files": rows_fingerprint(self.prompts), "data.val_files": rows_fingerprint(val)},
+                                  self.model_config, self.stop_ids)
         self.validations: list[tuple[int, dict[str, float]]] = []  # (step, val metrics) of this process
         self.batches = PromptBatches(self.prompts, cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle,
                                      dist_ctx.rank, dist_ctx.world_size)

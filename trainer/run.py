@@ -48,7 +48,7 @@ from trainer.cli import (
 )
 from trainer.distributed import DistContext, init_distributed, teardown
 from trainer import resume_guard
-from trainer.faults import PreemptionWatch, check_shared_run_dir
+from trainer.faults import PreemptionWatch, check_shared_run_dir, same_config_on_every_rank
 from trainer.harness import Harness
 from trainer.history import SampleHistory
 from trainer.report import LiveReport
@@ -384,6 +384,7 @@ def launch(
         announce_config(resolved, denv.rank)
         t = resolved.config.trainer
         ctx = init_distributed(denv, t.device, t.collective_timeout_seconds)
+        same_config_on_every_rank(resolved.config)
         trainer = build_trainer(resolved.config, ctx)
     with preempted_exit(denv.rank), alert_stopped_exit(denv.rank), user_errors_exit(denv.rank, during_training=True):
         trainer.fit()

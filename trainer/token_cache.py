@@ -275,6 +275,13 @@ class TokenArrays:
         return self.records[int(self.record_offsets[i]) : int(self.record_offsets[i + 1])].tobytes()
 
 
+def rows_fingerprint(rows: Any) -> str:
+    """What a rank read for a data key, comparable across nodes: the token-cache entry (a hash of
+    the files' contents, the tokenizer, the settings and the tokenizing code) and the row count."""
+    folder = getattr(rows, "folder", None)
+    return f"{folder.name if folder is not None else '-'}:{len(rows)}"
+
+
 class MappedRows(SequenceABC):
     """An entry's rows as a sequence built on demand from the mapped arrays: it stands where a
     list stood (len, indexing, slicing, iteration); subclasses build row `i` in `_row`."""

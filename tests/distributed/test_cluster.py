@@ -65,6 +65,48 @@ def test_node_local_run_directories_stop_every_rank_with_one_line(tiny_model, ti
         assert not list((nodes[node] / "run").glob("global_step_*"))  # nothing trained, nothing half-written
 
 
+# Two ranks as two one-rank nodes (LOCAL_RANK 0 each, their own token caches), started directly.
+def node_env(tmp_path: Path, **rank1) -> list[dict]:
+    node = {"LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2"}
+    return [{**node, "LOCAL_RANK": "0", "GROUP_RANK": "0", "XDG_CACHE_HOME": str(tmp_path / "cache0")},
+            {**node, "LOCAL_RANK": "0", "GROUP_RANK": "1", "XDG_CACHE_HOME": str(tmp_path / "cache1"), **rank1}]
+
+
+def test_a_verl_variable_set_on_one_node_only_stops_every_rank_at_start(tiny_model, tiny_data, tmp_path):
+    # VERL_MAX_VAL_SAMPLES=0 on one node: its rank would skip the sample event's collectives while
+    # the other entered them, and both would wait until the collective timeout (30 min), silently.
+    run_dir = tmp_path / "run"
+    given = [a for a in args(tiny_model, tiny_data, run_dir, "trainer.total_training_steps=2", "trainer.test_freq=1")
+             if not a.startswith("trainer.max_val_samples=")]  # the command line would win over the variable
+    proc = run_module(MODULE, given, nproc=2, check=False, timeout=BOUND_S, rank_env=node_env(tmp_path, VERL_MAX_VAL_SAMPLES="0"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert errors and errors[0].startswith("error: trainer.max_val_samples: differ between rank 0 and rank 1"), proc.stderr[-3000:]
+    assert "VERL_* environment variables" in errors[0] and "step 1" not in proc.stdout
+
+
+def test_a_data_file_that_differs_on_one_node_stops_every_rank_at_start(tiny_model, tiny_data, tmp_path):
+    # The same relative path names another file on each node (48 rows on one, 64 on the other):
+    # each would run its own step count, and the longer one would wait in a collective forever.
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node, rows in zip(nodes, (None, 48)):
+        (node / "data").mkdir(parents=True)
+        table = pq.read_table(tiny_data["train"])
+        pq.write_table(table if rows is None else table.slice(0, rows), node / "data" / "train.parquet")
+        shutil.copy(tiny_data["val"], node / "data" / "val.parquet")
+    run_dir = tmp_path / "run"
+    given = args(tiny_model, {"train": "data/train.parquet", "val": "data/val.parquet"}, run_dir, "trainer.total_training_steps=4")
+    proc = run_module(MODULE, given, nproc=2, check=False, timeout=BOUND_S, rank_env=node_env(tmp_path), rank_cwd=nodes)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert errors and errors[0].startswith("error: data.train_files: differ between rank 0 and rank 1"), proc.stderr[-3000:]
+    assert "step 1" not in proc.stdout and not list(run_dir.glob("global_step_*"))
+
+
 def test_two_nodes_preempted_by_sigterm_resume_and_export_the_weights_of_one_node(tiny_model, tiny_data, tmp_path):
     common = ["trainer.total_training_steps=8", "trainer.save_freq=-1", "optim.lr_scheduler=cosine"]
     reference = tmp_path / "reference"

@@ -45,7 +45,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from config.loading import redact_credentials, redact_log_credentials
+from config.loading import flatten, redact_credentials, redact_log_credentials
 from trainer.tracking.base import SampleEvent, Tracker, TrackerContext, register_tracker
 
 log = logging.getLogger(__name__)
@@ -72,18 +72,6 @@ def _disable_telemetry() -> None:
         _set_telemetry_client(None)
     except Exception:  # noqa: BLE001
         log.debug("mlflow: could not switch telemetry off; set MLFLOW_DISABLE_TELEMETRY=true")
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def clean_key(key: str) -> str:
