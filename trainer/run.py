@@ -61,6 +61,7 @@ from workers.generation import Generated, GenerationSettings
 from workers.lora import LoraSpec
 from workers.metrics import build_metric_set
 from workers.replica import ModelReplica
+from workers.reward_model import ScoringFailed
 
 log = logging.getLogger("trainer.run")
 
@@ -337,14 +338,16 @@ class Run(RunActions):
         """Collective. Rank 0 broadcasts its prompts and responses (None when its part failed:
         then nobody scores), every rank scores the same texts (`score(prompts, responses)`, one
         dict of named scores per response), rank 0 adds them to its samples' rewards. The texts
-        are the same on every rank, so a scoring error is raised on all of them alike."""
+        are the same on every rank. Only `ScoringFailed` (raised alike on every rank, before any
+        forward) is a warning; any other error, perhaps on one rank only inside the sharded model's
+        forwards, ends the run, where catching it would leave the ranks in different collectives."""
         box = [None if samples is None else (samples.prompts, [g.text for g in samples.generated])]
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             return samples
         try:
             extra = score(*box[0])
-        except Exception as err:  # noqa: BLE001 - samples are optional; training goes on
+        except ScoringFailed as err:  # samples are optional; training goes on
             log.warning("%s: scoring failed at step %d: %s: %s", spec.what, self.step, type(err).__name__, err)
             return samples
         if samples is not None:

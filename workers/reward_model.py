@@ -50,6 +50,10 @@ def hh_text(messages: Sequence[dict]) -> str:
     return "".join(f"\n\n{_HH_NAMES[m['role']]}: {m['content']}" if m["role"] in _HH_NAMES else m["content"] for m in messages)
 
 
+class ScoringFailed(Exception):
+    """Raised alike on every rank, before any collective forward: a caller may warn and go on."""
+
+
 class RewardModel:
     """The sharded reward model and its own tokenizer. Collective: built and used on every rank."""
 
@@ -80,13 +84,23 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, conversations: Sequence[Sequence[dict]], responses: Sequence[str]) -> list[float]:
-        """Collective. One score per (conversation, response) of this rank."""
-        ids = [self.encode(c, r) for c, r in zip(conversations, responses)]
+        """Collective. One score per (conversation, response) of this rank. Where a rank cannot
+        encode its texts, every rank raises `ScoringFailed` before any forward; an error inside
+        the forwards (collectives of the sharded model) is not caught: it ends the run."""
+        try:
+            ids, failure = [self.encode(c, r) for c, r in zip(conversations, responses)], ""
+        except Exception as err:  # noqa: BLE001 - agreed below, raised on every rank alike
+            ids, failure = [], f"{type(err).__name__}: {err}"
         batches = [ids[i : i + self.micro_batch_size] for i in range(0, len(ids), self.micro_batch_size)]
-        count = torch.tensor([len(batches)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        # One all-reduce: the forward count every rank runs, and whether any rank could not encode.
+        need = torch.tensor([len(batches), 1 if failure else 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+        count, failed = need.tolist()
+        if failed:
+            raise ScoringFailed(f"the reward model could not encode the texts of {'this' if failure else 'another'} rank"
+                                + (f" ({failure})" if failure else ""))
         scores: list[float] = []
-        for k in range(int(count.item())):
+        for k in range(count):
             mine = k < len(batches)
             input_ids, mask = self._pad(batches[k] if mine else [[self.pad_id]])
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits

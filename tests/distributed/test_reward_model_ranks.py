@@ -42,6 +42,10 @@ def test_sharded_reward_model_scores_equal_an_unsharded_forward(tmp_path):
     for reward, ids in zip(rewards, ranks[0]["sample_ids"]):
         assert reward["reward_model"] == pytest.approx(alone(ids), abs=1e-5)
     assert ranks[1]["sample_rewards"] is None
+    # Rank 1 alone could not encode: both ranks raised the same kind of error, before any forward.
+    assert ranks[0]["failed"] == "ScoringFailed: the reward model could not encode the texts of another rank"
+    assert ranks[1]["failed"] == "ScoringFailed: the reward model could not encode the texts of this rank (UnicodeError: rank 1 only)"
+    assert ranks[0]["survived"] == rewards  # the sample event went on with what rank 0 had
 
 
 HH = [("What is a good name for a cat?", "Whiskers.", "No."), ("Name a colour.", "Blue.", "Cheese."),
