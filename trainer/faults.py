@@ -114,13 +114,20 @@ def same_on_every_rank(values: dict[str, Any], why: str) -> None:
                       f"({len(differ)} of {world} ranks differ from rank 0); {why}")
 
 
+# Paths a node may spell its own way (`~` under another HOME, another mount point): what they hold
+# is compared instead (the data and the model: `same_inputs_on_every_rank`; the run directory:
+# `check_shared_run_dir`; the token cache is each node's own).
+PATHS_COMPARED_BY_CONTENT = ("data.train_files", "data.val_files", "model.partial_pretrain", "trainer.default_local_dir",
+                             "data.cache_dir")
+
+
 def same_config_on_every_rank(config: Any) -> None:
     """Collective. The resolved config (secrets redacted) alike on every rank: a `VERL_*` variable
     set on one node only (`VERL_MAX_VAL_SAMPLES=0` skips the sample event's collectives there) or
     a node-local YAML stops every rank at start instead of hanging them later."""
-    same_on_every_rank(flatten(redact(to_dict(config))),
-                       "each node resolves the config itself: give every node the same command line, YAML files and "
-                       "VERL_* environment variables")
+    flat = {k: v for k, v in flatten(redact(to_dict(config))).items() if k not in PATHS_COMPARED_BY_CONTENT}
+    same_on_every_rank(flat, "each node resolves the config itself: give every node the same command line, YAML files and "
+                             "VERL_* environment variables")
 
 
 def same_inputs_on_every_rank(data: dict[str, Any], model_config: Any, stop_ids: Any) -> None:
