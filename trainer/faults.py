@@ -134,7 +134,7 @@ def same_inputs_on_every_rank(data: dict[str, Any], model_config: Any, stop_ids:
     """Collective. The data (`data`: key -> `token_cache.rows_fingerprint`) and the model's config
     and stop tokens alike on every rank. Each node reads its own copy: one that differs sets
     another step or forward count on that node's ranks, and every rank hangs in a collective."""
-    config = {k: v for k, v in model_config.to_dict().items() if k != "transformers_version"}
+    config = {k: v for k, v in model_config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
     model = hashlib.sha256(json.dumps([config, list(stop_ids)], sort_keys=True, default=str).encode()).hexdigest()[:16]
     same_on_every_rank({**data, "model.partial_pretrain": model},
                        "every node must read the same data and model, tokenized alike: a node-local copy that differs, a "

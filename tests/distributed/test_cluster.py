@@ -109,17 +109,19 @@ def test_a_data_file_that_differs_on_one_node_stops_every_rank_at_start(tiny_mod
 
 def test_the_same_data_under_each_nodes_own_home_trains(tiny_model, tiny_data, tmp_path):
     # verl's paths start with `~`: under another HOME on each node they differ as strings, and the
-    # files they name are the same: the ranks compare what they read, not how a node spells it.
+    # files they name (model and data) are the same: the ranks compare what they read, not how a
+    # node spells it.
     import shutil
 
     homes = [tmp_path / "home0", tmp_path / "home1"]
     for home in homes:
+        shutil.copytree(tiny_model, home / "model")
         (home / "data").mkdir(parents=True)
         shutil.copy(tiny_data["train"], home / "data" / "train.parquet")
         shutil.copy(tiny_data["val"], home / "data" / "val.parquet")
     run_dir = tmp_path / "run"
     # quoted for Hydra's grammar; a shell's $HOME/data/... differs per node the same way
-    given = args(tiny_model, {"train": "'~/data/train.parquet'", "val": "'~/data/val.parquet'"}, run_dir,
+    given = args("'~/model'", {"train": "'~/data/train.parquet'", "val": "'~/data/val.parquet'"}, run_dir,
                  "trainer.total_training_steps=2")
     envs = [{**e, "HOME": str(home)} for e, home in zip(node_env(tmp_path), homes)]
     run_module(MODULE, given, nproc=2, timeout=BOUND_S, rank_env=envs)
