@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 from transformers.utils import logging as transformers_logging
 
 from config.loading import Resolved, format_config, redact_log_credentials
-from config.schema import ConfigError
+from config.schema import ALERT_RULES, ConfigError
 from trainer.actions import ALERT_STOP_EXIT_CODE, AlertStopped
 from trainer.checkpoint import CheckpointError
 from trainer.data import DataError
@@ -60,13 +60,18 @@ def appends_as_overrides(argv: Sequence[str]) -> list[str]:
     verl's scripts append keys its config lacks (`+actor_rollout_ref.actor.fsdp_config.model_dtype=bf16`);
     here the config carries them (ours, and verl's in config/verl.py), and Hydra refuses to append
     what exists ("Could not append to config. An item is already at ..."). The key then means what
-    it means without the `+`; `++` and appends of keys we do not define are left to Hydra.
+    it means without the `+`; `++` and appends of keys we do not define are left to Hydra. The other
+    way round, a key of an open section (`_open_key`) is set without a `+` and read as `++`.
     """
     known = _defined_keys()
     out = []
     for arg in argv:
         key = arg[1:].split("=", 1)[0] if arg.startswith("+") and not arg.startswith("++") and "=" in arg else None
-        out.append(arg[1:] if key in known else "++" + arg if _open_key(arg) else arg)
+        if key in known:
+            arg = arg[1:]
+        elif _open_key(arg):
+            arg = "++" + arg
+        out.append(arg)
     return out
 
 
@@ -74,8 +79,6 @@ def _open_key(arg: str) -> bool:
     """`samples.alerts.actions.<metric>_drop=...` without `+`: the drop rule of any `samples.metrics`
     name. The YAML lists the built-in rules only, and Hydra refuses a key its config lacks unless
     appended; `++` adds it, or sets it where a user's YAML already has it."""
-    from config.schema import ALERT_RULES
-
     key = arg.split("=", 1)[0] if "=" in arg and not arg.startswith(("+", "~")) else ""
     prefix = "samples.alerts.actions."
     return key.startswith(prefix) and key.endswith("_drop") and key[len(prefix):] not in ALERT_RULES

@@ -38,16 +38,11 @@ class ShardingSpec:
     master_dtype: torch.dtype = torch.float32  # the sharded weights the optimizer steps (model.fsdp_config.model_dtype)
 
 
-def resolve_dtypes(param_dtype: str, reduce_dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """`auto` means bf16 compute on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    param = DTYPES.get(param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    reduce = DTYPES.get(reduce_dtype) or torch.float32
-    return param, reduce
-
-
 def sharding_spec(cfg: FSDPConfig, device: torch.device) -> ShardingSpec:
-    """`model.fsdp_config` as FSDP2 takes it (the actor's and the SFT model's)."""
-    param, reduce = resolve_dtypes(cfg.param_dtype, cfg.reduce_dtype, device)
+    """`model.fsdp_config` as FSDP2 takes it (the actor's and the SFT model's). `auto` compute is
+    bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and lossy); `auto` reduction is fp32."""
+    param = DTYPES.get(cfg.param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    reduce = DTYPES.get(cfg.reduce_dtype) or torch.float32
     return ShardingSpec(param, reduce, cfg.cpu_offload, cfg.reshard_after_forward, cfg.fsdp_size, DTYPES[cfg.model_dtype])
 
 
