@@ -131,46 +131,49 @@ def worker_env(rank: int, nproc: int, port: int) -> dict:
             "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"}
 
 
-def run_ranks(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
+def run_ranks(module: str, args: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
               rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
-    """`cmd` as `nproc` ranks on this host with torchrun's worker environment, without torchrun's
-    agent: an interpreter (~2 CPU-s) and a rendezvous fewer per launch. As torchrun does, the first
-    rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to one stdout and
-    one stderr. The tests whose subject is the launcher itself (test_cluster.py,
-    test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run torchrun.
+    """`python -m module args` as `nproc` ranks on this host with torchrun's worker environment,
+    without torchrun's agent, forked from one interpreter that has imported torch, transformers
+    and Hydra once (tests/fork_ranks.py: what a fork does and does not give a rank). As torchrun
+    does, the first rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to
+    one stdout and one stderr. The tests whose subject is the launcher itself (test_cluster.py,
+    test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run
+    torchrun, each rank an interpreter of its own.
     `rank_env` / `rank_cwd`: rank i's own environment (over torchrun's: LOCAL_RANK=0 makes it a
     node of its own) and working directory, as ranks on different nodes have."""
-    proc = _run_ranks_once(cmd, nproc, cwd, env, timeout, rank_env, rank_cwd)
+    proc = _run_ranks_once(module, args, nproc, cwd, env, timeout, rank_env, rank_cwd)
     if proc.returncode != 0 and "EADDRINUSE" in proc.stderr:  # the free port was taken before rank 0 bound it
-        proc = _run_ranks_once(cmd, nproc, cwd, env, timeout, rank_env, rank_cwd)
+        proc = _run_ranks_once(module, args, nproc, cwd, env, timeout, rank_env, rank_cwd)
     return proc
 
 
-def _run_ranks_once(cmd: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
-                    rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
+def _run_ranks_once(module: str, args: list[str], nproc: int, cwd: Path, env: dict, timeout: int,
+                    rank_env: Sequence[dict] = (), rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     port = free_port()
     if nproc > 1:  # torchrun's own default for its workers, unless the caller set one
         env = {"OMP_NUM_THREADS": "1", **env}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen(cmd, cwd=rank_cwd[rank] if rank_cwd else cwd,
-                                  env={**env, **worker_env(rank, nproc, port), **(rank_env[rank] if rank_env else {})},
-                                  stdout=out, stderr=err)
-                 for rank in range(nproc)]
-        deadline, code = time.monotonic() + timeout, 0
+    cmd = [sys.executable, "-m", module, *args]
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        spec, status = Path(tmp) / "spec.json", Path(tmp) / "status.json"
+        ranks = [{"env": {**worker_env(rank, nproc, port), **(rank_env[rank] if rank_env else {})},
+                  "cwd": str(rank_cwd[rank] if rank_cwd else cwd)} for rank in range(nproc)]
+        spec.write_text(json.dumps({"module": module, "args": [str(a) for a in args], "ranks": ranks, "status": str(status)}))
+        launcher = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), str(spec)], cwd=cwd, env=env,
+                                    stdout=out, stderr=err)
         try:
-            while any(p.poll() is None for p in procs):
-                code = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
-                if code:  # the first failure's own exit code, not the stopped ranks' ones
-                    break
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-                time.sleep(0.05)
-        finally:
-            stop(procs)
-        code = code or next((p.returncode for p in procs if p.returncode != 0), 0)
+            launcher.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop([launcher], grace_s=30.0)  # it stops its ranks (SIGTERM, then SIGKILL) before it exits
+            raise subprocess.TimeoutExpired(cmd, timeout) from None
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+        stdout, stderr = out.read(), err.read()
+        if not status.exists():  # the launcher itself failed
+            return subprocess.CompletedProcess(cmd, launcher.returncode or 1, stdout, stderr)
+        # the first failure's own exit code, not the stopped ranks' ones
+        ended = json.loads(status.read_text())["in_order_ended"]
+        return subprocess.CompletedProcess(cmd, next((c for c in ended if c != 0), 0), stdout, stderr)
 
 
 def stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
@@ -195,7 +198,7 @@ def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = 
     if nproc == 0:
         proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     else:
-        proc = run_ranks(cmd, nproc, cwd or ROOT, full_env, timeout, rank_env, rank_cwd)
+        proc = run_ranks(module, args, nproc, cwd or ROOT, full_env, timeout, rank_env, rank_cwd)
     if check and proc.returncode != 0:
         # the other ranks' reports (a peer gone, SIGTERM) fill the tail of stderr: show the errors first.
         errors = [l for l in proc.stderr.splitlines() if ("Error" in l or "error:" in l) and "elastic" not in l]
