@@ -1,27 +1,34 @@
-"""Start the ranks of one `python -m MODULE ARGS` launch as forks of one interpreter that has
+"""Run `python -m MODULE ARGS` launches (one or more ranks) as forks of an interpreter that has
 imported the heavy libraries (torch, transformers, Hydra) once.
 
-    python tests/fork_ranks.py SPEC.json
+    python tests/fork_ranks.py --serve     # a zygote: one launch per JSON line on stdin
+    python tests/fork_ranks.py SPEC.json   # one launch, this interpreter importing for it alone
 
-SPEC: {"module": str, "args": [...], "ranks": [{"env": {...}, "cwd": str}, ...], "status": path}.
-The launcher's own environment is the launch's; each rank adds its own variables (torchrun's
-worker environment, a node's HOME) and working directory, then runs the module exactly as
-`python -m` does (runpy's `_run_module_as_main` in a fresh `__main__`, `sys.path[0]` the working
-directory) and exits as an interpreter does (threads joined, exit hooks, streams flushed). As
-torchrun does, the first rank to fail stops the others (SIGTERM, then SIGKILL). Each rank's exit
-code, as `Popen.returncode` gives it (minus the signal), goes to SPEC's "status" file.
+A launch: {"module": str, "args": [...], "env": {...}, "ranks": [{"env": {...}, "cwd": str}, ...],
+"status": path, "stdout": path, "stderr": path}. The zygote forks a manager per launch (it answers
+with the manager's pid, the leader of the launch's process group); the manager takes the launch's
+environment exactly, sends both streams to the launch's files and forks the ranks. Each rank adds
+its own variables (torchrun's worker environment, a node's HOME) and working directory, runs the
+module exactly as `python -m` does (runpy's `_run_module_as_main` in a fresh `__main__`,
+`sys.path[0]` the working directory) and exits as an interpreter does (threads joined, exit
+hooks, streams flushed). As torchrun does, the first rank to fail stops the others (SIGTERM,
+then SIGKILL); a SIGTERM to the manager (a test's timeout) stops them all the same. Each rank's
+exit code, as `Popen.returncode` gives it, goes to the "status" file, written last.
 
-An interpreter start with these imports costs ~6 CPU-seconds here, most of a tiny test run:
-with two ranks on two cores it is a third of the suite's time. What a fork does not give a rank:
-a str-hash seed of its own (every rank has the launcher's), and an import of the preloaded
-libraries under its own variables (the launch's environment holds every variable they read at
-import: OMP_NUM_THREADS, HF_HUB_OFFLINE). The project's own modules are imported by each rank.
-The tests whose subject is the launcher run torchrun (tests/helpers.run_ranks).
+An interpreter start with these imports costs ~6 CPU-seconds here, most of a tiny test run: with
+two ranks on two cores it was a third of the suite's time. What a fork does not give a rank: a
+str-hash seed of its own (every rank has the zygote's), and an import of the preloaded libraries
+under the launch's variables. So tests/helpers.py sends a launch to the zygote only when the
+variables those libraries read at import (OMP_*, HF_*, PYTHONPATH, ...) are the zygote's, and
+starts `fork_ranks.py SPEC.json` under the launch's environment otherwise. The project's own
+modules are imported by each rank. The tests whose subject is the launcher run torchrun, each
+rank an interpreter of its own (tests/helpers.run_ranks).
 """
 
 import atexit
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -29,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import types
 
 PRELOAD = (
@@ -37,6 +45,16 @@ PRELOAD = (
     "safetensors.torch", "pyarrow.parquet",
 )
 GRACE_S = 15.0
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if importlib.util.find_spec("vllm") is not None:  # the engine's venv: every launch there starts an engine
+        importlib.import_module("vllm")
+    # Objects the forks inherit stay out of their collector's scans: a scan writes to each object's
+    # header, which would copy every inherited page into each fork (copy-on-write).
+    gc.freeze()
 
 
 def run_rank(module: str, args: list, env: dict, cwd: str) -> None:
@@ -67,8 +85,8 @@ def run_rank(module: str, args: list, env: dict, cwd: str) -> None:
 
 
 class Ranks:
-    """The forked ranks: reaped as they end; after the first failure, or a SIGTERM to the
-    launcher (the test's timeout), the rest get SIGTERM and, GRACE_S later, SIGKILL."""
+    """The forked ranks: reaped as they end; after the first failure, or a SIGTERM to this
+    process, the rest get SIGTERM and, GRACE_S later, SIGKILL."""
 
     def __init__(self) -> None:
         self.pids: list[int] = []
@@ -99,13 +117,8 @@ class Ranks:
             time.sleep(0.05)
 
 
-def main() -> None:
-    spec = json.loads(open(sys.argv[1]).read())
-    for name in PRELOAD:
-        importlib.import_module(name)
-    # Objects the ranks inherit stay out of their collector's scans: a scan writes to each object's
-    # header, which would copy every inherited page into each rank (copy-on-write).
-    gc.freeze()
+def launch(spec: dict) -> None:
+    """Fork the launch's ranks, wait for them, write the status file (last, by rename)."""
     ranks = Ranks()
     signal.signal(signal.SIGTERM, ranks.stop)
     for rank in spec["ranks"]:
@@ -114,8 +127,42 @@ def main() -> None:
             run_rank(spec["module"], spec["args"], rank["env"], rank["cwd"])
         ranks.pids.append(pid)
     ranks.wait()
-    with open(spec["status"], "w") as out:
-        json.dump({"returncodes": [ranks.codes[p] for p in ranks.pids], "in_order_ended": list(ranks.codes.values())}, out)
+    status = {"returncodes": [ranks.codes[p] for p in ranks.pids], "in_order_ended": list(ranks.codes.values())}
+    with open(spec["status"] + ".tmp", "w") as out:
+        json.dump(status, out)
+    os.rename(spec["status"] + ".tmp", spec["status"])
+
+
+def serve() -> None:
+    preload()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the managers are reaped by the kernel
+    for line in sys.stdin:
+        spec = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the launch's manager
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its ranks
+                os.setpgid(0, 0)  # the launch is one process group: a stuck one is killed whole
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                for fd, path in ((1, spec["stdout"]), (2, spec["stderr"])):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+                os.environ.clear()
+                os.environ.update(spec["env"])
+                launch(spec)
+            except BaseException:  # noqa: BLE001 - the launch's stderr says why it has no status
+                traceback.print_exc()
+            finally:
+                os._exit(0)
+        print(pid, flush=True)
+
+
+def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve()
+        return
+    spec = json.loads(open(sys.argv[1]).read())
+    preload()
+    launch(spec)
 
 
 if __name__ == "__main__":

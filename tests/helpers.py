@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -133,46 +136,119 @@ def worker_env(rank: int, nproc: int, port: int) -> dict:
 def run_ranks(module: str, args: list[str], nproc: int, cwd: Path, env: dict, timeout: int, rank_env: Sequence[dict] = (),
               rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
     """`python -m module args` as `nproc` ranks on this host with torchrun's worker environment,
-    without torchrun's agent, forked from one interpreter that has imported torch, transformers
-    and Hydra once (tests/fork_ranks.py: what a fork does and does not give a rank). As torchrun
-    does, the first rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to
-    one stdout and one stderr. The tests whose subject is the launcher itself (test_cluster.py,
+    without torchrun's agent, forked from an interpreter that has imported torch, transformers and
+    Hydra (tests/fork_ranks.py: what a fork does and does not give a rank). As torchrun does, the
+    first rank to fail stops the others (SIGTERM, then SIGKILL), and every rank writes to one
+    stdout and one stderr. The tests whose subject is the launcher itself (test_cluster.py,
     test_alert_actions_ranks.py, test_sft_fsdp.py's killed run) and the scripts under scripts/ run
     torchrun, each rank an interpreter of its own.
     `rank_env` / `rank_cwd`: rank i's own environment (over torchrun's: LOCAL_RANK=0 makes it a
     node of its own) and working directory, as ranks on different nodes have."""
-    proc = _run_ranks_once(module, args, nproc, cwd, env, timeout, rank_env, rank_cwd)
-    if proc.returncode != 0 and "EADDRINUSE" in proc.stderr:  # the free port was taken before rank 0 bound it
-        proc = _run_ranks_once(module, args, nproc, cwd, env, timeout, rank_env, rank_cwd)
+    if nproc > 1:  # torchrun's own default for its workers, unless the caller set one
+        env = {"OMP_NUM_THREADS": "1", **env}
+    for _ in range(2):  # once more if the free port was taken before rank 0 bound it
+        port = free_port()
+        ranks = [{"env": {**worker_env(rank, nproc, port), **(rank_env[rank] if rank_env else {})},
+                  "cwd": str(rank_cwd[rank] if rank_cwd else cwd)} for rank in range(nproc)]
+        proc = forked_launch(module, args, env, ranks, timeout)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            break
     return proc
 
 
-def _run_ranks_once(module: str, args: list[str], nproc: int, cwd: Path, env: dict, timeout: int,
-                    rank_env: Sequence[dict] = (), rank_cwd: Sequence[Path] = ()) -> subprocess.CompletedProcess:
-    port = free_port()
-    if nproc > 1:  # torchrun's own default for its workers, unless the caller set one
-        env = {"OMP_NUM_THREADS": "1", **env}
+# Variables the libraries fork_ranks.py preloads read when they are imported: a launch whose values
+# differ from the zygote's gets an interpreter of its own, which imports them under its own.
+IMPORT_TIME_VARIABLES = ("OMP_", "MKL_", "KMP_", "GOMP_", "TORCH", "PYTORCH", "HF_", "HUGGINGFACE", "TRANSFORMERS",
+                         "TOKENIZERS", "PYTHON", "LD_", "CUDA", "VLLM")
+
+
+class Zygote:
+    """This test process's `fork_ranks.py --serve`, started at its first launch with the environment
+    of a launch that sets nothing of its own (child_env), ended with the test process."""
+
+    current = None
+
+    def __init__(self) -> None:
+        self.env = {"OMP_NUM_THREADS": "1", **child_env()}
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), "--serve"], cwd=ROOT,
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        atexit.register(self.close)
+
+    @classmethod
+    def get(cls) -> "Zygote":
+        if cls.current is None or cls.current.proc.poll() is not None:
+            cls.current = Zygote()
+        return cls.current
+
+    def serves(self, env: dict) -> bool:
+        differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        return not any(k.startswith(IMPORT_TIME_VARIABLES) for k in differ)
+
+    def start(self, spec: dict) -> int:
+        """The launch's manager pid (the leader of its process group)."""
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            self.log.seek(0)
+            raise RuntimeError(f"tests/fork_ranks.py --serve ended ({self.proc.wait()}):\n{self.log.read()[-3000:]}")
+        return int(answer)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+def forked_launch(module: str, args: list[str], env: dict, ranks: list[dict], timeout: int) -> subprocess.CompletedProcess:
+    """One launch of `python -m module args` (tests/fork_ranks.py), a rank per entry of `ranks`
+    ({"env", "cwd"}), under `env`: by the zygote where it can, else by an interpreter of its own."""
     cmd = [sys.executable, "-m", module, *args]
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        spec, status = Path(tmp) / "spec.json", Path(tmp) / "status.json"
-        ranks = [{"env": {**worker_env(rank, nproc, port), **(rank_env[rank] if rank_env else {})},
-                  "cwd": str(rank_cwd[rank] if rank_cwd else cwd)} for rank in range(nproc)]
-        spec.write_text(json.dumps({"module": module, "args": [str(a) for a in args], "ranks": ranks, "status": str(status)}))
-        launcher = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), str(spec)], cwd=cwd, env=env,
-                                    stdout=out, stderr=err)
-        try:
-            launcher.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop([launcher], grace_s=30.0)  # it stops its ranks (SIGTERM, then SIGKILL) before it exits
-            raise subprocess.TimeoutExpired(cmd, timeout) from None
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-        if not status.exists():  # the launcher itself failed
-            return subprocess.CompletedProcess(cmd, launcher.returncode or 1, stdout, stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {name: Path(tmp) / f"{name}.txt" for name in ("stdout", "stderr", "status")}
+        spec = {"module": module, "args": [str(a) for a in args], "env": env, "ranks": ranks,
+                **{name: str(path) for name, path in files.items()}}
+        zygote = Zygote.get()
+        if zygote.serves(env):
+            _wait_for_manager(zygote.start(spec), files["status"], cmd, timeout)
+        else:
+            (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+            with open(files["stdout"], "w") as out, open(files["stderr"], "w") as err:
+                launcher = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fork_ranks.py"), str(Path(tmp) / "spec.json")],
+                                            cwd=ROOT, env=env, stdout=out, stderr=err)
+                try:
+                    launcher.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    stop([launcher], grace_s=30.0)  # it stops its ranks (SIGTERM, then SIGKILL) before it exits
+                    raise subprocess.TimeoutExpired(cmd, timeout) from None
+        stdout, stderr = (files[name].read_text() if files[name].exists() else "" for name in ("stdout", "stderr"))
+        if not files["status"].exists():  # the manager itself failed: its stderr says why
+            return subprocess.CompletedProcess(cmd, 1, stdout, stderr)
         # the first failure's own exit code, not the stopped ranks' ones
-        ended = json.loads(status.read_text())["in_order_ended"]
+        ended = json.loads(files["status"].read_text())["in_order_ended"]
         return subprocess.CompletedProcess(cmd, next((c for c in ended if c != 0), 0), stdout, stderr)
+
+
+def _wait_for_manager(pid: int, status: Path, cmd: list[str], timeout: int) -> None:
+    """Until the launch's status file is written or its manager is gone; past `timeout`, SIGTERM
+    (the manager stops its ranks), then SIGKILL to the whole process group."""
+    deadline, killed_at = time.monotonic() + timeout, None
+    while not status.exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:  # gone without a status (the zygote reaps it at once)
+            break
+        now = time.monotonic()
+        if killed_at is None and now > deadline:
+            os.kill(pid, signal.SIGTERM)
+            killed_at = now
+        elif killed_at is not None and now > killed_at + 30:
+            os.killpg(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        time.sleep(0.05)
+    if killed_at is not None:
+        raise subprocess.TimeoutExpired(cmd, timeout)
 
 
 def stop(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
@@ -195,7 +271,7 @@ def run_module(module: str, args: list[str], nproc: int = 1, cwd: Path | None = 
     full_env = child_env(env)
     cmd = [sys.executable, "-m", module, *args]
     if nproc == 0:
-        proc = subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        proc = forked_launch(module, args, full_env, [{"env": {}, "cwd": str(cwd or ROOT)}], timeout)
     else:
         proc = run_ranks(module, args, nproc, cwd or ROOT, full_env, timeout, rank_env, rank_cwd)
     if check and proc.returncode != 0:
