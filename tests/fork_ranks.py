@@ -19,8 +19,9 @@ An interpreter start with these imports costs ~6 CPU-seconds here, most of a tin
 two ranks on two cores it was a third of the suite's time. What a fork does not give a rank: a
 str-hash seed of its own (every rank has the zygote's), and an import of the preloaded libraries
 under the launch's variables. So tests/helpers.py sends a launch to the zygote only when the
-variables those libraries read at import (OMP_*, HF_*, PYTHONPATH, ...) are the zygote's, and
-starts `fork_ranks.py SPEC.json` under the launch's environment otherwise. The project's own
+variables those libraries read at import (OMP_*, HF_*, ...) are the zygote's, and starts
+`fork_ranks.py SPEC.json` under the launch's environment otherwise. A launch's own PYTHONPATH
+is applied to sys.path as the interpreter would have. The project's own
 modules are imported by each rank. The tests whose subject is the launcher run torchrun, each
 rank an interpreter of its own (tests/helpers.run_ranks).
 """
@@ -133,6 +134,16 @@ def launch(spec: dict) -> None:
     os.rename(spec["status"] + ".tmp", spec["status"])
 
 
+def use_pythonpath(zygote: str, launch: str) -> None:
+    """sys.path as an interpreter started with the launch's PYTHONPATH has it: the launch's entries
+    in place of the zygote's, after sys.path[0] (a test's worker modules under tests/distributed)."""
+    def entries(value: str) -> list[str]:
+        return [os.path.abspath(p) for p in value.split(os.pathsep) if p]
+
+    rest = [p for p in sys.path[1:] if p not in entries(zygote)]
+    sys.path[:] = [sys.path[0], *entries(launch), *rest]
+
+
 def serve() -> None:
     preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the managers are reaped by the kernel
@@ -146,6 +157,7 @@ def serve() -> None:
                 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
                 for fd, path in ((1, spec["stdout"]), (2, spec["stderr"])):
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+                use_pythonpath(os.environ.get("PYTHONPATH", ""), spec["env"].get("PYTHONPATH", ""))
                 os.environ.clear()
                 os.environ.update(spec["env"])
                 launch(spec)

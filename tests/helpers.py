@@ -183,7 +183,7 @@ class Zygote:
 
     def serves(self, env: dict) -> bool:
         differ = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        return not any(k.startswith(IMPORT_TIME_VARIABLES) for k in differ)
+        return not any(k.startswith(IMPORT_TIME_VARIABLES) for k in differ - {"PYTHONPATH"})  # applied per launch
 
     def start(self, spec: dict) -> int:
         """The launch's manager pid (the leader of its process group)."""
