@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 
 import pyarrow as pa
@@ -107,14 +106,12 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[SimpleNamespace]:
-    """`python -m module ARGS` for each case, as processes forked after one import (tests/cli_cases.py):
-    the seconds of imports a CLI run spends before it reads its arguments are paid once.
-    cases: [{"args": [...], "env": {...}, "cwd": "..."}]; each result has returncode, stdout, stderr."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_cases.py"), module], input=json.dumps(cases), cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [SimpleNamespace(**r) for r in json.loads(proc.stdout)]
+def run_cases(module: str, cases: list[dict], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """`python -m module ARGS` for each case, one after the other, each a fork of the zygote
+    (run_module, nproc=0). cases: [{"args": [...], "env": {...}, "cwd": "..."}] (env and cwd
+    optional); each result has returncode, stdout, stderr."""
+    return [run_module(module, case["args"], nproc=0, cwd=case.get("cwd"), env=case.get("env"), timeout=timeout, check=False)
+            for case in cases]
 
 
 def free_port() -> int:

@@ -4,8 +4,8 @@
 Two SFT runs on 2 gloo ranks serve every test here:
   run A saves [model, hf_model] at steps 2 and 4 (no optimizer, no extra) and exports hf_model;
   run B resumes from A's step 2 with the default contents, trains steps 3-4 and exports hf_model.
-The export commands of a test group run as forks of one process that imported trainer.export once
-(tests/cli_cases.py): most of a CLI run is its imports.
+The export commands of a test group run one after the other, each a fork of the suite's zygote
+(tests/fork_ranks.py): most of a CLI run is its imports.
 """
 
 import json
